@@ -1,0 +1,96 @@
+"""Small Opacus-compatible encoders: a CNN for images and an MLP for vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class Encoder(nn.Module):
+    """Base class: maps a batch of inputs to a (batch, out_dim) feature matrix."""
+
+    out_dim: int
+    input_shape: tuple[int, ...]
+
+
+def _groups_for(channels: int) -> int:
+    # GroupNorm needs channels divisible by the group count; 8 groups where possible.
+    for groups in (8, 4, 2):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+class ConvEncoder(Encoder):
+    """Three 3x3 conv blocks with GroupNorm, then adaptive 2x2 average pooling.
+
+    The 2x2-pooled feature map (4 * width values) keeps coarse spatial layout, which
+    linear probes on small images such as 8x8 digits rely on.
+    """
+
+    def __init__(self, input_shape: Sequence[int], width: int = 64, depth: int = 3) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise ValueError(
+                f"model.encoder=cnn needs image inputs shaped (channels, height, width), got {tuple(input_shape)}; "
+                "use model.encoder=mlp for vector data"
+            )
+        self.input_shape = tuple(int(d) for d in input_shape)
+        channels = self.input_shape[0]
+        layers: list[nn.Module] = []
+        for _ in range(depth):
+            layers += [
+                nn.Conv2d(channels, width, kernel_size=3, padding=1),
+                nn.GroupNorm(_groups_for(width), width),
+                nn.ReLU(),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d((2, 2))
+        self.out_dim = width * 4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)
+
+
+class MLPEncoder(Encoder):
+    """Fully connected blocks with LayerNorm for tabular or flattened inputs."""
+
+    def __init__(self, input_shape: Sequence[int], width: int = 128, depth: int = 2) -> None:
+        super().__init__()
+        self.input_shape = tuple(int(d) for d in input_shape)
+        in_dim = 1
+        for d in self.input_shape:
+            in_dim *= d
+        layers: list[nn.Module] = [nn.Flatten()]
+        for _ in range(depth):
+            layers += [nn.Linear(in_dim, width), nn.LayerNorm(width), nn.ReLU()]
+            in_dim = width
+        self.net = nn.Sequential(*layers)
+        self.out_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder}
+
+
+def build_encoder(
+    kind: str, input_shape: Sequence[int], width: int = 64, depth: int = 3, seed: int | None = None
+) -> Encoder:
+    """Build an encoder by name; the same call on server and sites gives the same keys."""
+    if kind not in ENCODERS:
+        raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}")
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ENCODERS[kind](input_shape, width=width, depth=depth)
+    return ENCODERS[kind](input_shape, width=width, depth=depth)
+
+
+def encoder_state_keys(encoder: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter/buffer names and shapes of an encoder: the only arrays allowed to leave a site."""
+    return {name: tuple(t.shape) for name, t in encoder.state_dict().items()}
