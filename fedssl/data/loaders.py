@@ -1,0 +1,293 @@
+"""Read a site's data from disk (or the embedded digits set) into a ``SiteDataset``.
+
+Every loader returns inputs and sample ids only. Label-like CSV columns are dropped here,
+at the door, so site training never sees them.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fedssl.data.dataset import SiteDataset
+from fedssl.errors import ConfigError, DataError
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
+ID_COLUMN = "id"
+LABEL_COLUMNS = frozenset({"label", "target"})
+NPZ_INPUT_KEYS = ("x", "inputs")
+DIGITS_MAX_VALUE = 16.0  # sklearn's digits pixels are counts 0..16
+
+
+class LabelColumnDroppedWarning(UserWarning):
+    """A CSV carried a label column; it was discarded because site training never sees labels."""
+
+
+class _Loaded(NamedTuple):
+    inputs: np.ndarray
+    sample_ids: tuple[str, ...]
+    modality: str
+
+
+@dataclass(frozen=True)
+class _ImageOptions:
+    image_size: tuple[int, int] | None  # (height, width); None = first image's size
+    grayscale: bool
+
+
+_Loader = Callable[[Path, _ImageOptions], _Loaded]  # digits ignores the path
+
+
+def load_site_data(
+    path: str | Path | None,
+    kind: str = "auto",
+    *,
+    image_size: tuple[int, int] | None = None,
+    grayscale: bool = True,
+) -> SiteDataset:
+    """Load one site's unlabelled data.
+
+    ``kind`` is one of ``LOADERS`` or "auto" (a directory is an image folder, otherwise the
+    file suffix decides; the bare name "digits", matching ``data.source: digits``, means the
+    embedded set unless a file or folder of that name exists). ``image_size`` is
+    (height, width) and, like ``grayscale``, only affects image folders. ``path`` is ignored
+    for "digits".
+    """
+    if kind != "auto" and kind not in LOADERS:
+        raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
+    options = _ImageOptions(_check_image_size(image_size), grayscale)
+    if kind == "digits" or (kind == "auto" and str(path) == "digits" and not Path("digits").exists()):
+        return _to_dataset(_load_digits(None, options), "digits")
+    path = _existing_path(path)
+    loader = LOADERS[_resolve_kind(path, kind)]
+    return _to_dataset(loader(path, options), str(path))
+
+
+def load_digits_labeled() -> tuple[SiteDataset, np.ndarray]:
+    """The embedded digits with integer labels; for simulation and central evaluation only."""
+    loaded, labels = _digits()
+    return _to_dataset(loaded, "digits"), labels
+
+
+def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
+    try:
+        return SiteDataset(
+            inputs=torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32)),
+            sample_ids=loaded.sample_ids,
+            modality=loaded.modality,
+        )
+    except DataError as error:
+        raise DataError(f"{source}: {error}") from error
+
+
+def _check_image_size(image_size: tuple[int, int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if len(image_size) != 2 or not all(isinstance(d, int) and d > 0 for d in image_size):
+        raise ConfigError(f"image_size must be two positive integers (height, width), got {image_size!r}")
+    return (image_size[0], image_size[1])
+
+
+def _existing_path(path: str | Path | None) -> Path:
+    if path is None or not Path(path).exists():
+        raise DataError(
+            f"data dir {path} does not exist; set site.data_dir (or data.source) to an existing image folder, "
+            ".npy, .npz or .csv file"
+        )
+    return Path(path)
+
+
+def _resolve_kind(path: Path, kind: str) -> str:
+    if kind != "auto":
+        return kind
+    if path.is_dir():
+        return "image_folder"
+    by_suffix = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
+    if path.suffix.lower() not in by_suffix:
+        raise DataError(
+            f"cannot tell the data kind of {path} from its suffix; use a directory of images, "
+            f".npy, .npz or .csv, or set the kind explicitly ({_valid_kinds()})"
+        )
+    return by_suffix[path.suffix.lower()]
+
+
+def _valid_kinds() -> str:
+    return ", ".join(sorted(LOADERS))
+
+
+# --- image folder -------------------------------------------------------------------------
+
+
+def _load_image_folder(root: Path, options: _ImageOptions) -> _Loaded:
+    if not root.is_dir():
+        raise DataError(f"{root} is not a directory; kind image_folder needs a folder of PNG/JPEG files")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{root} holds no .png/.jpg/.jpeg files (searched recursively); add images or fix the path")
+    mode = "L" if options.grayscale else "RGB"
+    first = _open_image(files[0], mode)
+    height, width = options.image_size or (first.height, first.width)
+    # Sorted relative paths make the ids, and so the row order, identical on every run.
+    arrays = [_image_array(_open_image(f, mode), height, width) for f in files]
+    ids = tuple(f.relative_to(root).as_posix() for f in files)
+    return _Loaded(np.stack(arrays), ids, "image")
+
+
+def _open_image(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"cannot read image {path} ({error}); remove or replace the file") from error
+
+
+def _image_array(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """C x H x W float array scaled to [0, 1]."""
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0
+    return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+
+
+# --- numpy ----------------------------------------------------------------------------------
+
+
+def _load_npy(path: Path, _: _ImageOptions) -> _Loaded:
+    array = _read_numpy(path)
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path} holds an .npz archive, not a single array; use kind npz")
+    return _from_array(array, _row_ids(len(array)), path)
+
+
+def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
+    archive = _read_numpy(path)
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise DataError(f"{path} holds a single array, not an .npz archive; use kind npy")
+    with archive:
+        key = next((k for k in NPZ_INPUT_KEYS if k in archive.files), None)
+        if key is None:
+            raise DataError(f"{path} has keys {archive.files}; store the inputs under 'x' or 'inputs'")
+        array = archive[key]
+        ids = _npz_ids(archive, path) if "ids" in archive.files else _row_ids(len(array))
+    return _from_array(array, ids, path)
+
+
+def _row_ids(count: int) -> tuple[str, ...]:
+    return tuple(f"row-{i}" for i in range(count))
+
+
+def _read_numpy(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
+    try:
+        # allow_pickle=False: a data file must never be able to run code on the site.
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"cannot read {path} as numpy data ({error}); re-save it with numpy.save/savez") from error
+
+
+def _npz_ids(archive: np.lib.npyio.NpzFile, path: Path) -> tuple[str, ...]:
+    ids = archive["ids"]
+    if ids.ndim != 1 or ids.dtype.kind not in "USi":
+        raise DataError(f"{path}: 'ids' must be a 1-D array of strings or integers, got {ids.dtype} {ids.shape}")
+    return tuple(str(i) for i in ids.tolist())
+
+
+def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
+    """Decide the modality from the array rank: N x D vectors, N x H x W or N x C x H x W images."""
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{path}: array dtype {array.dtype} is not numeric; store numbers only")
+    if array.ndim == 2:
+        return _Loaded(array, ids, "vector")
+    if array.ndim == 3:
+        return _Loaded(array[:, None], ids, "image")
+    if array.ndim == 4:
+        return _Loaded(array, ids, "image")
+    raise DataError(
+        f"{path}: array shape {array.shape} is not N x D (vectors), N x H x W or N x C x H x W (images); reshape it"
+    )
+
+
+# --- csv ------------------------------------------------------------------------------------
+
+
+def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
+    header, rows = _read_csv(path)
+    lowered = [name.strip().lower() for name in header]
+    id_index = lowered.index(ID_COLUMN) if ID_COLUMN in lowered else None
+    dropped = [header[i] for i, name in enumerate(lowered) if name in LABEL_COLUMNS]
+    if dropped:
+        warnings.warn(
+            f"{path}: dropped label column(s) {dropped}; site training never sees labels "
+            "(keep labels in a separate file behind the consent manifest)",
+            LabelColumnDroppedWarning,
+            stacklevel=3,  # point at the caller of load_site_data
+        )
+    features = [i for i, name in enumerate(lowered) if i != id_index and name not in LABEL_COLUMNS]
+    if not features:
+        raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
+    values = np.array([[_csv_number(row, i, header, line, path) for i in features] for line, row in rows])
+    ids = tuple(row[id_index].strip() for _, row in rows) if id_index is not None else _row_ids(len(rows))
+    return _Loaded(values, ids, "vector")
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, cells) for each non-blank row."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            lines = list(csv.reader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"cannot read {path} as UTF-8 CSV ({error}); re-export it as plain CSV") from error
+    numbered = [(n, row) for n, row in enumerate(lines, start=1) if any(cell.strip() for cell in row)]
+    if not numbered:
+        raise DataError(f"{path} is empty; it needs a header row and at least one data row")
+    (_, header), rows = numbered[0], numbered[1:]
+    if not rows:
+        raise DataError(f"{path} has a header but no data rows; add samples")
+    for line, row in rows:
+        if len(row) != len(header):
+            raise DataError(f"{path} line {line}: {len(row)} cells but the header has {len(header)}; fix the row")
+    return header, rows
+
+
+def _csv_number(row: list[str], index: int, header: list[str], line: int, path: Path) -> float:
+    cell = row[index].strip()
+    if not cell:
+        raise DataError(f"{path}: column {header[index]!r} is empty at line {line}; fill in the value or drop the row")
+    try:
+        return float(cell)
+    except ValueError:
+        raise DataError(
+            f"{path}: column {header[index]!r} is not numeric (line {line}: {cell!r}); drop or numerically encode it"
+        ) from None
+
+
+# --- digits ---------------------------------------------------------------------------------
+
+
+def _digits() -> tuple[_Loaded, np.ndarray]:
+    from sklearn.datasets import load_digits  # imported lazily: sklearn is slow to import
+
+    digits = load_digits()
+    images = digits.images[:, None] / DIGITS_MAX_VALUE  # N x 1 x 8 x 8 in [0, 1]
+    ids = tuple(f"digits-{i}" for i in range(len(images)))
+    return _Loaded(images, ids, "image"), digits.target.astype(np.int64)
+
+
+def _load_digits(_: Path | None, __: _ImageOptions) -> _Loaded:
+    return _digits()[0]
+
+
+LOADERS: dict[str, _Loader] = {
+    "image_folder": _load_image_folder,
+    "npy": _load_npy,
+    "npz": _load_npz,
+    "csv": _load_csv,
+    "digits": _load_digits,
+}

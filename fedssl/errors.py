@@ -1,0 +1,32 @@
+"""The exceptions fedssl raises for problems a user can fix.
+
+Each message is one line naming the offending field or path and the fix, so the CLI can
+print it without a traceback. Config and data errors also subclass ``ValueError`` so code
+that only knows the standard library still catches them.
+"""
+
+from __future__ import annotations
+
+
+class FedSSLError(Exception):
+    """Base class; ``str(error)`` is a one-line message meant for the user."""
+
+
+class ConfigError(FedSSLError, ValueError):
+    """A configuration value is missing, out of range or inconsistent."""
+
+
+class DataError(FedSSLError, ValueError):
+    """Input data (a file, an array, a manifest) is missing or malformed."""
+
+
+class PrivacyError(FedSSLError):
+    """A privacy guarantee would be violated or cannot be established."""
+
+
+class BudgetExhaustedError(PrivacyError):
+    """Another round would spend more privacy budget than the site allows."""
+
+
+class ConsentError(FedSSLError):
+    """A label was requested for a sample whose owner did not consent to label use."""
