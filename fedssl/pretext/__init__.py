@@ -1,0 +1,13 @@
+"""Self-supervised pretext tasks: one file per method, looked up by name.
+
+``get_pretext(name, params).build_model(encoder)`` gives the module local training runs (and
+Opacus wraps); its ``forward`` returns one loss per sample. Methods whose loss couples samples
+(SimCLR) are refused under DP by ``require_dp_compatible``.
+"""
+
+# Importing each method module registers it.
+from fedssl.pretext import byol, masked_reconstruction, rotation, simclr, simsiam  # noqa: F401
+from fedssl.pretext.base import PretextModel, PretextTask
+from fedssl.pretext.registry import PRETEXT_TASKS, get_pretext, register_pretext, require_dp_compatible
+
+__all__ = ["PRETEXT_TASKS", "PretextModel", "PretextTask", "get_pretext", "register_pretext", "require_dp_compatible"]
