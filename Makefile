@@ -1,0 +1,37 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -> creates .venv, installs, runs the digits DP-SSL federation, writes runs/digits-demo/report.md
+#   make test   -> same set-up, runs the whole test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-quick bench audit-demo clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: setup
+	$(BIN)/fedssl simulate configs/experiments/digits-demo.yaml --overwrite
+
+# pytest exits 5 when a filtered subset collects no tests: not a failure.
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py --quick
+
+audit-demo: setup
+	$(BIN)/fedssl audit runs/digits-demo
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,72 @@
+"""Central evaluation of a finished run: the coordinator's consented labels only.
+
+Loads the run's resolved config and final encoder, builds (or loads) the consent
+manifest, and writes ``evaluation.json`` beside the run's other outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fedssl.config import load_config
+from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
+from fedssl.errors import ConfigError
+from fedssl.evaluation.label_efficiency import evaluate_label_efficiency
+from fedssl.evaluation.plan import EvalPlan
+from fedssl.evaluation.results import EvalResults
+from fedssl.experiment import central_data_for
+from fedssl.models import build_encoder
+
+EVALUATION_FILE = "evaluation.json"
+CONSENT_FILE = "consent.txt"
+FINAL_ENCODER = "encoder.pt"
+
+
+def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -> EvalResults:
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.yaml")
+    encoder_path = run_dir / FINAL_ENCODER
+    if not encoder_path.exists():
+        raise ConfigError(f"{encoder_path} missing: the federated run did not finish; rerun `fedssl simulate`")
+    data = central_data_for(config)
+    if data.train_labels is None or data.test_labels is None:
+        raise ConfigError("evaluation.enabled: this data source has no labels; set evaluation.enabled=false")
+    ev = config.evaluation
+    if ev.consent_manifest:
+        manifest = ConsentManifest.load(ev.consent_manifest)
+    else:
+        manifest = make_demo_manifest(list(data.train.sample_ids), list(data.test.sample_ids), ev.consented_fraction, config.run.seed)
+    manifest.save(run_dir / CONSENT_FILE)
+    all_ids = list(data.train.sample_ids) + list(data.test.sample_ids)
+    all_labels = list(data.train_labels) + list(data.test_labels)
+    labels = ConsentedLabels(manifest, label_source_from_array(all_ids, all_labels))
+    m = config.model
+
+    def encoder_factory(seed: int | None):
+        return build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=seed)
+
+    plan = EvalPlan(
+        label_fractions=list(ev.label_fractions),
+        label_seeds=list(ev.label_seeds),
+        random_init_seeds=list(ev.random_init_seeds),
+        finetune_epochs=ev.finetune_epochs,
+        finetune_lr=ev.finetune_lr,
+        finetune_batch_size=ev.finetune_batch_size,
+        probe_C=ev.probe_C,
+        methods=list(ev.methods),
+    )
+    results = evaluate_label_efficiency(
+        encoder_factory=encoder_factory,
+        pretrained_state=torch.load(encoder_path, weights_only=True),
+        train=data.train,
+        test=data.test,
+        labels=labels,
+        plan=plan,
+        progress=progress,
+    )
+    (run_dir / EVALUATION_FILE).write_text(json.dumps(results.to_dict(), indent=1))
+    return results

@@ -1,0 +1,43 @@
+"""What the server reads from a site's reply: scalars only (no training code imported here)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from fedssl.fl import keys
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The server's view of one site's reply (scalars only)."""
+
+    node_id: int
+    site_id: int
+    status: str
+    num_examples: int
+    steps: int
+    epsilon: float  # math.inf when the site trains without DP
+    target_epsilon: float
+    delta: float
+    pretext_loss: float
+    train_seconds: float
+    ledger_seq: int
+
+    @classmethod
+    def from_metrics(cls, node_id: int, metrics: Mapping[str, float | int]) -> SiteReport:
+        dp = bool(metrics.get(keys.DP_ENABLED, 1))
+        return cls(
+            node_id=int(node_id),
+            site_id=int(metrics[keys.SITE_ID]),
+            status=keys.STATUS_NAMES.get(int(metrics[keys.STATUS]), "unknown"),
+            num_examples=int(metrics[keys.NUM_EXAMPLES]),
+            steps=int(metrics[keys.STEPS]),
+            epsilon=float(metrics[keys.EPSILON]) if dp else math.inf,
+            target_epsilon=float(metrics[keys.TARGET_EPSILON]) if dp else math.inf,
+            delta=float(metrics[keys.DELTA]),
+            pretext_loss=float(metrics[keys.PRETEXT_LOSS]),
+            train_seconds=float(metrics[keys.TRAIN_SECONDS]),
+            ledger_seq=int(metrics[keys.LEDGER_SEQ]),
+        )

@@ -1,0 +1,94 @@
+"""A site's privacy accountant, persisted on the site's own disk.
+
+Opacus keeps its accountant inside a ``PrivacyEngine``; a new engine per round starts
+again at ε = 0. Here the composed history lives in ``<state_dir>/accountant.json`` and
+is written (atomically, fsynced) *before* an update leaves the site, so ε accumulates
+across rounds, restarts and crashes, and a crash can only over-count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedssl.errors import PrivacyError
+from fedssl.privacy.analysis import Event, epsilon_of
+
+ACCOUNTANT_FILE = "accountant.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class Mechanism:
+    """The site's DP-SGD mechanism, fixed when the site first trains."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    target_epsilon: float
+    accountant: str
+    planned_steps: int
+    sample_rate: float
+
+
+@dataclass
+class AccountantState:
+    mechanism: Mechanism
+    history: list[Event] = field(default_factory=list)
+
+    def epsilon(self, extra: list[Event] | None = None) -> float:
+        return epsilon_of(self.history + (extra or []), self.mechanism.delta, self.mechanism.accountant)
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.history)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "mechanism": asdict(self.mechanism), "history": [list(e) for e in self.history]}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> AccountantState:
+        if state.get("version") != STATE_VERSION:
+            raise PrivacyError(f"{ACCOUNTANT_FILE}: unsupported version {state.get('version')!r}")
+        mech = Mechanism(**state["mechanism"])
+        history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        return cls(mechanism=mech, history=history)
+
+
+def accountant_path(state_dir: Path) -> Path:
+    return Path(state_dir) / ACCOUNTANT_FILE
+
+
+def load_accountant(state_dir: Path) -> AccountantState | None:
+    """The saved state, or None if the site never trained. Unreadable state raises."""
+    path = accountant_path(state_dir)
+    if not path.exists():
+        return None
+    try:
+        return AccountantState.from_state_dict(json.loads(path.read_text()))
+    except (ValueError, KeyError, TypeError) as err:
+        raise PrivacyError(
+            f"{path}: privacy state is unreadable ({err}); refusing to train. "
+            "Restore it from backup or run `fedssl site recover --state-dir` to rebuild it from the signed ledger"
+        ) from None
+
+
+def save_accountant(state_dir: Path, state: AccountantState) -> None:
+    """Write atomically and durably: a torn file must never read as a smaller ε."""
+    path = accountant_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accountant-", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(state.state_dict(), handle, indent=1)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

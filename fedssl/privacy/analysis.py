@@ -1,0 +1,52 @@
+"""Pure privacy math over Opacus accountants: no state, no files.
+
+A *history* is a list of ``(noise_multiplier, sample_rate, steps)`` events, the same
+shape Opacus keeps in ``accountant.history``; composing it gives the site's ε.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+Event = tuple[float, float, int]
+
+ACCOUNTANTS = ("rdp", "prv", "gdp")
+
+
+def _check_accountant(kind: str) -> None:
+    if kind not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {kind!r}; valid choices: {', '.join(ACCOUNTANTS)}")
+
+
+def epsilon_of(history: Sequence[Event], delta: float, accountant: str = "rdp") -> float:
+    """ε of a composed history at δ; 0 for an empty history (nothing was released)."""
+    _check_accountant(accountant)
+    if not history:
+        return 0.0
+    acc = create_accountant(accountant)
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def noise_for_budget(
+    target_epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str = "rdp"
+) -> float:
+    """σ such that ``planned_steps`` Poisson-subsampled Gaussian steps spend exactly the budget.
+
+    Calibrated once for the whole planned run (not per round): a per-round calibration
+    would spend the full budget every round.
+    """
+    _check_accountant(accountant)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=int(planned_steps),
+            accountant=accountant,
+            epsilon_tolerance=0.01,
+        )
+    )

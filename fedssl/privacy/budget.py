@@ -1,0 +1,227 @@
+"""A site's budget: calibrate once, charge before training, refuse when spent.
+
+Order of a DP round at a site (write-ahead, so a crash can only over-count ε):
+1. ``SiteBudget.open`` loads the accountant (rebuilding it from the signed ledger if the
+   file was lost; refusing if neither agrees),
+2. ``charge`` checks that the round fits the budget, appends the round's steps to the
+   accountant file and a signed ``dp_event`` to the ledger — both fsynced,
+3. only then does training start and, later, anything leave the site.
+A round that does not fit is refused: a ``refusal`` ledger record and a
+``BudgetExhaustedError``. Nothing is ever trained without noise instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedssl.errors import BudgetExhaustedError, PrivacyError
+from fedssl.privacy.accountant import AccountantState, Mechanism, load_accountant, save_accountant
+from fedssl.privacy.analysis import Event, noise_for_budget
+from fedssl.privacy.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+# ε comparisons tolerate float noise from the accountants' numerical optimisation only.
+EPSILON_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    """What the site operator decides; the server cannot change any of it."""
+
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    accountant: str = "rdp"
+
+
+@dataclass(frozen=True)
+class Charge:
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_after: float
+    ledger_seq: int
+
+
+class SiteBudget:
+    def __init__(self, state_dir: Path, spec: BudgetSpec, state: AccountantState | None, ledger: Ledger) -> None:
+        self.state_dir = Path(state_dir)
+        self.spec = spec
+        self.state = state
+        self.ledger = ledger
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, state_dir: Path, spec: BudgetSpec, key_path: Path | None = None) -> SiteBudget:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        ledger = Ledger.open(state_dir, key_path=key_path)
+        ledger_history = _ledger_history(ledger)
+        state = load_accountant(state_dir)
+        if state is None and ledger_history:
+            # The accountant file is gone but the signed write-ahead ledger is not: rebuild
+            # from it rather than start again at ε = 0.
+            mechanism = _ledger_mechanism(ledger)
+            if mechanism is None:
+                raise PrivacyError(
+                    f"{state_dir}: ledger has DP events but no budget record; refusing to train. Restore accountant.json from backup"
+                )
+            state = AccountantState(mechanism=mechanism, history=list(ledger_history))
+            save_accountant(state_dir, state)
+            ledger.append("recovery", {"reason": "accountant.json missing; rebuilt from ledger", "steps": state.steps})
+            log.warning("%s: accountant.json was missing; rebuilt %d steps from the ledger", state_dir, state.steps)
+        elif state is not None:
+            state = _reconcile(state_dir, state, ledger_history, ledger)
+        budget = cls(state_dir, spec, state, ledger)
+        if state is not None:
+            budget._check_spec_compatible()
+        return budget
+
+    def _check_spec_compatible(self) -> None:
+        assert self.state is not None
+        mech = self.state.mechanism
+        if abs(mech.delta - self.spec.delta) > 0:
+            raise PrivacyError(
+                f"privacy.delta: this site has already spent budget at delta={mech.delta:g}; "
+                f"it cannot switch to {self.spec.delta:g}. Set privacy.delta back to {mech.delta:g}"
+            )
+        if mech.target_epsilon != self.spec.target_epsilon:
+            self.ledger.append(
+                "budget",
+                {**_mechanism_body(mech), "target_epsilon": self.spec.target_epsilon, "previous_target_epsilon": mech.target_epsilon},
+            )
+            mech.target_epsilon = self.spec.target_epsilon
+            save_accountant(self.state_dir, self.state)
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def epsilon_spent(self) -> float:
+        return 0.0 if self.state is None else self.state.epsilon()
+
+    @property
+    def steps_taken(self) -> int:
+        return 0 if self.state is None else self.state.steps
+
+    @property
+    def noise_multiplier(self) -> float | None:
+        return None if self.state is None else self.state.mechanism.noise_multiplier
+
+    def epsilon_if(self, sample_rate: float, steps: int) -> float:
+        assert self.state is not None
+        return self.state.epsilon([(self.state.mechanism.noise_multiplier, sample_rate, steps)])
+
+    # ------------------------------------------------------------------ charging
+
+    def calibrate(self, sample_rate: float, planned_steps: int) -> Mechanism:
+        """Fix σ for the whole planned run the first time this site trains."""
+        if self.state is not None:
+            return self.state.mechanism
+        sigma = noise_for_budget(self.spec.target_epsilon, self.spec.delta, sample_rate, planned_steps, self.spec.accountant)
+        mechanism = Mechanism(
+            noise_multiplier=sigma,
+            max_grad_norm=self.spec.max_grad_norm,
+            delta=self.spec.delta,
+            target_epsilon=self.spec.target_epsilon,
+            accountant=self.spec.accountant,
+            planned_steps=int(planned_steps),
+            sample_rate=float(sample_rate),
+        )
+        self.state = AccountantState(mechanism=mechanism)
+        self.ledger.append("budget", _mechanism_body(mechanism))
+        save_accountant(self.state_dir, self.state)
+        return mechanism
+
+    def charge(self, *, run_id: str, server_round: int, sample_rate: float, steps: int) -> Charge:
+        """Record the round's steps before training; refuse (loudly) if they don't fit."""
+        if self.state is None:
+            raise PrivacyError("charge() before calibrate(): the site has no mechanism yet")
+        mech = self.state.mechanism
+        spent = self.state.epsilon()
+        after = self.epsilon_if(sample_rate, steps)
+        if after > mech.target_epsilon * (1 + EPSILON_SLACK):
+            reason = (
+                f"budget exhausted: round {server_round} would raise epsilon from {spent:.3f} to {after:.3f}, "
+                f"above the site's target {mech.target_epsilon:g} (delta={mech.delta:g})"
+            )
+            self.ledger.append(
+                "refusal",
+                {"run_id": run_id, "round": server_round, "reason": reason, "epsilon_spent": spent, "target_epsilon": mech.target_epsilon},
+            )
+            raise BudgetExhaustedError(f"site refuses to train: {reason}")
+        event: Event = (mech.noise_multiplier, float(sample_rate), int(steps))
+        self.state.history.append(event)
+        save_accountant(self.state_dir, self.state)
+        record = self.ledger.append(
+            "dp_event",
+            {
+                "run_id": run_id,
+                "round": server_round,
+                "steps": int(steps),
+                "sample_rate": float(sample_rate),
+                "noise_multiplier": mech.noise_multiplier,
+                "max_grad_norm": mech.max_grad_norm,
+                "delta": mech.delta,
+                "accountant": mech.accountant,
+                "epsilon_after": after,
+                "target_epsilon": mech.target_epsilon,
+                "status": "charged",
+            },
+        )
+        return Charge(mech.noise_multiplier, float(sample_rate), int(steps), after, int(record["seq"]))
+
+
+def _mechanism_body(mech: Mechanism) -> dict:
+    return {
+        "target_epsilon": mech.target_epsilon,
+        "delta": mech.delta,
+        "noise_multiplier": mech.noise_multiplier,
+        "planned_steps": mech.planned_steps,
+        "sample_rate": mech.sample_rate,
+        "max_grad_norm": mech.max_grad_norm,
+        "accountant": mech.accountant,
+    }
+
+
+def _ledger_history(ledger: Ledger) -> list[Event]:
+    return [
+        (float(r["body"]["noise_multiplier"]), float(r["body"]["sample_rate"]), int(r["body"]["steps"]))
+        for r in ledger.records()
+        if r["kind"] == "dp_event"
+    ]
+
+
+def _ledger_mechanism(ledger: Ledger) -> Mechanism | None:
+    budgets = [r["body"] for r in ledger.records() if r["kind"] == "budget"]
+    if not budgets:
+        return None
+    first, last = budgets[0], budgets[-1]
+    return Mechanism(
+        noise_multiplier=float(first["noise_multiplier"]),
+        max_grad_norm=float(first["max_grad_norm"]),
+        delta=float(first["delta"]),
+        target_epsilon=float(last["target_epsilon"]),
+        accountant=str(first["accountant"]),
+        planned_steps=int(first["planned_steps"]),
+        sample_rate=float(first["sample_rate"]),
+    )
+
+
+def _reconcile(state_dir: Path, state: AccountantState, ledger_history: list[Event], ledger: Ledger) -> AccountantState:
+    """Accountant file and ledger must tell one story; the longer one wins (over-count, never under)."""
+    ours = state.history
+    if ours == ledger_history[: len(ours)] and len(ledger_history) > len(ours):
+        state.history = list(ledger_history)
+        save_accountant(state_dir, state)
+        ledger.append("recovery", {"reason": "accountant.json behind the ledger; replayed ledger events", "steps": state.steps})
+        return state
+    if ledger_history == ours[: len(ledger_history)]:
+        return state
+    raise PrivacyError(
+        f"{state_dir}: accountant.json and ledger.jsonl disagree on the DP history; refusing to train. "
+        "Run `fedssl audit` on this directory to find the tampered or corrupted file"
+    )

@@ -1,0 +1,165 @@
+"""Run a whole federation on one machine through Flower's Simulation Engine (`flwr run`).
+
+The simulation is the real Flower path — ServerApp, ClientApps in Ray workers, records on
+the wire — driven offline: a private FLWR_HOME, telemetry, update checks and runtime
+dependency installation off. `flwr run` exits 0 even when the run failed, so success
+is judged from the run status and the server's completion marker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedssl.config import ExperimentConfig, save_config
+from fedssl.errors import FedSSLError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SERVER_DONE = "server_done.json"
+RESOLVED_CONFIG = "config.yaml"
+FLWR_LOG = "flwr.log"
+CONNECTION = "fedssl-sim"
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONWARNINGS": "ignore",
+}
+
+
+class SimulationError(FedSSLError):
+    """The federated run did not complete."""
+
+
+@dataclass(frozen=True)
+class SimulationOutcome:
+    run_dir: Path
+    seconds: float
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Workers must import fedssl, clients/ and server/ from this checkout.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def prepare_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
+    run_dir = config.run_dir().resolve()
+    if run_dir.exists():
+        if not overwrite:
+            raise FedSSLError(
+                f"run dir {run_dir} exists; pick another run.name (--set run.name=...) or pass --overwrite to replace it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(config, run_dir / RESOLVED_CONFIG)
+    return run_dir
+
+
+def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True) -> SimulationOutcome:
+    """Submit the run to a local simulation SuperLink and wait for it to finish."""
+    flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
+    if flwr is None:
+        raise SimulationError("the `flwr` command is not installed; run `make setup` (or pip install 'flwr[simulation]>=1.42,<1.43')")
+    flwr_home = run_dir / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    # A private, in-memory simulation SuperLink on free ports: runs never collide with each
+    # other (or with a SuperLink another checkout left behind), and it is stopped afterwards.
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local-in-memory:"\n')
+    env = flower_env(flwr_home)
+    fleet_port, control_port = free_port(), free_port()
+    env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(fleet_port)
+    env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+    sim = config.simulation
+    federation = (
+        f"num-supernodes={config.federation.num_sites} "
+        f"client-resources-num-cpus={_toml_number(sim.client_cpus)} "
+        f"client-resources-num-gpus=0"
+    )
+    run_config = f"config-path='{run_dir / RESOLVED_CONFIG}' run-dir='{run_dir}'"
+    cmd = [flwr, "run", str(PROJECT_ROOT), CONNECTION, "--stream", "--run-config", run_config, "--federation-config", federation]
+    started = time.perf_counter()
+    log_path = run_dir / FLWR_LOG
+    shown: set[str] = set()
+    try:
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log_file.write(line)
+                message = _progress_message(line)
+                if stream and message and message not in shown:
+                    shown.add(message)
+                    print(message, flush=True)
+            code = proc.wait()
+    finally:
+        stop_local_superlink(control_port)
+    seconds = time.perf_counter() - started
+    if code != 0 or not (run_dir / SERVER_DONE).exists():
+        tail = _failure_reason(log_path)
+        raise SimulationError(f"federated run failed (flwr exit {code}): {tail}; full log: {log_path}")
+    return SimulationOutcome(run_dir=run_dir, seconds=seconds)
+
+
+def _progress_message(line: str) -> str | None:
+    """Our own progress lines (Flower logs each twice, with different prefixes) and errors."""
+    if "fedssl:" in line:
+        return "fedssl:" + line.split("fedssl:", 1)[1].rstrip()
+    if "ERROR" in line or "Traceback" in line:
+        return line.rstrip()
+    return None
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_local_superlink(control_port: int) -> None:
+    """Stop the SuperLink `flwr run` started in the background (and its SuperExec child)."""
+    marker = f"127.0.0.1:{control_port}"
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "flower-superlink" in cmdline and marker in cmdline:
+            try:
+                os.kill(int(proc_dir.name), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def _failure_reason(log_path: Path) -> str:
+    lines = [l.strip() for l in log_path.read_text(errors="replace").splitlines() if l.strip()]
+    for line in reversed(lines):
+        if any(marker in line for marker in ("Error:", "ERROR", "error", "Exception")):
+            return line[-300:]
+    return lines[-1][-300:] if lines else "no output"
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    path = run_dir / "summary.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(fields)
+    path.write_text(json.dumps(current, indent=1))
+
+
+def _toml_number(value: float) -> int | float:
+    # Flower's federation config wants whole CPU counts as TOML integers.
+    return int(value) if float(value).is_integer() else value

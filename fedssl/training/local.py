@@ -1,0 +1,217 @@
+"""One round of local self-supervised training at a site — the single function both the
+plain Flower path and the SecAgg+ path call.
+
+DP and non-DP share the loop; under DP the model, optimizer and loader are wrapped by
+Opacus (Poisson sampling, per-sample clipping, Gaussian noise) and the round is charged
+to the site's persistent budget *before* the first step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedssl.data.dataset import SiteDataset
+from fedssl.errors import BudgetExhaustedError, DataError
+from fedssl.models import build_encoder
+from fedssl.pretext import PretextModel, get_pretext, require_dp_compatible
+from fedssl.privacy.budget import BudgetSpec, SiteBudget
+from fedssl.training.device import resolve_device
+from fedssl.training.plan import TrainPlan
+
+log = logging.getLogger(__name__)
+
+STATUS_TRAINED = "trained"
+STATUS_REFUSED = "refused"
+OPACUS_PREFIX = "_module."
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The site's own privacy settings (from its config, never from the server)."""
+
+    enabled: bool
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+
+    def budget_spec(self) -> BudgetSpec:
+        return BudgetSpec(self.target_epsilon, self.delta, self.max_grad_norm, self.accountant)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    site_id: int
+    state_dir: Path
+    privacy: SitePrivacy
+    device: str = "auto"
+    key_path: Path | None = None
+
+
+@dataclass
+class RoundResult:
+    status: str
+    encoder_state: dict[str, torch.Tensor] | None
+    num_examples: int
+    steps: int = 0
+    pretext_loss: float = math.nan
+    epsilon: float = math.inf
+    target_epsilon: float = math.inf
+    delta: float = 0.0
+    train_seconds: float = 0.0
+    ledger_seq: int = -1
+    reason: str = ""
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def build_pretext_model(
+    plan: TrainPlan, input_shape: tuple[int, ...], encoder_state: Mapping[str, torch.Tensor]
+) -> PretextModel:
+    """Encoder with the global weights loaded *before* the head is built: BYOL copies the
+    encoder into its target network at build time."""
+    task = get_pretext(plan.pretext, plan.pretext_params)
+    encoder = build_encoder(plan.encoder, input_shape, width=plan.width, depth=plan.depth)
+    encoder.load_state_dict(dict(encoder_state), strict=True)
+    return task.build_model(encoder)
+
+
+def train_round(
+    dataset: SiteDataset, global_encoder: Mapping[str, torch.Tensor], plan: TrainPlan, site: SiteSettings
+) -> RoundResult:
+    """Train the global encoder on this site's data for one round; return new encoder weights."""
+    if len(dataset) == 0:
+        raise DataError(f"site {site.site_id}: no samples to train on; check site.data_dir")
+    torch.manual_seed(plan.round_seed(site.site_id))
+    device = resolve_device(site.device)
+    if site.privacy.enabled:
+        require_dp_compatible(get_pretext(plan.pretext, plan.pretext_params))
+    model = build_pretext_model(plan, dataset.input_shape, global_encoder)
+    model.to(device)
+
+    if not site.privacy.enabled:
+        loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
+        optimizer = _make_optimizer(plan, model)
+        return _run_steps(model, model, optimizer, loader, plan, device, len(dataset), RoundResult(
+            status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset)
+        ))
+
+    budget = SiteBudget.open(site.state_dir, site.privacy.budget_spec(), key_path=site.key_path)
+    sample_rate = poisson_sample_rate(len(dataset), plan.batch_size)
+    mechanism = budget.calibrate(sample_rate, planned_steps=plan.planned_rounds * plan.local_steps)
+    try:
+        charge = budget.charge(run_id=plan.run_id, server_round=plan.server_round, sample_rate=sample_rate, steps=plan.local_steps)
+    except BudgetExhaustedError as err:
+        log.error("site %s: %s", site.site_id, err)
+        return RoundResult(
+            status=STATUS_REFUSED,
+            encoder_state=None,
+            num_examples=len(dataset),
+            epsilon=budget.epsilon_spent,
+            target_epsilon=mechanism.target_epsilon,
+            delta=mechanism.delta,
+            reason=str(err),
+        )
+
+    from opacus import PrivacyEngine
+
+    optimizer = _make_optimizer(plan, model)
+    # The engine's own accountant is throwaway: the persistent SiteBudget already charged
+    # this round. We only cross-check it against the charge below.
+    engine = PrivacyEngine(accountant=mechanism.accountant)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        private_model, private_optimizer, private_loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size),
+            noise_multiplier=charge.noise_multiplier,
+            max_grad_norm=mechanism.max_grad_norm,
+            poisson_sampling=True,
+        )
+    result = _run_steps(
+        private_model,
+        model,
+        private_optimizer,
+        private_loader,
+        plan,
+        device,
+        len(dataset),
+        RoundResult(
+            status=STATUS_TRAINED,
+            encoder_state=None,
+            num_examples=len(dataset),
+            epsilon=charge.epsilon_after,
+            target_epsilon=mechanism.target_epsilon,
+            delta=mechanism.delta,
+            ledger_seq=charge.ledger_seq,
+        ),
+    )
+    taken = [(s, q, n) for s, q, n in engine.accountant.history]
+    expected = [(charge.noise_multiplier, charge.sample_rate, charge.steps)]
+    if [(round(s, 9), round(q, 9), n) for s, q, n in taken] != [(round(s, 9), round(q, 9), n) for s, q, n in expected]:
+        raise RuntimeError(f"DP steps taken {taken} differ from the steps charged {expected}; refusing to release the update")
+    return result
+
+
+def poisson_sample_rate(num_samples: int, batch_size: int) -> float:
+    """The rate Opacus derives from a loader of this batch size (1 / number of batches)."""
+    return 1.0 / math.ceil(num_samples / batch_size)
+
+
+def _make_optimizer(plan: TrainPlan, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if plan.optimizer == "adam":
+        return torch.optim.Adam(params, lr=plan.lr)
+    return torch.optim.SGD(params, lr=plan.lr, momentum=plan.momentum)
+
+
+def _cycle(loader: DataLoader) -> Iterator[tuple[torch.Tensor, ...]]:
+    while True:
+        yield from loader
+
+
+def _run_steps(
+    trained: torch.nn.Module,
+    model: PretextModel,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    plan: TrainPlan,
+    device: torch.device,
+    num_examples: int,
+    result: RoundResult,
+) -> RoundResult:
+    trained.train()
+    started = time.perf_counter()
+    loss_sum, loss_count = 0.0, 0
+    for (batch,) in itertools.islice(_cycle(loader), plan.local_steps):
+        batch = batch.to(device)
+        optimizer.zero_grad(set_to_none=True)
+        per_sample = trained(batch)
+        # An empty Poisson batch still takes a (noise-only) step; mean() of nothing is NaN.
+        loss = per_sample.mean() if per_sample.numel() else per_sample.sum()
+        loss.backward()
+        optimizer.step()
+        model.after_optimizer_step()
+        loss_sum += float(per_sample.detach().sum())
+        loss_count += int(per_sample.numel())
+    result.train_seconds = time.perf_counter() - started
+    result.steps = plan.local_steps
+    result.pretext_loss = loss_sum / loss_count if loss_count else math.nan
+    result.encoder_state = encoder_state_dict(model)
+    return result
+
+
+def encoder_state_dict(model: PretextModel) -> dict[str, torch.Tensor]:
+    """The encoder's weights only, detached on CPU, without Opacus' ``_module.`` prefix."""
+    state = model.encoder.state_dict()
+    return {k.removeprefix(OPACUS_PREFIX): v.detach().cpu().clone() for k, v in state.items()}
