@@ -1,0 +1,38 @@
+"""Label-efficiency evaluation of a pretrained encoder on consented labels only."""
+
+from fedssl.evaluation.label_efficiency import EncoderFactory, evaluate_label_efficiency
+from fedssl.evaluation.plan import FINETUNE, LINEAR_PROBE, EvalPlan
+from fedssl.evaluation.results import (
+    PRETRAINED_FINETUNE,
+    PRETRAINED_PROBE,
+    RANDOM_INIT_PROBE,
+    RAW_INPUT,
+    ROW_ORDER,
+    SCRATCH_FINETUNE,
+    Cell,
+    EvalResults,
+    FractionInfo,
+    Gain,
+    SeedRun,
+    format_fraction,
+)
+
+__all__ = [
+    "FINETUNE",
+    "LINEAR_PROBE",
+    "PRETRAINED_FINETUNE",
+    "PRETRAINED_PROBE",
+    "RANDOM_INIT_PROBE",
+    "RAW_INPUT",
+    "ROW_ORDER",
+    "SCRATCH_FINETUNE",
+    "Cell",
+    "EncoderFactory",
+    "EvalPlan",
+    "EvalResults",
+    "FractionInfo",
+    "Gain",
+    "SeedRun",
+    "evaluate_label_efficiency",
+    "format_fraction",
+]

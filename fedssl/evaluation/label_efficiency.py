@@ -1,0 +1,219 @@
+"""Central label-efficiency evaluation of a pretrained encoder, reading only consented labels.
+
+Every row sees the same stratified label subsets (paired by label seed), and the random-init
+rows are the control: a gain counts only if a random encoder of the same shape does not get it too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from fedssl.evaluation.plan import FINETUNE, LINEAR_PROBE, EvalPlan
+from fedssl.evaluation.probes import encode, finetune_accuracy, flatten_inputs, linear_probe_accuracy
+from fedssl.evaluation.results import (
+    PRETRAINED_FINETUNE,
+    PRETRAINED_PROBE,
+    RANDOM_INIT_PROBE,
+    RAW_INPUT,
+    SCRATCH_FINETUNE,
+    Cell,
+    EvalResults,
+    FractionInfo,
+    SeedRun,
+    format_fraction,
+)
+from fedssl.evaluation.sampling import stratified_subset
+from fedssl.models.encoders import Encoder
+
+if TYPE_CHECKING:  # annotations only: results and reporting stay importable without the data layer
+    from fedssl.data.consent import ConsentedLabels
+    from fedssl.data.dataset import SiteDataset
+
+EncoderFactory = Callable[[int | None], Encoder]
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class _ProbeView:
+    """One frozen representation of the consented pool and the test set."""
+
+    row: str
+    init_seed: int | None
+    pool: np.ndarray
+    test: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Bench:
+    """Everything fixed across label subsets: data, labels, encoders and their frozen features."""
+
+    pool_inputs: torch.Tensor
+    pool_labels: np.ndarray
+    test_inputs: torch.Tensor
+    test_labels: np.ndarray
+    pretrained: Encoder
+    random_inits: dict[int, Encoder]
+    views: list[_ProbeView]
+
+
+def _consented_pool(train: SiteDataset, labels: ConsentedLabels) -> tuple[torch.Tensor, np.ndarray]:
+    """Inputs and labels of the consented train examples; unconsented labels are never requested."""
+    consented = labels.consented_ids(train.sample_ids)
+    position = {sample_id: i for i, sample_id in enumerate(train.sample_ids)}
+    rows = torch.as_tensor([position[sample_id] for sample_id in consented], dtype=torch.long)
+    return train.inputs[rows], np.asarray(labels.labels_for(consented))
+
+
+def _probe_views(
+    pool_inputs: torch.Tensor,
+    test_inputs: torch.Tensor,
+    pretrained: Encoder,
+    random_inits: dict[int, Encoder],
+    plan: EvalPlan,
+) -> list[_ProbeView]:
+    def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
+        return _ProbeView(row, init_seed, encode(encoder, pool_inputs), encode(encoder, test_inputs))
+
+    # Raw pixels are always probed: they are the floor any learned representation must beat.
+    views = [_ProbeView(RAW_INPUT, None, flatten_inputs(pool_inputs), flatten_inputs(test_inputs))]
+    if LINEAR_PROBE in plan.methods:
+        views += [frozen(RANDOM_INIT_PROBE, seed, encoder) for seed, encoder in random_inits.items()]
+        views.append(frozen(PRETRAINED_PROBE, None, pretrained))
+    return views
+
+
+def _build_bench(
+    encoder_factory: EncoderFactory,
+    pretrained_state: dict[str, torch.Tensor],
+    train: SiteDataset,
+    test: SiteDataset,
+    labels: ConsentedLabels,
+    plan: EvalPlan,
+) -> _Bench:
+    # Test labels first: an unconsented test id stops the run before any train label is read.
+    test_labels = np.asarray(labels.labels_for(test.sample_ids))
+    pool_inputs, pool_labels = _consented_pool(train, labels)
+    pretrained = encoder_factory(None)
+    pretrained.load_state_dict(pretrained_state)
+    random_inits = {seed: encoder_factory(seed) for seed in plan.random_init_seeds}
+    views = _probe_views(pool_inputs, test.inputs, pretrained, random_inits, plan)
+    return _Bench(pool_inputs, pool_labels, test.inputs, test_labels, pretrained, random_inits, views)
+
+
+def _runs_on_subset(
+    bench: _Bench, subset: np.ndarray, seed_index: int, plan: EvalPlan
+) -> Iterator[tuple[str, SeedRun]]:
+    """Every planned row on one label subset; all rows see exactly these labels."""
+    label_seed = plan.label_seeds[seed_index]
+    subset_labels = bench.pool_labels[subset]
+    for view in bench.views:
+        accuracy = linear_probe_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels, plan.probe_C)
+        yield view.row, SeedRun(label_seed, view.init_seed, accuracy)
+    if FINETUNE not in plan.methods:
+        return
+    # One init seed per label seed (cycled) keeps scratch fine-tuning affordable while its
+    # spread still includes init variance.
+    init_seed = plan.random_init_seeds[seed_index % len(plan.random_init_seeds)]
+    starts = (
+        (SCRATCH_FINETUNE, bench.random_inits[init_seed], init_seed),
+        (PRETRAINED_FINETUNE, bench.pretrained, None),
+    )
+    for row, encoder, start_seed in starts:
+        accuracy = finetune_accuracy(
+            encoder,
+            bench.pool_inputs[torch.as_tensor(subset)],
+            subset_labels,
+            bench.test_inputs,
+            bench.test_labels,
+            epochs=plan.finetune_epochs,
+            lr=plan.finetune_lr,
+            batch_size=plan.finetune_batch_size,
+            seed=label_seed,  # same head init and batch order for both rows: paired
+        )
+        yield row, SeedRun(label_seed, start_seed, accuracy)
+
+
+@contextmanager
+def _single_threaded() -> Iterator[None]:
+    """Run torch and BLAS (used by the probes' L-BFGS) on one thread; restore the caller's settings.
+
+    The models and probes are tiny, so a second thread only adds waiting: on a busy 2-core
+    machine the full digits table took 56 s with two torch threads and 21 s with one, and
+    two-thread OpenBLAS made the probes' L-BFGS the largest cost after fine-tuning.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _planned_rows(plan: EvalPlan) -> list[str]:
+    rows = [RAW_INPUT]
+    if LINEAR_PROBE in plan.methods:
+        rows += [RANDOM_INIT_PROBE, PRETRAINED_PROBE]
+    if FINETUNE in plan.methods:
+        rows += [SCRATCH_FINETUNE, PRETRAINED_FINETUNE]
+    return rows
+
+
+def evaluate_label_efficiency(
+    *,
+    encoder_factory: EncoderFactory,
+    pretrained_state: dict[str, torch.Tensor],
+    train: SiteDataset,
+    test: SiteDataset,
+    labels: ConsentedLabels,
+    plan: EvalPlan,
+    progress: Progress | None = None,
+) -> EvalResults:
+    """Accuracy of each row at each label fraction, over label seeds (and init seeds for random rows).
+
+    `encoder_factory(seed)` must build the pretrained architecture; `None` means "any init", used
+    only as the container for `pretrained_state`. Raises ConsentError if a test id is unconsented.
+    A fraction needing more labels than there are consented train examples is skipped, with the
+    reason recorded in the results.
+    """
+    say = progress or (lambda _message: None)
+    started = time.perf_counter()
+    with _single_threaded():
+        bench = _build_bench(encoder_factory, pretrained_state, train, test, labels, plan)
+        num_train, num_consented = len(train.sample_ids), len(bench.pool_labels)
+        num_classes = len(np.unique(bench.pool_labels))
+        say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
+        runs: dict[tuple[str, float], list[SeedRun]] = defaultdict(list)
+        fractions: list[FractionInfo] = []
+        for fraction in plan.label_fractions:
+            needed = plan.labels_needed(fraction, num_train, num_classes)
+            if needed > num_consented:
+                reason = f"needs {needed} labels but only {num_consented} train examples are consented"
+                fractions.append(FractionInfo(fraction, needed, skipped=reason))
+                say(f"{format_fraction(fraction)} labels: skipped, {reason}")
+                continue
+            fractions.append(FractionInfo(fraction, needed))
+            for seed_index, label_seed in enumerate(plan.label_seeds):
+                subset = stratified_subset(bench.pool_labels, needed, label_seed)
+                for row, run in _runs_on_subset(bench, subset, seed_index, plan):
+                    runs[(row, fraction)].append(run)
+                say(f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done")
+    return EvalResults(
+        plan=plan,
+        rows=_planned_rows(plan),
+        fractions=fractions,
+        cells={key: Cell(tuple(values)) for key, values in runs.items()},
+        num_train=num_train,
+        num_consented_train=num_consented,
+        num_test=len(bench.test_labels),
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,170 @@
+"""Label-efficiency results: per-seed accuracies, their summary, and an honest comparison."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from fedssl.evaluation.plan import EvalPlan
+
+RAW_INPUT = "raw_input"
+RANDOM_INIT_PROBE = "random_init_probe"
+PRETRAINED_PROBE = "pretrained_probe"
+SCRATCH_FINETUNE = "scratch_finetune"
+PRETRAINED_FINETUNE = "pretrained_finetune"
+ROW_ORDER = (RAW_INPUT, RANDOM_INIT_PROBE, PRETRAINED_PROBE, SCRATCH_FINETUNE, PRETRAINED_FINETUNE)
+
+
+def format_fraction(fraction: float) -> str:
+    """1% rather than 0.01; `g` drops float noise such as 5.000000000000001."""
+    return f"{fraction * 100:g}%"
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    """One accuracy; `init_seed` is set for rows that start from a random encoder."""
+
+    label_seed: int
+    init_seed: int | None
+    accuracy: float
+
+
+@dataclass(frozen=True)
+class Cell:
+    """All runs of one row at one label fraction."""
+
+    runs: tuple[SeedRun, ...]
+
+    @property
+    def accuracies(self) -> np.ndarray:
+        return np.array([run.accuracy for run in self.runs])
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def mean(self) -> float:
+        return float(self.accuracies.mean())
+
+    @property
+    def std(self) -> float:
+        # Sample std (ddof=1): with three seeds the population std would understate the spread.
+        return float(self.accuracies.std(ddof=1)) if self.n > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class FractionInfo:
+    """A label fraction, the label count it became, and why it was skipped if it was."""
+
+    fraction: float
+    num_labels: int
+    skipped: str | None = None
+
+
+@dataclass(frozen=True)
+class Gain:
+    """Mean accuracy of `row` minus `baseline`; `spread` is the sum of both stds."""
+
+    row: str
+    baseline: str
+    fraction: float
+    delta: float
+    spread: float
+    seeds: int  # runs behind the thinner of the two cells
+
+    @property
+    def within_spread(self) -> bool:
+        return abs(self.delta) <= self.spread
+
+    @property
+    def spread_known(self) -> bool:
+        """A single run has no spread, so a difference from it cannot be told from seed noise."""
+        return self.seeds >= 2
+
+
+@dataclass
+class EvalResults:
+    plan: EvalPlan
+    rows: list[str]
+    fractions: list[FractionInfo]
+    cells: dict[tuple[str, float], Cell]
+    num_train: int
+    num_consented_train: int
+    num_test: int
+    seconds: float
+
+    def evaluated_fractions(self) -> list[float]:
+        return [info.fraction for info in self.fractions if info.skipped is None]
+
+    def cell(self, row: str, fraction: float) -> Cell:
+        if (row, fraction) not in self.cells:
+            raise KeyError(f"no result for row {row!r} at label fraction {fraction}: skipped or not planned")
+        return self.cells[(row, fraction)]
+
+    def gain(self, row: str, baseline: str, fraction: float) -> Gain:
+        ours, theirs = self.cell(row, fraction), self.cell(baseline, fraction)
+        return Gain(row, baseline, fraction, ours.mean - theirs.mean, ours.std + theirs.std, min(ours.n, theirs.n))
+
+    def gain_over_random_init(self, fraction: float) -> Gain:
+        """What pretraining added to the probe beyond what a random encoder already gives."""
+        return self.gain(PRETRAINED_PROBE, RANDOM_INIT_PROBE, fraction)
+
+    def markdown_table(self) -> str:
+        header = ["row"] + [f"{format_fraction(info.fraction)} ({info.num_labels} labels)" for info in self.fractions]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for row in self.rows:
+            values = [self._format_cell(row, info) for info in self.fractions]
+            lines.append("| " + " | ".join([row, *values]) + " |")
+        notes = [f"- {note}" for note in self.skip_notes()]
+        return "\n".join(lines + ([""] + notes if notes else []))
+
+    def skip_notes(self) -> list[str]:
+        return [f"{format_fraction(info.fraction)}: skipped, {info.skipped}" for info in self.fractions if info.skipped]
+
+    def _format_cell(self, row: str, info: FractionInfo) -> str:
+        if info.skipped is not None:
+            return "skipped"
+        cell = self.cell(row, info.fraction)
+        return f"{cell.mean:.3f} ± {cell.std:.3f}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": asdict(self.plan),
+            "rows": list(self.rows),
+            "fractions": [asdict(info) for info in self.fractions],
+            "cells": [
+                {
+                    "row": row,
+                    "fraction": fraction,
+                    "mean": cell.mean,
+                    "std": cell.std,
+                    "n": cell.n,
+                    "runs": [asdict(run) for run in cell.runs],
+                }
+                for (row, fraction), cell in self.cells.items()
+            ],
+            "num_train": self.num_train,
+            "num_consented_train": self.num_consented_train,
+            "num_test": self.num_test,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EvalResults:
+        """Inverse of `to_dict` (mean/std/n are recomputed from the runs, not trusted)."""
+        return cls(
+            plan=EvalPlan(**data["plan"]),
+            rows=list(data["rows"]),
+            fractions=[FractionInfo(**info) for info in data["fractions"]],
+            cells={
+                (entry["row"], entry["fraction"]): Cell(tuple(SeedRun(**run) for run in entry["runs"]))
+                for entry in data["cells"]
+            },
+            num_train=data["num_train"],
+            num_consented_train=data["num_consented_train"],
+            num_test=data["num_test"],
+            seconds=data["seconds"],
+        )

@@ -1,0 +1,232 @@
+"""runs/<name>/report.md with its plots, and a short terminal summary, from a run directory's files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedssl.evaluation.results import (
+    PRETRAINED_FINETUNE,
+    PRETRAINED_PROBE,
+    RANDOM_INIT_PROBE,
+    SCRATCH_FINETUNE,
+    EvalResults,
+    Gain,
+    format_fraction,
+)
+from fedssl.reporting.plots import plot_epsilon, plot_label_efficiency, plot_pretext_loss
+from fedssl.reporting.privacy import privacy_statement
+from fedssl.reporting.run_files import RunFiles, load_run
+from fedssl.reporting.site_budget import SiteBudget, format_optional, site_budgets
+
+REPORT_FILE = "report.md"
+PRETEXT_PLOT = "pretext_loss.png"
+EPSILON_PLOT = "epsilon.png"
+LABEL_EFFICIENCY_PLOT = "label_efficiency.png"
+
+# Each pretrained row is judged only against the row that differs from it by pretraining alone.
+COMPARISONS = {"probe": (PRETRAINED_PROBE, RANDOM_INIT_PROBE), "finetune": (PRETRAINED_FINETUNE, SCRATCH_FINETUNE)}
+NAME_WIDTH, CELL_WIDTH = 28, 15
+SITE_COLUMN_WIDTHS = (4, 6, 7, 7, 5)  # site, rounds, eps, budget, used; status runs free
+
+
+def _section(config: dict[str, Any], name: str) -> dict[str, Any]:
+    value = config.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _distinct(values: list[float]) -> str:
+    return ", ".join(f"{value:g}" for value in sorted(set(values))) or "n/a"
+
+
+def _privacy_target(run: RunFiles) -> str:
+    if _section(run.config, "privacy").get("enabled") is False:
+        return "none: trained without differential privacy"
+    accounted = [r for r in run.site_rounds if r.has_epsilon]
+    epsilons = _distinct([r.target_epsilon for r in accounted])
+    return f"ε = {epsilons}, δ = {_distinct([r.delta for r in accounted])} (per site, sample-level)"
+
+
+def _wall_time(run: RunFiles) -> str:
+    seconds = run.summary.get("wall_seconds")
+    return f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "not recorded (no summary.json)"
+
+
+def _run_summary(run: RunFiles) -> list[str]:
+    federation, model = _section(run.config, "federation"), _section(run.config, "model")
+    planned_sites, planned_rounds = federation.get("num_sites", "?"), federation.get("rounds", "?")
+    facts = [
+        ("sites", f"{len(run.site_ids)} reporting (planned {planned_sites})"),
+        ("rounds", f"{len(run.rounds)} completed (planned {planned_rounds})"),
+        ("pretext", str(_section(run.config, "pretext").get("name", "unknown (no config.yaml)"))),
+        ("encoder", f"{model.get('encoder', '?')}, width {model.get('width', '?')}, depth {model.get('depth', '?')}"),
+        ("strategy", str(federation.get("strategy", "?"))),
+        ("privacy target", _privacy_target(run)),
+        ("wall time", _wall_time(run)),
+    ]
+    return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in facts)]
+
+
+def _budget_cells(site: SiteBudget) -> list[str]:
+    """site, rounds trained, final ε, budget, % used: shared by the report and the terminal."""
+    return [
+        str(site.site_id),
+        str(site.rounds_trained),
+        format_optional(site.final_epsilon, ".3f"),
+        format_optional(site.budget, "g"),
+        format_optional(site.percent_used, ".0f", "%"),
+    ]
+
+
+def _epsilon_table(run: RunFiles) -> list[str]:
+    lines = ["| site | rounds trained | final ε | budget ε | % used | last status |", "|---|---|---|---|---|---|"]
+    for site in site_budgets(run.site_rounds):
+        cells = [*_budget_cells(site), f"{site.last_status} (round {site.last_round})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _failure_lines(run: RunFiles) -> list[str]:
+    if not run.failures:
+        return []
+    return [
+        "",
+        f"{len(run.failures)} site replies failed and were left out of aggregation:",
+        "",
+        *(f"- round {f.round}, node {f.node_id}: {f.reason or 'no reason recorded'}" for f in run.failures),
+    ]
+
+
+def describe_gain(results: EvalResults, gain: Gain) -> str:
+    """One sentence per comparison; a gain inside the seed spread is called what it is: nothing measurable."""
+    ours, theirs = results.cell(gain.row, gain.fraction), results.cell(gain.baseline, gain.fraction)
+    head = (
+        f"At {format_fraction(gain.fraction)} labels, {gain.row} {ours.mean:.3f} vs {gain.baseline} "
+        f"{theirs.mean:.3f}: difference {gain.delta:+.3f}"
+    )
+    if not gain.spread_known:
+        return f"{head}, from a single seed, so the spread is unknown and no gain from pretraining can be claimed."
+    if gain.within_spread:
+        return f"{head}, within the seed spread (±{gain.spread:.3f}), so no measurable gain from pretraining."
+    if gain.delta > 0:
+        return f"{head}, beyond the seed spread (±{gain.spread:.3f}): pretraining added {gain.delta:.3f} accuracy."
+    return f"{head}, beyond the seed spread (±{gain.spread:.3f}): the pretrained encoder did worse than a random one."
+
+
+def _pretraining_gains(results: EvalResults) -> dict[str, list[Gain]]:
+    """Per readout (probe, finetune): pretrained minus its random-init control, per evaluated fraction."""
+    return {
+        readout: [results.gain(row, baseline, fraction) for fraction in results.evaluated_fractions()]
+        for readout, (row, baseline) in COMPARISONS.items()
+        if row in results.rows and baseline in results.rows
+    }
+
+
+def pretraining_verdict(results: EvalResults) -> list[str]:
+    """What pretraining added, measured only against the random-init controls."""
+    return [describe_gain(results, gain) for gains in _pretraining_gains(results).values() for gain in gains]
+
+
+def _evaluation_section(run: RunFiles) -> list[str]:
+    results = run.evaluation
+    if results is None:
+        return ["No evaluation.json in this run directory: evaluation was disabled or has not run."]
+    lines = [
+        f"Test accuracy (mean ± std over {len(results.plan.label_seeds)} label seeds; random-init rows also over "
+        f"init seeds). Labels come only from consented samples: {results.num_consented_train} of "
+        f"{results.num_train} train examples, {results.num_test} test examples. Every row uses the same label "
+        f"subsets.",
+        "",
+        results.markdown_table(),
+    ]
+    if results.evaluated_fractions():
+        plot_label_efficiency(results, run.run_dir / LABEL_EFFICIENCY_PLOT)
+        lines += ["", f"![label efficiency]({LABEL_EFFICIENCY_PLOT})"]
+    verdict = pretraining_verdict(results)
+    if verdict:
+        lines += [
+            "",
+            "### What pretraining added",
+            "",
+            "Measured against a randomly initialised encoder of the same shape, read out the same way on the "
+            "same label subsets; a gain the random encoder also gets is not credited to pretraining.",
+            "",
+            *(f"- {sentence}" for sentence in verdict),
+        ]
+    return lines
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report.md and its PNG plots into `run_dir`; returns the report path."""
+    run = load_run(Path(run_dir))
+    plot_pretext_loss(run.site_rounds, run.rounds, run.run_dir / PRETEXT_PLOT)
+    plot_epsilon(run.site_rounds, run.run_dir / EPSILON_PLOT)
+    lines = [
+        f"# fedssl run report: {run.run_name}",
+        "",
+        "## Run summary",
+        "",
+        *_run_summary(run),
+        "",
+        "## Privacy spend per site",
+        "",
+        *_epsilon_table(run),
+        *_failure_lines(run),
+        "",
+        f"![epsilon per round]({EPSILON_PLOT})",
+        "",
+        "## Pretext training",
+        "",
+        f"![pretext loss]({PRETEXT_PLOT})",
+        "",
+        "## Label efficiency",
+        "",
+        *_evaluation_section(run),
+        "",
+        "## Privacy statement",
+        "",
+        privacy_statement(run.config),
+        "",
+    ]
+    path = run.run_dir / REPORT_FILE
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def _gain_mark(gain: Gain) -> str:
+    if not gain.spread_known:
+        return " 1s"
+    return " ns" if gain.within_spread else ""
+
+
+def _terminal_evaluation(results: EvalResults) -> list[str]:
+    fractions = results.evaluated_fractions()
+    lines = [f"{'accuracy':<{NAME_WIDTH}}" + "".join(f"{format_fraction(f):>{CELL_WIDTH}}" for f in fractions)]
+    for row in results.rows:
+        cells = [results.cell(row, f) for f in fractions]
+        lines.append(f"{row:<{NAME_WIDTH}}" + "".join(f"{f'{c.mean:.3f}±{c.std:.3f}':>{CELL_WIDTH}}" for c in cells))
+    for readout, gains in _pretraining_gains(results).items():
+        cells = [f"{g.delta:+.3f}{_gain_mark(g)}" for g in gains]
+        lines.append(f"{f'pretraining gain ({readout})':<{NAME_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+    lines += results.skip_notes()
+    return lines + ["gain = pretrained minus random-init control; ns = within the seed spread, 1s = single seed: "
+                    "neither is a measurable gain"]
+
+
+def _fixed_width(cells: list[str]) -> str:
+    return "  ".join(f"{cell:>{width}}" for cell, width in zip(cells, SITE_COLUMN_WIDTHS)) + f"  {cells[-1]}"
+
+
+def terminal_summary(run_dir: Path) -> str:
+    """A short fixed-width summary for the end of a CLI run."""
+    run = load_run(Path(run_dir))
+    lines = [
+        f"run {run.run_name}: {len(run.site_ids)} sites, {len(run.rounds)} rounds, wall {_wall_time(run)}",
+        _fixed_width(["site", "rounds", "eps", "budget", "used", "status"]),
+    ]
+    lines += [_fixed_width([*_budget_cells(site), site.last_status]) for site in site_budgets(run.site_rounds)]
+    if run.failures:
+        lines.append(f"{len(run.failures)} failed site replies (see report.md)")
+    if run.evaluation is not None:
+        lines += _terminal_evaluation(run.evaluation)
+    return "\n".join(lines)
