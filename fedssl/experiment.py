@@ -114,7 +114,15 @@ def site_settings(config: ExperimentConfig, run_dir: Path, site_id: int) -> Site
 def simulated_site(config_path: str, run_dir: str, site_id: int) -> tuple[SiteDataset, SiteSettings]:
     """Site ``site_id``'s unlabelled rows and its settings; cached per worker process."""
     config, parts = _cached_partitions(config_path)
+    return _site_from_parts(config, parts, Path(run_dir), site_id)
+
+
+def simulated_site_from_config(config: ExperimentConfig, site_id: int, run_dir: Path | None = None) -> tuple[SiteDataset, SiteSettings]:
+    return _site_from_parts(config, site_partitions(config), run_dir or config.run_dir(), site_id)
+
+
+def _site_from_parts(config: ExperimentConfig, parts: list[np.ndarray], run_dir: Path, site_id: int) -> tuple[SiteDataset, SiteSettings]:
     if not 0 <= site_id < len(parts):
         raise ConfigError(f"partition-id {site_id} out of range: the config has federation.num_sites={len(parts)}")
     data = central_data_for(config)
-    return make_site_dataset(data.train, parts[site_id]), site_settings(config, Path(run_dir), site_id)
+    return make_site_dataset(data.train, parts[site_id]), site_settings(config, run_dir, site_id)

@@ -3,8 +3,8 @@
 Order of a DP round at a site (write-ahead, so a crash can only over-count ε):
 1. ``SiteBudget.open`` loads the accountant (rebuilding it from the signed ledger if the
    file was lost; refusing if neither agrees),
-2. ``charge`` checks that the round fits the budget, appends the round's steps to the
-   accountant file and a signed ``dp_event`` to the ledger — both fsynced,
+2. ``charge`` checks that the round fits the budget, appends a signed ``dp_event`` to the
+   ledger and then the round's steps to the accountant file — both fsynced,
 3. only then does training start and, later, anything leave the site.
 A round that does not fit is refused: a ``refusal`` ledger record and a
 ``BudgetExhaustedError``. Nothing is ever trained without noise instead.
@@ -154,8 +154,10 @@ class SiteBudget:
             )
             raise BudgetExhaustedError(f"site refuses to train: {reason}")
         event: Event = (mech.noise_multiplier, float(sample_rate), int(steps))
-        self.state.history.append(event)
-        save_accountant(self.state_dir, self.state)
+        # The ledger first: it is the write-ahead log accountant.json is checked against and
+        # rebuilt from. A crash between the two writes then leaves accountant.json one event
+        # behind, which ``open`` replays from the ledger. The other order left the ledger behind
+        # for good, and a later rebuild from it under-counted the crashed round.
         record = self.ledger.append(
             "dp_event",
             {
@@ -172,6 +174,8 @@ class SiteBudget:
                 "status": "charged",
             },
         )
+        self.state.history.append(event)
+        save_accountant(self.state_dir, self.state)
         return Charge(mech.noise_multiplier, float(sample_rate), int(steps), after, int(record["seq"]))
 
 
@@ -219,8 +223,15 @@ def _reconcile(state_dir: Path, state: AccountantState, ledger_history: list[Eve
         save_accountant(state_dir, state)
         ledger.append("recovery", {"reason": "accountant.json behind the ledger; replayed ledger events", "steps": state.steps})
         return state
-    if ledger_history == ours[: len(ledger_history)]:
+    if ledger_history == ours:
         return state
+    if ledger_history == ours[: len(ledger_history)]:
+        # The ledger is written first, so the accountant file can only be ahead of it by
+        # tampering (or a pre-write-ahead state dir): refuse rather than trust it.
+        raise PrivacyError(
+            f"{state_dir}: accountant.json records {len(ours) - len(ledger_history)} DP event(s) the signed ledger lacks; "
+            "refusing to train. Run `fedssl audit` on this directory and restore the state from backup"
+        )
     raise PrivacyError(
         f"{state_dir}: accountant.json and ledger.jsonl disagree on the DP history; refusing to train. "
         "Run `fedssl audit` on this directory to find the tampered or corrupted file"

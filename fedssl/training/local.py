@@ -11,6 +11,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 STATUS_TRAINED = "trained"
 STATUS_REFUSED = "refused"
 OPACUS_PREFIX = "_module."
+ENCODER_PREFIX = "encoder."
+SITE_PARTS_FILE = "pretext_head.pt"
 
 
 @dataclass(frozen=True)
@@ -96,14 +100,17 @@ def train_round(
     if site.privacy.enabled:
         require_dp_compatible(get_pretext(plan.pretext, plan.pretext_params))
     model = build_pretext_model(plan, dataset.input_shape, global_encoder)
+    restore_site_parts(model, site.state_dir)
     model.to(device)
 
     if not site.privacy.enabled:
         loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
         optimizer = _make_optimizer(plan, model)
-        return _run_steps(model, model, optimizer, loader, plan, device, len(dataset), RoundResult(
+        result = _run_steps(model, model, optimizer, loader, plan, device, len(dataset), RoundResult(
             status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset)
         ))
+        save_site_parts(model, site.state_dir)
+        return result
 
     budget = SiteBudget.open(site.state_dir, site.privacy.budget_spec(), key_path=site.key_path)
     sample_rate = poisson_sample_rate(len(dataset), plan.batch_size)
@@ -133,7 +140,11 @@ def train_round(
         private_model, private_optimizer, private_loader = engine.make_private(
             module=model,
             optimizer=optimizer,
-            data_loader=DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size),
+            # Poisson sampling and noise from OS entropy, not from the plan's seed: the server knows
+            # the seed, the round and the site id, and could otherwise regenerate the noise and
+            # subtract it from the update (Opacus' secure_mode would need torchcsprng).
+            data_loader=DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, generator=_entropy_generator("cpu")),
+            noise_generator=_entropy_generator(device),
             noise_multiplier=charge.noise_multiplier,
             max_grad_norm=mechanism.max_grad_norm,
             poisson_sampling=True,
@@ -160,7 +171,46 @@ def train_round(
     expected = [(charge.noise_multiplier, charge.sample_rate, charge.steps)]
     if [(round(s, 9), round(q, 9), n) for s, q, n in taken] != [(round(s, 9), round(q, 9), n) for s, q, n in expected]:
         raise RuntimeError(f"DP steps taken {taken} differ from the steps charged {expected}; refusing to release the update")
+    save_site_parts(model, site.state_dir)
     return result
+
+
+def _site_parts_path(state_dir: Path) -> Path:
+    return Path(state_dir) / SITE_PARTS_FILE
+
+
+def save_site_parts(model: PretextModel, state_dir: Path) -> None:
+    """Keep the pretext head (and predictor / EMA target) on the site between rounds.
+
+    They never leave the site; under DP they are post-processing of noised updates, so
+    keeping them costs no privacy — and re-initialising them every round wastes the
+    round's first steps on re-learning the head.
+    """
+    parts = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(ENCODER_PREFIX)}
+    path = _site_parts_path(state_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(parts, tmp)
+    os.replace(tmp, path)
+
+
+def restore_site_parts(model: PretextModel, state_dir: Path) -> bool:
+    """Load the site's saved head if it fits this model (a changed pretext starts fresh)."""
+    path = _site_parts_path(state_dir)
+    if not path.exists():
+        return False
+    saved = torch.load(path, weights_only=True)
+    current = {k: v for k, v in model.state_dict().items() if not k.startswith(ENCODER_PREFIX)}
+    if set(saved) != set(current) or any(saved[k].shape != current[k].shape for k in current):
+        log.warning("%s: saved pretext head does not fit the current pretext; starting a fresh head", path)
+        return False
+    model.load_state_dict({**model.state_dict(), **saved})
+    return True
+
+
+def _entropy_generator(device: torch.device | str) -> torch.Generator:
+    """A generator seeded from the OS's entropy pool, unknown to anyone outside this process."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def poisson_sample_rate(num_samples: int, batch_size: int) -> float:

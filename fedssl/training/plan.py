@@ -74,5 +74,25 @@ class TrainPlan:
         return TrainPlan(**{**asdict(self), "server_round": server_round})
 
 
+def plan_from_config(config, run_id: str) -> TrainPlan:
+    """The plan the coordinator sends, from an ``ExperimentConfig`` (round 1)."""
+    return TrainPlan(
+        run_id=run_id,
+        server_round=1,
+        planned_rounds=config.federation.rounds,
+        pretext=config.pretext.name,
+        pretext_params=dict(config.pretext.params),
+        encoder=config.model.encoder,
+        width=config.model.width,
+        depth=config.model.depth,
+        local_steps=config.training.local_steps,
+        batch_size=config.training.batch_size,
+        lr=config.training.lr,
+        optimizer=config.training.optimizer,
+        momentum=config.training.momentum,
+        seed=config.run.seed,
+    )
+
+
 def _wire_key(name: str) -> str:
     return name.replace("_", "-")

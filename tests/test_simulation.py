@@ -1,0 +1,99 @@
+"""End to end: `fedssl simulate` runs a real 2-site x 2-round Flower simulation, evaluates and reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedssl.models import build_encoder, encoder_state_keys
+from fedssl.privacy.analysis import epsilon_of
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
+TARGET_EPSILON = 8.0  # digits-tiny includes privacy/eps8.yaml
+
+
+class Run:
+    def __init__(self, root: Path) -> None:
+        self.output_dir = root / "runs"
+        self.done = subprocess.run(
+            [str(Path(sys.executable).parent / "fedssl"), "simulate", str(TINY), "--set", f"run.output_dir={self.output_dir}", "--overwrite"],
+            capture_output=True, text=True, timeout=900, cwd=ROOT,
+        )
+        self.dir = self.output_dir / "digits-tiny"
+
+    def records(self, kind: str) -> list[dict]:
+        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, filter(None, lines)) if r["kind"] == kind]
+
+    def site_epsilons(self) -> dict[int, list[float]]:
+        by_site: dict[int, list[tuple[int, float]]] = {}
+        for r in self.records("site_round"):
+            by_site.setdefault(r["site_id"], []).append((r["round"], r["epsilon"]))
+        return {site: [eps for _, eps in sorted(rounds)] for site, rounds in by_site.items()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Run:
+    return Run(tmp_path_factory.mktemp("simulate"))
+
+
+def test_simulate_exits_0_and_writes_the_run(run):
+    assert run.done.returncode == 0, run.done.stderr[-3000:] + run.done.stdout[-3000:]
+    assert "Traceback" not in run.done.stderr
+    for name in ("config.yaml", "metrics.jsonl", "encoder.pt", "server_done.json", "report.md", "evaluation.json"):
+        assert (run.dir / name).is_file(), name
+    assert "report written" in run.done.stdout
+    assert (run.dir / "report.md").read_text().strip()
+
+
+def test_two_sites_trained_two_rounds(run):
+    sites = run.records("site_round")
+    assert sorted((r["site_id"], r["round"], r["status"]) for r in sites) == [
+        (0, 1, "trained"), (0, 2, "trained"), (1, 1, "trained"), (1, 2, "trained")
+    ]
+    rounds = run.records("round")
+    assert [(r["round"], r["num_trained"]) for r in rounds] == [(1, 2), (2, 2)]
+
+
+def test_epsilon_grows_per_site_and_stays_within_budget(run):
+    for site, (eps1, eps2) in run.site_epsilons().items():
+        assert 0 < eps1 < eps2 <= TARGET_EPSILON, site
+        assert eps2 >= TARGET_EPSILON - 0.01, site  # the plan is calibrated to spend the budget
+    for r in run.records("round"):
+        same_round = [s["epsilon"] for s in run.records("site_round") if s["round"] == r["round"]]
+        assert r["max_epsilon"] == max(same_round)
+
+
+def test_final_encoder_has_exactly_the_encoders_keys(run):
+    config = yaml.safe_load((run.dir / "config.yaml").read_text())
+    m = config["model"]
+    assert m["input_shape"] == [1, 8, 8]  # resolved from the data and saved for the server
+    expected = encoder_state_keys(build_encoder(m["encoder"], m["input_shape"], width=m["width"], depth=m["depth"]))
+    state = torch.load(run.dir / "encoder.pt", weights_only=True)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    initial = build_encoder(m["encoder"], m["input_shape"], width=m["width"], depth=m["depth"], seed=config["run"]["seed"]).state_dict()
+    assert any(not torch.equal(state[k], initial[k]) for k in expected)  # the federation changed it
+
+
+def test_each_site_state_matches_what_the_server_recorded(run):
+    last = {site: epsilons[-1] for site, epsilons in run.site_epsilons().items()}
+    delta = yaml.safe_load((run.dir / "config.yaml").read_text())["privacy"]["delta"]
+    for site in (0, 1):
+        state_dir = run.dir / "sites" / f"site-{site:03d}"
+        assert (state_dir / "ledger.jsonl").is_file() and (state_dir / "accountant.json").is_file()
+        state = json.loads((state_dir / "accountant.json").read_text())
+        assert len(state["history"]) == 2
+        assert epsilon_of([tuple(e) for e in state["history"]], delta) == pytest.approx(last[site], rel=1e-9)
+        ledger = [json.loads(line) for line in (state_dir / "ledger.jsonl").read_text().splitlines() if line.strip()]
+        events = [r["body"] for r in ledger if r["kind"] == "dp_event"]
+        assert [e["round"] for e in events] == [1, 2]
+        assert events[-1]["epsilon_after"] == pytest.approx(last[site], rel=1e-12)
