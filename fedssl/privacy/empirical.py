@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import beta
+from sklearn.metrics import roc_auc_score
 
 from fedssl.config import ExperimentConfig
 from fedssl.data.dataset import SiteDataset
@@ -51,6 +52,7 @@ class EmpiricalAudit:
     threshold: float
     member_score_mean: float
     nonmember_score_mean: float
+    auc: float  # attack ROC AUC over all canaries: 0.5 = no signal (diagnostic, not a bound)
     rounds: int
     steps_per_round: int
 
@@ -64,7 +66,7 @@ class EmpiricalAudit:
             verdict = " OK (below the claim)" if self.epsilon_lower_bound <= self.claimed_epsilon else " VIOLATION (above the claim)"
         return (
             f"empirical eps lower bound {self.epsilon_lower_bound:.3f} at {self.confidence:.0%} confidence "
-            f"({self.num_canaries} canaries, TPR {self.tpr:.2f} / FPR {self.fpr:.2f}); {claim}{verdict}"
+            f"({self.num_canaries} canaries, TPR {self.tpr:.2f} / FPR {self.fpr:.2f}, attack AUC {self.auc:.2f}); {claim}{verdict}"
         )
 
 
@@ -131,6 +133,7 @@ def run_empirical_audit(
     *,
     num_canaries: int = 200,
     site_id: int = 0,
+    max_site_samples: int | None = None,
     confidence: float = 0.95,
     score_repeats: int = 16,
     work_dir: Path | None = None,
@@ -140,6 +143,10 @@ def run_empirical_audit(
     say = progress or (lambda _msg: None)
     dataset, settings = simulated_site_from_config(config, site_id)
     rng = np.random.default_rng(config.run.seed + 7919)
+    if max_site_samples is not None and len(dataset) > max_site_samples:
+        # A smaller site visits each canary more often: the strongest setting for the attack
+        # that the site's own mechanism (sigma calibrated for its real sample rate) allows.
+        dataset = dataset.subset(np.sort(rng.permutation(len(dataset))[:max_site_samples]))
     canaries = make_canaries(num_canaries, dataset.input_shape, config.run.seed + 104729)
     is_member = np.zeros(num_canaries, dtype=bool)
     is_member[rng.permutation(num_canaries)[: num_canaries // 2]] = True
@@ -152,24 +159,30 @@ def run_empirical_audit(
     own_dir = work_dir is None
     state_root = Path(tempfile.mkdtemp(prefix="fedssl-audit-")) if own_dir else Path(work_dir)
     try:
-        settings = replace(settings, state_dir=state_root / f"site-{site_id:03d}")
-        m = config.model
-        encoder = build_encoder(m.encoder, dataset.input_shape, width=m.width, depth=m.depth, seed=config.run.seed)
-        plan = plan_from_config(config, run_id="empirical-audit")
-        state = encoder.state_dict()
-        for server_round in range(1, config.federation.rounds + 1):
-            result = train_round(train_set, state, plan.with_round(server_round), settings)
-            if result.encoder_state is None:
-                raise RuntimeError(f"audit training stopped at round {server_round}: {result.reason}")
-            state = result.encoder_state
-            say(f"audit training round {server_round}/{config.federation.rounds}")
-        model = build_pretext_model(plan, dataset.input_shape, state)
-        restore_site_parts(model, settings.state_dir)
-        scores = _canary_scores(model, canaries, score_repeats, seed=config.run.seed)
+        scores = _train_and_score(config, train_set, settings, canaries, state_root, score_repeats, say)
     finally:
         if own_dir:
             shutil.rmtree(state_root, ignore_errors=True)
     return _attack(scores, is_member, config, confidence, rng)
+
+
+def _train_and_score(config: ExperimentConfig, train_set: SiteDataset, settings: SiteSettings, canaries: torch.Tensor,
+                     state_dir: Path, score_repeats: int, say) -> np.ndarray:
+    """All planned rounds of the site's real training code, then each canary's loss."""
+    settings = replace(settings, state_dir=state_dir)
+    m = config.model
+    encoder = build_encoder(m.encoder, train_set.input_shape, width=m.width, depth=m.depth, seed=config.run.seed)
+    plan = plan_from_config(config, run_id="empirical-audit")
+    state = encoder.state_dict()
+    for server_round in range(1, config.federation.rounds + 1):
+        result = train_round(train_set, state, plan.with_round(server_round), settings)
+        if result.encoder_state is None:
+            raise RuntimeError(f"audit training stopped at round {server_round}: {result.reason}")
+        state = result.encoder_state
+        say(f"audit training round {server_round}/{config.federation.rounds}")
+    model = build_pretext_model(plan, train_set.input_shape, state)
+    restore_site_parts(model, settings.state_dir)
+    return _canary_scores(model, canaries, score_repeats, seed=config.run.seed)
 
 
 def _attack(scores: np.ndarray, is_member: np.ndarray, config: ExperimentConfig, confidence: float,
@@ -193,6 +206,7 @@ def _attack(scores: np.ndarray, is_member: np.ndarray, config: ExperimentConfig,
         threshold=t,
         member_score_mean=float(scores[is_member].mean()),
         nonmember_score_mean=float(scores[~is_member].mean()),
+        auc=float(roc_auc_score(is_member, -scores)),
         rounds=config.federation.rounds,
         steps_per_round=config.training.local_steps,
     )
@@ -216,6 +230,7 @@ def empirical_main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--canaries", type=int, default=200, help="number of canaries (half inserted); default 200")
     parser.add_argument("--site", type=int, default=0, help="which simulated site gets the canaries")
+    parser.add_argument("--max-site-samples", type=int, default=None, help="keep at most this many real samples at the audited site")
     parser.add_argument("--with-baseline", action="store_true", help="also run with DP off to show the attack is not vacuous")
     parser.add_argument("--json", action="store_true")
     try:
@@ -228,7 +243,8 @@ def empirical_main(argv: list[str]) -> int:
         if args.with_baseline:
             variants.append(load_config(args.config, [*args.set, "privacy.enabled=false"]))
         results = [
-            run_empirical_audit(c, num_canaries=args.canaries, site_id=args.site, progress=lambda m: print(m, file=sys.stderr))
+            run_empirical_audit(c, num_canaries=args.canaries, site_id=args.site, max_site_samples=args.max_site_samples,
+                                progress=lambda m: print(m, file=sys.stderr))
             for c in variants
         ]
     except FedSSLError as err:
