@@ -6,6 +6,7 @@ shape Opacus keeps in ``accountant.history``; composing it gives the site's ε.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from opacus.accountants import create_accountant
@@ -27,11 +28,39 @@ def epsilon_of(history: Sequence[Event], delta: float, accountant: str = "rdp") 
     _check_accountant(accountant)
     if not history:
         return 0.0
+    if accountant == "rdp":
+        return _rdp_epsilon(tuple((float(s), float(q), int(n)) for s, q, n in history), float(delta))
     acc = create_accountant(accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
     return float(acc.get_epsilon(delta=delta))
 
 
+@functools.lru_cache(maxsize=4096)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float):
+    """RDP of one Poisson-subsampled Gaussian step at Opacus' default orders (read-only array).
+
+    Opacus' ``compute_rdp(q, sigma, steps, orders)`` is this vector times ``steps``; computing it
+    once per (σ, q) instead of on every ``get_epsilon`` call removes ~0.4 s per call.
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS)
+    rdp.setflags(write=False)
+    return rdp
+
+
+def _rdp_epsilon(history: tuple[Event, ...], delta: float) -> float:
+    """Exactly what ``RDPAccountant.get_epsilon`` computes (same sums in the same order), cached per (σ, q)."""
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+    from opacus.accountants.rdp import RDPAccountant
+
+    rdp = sum(_rdp_per_step(q, s) * n for s, q, n in history)
+    eps, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+@functools.lru_cache(maxsize=256)
 def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str = "rdp"
 ) -> float:
