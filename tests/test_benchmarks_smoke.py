@@ -1,0 +1,59 @@
+"""Smoke test: every benchmark's --quick mode runs to completion and writes its JSON.
+
+Crash check only: the numbers of a --quick run mean nothing and are not asserted. The
+benchmarks themselves are never part of the timed suite; this runs their tiny modes
+(~1-2 minutes in total on 2 cores) and is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+OURS = ["communication", "dp_overhead", "federation_overhead", "scale", "learning"]
+
+
+def _run(args: list[str], out: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FEDSSL_BENCH_OUT=str(out), PYTHONWARNINGS="ignore")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OURS)
+def test_quick_mode_runs(name, tmp_path):
+    proc = _run([str(BENCH / f"{name}.py"), "--quick"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(tmp_path.glob("*.json"))
+    assert written, f"{name} --quick wrote no result file"
+    for path in written:
+        record = json.loads(path.read_text())
+        assert record["quick"] is True and record["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_summary_renders_from_quick_results(tmp_path):
+    """summarize.py turns whatever results exist into SUMMARY.md without running anything."""
+    assert _run([str(BENCH / "communication.py"), "--quick"], tmp_path).returncode == 0
+    proc = _run([str(BENCH / "summarize.py"), str(tmp_path)], tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "SUMMARY.md").read_text()
+    assert "Communication" in text and "upload" in text
+
+
+@pytest.mark.slow
+def test_fast_accounting_is_bit_identical_to_opacus():
+    """The accounting speed-up the benchmarks use (and propose) changes no epsilon."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _fast_accounting
+    finally:
+        sys.path.remove(str(BENCH))
+    assert _fast_accounting.check_identical()["max_rel_diff_vs_opacus"] == 0.0
