@@ -1,5 +1,8 @@
 """Flower ServerApp: FedAvg over the encoder only, per-site ε records, checkpoint each round.
 
+With ``secure_aggregation.enabled`` the rounds run on Flower's SecAgg+ workflow instead
+(server/secagg_app.py); ``site_dp.enabled`` wraps either path in Flower's DP wrappers (server/site_dp.py).
+
 Never imports data loading or DP training: the server builds the initial encoder from
 the same factory as the sites (so keys match) and otherwise only moves weights.
 """
@@ -19,8 +22,9 @@ from fedssl.models import build_encoder
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.runlog import RunLog
 from fedssl.sites import RUN_CONFIG_PATH, RUN_DIR
-from fedssl.training.plan import TrainPlan
-from server.strategy import FedSSLAvg
+from fedssl.training.plan import plan_from_config
+from fedssl.warmstart import WARM_START_FILE, load_warm_start
+from server.site_dp import message_strategy
 
 FINAL_ENCODER = "encoder.pt"
 LATEST_ENCODER = "encoder_latest.pt"
@@ -36,43 +40,40 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     encoder = build_encoder(config.model.encoder, config.model.input_shape, width=config.model.width,
                             depth=config.model.depth, seed=config.run.seed)
-    plan = TrainPlan(
-        run_id=str(context.run_id),
-        server_round=1,
-        planned_rounds=config.federation.rounds,
-        pretext=config.pretext.name,
-        pretext_params=config.pretext.params,
-        encoder=config.model.encoder,
-        width=config.model.width,
-        depth=config.model.depth,
-        local_steps=config.training.local_steps,
-        batch_size=config.training.batch_size,
-        lr=config.training.lr,
-        optimizer=config.training.optimizer,
-        momentum=config.training.momentum,
-        seed=config.run.seed,
-    )
+    if config.warm_start.enabled:
+        # Written by the CLI before the run (fedssl.warmstart.prepare_warm_start); checked against this encoder.
+        load_warm_start(run_dir / WARM_START_FILE, encoder)
+    plan = plan_from_config(config, run_id=str(context.run_id))
     fed = config.federation
-    strategy = FedSSLAvg(
-        run_log=RunLog(run_dir),
-        server_ledger=ServerLedger(run_dir),
-        num_rounds=fed.rounds,
-        fraction_train=fed.fraction_train,
-        fraction_evaluate=0.0,
-        min_train_nodes=fed.min_sites,
-        min_available_nodes=fed.min_sites,
-    )
 
     def checkpoint(server_round: int, arrays: ArrayRecord):
         torch.save(arrays.to_torch_state_dict(), run_dir / LATEST_ENCODER)
         return None
 
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=ArrayRecord(encoder.state_dict()),
-        num_rounds=fed.rounds,
-        train_config=ConfigRecord(plan.to_wire()),
-        evaluate_fn=checkpoint,
-    )
-    torch.save(result.arrays.to_torch_state_dict(), run_dir / FINAL_ENCODER)
+    if config.secure_aggregation.enabled:  # Flower's SecAgg+ runs on its legacy workflow: server/secagg_app.py
+        from server.secagg_app import run_secure_aggregation
+
+        final = run_secure_aggregation(grid, context, config, plan, encoder.state_dict(), run_dir,
+                                       checkpoint=lambda rnd, state: torch.save(state, run_dir / LATEST_ENCODER))
+    else:
+        strategy = message_strategy(  # FedSSLAvg, or Flower's DP wrapper around it (server/site_dp.py)
+            config,
+            run_dir,
+            run_log=RunLog(run_dir),
+            server_ledger=ServerLedger(run_dir),
+            num_rounds=fed.rounds,
+            fraction_train=fed.fraction_train,
+            fraction_evaluate=0.0,
+            min_train_nodes=fed.min_sites,
+            min_available_nodes=fed.min_sites,
+        )
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(encoder.state_dict()),
+            num_rounds=fed.rounds,
+            train_config=ConfigRecord(plan.to_wire()),
+            evaluate_fn=checkpoint,
+        )
+        final = result.arrays.to_torch_state_dict()
+    torch.save(final, run_dir / FINAL_ENCODER)
     (run_dir / SERVER_DONE).write_text(json.dumps({"run_id": context.run_id, "rounds": fed.rounds, "seconds": time.time() - started}))

@@ -35,13 +35,20 @@ def aggregate_site_metrics(records: list[RecordDict], weighted_by_key: str) -> M
     return MetricRecord(
         {
             keys.NUM_EXAMPLES: total,
-            keys.EPSILON: max(float(m[keys.EPSILON]) for m in metrics),
+            keys.EPSILON: max(_site_epsilon(m) for m in metrics),
             keys.PRETEXT_LOSS: loss,
         }
     )
 
 
+def _site_epsilon(metrics: MetricRecord) -> float:
+    """A site without DP sends ε = -1 (a sentinel) with dp-enabled = 0: its ε is unbounded, not -1."""
+    return float(metrics[keys.EPSILON]) if int(metrics.get(keys.DP_ENABLED, 1)) else math.inf
+
+
 class FedSSLAvg(FedAvg):
+    aggregation = "fedavg"  # recorded in the server ledger: how the server combined the updates
+
     def __init__(self, *, run_log: RunLog, server_ledger: ServerLedger, num_rounds: int, **kwargs) -> None:
         super().__init__(train_metrics_aggr_fn=aggregate_site_metrics, **kwargs)
         self.run_log = run_log
@@ -72,9 +79,17 @@ class FedSSLAvg(FedAvg):
             self._record_site(server_round, report)
             if report.status == "trained" and keys.ARRAYS in msg.content:
                 trained.append(msg)
-        arrays, metrics = super().aggregate_train(server_round, trained) if trained else (None, None)
+        arrays, metrics = self.average(server_round, trained) if trained else (None, None)
         self._record_round(server_round, reports)
         return arrays, metrics
+
+    def average(self, server_round: int, trained: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Combine the trained replies: example-weighted FedAvg (server/site_dp.py overrides it)."""
+        return super().aggregate_train(server_round, trained)
+
+    def round_report_extra(self, server_round: int) -> dict:
+        """Extra fields for this round's server-ledger reports (site-level DP adds its ε)."""
+        return {}
 
     def _record_site(self, server_round: int, report: SiteReport) -> None:
         self.run_log.append(
@@ -100,7 +115,8 @@ class FedSSLAvg(FedAvg):
                 "epsilon": report.epsilon if math.isfinite(report.epsilon) else None,
                 "ledger_seq": report.ledger_seq,
                 "status": report.status,
-                "aggregation": "fedavg",
+                "aggregation": self.aggregation,
+                **self.round_report_extra(server_round),
             },
         )
         if report.status == "refused":
@@ -114,7 +130,8 @@ class FedSSLAvg(FedAvg):
     def _record_round(self, server_round: int, reports: list[SiteReport]) -> None:
         trained = [r for r in reports if r.status == "trained"]
         losses = [r.pretext_loss for r in trained if math.isfinite(r.pretext_loss)]
-        epsilons = [r.epsilon for r in reports if r.status == "trained"]
+        # A refused site reports what it has already spent: it still bounds the federation.
+        epsilons = [r.epsilon for r in reports]
         max_eps = max(epsilons) if epsilons else math.nan
         mean_loss = sum(losses) / len(losses) if losses else math.nan
         seconds = time.perf_counter() - self._round_started

@@ -10,6 +10,11 @@ ARRAYS = "arrays"  # ArrayRecord: the encoder's state dict, nothing else
 CONFIG = "config"  # ConfigRecord: the TrainPlan (server -> site only)
 METRICS = "metrics"  # MetricRecord: whitelisted scalars (site -> server)
 
+# Train-config entries for the SecAgg+ path only (server -> site): how a site weights its masked update.
+SECAGG_WEIGHTING = "secagg-weighting"  # "examples" (FedAvg, capped at SECAGG_MAX_WEIGHT) | "uniform" (site-level DP)
+SECAGG_MAX_WEIGHT = "secagg-max-weight"
+SECAGG_WEIGHTINGS = ("examples", "uniform")
+
 # Metric names (site -> server). Scalars only; none is per-sample.
 NUM_EXAMPLES = "num-examples"  # FedAvg weighting
 EPSILON = "epsilon"

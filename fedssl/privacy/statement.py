@@ -19,7 +19,8 @@ OPACUS_SECURE_RNG_CAVEAT = (
 
 def _site_line(site: Mapping[str, Any]) -> str:
     epsilon = site.get("epsilon")
-    spent = "no DP training recorded" if epsilon is None else f"ε = {float(epsilon):.3f}, δ = {float(site['delta']):g}"
+    delta = "δ not recorded" if site.get("delta") is None else f"δ = {float(site['delta']):g}"
+    spent = "no DP training recorded" if epsilon is None else f"ε = {float(epsilon):.3f}, {delta}"
     accountant = f" ({site['accountant']} accountant)" if site.get("accountant") else ""
     return f"- {site['site_id']}: {spent}{accountant}"
 
@@ -30,8 +31,9 @@ def _secure_aggregation_line(secure_aggregation: bool | None) -> str:
     if secure_aggregation:
         return (
             "Secure aggregation (Flower's SecAgg+) hid individual sites' updates from the server: it received "
-            "only masked vectors and unmasked their sum, up to the protocol's collusion threshold. That is "
-            "confidentiality against the server, not an additional differential-privacy guarantee. Each site's "
+            "only masked vectors and unmasked their sum. That holds against a server that follows the protocol "
+            "(honest-but-curious) and colludes with fewer sites than the reconstruction threshold; it is "
+            "confidentiality, not an additional differential-privacy guarantee. Each site's "
             "scalar report (ε, status, example count or weight, loss, step count) still reached the server in the clear."
         )
     return "Without secure aggregation the server sees each site's (noised) update individually; the guarantee above holds against it too."
