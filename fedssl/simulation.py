@@ -52,6 +52,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OFFLINE_ENV)
     env["FLWR_HOME"] = str(flwr_home)
+    # `flwr run` starts `flower-superlink` from PATH: make it this interpreter's, so
+    # `.venv/bin/fedssl` works without an activated venv.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Workers must import fedssl, clients/ and server/ from this checkout.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
     return env

@@ -149,11 +149,12 @@ def test_run_without_dp_shows_no_epsilon(tmp_path: Path) -> None:
     assert "No differential privacy" in report
 
 
-def test_privacy_statement_names_scope_and_limits() -> None:
-    text = privacy_statement(CONFIG)
-    assert "sample-level" in text and "ε = 3.0" in text and "δ = 1e-05" in text
-    assert "Site-level membership is not protected" in text and "consented" in text
-    assert "No differential privacy" in privacy_statement({"privacy": {"enabled": False}})
+def test_privacy_statement_names_scope_and_limits(run_dir: Path) -> None:
+    text = privacy_statement(CONFIG, run_dir)
+    # Each site's own last epsilon (never an average), at the configured delta.
+    assert "sample-level" in text and "2.500" in text and "2.900" in text and "1e-05" in text
+    assert "no site-level (user-level) differential privacy" in text and "consented" in text
+    assert "No differential privacy" in privacy_statement({"privacy": {"enabled": False}}, run_dir)
 
 
 def test_single_seed_difference_is_never_called_a_gain() -> None:

@@ -1,41 +1,47 @@
-"""The report's plain-language privacy statement, derived from the resolved run config.
+"""The report's privacy statement: the same text `fedssl audit` prints, fed with this run's facts.
 
-Kept in one function so the privacy package can later extend it (e.g. with audit results)
-without touching the report layout.
+One statement serves both (fedssl.privacy.statement); here we only gather its inputs:
+each site's last reported ε, whether SecAgg+ hid individual updates and any site-level ε
+(from the server ledger), and what public data a warm start used.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from fedssl.privacy.site_level import run_privacy_facts
+from fedssl.privacy.statement import privacy_statement as canonical_statement
+from fedssl.runlog import KIND_SITE_ROUND, read_run_log
+from fedssl.warmstart import public_pretraining_description
 
-def privacy_statement(config: dict[str, Any]) -> str:
-    """What the run's differential-privacy guarantee covers, and what it does not."""
-    privacy = config.get("privacy", {}) if isinstance(config.get("privacy"), dict) else {}
+NO_DP = (
+    "**No differential privacy.** This run trained without DP-SGD (`privacy.enabled: false`): "
+    "the encoder updates sites sent carry no formal privacy guarantee, and any ε shown is not a bound."
+)
+
+
+def privacy_statement(config: dict[str, Any], run_dir: Path) -> str:
+    """What the run's guarantee covers and what it does not, without the statement's own heading."""
+    privacy = config.get("privacy") if isinstance(config.get("privacy"), dict) else {}
     if not privacy.get("enabled", True):
-        return (
-            "**No differential privacy.** This run trained without DP-SGD (`privacy.enabled: false`): "
-            "the encoder updates sites sent carry no formal privacy guarantee, and any ε shown is not a bound."
-        )
-    epsilon = privacy.get("target_epsilon", "?")
-    delta = privacy.get("delta", "?")
-    clip = privacy.get("max_grad_norm", "?")
-    accountant = privacy.get("accountant", "?")
-    return "\n\n".join(
-        [
-            f"**Guarantee.** Each site trains its encoder with DP-SGD (Opacus): every sample's gradient is "
-            f"clipped to norm {clip} and Gaussian noise is added, with spend tracked by the {accountant} "
-            f"accountant. The result is *sample-level* (ε, δ)-differential privacy *per site*, with target "
-            f"ε = {epsilon} and δ = {delta}: for any one sample, everything that site sends over the whole "
-            f"run is nearly as likely with or without that sample. Each site's ε is reported separately "
-            f"(the largest is the run's worst case; they are never averaged).",
-            "**Not covered.** Site-level membership is not protected: whether a site took part, and "
-            "properties of a site's data as a whole, may be inferable from its updates. A person who "
-            "contributes k samples to a site gets roughly k-fold weaker protection (group privacy). "
-            "Metrics a site reports next to its weights (pretext loss, example and step counts) are outside "
-            "the DP-SGD bound.",
-            "**Labels.** Sites never use labels. Labels are read only centrally, for evaluation, and only "
-            "for samples listed as consented in the consent manifest; evaluation accuracies are computed on "
-            "those consented samples without differential privacy.",
-        ]
+        return NO_DP
+    facts = run_privacy_facts(run_dir)
+    text = canonical_statement(
+        sample_level=_sample_level(run_dir, privacy),
+        site_level=facts["site_level"],
+        secure_aggregation=facts["secure_aggregation"],
+        public_pretraining=public_pretraining_description(run_dir),
     )
+    return text.removeprefix("## Privacy statement").lstrip("\n")
+
+
+def _sample_level(run_dir: Path, privacy: dict[str, Any]) -> list[dict[str, Any]]:
+    last: dict[int, float | None] = {}
+    for entry in read_run_log(run_dir):
+        if entry.get("kind") == KIND_SITE_ROUND and entry.get("site_id", -1) >= 0 and entry.get("status") != "failed":
+            last[int(entry["site_id"])] = entry.get("epsilon")
+    return [
+        {"site_id": site, "epsilon": eps, "delta": privacy.get("delta"), "accountant": privacy.get("accountant", "rdp")}
+        for site, eps in sorted(last.items())
+    ]

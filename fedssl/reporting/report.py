@@ -185,7 +185,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         "## Privacy statement",
         "",
-        privacy_statement(run.config),
+        privacy_statement(run.config, run.run_dir),
         "",
     ]
     path = run.run_dir / REPORT_FILE
