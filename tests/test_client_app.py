@@ -1,0 +1,267 @@
+"""The ClientApp, called directly with a real Flower Message and Context, and the server's metric aggregation.
+
+The site's data is a real .npy file in which every 10th row is a canary (one distinctive value
+everywhere); nothing in a reply may contain it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+
+import clients.client_app as client_app
+from fedssl.config import load_config, save_config
+from fedssl.data.loaders import load_digits_labeled
+from fedssl.experiment import central_data_for, simulated_site
+from fedssl.fl import keys
+from fedssl.fl.egress import EgressError
+from fedssl.models import build_encoder, encoder_state_keys
+from fedssl.privacy.analysis import epsilon_of
+from fedssl.runlog import read_run_log
+from fedssl.training.plan import TrainPlan
+from server.strategy import FedSSLAvg, aggregate_site_metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
+CANARY = np.float32(0.31415927)
+NUM_ROWS = 300
+SERVER_NODE, SITE_NODE = 0, 4242
+
+
+def train_message(arrays: dict[str, torch.Tensor], plan: TrainPlan) -> Message:
+    """A train instruction as the ServerApp sends it; built outside a run, so with explicit metadata."""
+    metadata = Metadata(
+        run_id=7,
+        message_id=uuid.uuid4().hex,
+        src_node_id=SERVER_NODE,
+        dst_node_id=SITE_NODE,
+        reply_to_message_id="",
+        group_id=str(plan.server_round),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    content = RecordDict({keys.ARRAYS: ArrayRecord(arrays), keys.CONFIG: ConfigRecord(plan.to_wire())})
+    return Message(content=content, metadata=metadata)
+
+
+def site_context(config_path: Path, run_dir: Path) -> Context:
+    return Context(
+        run_id=7,
+        node_id=SITE_NODE,
+        node_config={"partition-id": 0},
+        state=RecordDict(),
+        run_config={"config-path": str(config_path), "run-dir": str(run_dir)},
+    )
+
+
+class ClientSetup:
+    def __init__(self, root: Path) -> None:
+        inputs = load_digits_labeled()[0].inputs[:NUM_ROWS].numpy().copy()
+        inputs[::10] = CANARY
+        np.save(root / "site-data.npy", inputs)
+        config = load_config(
+            TINY,
+            [
+                f"data.source={root / 'site-data.npy'}",
+                "data.partition=iid",  # the .npy has no labels
+                "privacy.target_epsilon=1",
+                "training.local_steps=2",
+                f"run.output_dir={root}",
+            ],
+        )
+        # as `fedssl simulate` does: resolve the input shape from the data, save the resolved config
+        config.model.input_shape = list(central_data_for(config).train.input_shape)
+        self.config = config
+        self.run_dir = root / "run"
+        self.run_dir.mkdir()
+        self.config_path = self.run_dir / "config.yaml"
+        save_config(config, self.config_path)
+        self.encoder = build_encoder("cnn", config.model.input_shape, width=config.model.width, depth=config.model.depth, seed=0)
+        self.expected = encoder_state_keys(self.encoder)
+        m, t = config.model, config.training
+        self.plan = TrainPlan(
+            run_id="7", server_round=1, planned_rounds=config.federation.rounds, pretext=config.pretext.name,
+            encoder=m.encoder, width=m.width, depth=m.depth, local_steps=t.local_steps, batch_size=t.batch_size,
+            lr=t.lr, optimizer=t.optimizer, momentum=t.momentum, seed=config.run.seed,
+        )
+        self.site_data, _ = simulated_site(str(self.config_path), str(self.run_dir), 0)
+        self.message = train_message(self.encoder.state_dict(), self.plan)
+        self.reply = client_app.train(self.message, site_context(self.config_path, self.run_dir))
+
+    def copy_run_dir(self, target: Path) -> Path:
+        shutil.copytree(self.run_dir, target)
+        return target
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> ClientSetup:
+    return ClientSetup(tmp_path_factory.mktemp("client-app"))
+
+
+# ------------------------------------------------------------------ the reply
+
+
+def test_reply_answers_the_instruction(setup):
+    reply, sent = setup.reply, setup.message
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == sent.metadata.message_id
+    assert reply.metadata.dst_node_id == SERVER_NODE
+    assert reply.metadata.message_type == "train"
+
+
+def test_reply_holds_exactly_arrays_and_metrics(setup):
+    content = setup.reply.content
+    assert set(content.keys()) == {keys.ARRAYS, keys.METRICS}
+    assert isinstance(content[keys.ARRAYS], ArrayRecord)
+    assert isinstance(content[keys.METRICS], MetricRecord)
+
+
+def test_arrays_are_exactly_the_encoder(setup):
+    arrays = setup.reply.content[keys.ARRAYS]
+    assert {k: tuple(a.shape) for k, a in arrays.items()} == setup.expected
+    state = arrays.to_torch_state_dict()
+    assert sum(t.numel() for t in state.values()) == sum(t.numel() for t in setup.encoder.state_dict().values())
+    assert any(not torch.equal(state[k], v) for k, v in setup.encoder.state_dict().items())  # it trained
+
+
+def test_metrics_are_whitelisted_scalars(setup):
+    metrics = dict(setup.reply.content[keys.METRICS])
+    assert set(metrics) <= keys.ALLOWED_METRICS
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics[keys.STATUS] == keys.STATUS_CODES["trained"]
+    assert metrics[keys.NUM_EXAMPLES] == len(setup.site_data)
+    assert metrics[keys.SITE_ID] == 0 and metrics[keys.DP_ENABLED] == 1
+    assert metrics[keys.STEPS] == setup.config.training.local_steps
+    assert 0 < metrics[keys.EPSILON] < metrics[keys.TARGET_EPSILON] == 1.0
+    assert metrics[keys.DELTA] == setup.config.privacy.delta
+
+
+def test_reported_epsilon_is_the_sites_own_accountant(setup):
+    state = json.loads((setup.run_dir / "sites" / "site-000" / "accountant.json").read_text())
+    history = [tuple(e) for e in state["history"]]
+    assert len(history) == 1
+    eps = setup.reply.content[keys.METRICS][keys.EPSILON]
+    assert eps == pytest.approx(epsilon_of(history, setup.config.privacy.delta), rel=1e-12)
+
+
+def test_no_raw_data_leaves_the_site(setup):
+    rows = setup.site_data.inputs.flatten(1).numpy()
+    canary_rows = np.all(rows == CANARY, axis=1)
+    assert canary_rows.any(), "test setup: site 0 must hold canary rows"
+    row_len = rows.shape[1]
+    for name, array in setup.reply.content[keys.ARRAYS].items():
+        values = np.asarray(array.numpy(), dtype=np.float32).ravel()
+        assert not np.any(values == CANARY), f"{name} holds the canary value"
+        if values.size >= row_len:
+            windows = np.lib.stride_tricks.sliding_window_view(values, row_len)
+            hits = (windows[:, None, :] == rows[None, :, :]).all(axis=2)
+            assert not hits.any(), f"{name} contains a raw data row"
+    for name, value in setup.reply.content[keys.METRICS].items():
+        assert np.float32(value) != CANARY, name
+
+
+# ------------------------------------------------------------------ refusals and the guard in place
+
+
+def test_refusing_site_replies_without_arrays(setup, tmp_path):
+    """The site's own budget is lowered below round 2's cost: it answers, but sends no weights."""
+    run_dir = setup.copy_run_dir(tmp_path / "run")
+    eps1 = setup.reply.content[keys.METRICS][keys.EPSILON]
+    lowered = copy.deepcopy(setup.config)
+    lowered.privacy.target_epsilon = eps1 * 1.01
+    lowered_path = tmp_path / "lowered.yaml"
+    save_config(lowered, lowered_path)
+    message = train_message(setup.reply.content[keys.ARRAYS].to_torch_state_dict(), setup.plan.with_round(2))
+    reply = client_app.train(message, site_context(lowered_path, run_dir))
+    assert set(reply.content.keys()) == {keys.METRICS}
+    metrics = reply.content[keys.METRICS]
+    assert metrics[keys.STATUS] == keys.STATUS_CODES["refused"]
+    assert metrics[keys.EPSILON] == pytest.approx(eps1, rel=1e-12)
+    assert math.isnan(metrics[keys.PRETEXT_LOSS])
+
+
+def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
+    """If a reply ever carried more than the encoder (here: a smuggled head weight), the ClientApp refuses to send it."""
+    run_dir = setup.copy_run_dir(tmp_path / "run")
+    real = client_app.site_reply_records
+
+    def leaky(result, site_id, dp_enabled):
+        records = real(result, site_id, dp_enabled)
+        state = records[keys.ARRAYS].to_torch_state_dict()
+        state["head.weight"] = torch.zeros(4, 32)
+        records[keys.ARRAYS] = ArrayRecord(state)
+        return records
+
+    monkeypatch.setattr(client_app, "site_reply_records", leaky)
+    message = train_message(setup.reply.content[keys.ARRAYS].to_torch_state_dict(), setup.plan.with_round(2))
+    with pytest.raises(EgressError, match="head.weight"):
+        client_app.train(message, site_context(setup.config_path, run_dir))
+
+
+# ------------------------------------------------------------------ the server's side
+
+
+def metrics_record(epsilon: float, examples: int, loss: float, status: str = "trained", dp: bool = True) -> MetricRecord:
+    return MetricRecord({
+        keys.NUM_EXAMPLES: examples, keys.STATUS: keys.STATUS_CODES[status], keys.SITE_ID: examples,
+        keys.STEPS: 2, keys.EPSILON: epsilon, keys.TARGET_EPSILON: 8.0, keys.DELTA: 1e-5, keys.PRETEXT_LOSS: loss,
+        keys.TRAIN_SECONDS: 0.1, keys.LEDGER_SEQ: 3, keys.DP_ENABLED: int(dp),
+    })
+
+
+def test_epsilon_is_aggregated_by_max_not_mean():
+    records = [RecordDict({keys.METRICS: metrics_record(1.0, 10, 1.0)}), RecordDict({keys.METRICS: metrics_record(7.0, 30, 3.0)})]
+    aggregated = aggregate_site_metrics(records, keys.NUM_EXAMPLES)
+    assert aggregated[keys.EPSILON] == 7.0
+    assert aggregated[keys.NUM_EXAMPLES] == 40
+    assert aggregated[keys.PRETEXT_LOSS] == pytest.approx(2.5)  # (10 x 1 + 30 x 3) / 40
+
+
+def test_a_site_without_dp_makes_the_aggregate_epsilon_infinite():
+    """A non-DP site sends epsilon=-1 with dp-enabled=0; the federation then has no finite epsilon."""
+    mixed = [RecordDict({keys.METRICS: metrics_record(3.0, 10, 1.0)}), RecordDict({keys.METRICS: metrics_record(-1.0, 30, 1.0, dp=False)})]
+    assert aggregate_site_metrics(mixed, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
+    no_dp = [RecordDict({keys.METRICS: metrics_record(-1.0, 30, 1.0, dp=False)})]
+    assert aggregate_site_metrics(no_dp, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
+
+
+def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
+    from fedssl.privacy.ledger import ServerLedger
+    from fedssl.runlog import RunLog
+
+    def reply(node: int, metrics: MetricRecord, fill: float | None) -> Message:
+        content = RecordDict({keys.CONFIG: ConfigRecord({"server-round": 1})})
+        instruction = Message(content=content, metadata=Metadata(
+            run_id=7, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE, dst_node_id=node, reply_to_message_id="",
+            group_id="1", created_at=time.time(), ttl=3600.0, message_type="train"))
+        records = {keys.METRICS: metrics}
+        if fill is not None:
+            records[keys.ARRAYS] = ArrayRecord({"w": torch.full((3,), fill)})
+        return Message(content=RecordDict(records), reply_to=instruction)
+
+    strategy = FedSSLAvg(run_log=RunLog(tmp_path), server_ledger=ServerLedger(tmp_path), num_rounds=1)
+    replies = [
+        reply(1, metrics_record(1.0, 10, 1.0), 1.0),
+        reply(2, metrics_record(7.0, 30, 3.0), 3.0),
+        reply(3, metrics_record(7.5, 50, math.nan, status="refused"), None),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.5))  # refused site left out
+    assert metrics[keys.EPSILON] == 7.0
+    logged = list(read_run_log(tmp_path))
+    sites = [r for r in logged if r["kind"] == "site_round"]
+    assert sorted((r["node_id"], r["status"], r["epsilon"]) for r in sites) == [(1, "trained", 1.0), (2, "trained", 7.0), (3, "refused", 7.5)]
+    (round_record,) = [r for r in logged if r["kind"] == "round"]
+    assert (round_record["num_sites"], round_record["num_trained"]) == (3, 2)
+    assert round_record["max_epsilon"] >= 7.0
