@@ -4,7 +4,10 @@
     fedssl evaluate RUN_DIR
     fedssl report RUN_DIR
     fedssl audit PATH [--json] [--trusted-keys DIR]
-    fedssl keys init-site NAME --out DIR
+    fedssl keys init-site NAME --out DIR      (ledger key + SuperNode node key)
+    fedssl keys init-ca --out DIR | keys server-cert --ca DIR --host H --out DIR
+    fedssl site preflight|start|status --config site.yaml | site app-hash PATH
+    fedssl server start --config server.yaml
 
 Every user-facing failure is one line on stderr and exit code 2 (1 for a failed audit):
 no tracebacks for bad input.
@@ -35,6 +38,10 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=args.overwrite)
+    from fedssl.warmstart import prepare_warm_start
+
+    # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
+    prepare_warm_start(config, run_dir, progress=lambda message: print(f"fedssl: {message}", flush=True))
     p = config.privacy
     privacy = f"DP eps<={p.target_epsilon:g}, delta={p.delta:g} per site" if p.enabled else "NO differential privacy"
     print(
@@ -82,10 +89,58 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
+    from fedssl.deploy.pki import init_node_key, node_key_path
     from fedssl.privacy.keys import init_site_key
 
+    # Check both before writing either, so a re-run never leaves half a key set.
+    if not args.overwrite and node_key_path(Path(args.out), args.name).exists():
+        raise FedSSLError(f"{node_key_path(Path(args.out), args.name)}: a node key for site {args.name!r} already exists; keep it, or pass --overwrite")
     path = init_site_key(Path(args.out), args.name, overwrite=args.overwrite)
     print(f"fedssl: site signing key written to {path} (public key beside it)")
+    node = init_node_key(Path(args.out), args.name, overwrite=args.overwrite)
+    print(f"fedssl: SuperNode auth key written to {node} (mode 0600); send {node}.pub to the coordinator to be registered")
+    return 0
+
+
+def _cmd_keys_ca(args: argparse.Namespace) -> int:
+    from fedssl.deploy.pki import init_ca
+
+    cert = init_ca(Path(args.out), overwrite=args.overwrite)
+    print(f"fedssl: CA written to {cert} (give it to every site) and {cert.with_name('ca.key')} (mode 0600; keep it offline)")
+    return 0
+
+
+def _cmd_keys_server(args: argparse.Namespace) -> int:
+    from fedssl.deploy.pki import server_cert
+
+    cert = server_cert(Path(args.ca), args.host, Path(args.out), overwrite=args.overwrite)
+    print(f"fedssl: SuperLink certificate for {', '.join(args.host)} written to {cert} and {cert.with_name('server.key')} (mode 0600)")
+    return 0
+
+
+def _cmd_site(args: argparse.Namespace) -> int:
+    from fedssl import site_agent
+
+    if args.site_command == "app-hash":
+        print(site_agent.app_hash(args.path))
+        return 0
+    if args.site_command == "start":
+        return site_agent.start_site(args.config, echo=lambda m: print(m, flush=True))
+    config = site_agent.load_site_config(args.config)
+    if args.site_command == "status":
+        print(site_agent.status_text(config, last=args.last))
+        return 0
+    checks = site_agent.preflight(config)
+    print(f"fedssl: site {config.site.name} preflight")
+    print(site_agent.format_checklist(checks))
+    return 0 if site_agent.preflight_passed(checks) else EXIT_USAGE
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from fedssl.deploy.coordinator import start_server
+
+    start_server(args.config, overrides=args.set, overwrite=args.overwrite, keep_running=False,
+                 stream=not args.quiet, echo=lambda m: print(m, flush=True))
     return 0
 
 
@@ -116,15 +171,54 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    site_key = keys_sub.add_parser("init-site", help="create a site's Ed25519 ledger-signing key")
+    site_key = keys_sub.add_parser("init-site", help="create a site's Ed25519 ledger-signing key and its SuperNode auth key (OpenSSH ECDSA)")
     site_key.add_argument("name")
     site_key.add_argument("--out", default="keys", help="directory for the key files (default: keys/)")
     site_key.add_argument("--overwrite", action="store_true")
     site_key.set_defaults(func=_cmd_keys)
+    ca = keys_sub.add_parser("init-ca", help="create the federation's certificate authority (ca.crt + ca.key)")
+    ca.add_argument("--out", default="certs", help="directory for ca.crt and ca.key (default: certs/)")
+    ca.add_argument("--overwrite", action="store_true")
+    ca.set_defaults(func=_cmd_keys_ca)
+    srv = keys_sub.add_parser("server-cert", help="issue the SuperLink's TLS certificate from the CA")
+    srv.add_argument("--ca", default="certs", help="directory holding ca.crt and ca.key (default: certs/)")
+    srv.add_argument("--host", action="append", required=True, help="address sites connect to (IP or DNS name; repeatable)")
+    srv.add_argument("--out", default="certs", help="directory for server.pem and server.key (default: certs/)")
+    srv.add_argument("--overwrite", action="store_true")
+    srv.set_defaults(func=_cmd_keys_server)
+
+    site = sub.add_parser("site", help="run this site in a real federation (SuperNode)")
+    site_sub = site.add_subparsers(dest="site_command", required=True)
+    for name, text in (("preflight", "check data, keys, certificates, budget and the coordinator; change nothing"),
+                       ("start", "preflight, then join the federation until stopped"),
+                       ("status", "privacy budget spent/left and the last rounds, from this site's own ledger")):
+        cmd = site_sub.add_parser(name, help=text)
+        cmd.add_argument("--config", required=True, help="this site's site.yaml")
+        if name == "status":
+            cmd.add_argument("--last", type=int, default=5, help="how many ledger rounds to show")
+        cmd.set_defaults(func=_cmd_site)
+    app_hash = site_sub.add_parser("app-hash", help="print the pinning hash of an app (.fab or project directory)")
+    app_hash.add_argument("path")
+    app_hash.set_defaults(func=_cmd_site)
+
+    server = sub.add_parser("server", help="coordinate a real federation (SuperLink)")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    start = server_sub.add_parser("start", help="start the SuperLink, register sites, run, report")
+    start.add_argument("--config", required=True, help="the coordinator's server.yaml")
+    start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an experiment value (repeatable)")
+    start.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
+    start.add_argument("--quiet", action="store_true", help="do not stream round progress")
+    start.set_defaults(func=_cmd_server)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["audit"]:
+        # The audit has its own parser; argparse's REMAINDER cannot pass on leading options.
+        from fedssl.privacy.audit import audit_main
+
+        return audit_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,287 @@
+"""The coordinator: server.yaml, a SuperLink with TLS and node authentication, the run.
+
+``fedssl server start --config server.yaml``:
+1. loads server.yaml and the experiment it names (federation, model, pretext, training —
+   never any site's privacy budget or data location: those are each site's own);
+2. prepares the run directory exactly as a simulation does (config.yaml, metrics.jsonl,
+   server_ledger.jsonl, encoder.pt, report.md);
+3. starts ``flower-superlink`` with TLS and ``--enable-supernode-auth`` and registers the
+   public node key of every site listed in server.yaml (``flwr supernode register``);
+4. submits the run (``flwr run``) with ``config-path``/``run-dir`` pointing at the
+   coordinator's own files, streams round progress, and checks that the run completed;
+5. evaluates (when the coordinator holds consented labels) and writes the report;
+6. stops the SuperLink (unless ``--keep-running``).
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from fedssl.config import ExperimentConfig, _build, _check, load_config
+from fedssl.deploy.pki import check_server_certificate, load_node_public_key
+from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
+from fedssl.errors import ConfigError
+from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, SERVER_DONE, _progress_message, prepare_run_dir, write_summary
+
+CONNECTION = "fedssl-deploy"
+SUPERLINK_LOG = "superlink.log"
+SUPERLINK_PID = "superlink.pid"
+FLOWER_HOME = "flower"
+
+
+@dataclass
+class ListenConfig:
+    host: str = "0.0.0.0"
+    port: int = 9092
+    public_address: str = ""  # how the coordinator itself reaches the SuperLink; default 127.0.0.1:<port>
+
+    def validate(self) -> None:
+        _check(1 <= self.port <= 65535, "listen.port", "must be a port number", self.port)
+
+
+@dataclass
+class TLSConfig:
+    ca_cert: str = ""
+    server_cert: str = ""
+    server_key: str = ""
+
+    def validate(self) -> None:
+        for name in ("ca_cert", "server_cert", "server_key"):
+            _check(bool(getattr(self, name)), f"tls.{name}", "is required (TLS is always on); make it with `fedssl keys`", getattr(self, name))
+
+
+@dataclass
+class SiteEntry:
+    name: str = ""
+    public_key: str = ""
+
+
+@dataclass
+class ServerConfig:
+    experiment: str = ""
+    set: list[str] = field(default_factory=list)
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    sites: list[dict] = field(default_factory=list)
+    state_dir: str = "coordinator"
+    app: str = ""  # the Flower app directory to run; default: this fedssl checkout
+    evaluate: bool = True
+    run_timeout: float = 3600.0
+
+    def validate(self) -> None:
+        _check(bool(self.experiment), "experiment", "must name the experiment YAML (federation, model, pretext, training)", self.experiment)
+        self.listen.validate()
+        self.tls.validate()
+        _check(bool(self.sites), "sites", "must list at least one site: {name: ..., public_key: <NAME.node.pub>}", self.sites)
+        _check(self.run_timeout > 0, "run_timeout", "must be > 0 seconds", self.run_timeout)
+
+    def site_entries(self) -> list[SiteEntry]:
+        entries = []
+        for i, raw in enumerate(self.sites):
+            if not isinstance(raw, dict) or set(raw) - {"name", "public_key"} or not raw.get("name") or not raw.get("public_key"):
+                raise ConfigError(f"sites[{i}]: must be a mapping with name and public_key, got {raw!r}")
+            entries.append(SiteEntry(str(raw["name"]), str(raw["public_key"])))
+        names = [e.name for e in entries]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"sites: site name {dupes[0]!r} is listed twice")
+        return entries
+
+    @property
+    def address(self) -> str:
+        return self.listen.public_address or f"127.0.0.1:{self.listen.port}"
+
+
+def load_server_config(path: str | Path) -> ServerConfig:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"server config {path} does not exist; write one from configs/deploy/server.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    config: ServerConfig = _build(ServerConfig, raw, prefix="")
+    config.validate()
+    base = path.parent
+
+    def resolve(value: str) -> str:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    config.experiment = resolve(config.experiment)
+    config.state_dir = resolve(config.state_dir)
+    config.app = resolve(config.app) if config.app else str(PROJECT_ROOT)
+    if not (Path(config.app) / "pyproject.toml").is_file():
+        raise ConfigError(f"app: {config.app} is not a Flower app directory (no pyproject.toml)")
+    if Path(config.state_dir).is_relative_to(config.app):
+        # `flwr run` packs the app directory's .py/.yaml/.json files into the bundle it ships to every site
+        raise ConfigError(f"state_dir: {config.state_dir} is inside the app directory {config.app}; put it elsewhere, or it is shipped to the sites")
+    for name in ("ca_cert", "server_cert", "server_key"):
+        setattr(config.tls, name, resolve(getattr(config.tls, name)))
+    config.sites = [{"name": e.name, "public_key": resolve(e.public_key)} for e in config.site_entries()]
+    return config
+
+
+def experiment_for(config: ServerConfig, extra_overrides: list[str] | None = None) -> ExperimentConfig:
+    experiment = load_config(config.experiment, [*config.set, *(extra_overrides or [])])
+    if not experiment.model.input_shape:
+        # The coordinator holds no site data; it can read the shape only from a public source.
+        try:
+            from fedssl.experiment import central_data_for
+
+            experiment.model.input_shape = list(central_data_for(experiment).train.input_shape)
+        except Exception:  # noqa: BLE001 - any failure means: the operator must say it
+            raise ConfigError("model.input_shape: set it in the experiment (e.g. [1, 8, 8]); the coordinator has no site data to read it from") from None
+    return experiment
+
+
+# ---------------------------------------------------------------------------- the SuperLink
+
+
+class SuperLink:
+    """A running ``flower-superlink`` with TLS and node authentication."""
+
+    def __init__(self, config: ServerConfig, echo=print) -> None:
+        self.config = config
+        self.state = Path(config.state_dir)
+        self.home = self.state / FLOWER_HOME
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.env = flower_env(self.home, extra_pythonpath=[PROJECT_ROOT])
+        self.echo = echo
+        self.process: ManagedProcess | None = None
+        self._write_connection()
+
+    def _write_connection(self) -> None:
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+            f'address = "{self.config.address}"\nroot-certificates = "{self.config.tls.ca_cert}"\n'
+        )
+
+    def start(self, timeout: float = 60.0) -> None:
+        tls = self.config.tls
+        check = check_server_certificate(Path(tls.server_cert), Path(tls.ca_cert))
+        if not check.ok:
+            raise DeployError(f"tls.server_cert: {check.detail}")
+        cmd = [
+            flower_bin("flower-superlink"),
+            "--ssl-ca-certfile", tls.ca_cert, "--ssl-certfile", tls.server_cert, "--ssl-keyfile", tls.server_key,
+            "--enable-supernode-auth", "--disable-runtime-dependency-installation",
+            "--host", self.config.listen.host, "--port", str(self.config.listen.port),
+        ]
+        self.process = ManagedProcess("SuperLink", cmd, self.state / SUPERLINK_LOG, self.env)
+        # Its own process group: if this coordinator process is SIGKILLed, the pid file says what to stop.
+        (self.state / SUPERLINK_PID).write_text(f"{self.process.pid}\n")
+        self.process.wait_for(lambda: tls_probe(self.config.address, Path(tls.ca_cert), timeout=2)[0], timeout, "accepting TLS connections")
+        self.echo(f"fedssl: SuperLink up on {self.config.listen.host}:{self.config.listen.port} (TLS, node authentication on; log {self.state / SUPERLINK_LOG})")
+
+    def register(self, entries: list[SiteEntry]) -> None:
+        """Register every listed site's node key; only these sites can connect."""
+        for entry in entries:
+            load_node_public_key(Path(entry.public_key))  # a clear error before Flower's
+
+        def one(entry: SiteEntry) -> tuple[SiteEntry, subprocess.CompletedProcess]:
+            cmd = [flower_bin("flwr"), "supernode", "register", entry.public_key, CONNECTION, "--name", entry.name]
+            return entry, subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120, cwd=self.state)
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            for entry, done in pool.map(one, entries):
+                if done.returncode != 0:
+                    raise DeployError(f"registering site {entry.name} ({entry.public_key}) failed: {last_error(done.stdout + done.stderr)}")
+                self.echo(f"fedssl: registered site {entry.name} ({Path(entry.public_key).name})")
+
+    def run(self, run_dir: Path, *, timeout: float, stream: bool = True) -> float:
+        """Submit the federated run; stream progress; return its wall time."""
+        run_config = f"config-path='{run_dir / RESOLVED_CONFIG}' run-dir='{run_dir}'"
+        app = Path(self.config.app or PROJECT_ROOT)
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
+        started = time.perf_counter()
+        shown: set[str] = set()
+        log_path = run_dir / FLWR_LOG
+        with log_path.open("w") as log_file:
+            proc = subprocess.Popen(cmd, cwd=app, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            assert proc.stdout is not None
+            try:
+                for line in proc.stdout:
+                    log_file.write(line)
+                    log_file.flush()
+                    message = _progress_message(line)
+                    if stream and message and message not in shown:
+                        shown.add(message)
+                        self.echo(message)
+                    if time.perf_counter() - started > timeout:
+                        raise DeployError(f"the run did not finish within run_timeout={timeout:.0f} s")
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        seconds = time.perf_counter() - started
+        if code != 0 or not (run_dir / SERVER_DONE).exists():
+            raise DeployError(f"federated run failed (flwr exit {code}): {last_error(log_path.read_text(errors='replace'))}; full log: {log_path}")
+        return seconds
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+            self.process = None
+            (self.state / SUPERLINK_PID).unlink(missing_ok=True)
+
+
+def start_server(config_path: str | Path, *, overrides: list[str] | None = None, overwrite: bool = False,
+                 keep_running: bool = False, stream: bool = True, echo=print) -> Path:
+    """`fedssl server start`: the whole coordinator side; returns the run directory."""
+    config = load_server_config(config_path)
+    experiment = experiment_for(config, overrides)
+    entries = config.site_entries()
+    if experiment.federation.min_sites > len(entries):
+        raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(entries)}")
+    run_dir = prepare_run_dir(experiment, overwrite=overwrite)
+    p = experiment.privacy
+    echo(
+        f"fedssl: run {experiment.run.name}: {len(entries)} registered site(s), {experiment.federation.rounds} rounds, "
+        f"pretext {experiment.pretext.name}; each site applies its own privacy budget -> {run_dir}"
+    )
+    started = time.perf_counter()
+    link = SuperLink(config, echo=echo)
+    # SIGTERM must stop the SuperLink too (it runs in its own process group): turn it into
+    # SystemExit so the `finally` below runs.
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        link.start()
+        link.register(entries)
+        echo(f"fedssl: waiting for {experiment.federation.min_sites} site(s) to connect, then training")
+        seconds = link.run(run_dir, timeout=config.run_timeout, stream=stream)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if not keep_running:
+            link.stop()
+    write_summary(run_dir, run_name=experiment.run.name, federation_seconds=seconds, deployment=True,
+                  registered_sites=[e.name for e in entries])
+    if config.evaluate and experiment.evaluation.enabled:
+        try:
+            from fedssl.evaluation.central import evaluate_run
+
+            echo("fedssl: central evaluation on consented labels ...")
+            evaluate_run(run_dir, progress=lambda msg: echo(f"fedssl: {msg}"))
+        except ConfigError as err:
+            echo(f"fedssl: evaluation skipped: {err}")
+    write_summary(run_dir, wall_seconds=time.perf_counter() - started)
+    from fedssl.reporting import terminal_summary, write_report
+
+    report = write_report(run_dir)
+    echo(terminal_summary(run_dir))
+    echo(f"fedssl: report written to {report}")
+    return run_dir
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)

@@ -1,0 +1,385 @@
+"""Deployment building blocks without Flower processes: keys and certificates, site.yaml,
+the site's own settings, app pinning, preflight, status, server.yaml."""
+
+from __future__ import annotations
+
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedssl.cli import main as cli_main
+from fedssl.deploy import pki
+from fedssl.errors import ConfigError
+from fedssl.simulation import PROJECT_ROOT
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+# ---------------------------------------------------------------------------- keys and certificates
+
+
+def test_ca_server_cert_and_node_keys(tmp_path):
+    ca = pki.init_ca(tmp_path / "ca")
+    cert_path = pki.server_cert(tmp_path / "ca", ["127.0.0.1", "fl.example.org"], tmp_path / "srv")
+    assert mode(tmp_path / "ca" / pki.CA_KEY) == 0o600 and mode(tmp_path / "srv" / pki.SERVER_KEY) == 0o600
+    cert, ca_cert = pki.load_certificate(cert_path), pki.load_certificate(ca)
+    assert pki.verify_signed_by(cert, ca_cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert pki.check_ca_certificate(ca).ok and pki.check_server_certificate(cert_path, ca).ok
+    assert not pki.check_ca_certificate(cert_path).ok  # a leaf is not a CA
+
+    other = pki.init_ca(tmp_path / "other")
+    assert not pki.check_server_certificate(cert_path, other).ok
+
+    private = pki.init_node_key(tmp_path / "keys", "site-a")
+    public = pki.node_pub_path(tmp_path / "keys", "site-a")
+    assert mode(private) == 0o600 and mode(public) == 0o644
+    assert public.read_text().startswith("ecdsa-sha2-nistp256 ")
+    assert isinstance(pki.load_node_private_key(private), ec.EllipticCurvePrivateKey)
+    assert pki.load_node_public_key(public).public_numbers() == pki.load_node_private_key(private).public_key().public_numbers()
+
+
+def test_keys_refuse_to_overwrite(tmp_path):
+    pki.init_ca(tmp_path)
+    with pytest.raises(ConfigError, match="already exists"):
+        pki.init_ca(tmp_path)
+    pki.init_node_key(tmp_path, "s")
+    with pytest.raises(ConfigError, match="already exists"):
+        pki.init_node_key(tmp_path, "s")
+
+
+def test_expiring_certificate_is_flagged(tmp_path):
+    pki.init_ca(tmp_path, days=3)
+    check = pki.check_ca_certificate(tmp_path / pki.CA_CERT)
+    assert not check.ok and "expires in" in check.detail
+
+
+def test_cli_keys_commands(tmp_path, capsys):
+    assert cli_main(["keys", "init-ca", "--out", str(tmp_path / "certs")]) == 0
+    assert cli_main(["keys", "server-cert", "--ca", str(tmp_path / "certs"), "--host", "127.0.0.1", "--out", str(tmp_path / "certs")]) == 0
+    assert cli_main(["keys", "init-site", "site-a", "--out", str(tmp_path / "keys")]) == 0
+    names = sorted(p.name for p in (tmp_path / "keys").iterdir())
+    assert names == ["site-a.ed25519", "site-a.ed25519.pub", "site-a.node", "site-a.node.pub"]
+    assert mode(tmp_path / "keys" / "site-a.node") == 0o600 and mode(tmp_path / "keys" / "site-a.ed25519") == 0o600
+    assert cli_main(["keys", "init-site", "site-a", "--out", str(tmp_path / "keys")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- site.yaml
+
+
+@pytest.fixture
+def site_dir(tmp_path):
+    """A site laid out as an operator would: keys, data, CA, site.yaml with relative paths."""
+    from fedssl.data.loaders import load_digits_labeled
+    from fedssl.privacy.keys import init_site_key
+    from fedssl.site_agent import app_hash
+
+    pki.init_ca(tmp_path / "certs")
+    init_site_key(tmp_path / "keys", "site-a")
+    pki.init_node_key(tmp_path / "keys", "site-a")
+    digits, _ = load_digits_labeled()
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "a.npy", digits.inputs[:64].numpy())
+    config = {
+        "site": {"name": "site-a", "id": 3},
+        "data": {"path": "data/a.npy"},
+        "state_dir": "state",
+        "privacy": {"enabled": True, "target_epsilon": 1.0, "delta": 1e-5},
+        "coordinator": {"address": "127.0.0.1:1", "root_certificates": "certs/ca.crt"},
+        "keys": {"node_key": "keys/site-a.node", "ledger_key": "keys/site-a.ed25519"},
+        "apps": {"allowed_hashes": [app_hash(PROJECT_ROOT)]},
+    }
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path
+
+
+def write_site(site_dir: Path, **changes) -> Path:
+    data = yaml.safe_load((site_dir / "site.yaml").read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = site_dir / "site.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_site_config_resolves_paths_and_builds_settings(site_dir):
+    from fedssl.site_agent import load_site_config
+
+    config = load_site_config(site_dir / "site.yaml")
+    assert config.data.path == str(site_dir / "data" / "a.npy")
+    settings = config.settings()
+    assert settings.site_id == 3 and settings.state_dir == site_dir / "state"
+    assert settings.privacy.target_epsilon == 1.0 and settings.key_path == site_dir / "keys" / "site-a.ed25519"
+    assert settings.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"privacy.target_epsilon": -1}, "privacy.target_epsilon"),
+        ({"site.id": -1}, "site.id"),
+        ({"site.name": "../evil"}, "site.name"),
+        ({"coordinator.address": "nohost"}, "coordinator.address"),
+        ({"apps.allowed_hashes": ["md5:abc"]}, "apps.allowed_hashes[0]"),
+        ({"supernode.isolation": "thread"}, "supernode.isolation"),
+        ({"data.budget": 3}, "data.budget"),
+        ({"keys.node_key": ""}, "keys.node_key"),
+    ],
+)
+def test_site_config_errors_name_the_key(site_dir, changes, key):
+    from fedssl.site_agent import load_site_config
+
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write_site(site_dir, **changes))
+    message = str(err.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_deployed_site_reads_only_site_yaml(site_dir):
+    """The server's run config cannot point a site elsewhere or change its budget."""
+    from fedssl.sites import resolve_site
+
+    hostile_run_config = {"config-path": "/etc/passwd", "run-dir": "/tmp/elsewhere", "data-dir": "/", "target-epsilon": 1e9}
+    dataset, settings = resolve_site({"site-config": str(site_dir / "site.yaml")}, hostile_run_config)
+    assert len(dataset) == 64 and settings.state_dir == site_dir / "state"
+    assert settings.privacy.target_epsilon == 1.0
+
+
+def test_deployed_site_caches_and_reloads(site_dir):
+    from fedssl.site_agent import deployed_site
+
+    first, _ = deployed_site(str(site_dir / "site.yaml"))
+    again, _ = deployed_site(str(site_dir / "site.yaml"))
+    assert again is first
+    write_site(site_dir, **{"privacy.target_epsilon": 2.0})
+    _, settings = deployed_site(str(site_dir / "site.yaml"))
+    assert settings.privacy.target_epsilon == 2.0
+
+
+# ---------------------------------------------------------------------------- app pinning
+
+
+def test_app_hash_is_the_same_for_checkout_and_fab(tmp_path):
+    from fedssl.site_agent import app_hash
+
+    project = tmp_path / "app"
+    for name in ("fedssl", "clients"):
+        shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
+    fab = tmp_path / "app.fab"
+    with zipfile.ZipFile(fab, "w") as bundle:
+        for path in sorted(project.rglob("*")):
+            if path.is_file():
+                bundle.write(path, path.relative_to(project).as_posix())
+    assert app_hash(project) == app_hash(fab) == app_hash(PROJECT_ROOT)
+    # `flwr build` rewrites pyproject.toml's layout: only the components count
+    (project / "pyproject.toml").write_text((PROJECT_ROOT / "pyproject.toml").read_text().replace('["fedssl*", "clients*", "server*"]', '[\n "fedssl*",\n "clients*",\n "server*",\n]'))
+    assert app_hash(project) == app_hash(PROJECT_ROOT)
+    # any change to the code, or to which ClientApp runs, is a different app
+    (project / "clients" / "client_app.py").write_text((project / "clients" / "client_app.py").read_text() + "\n# changed\n")
+    assert app_hash(project) != app_hash(PROJECT_ROOT)
+
+
+def test_unapproved_app_is_refused_and_logged(site_dir):
+    from fedssl.site_agent import AppNotApprovedError, deployed_site, read_events, load_site_config
+
+    path = write_site(site_dir, **{"apps.allowed_hashes": ["sha256:" + "1" * 64]})
+    with pytest.raises(AppNotApprovedError, match="not in apps.allowed_hashes"):
+        deployed_site(str(path))
+    events = read_events(load_site_config(path))
+    assert events[-1]["kind"] == "app_refused" and events[-1]["app_hash"].startswith("sha256:")
+    assert not (site_dir / "state" / "ledger.jsonl").exists()  # refused before any privacy state is touched
+
+
+def test_cli_app_hash(capsys):
+    from fedssl.site_agent import app_hash
+
+    assert cli_main(["site", "app-hash", str(PROJECT_ROOT)]) == 0
+    assert capsys.readouterr().out.strip() == app_hash(PROJECT_ROOT)
+
+
+# ---------------------------------------------------------------------------- preflight and status
+
+
+def checks_by_name(checks):
+    return {c.name: c for c in checks}
+
+
+def test_preflight_passes_offline_checks_and_lists_egress(site_dir):
+    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+
+    checks = preflight(load_site_config(site_dir / "site.yaml"), check_coordinator=False)
+    assert preflight_passed(checks), [c for c in checks if not c.ok]
+    by = checks_by_name(checks)
+    assert "64 samples" in by["data"].detail
+    assert "encoder weights only" in by["leaves the site"].detail and "epsilon" in by["leaves the site"].detail
+
+
+def test_preflight_failures(site_dir):
+    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+
+    (site_dir / "keys" / "site-a.node").chmod(0o644)
+    path = write_site(site_dir, **{"data.path": "missing.npy", "apps.allowed_hashes": []})
+    by = checks_by_name(preflight(load_site_config(path), check_coordinator=True))
+    assert not by["data"].ok and "does not exist" in by["data"].detail
+    assert not by["node key"].ok and "chmod 600" in by["node key"].detail
+    assert not by["approved apps"].ok
+    assert not by["coordinator"].ok and "not reachable" in by["coordinator"].detail
+    assert not preflight_passed(list(by.values()))
+
+
+def test_budget_spent_blocks_preflight_and_shows_in_status(site_dir, global_encoder, make_plan):
+    """A site that trained its whole plan at epsilon = 1 has no budget for another round."""
+    from fedssl.data.loaders import load_site_data
+    from fedssl.site_agent import load_site_config, preflight, status_text
+    from fedssl.training.local import train_round
+
+    config = load_site_config(site_dir / "site.yaml")
+    dataset = load_site_data(config.data.path)
+    plan = make_plan()
+    result = train_round(dataset, global_encoder, plan, config.settings())
+    train_round(dataset, result.encoder_state, plan.with_round(2), config.settings())
+    by = checks_by_name(preflight(config, check_coordinator=False))
+    assert not by["privacy budget"].ok and "spent" in by["privacy budget"].detail
+    status = status_text(config)
+    assert "SPENT" in status and "round 2" in status and "verified against the site's key" in status
+
+
+def test_cli_site_preflight_exit_code(site_dir, capsys):
+    assert cli_main(["site", "preflight", "--config", str(site_dir / "site.yaml")]) == 2  # nothing listens on :1
+    out = capsys.readouterr().out
+    assert "[ok]   data" in out and "[FAIL] coordinator" in out
+
+
+# ---------------------------------------------------------------------------- server.yaml
+
+
+def test_server_config_and_local_federation(tmp_path):
+    from fedssl.deploy.coordinator import experiment_for, load_server_config
+    from fedssl.deploy.localfed import make_local_federation
+    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+
+    fed = make_local_federation(tmp_path, ["site-a", "site-b"], registered=["site-a"])
+    config = load_server_config(fed.server_yaml)
+    assert [e.name for e in config.site_entries()] == ["site-a"]
+    assert Path(config.tls.ca_cert).is_absolute()
+    experiment = experiment_for(config)
+    assert experiment.model.input_shape == [1, 8, 8] and experiment.federation.rounds == 2
+    site = load_site_config(fed.site_yamls["site-b"])
+    assert preflight_passed(preflight(site, check_coordinator=False))
+
+
+def test_server_config_errors(tmp_path):
+    from fedssl.deploy.coordinator import load_server_config
+
+    path = tmp_path / "server.yaml"
+    path.write_text(yaml.safe_dump({"experiment": "x.yaml", "tls": {"ca_cert": "a", "server_cert": "b", "server_key": "c"}, "sites": []}))
+    with pytest.raises(ConfigError, match="^sites: must list"):
+        load_server_config(path)
+    path.write_text(yaml.safe_dump({"experiment": "x.yaml", "tls": {"ca_cert": "a", "server_cert": "b"}, "sites": [{"name": "a", "public_key": "k"}]}))
+    with pytest.raises(ConfigError, match="^tls.server_key"):
+        load_server_config(path)
+
+
+# ---------------------------------------------------------------------------- the ServerApp's grid
+
+
+class _FakeGrid:
+    """Replies become available after ``ready_after`` pulls; records the pulls."""
+
+    def __init__(self, ready_after: int) -> None:
+        self.ready_after, self.pulls = ready_after, 0
+
+    def push_messages(self, messages):
+        return [f"id-{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        from types import SimpleNamespace
+
+        self.pulls += 1
+        if self.pulls < self.ready_after:
+            return []
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in message_ids]
+
+
+def test_responsive_grid_polls_fast_and_honours_timeout():
+    import time
+
+    from server.coordinator import ResponsiveGrid
+
+    fake = _FakeGrid(ready_after=4)
+    grid = ResponsiveGrid(fake, poll_interval=0.01)  # type: ignore[arg-type]
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(["a", "b"], timeout=30))
+    assert len(replies) == 2 and fake.pulls == 4 and time.monotonic() - started < 1.0
+    never = ResponsiveGrid(_FakeGrid(ready_after=10**9), poll_interval=0.01)  # type: ignore[arg-type]
+    assert list(never.send_and_receive(["a"], timeout=0.1)) == []
+
+
+def test_supernode_command_is_tls_and_authenticated(site_dir):
+    from fedssl.site_agent import load_site_config, supernode_commands
+
+    config = load_site_config(site_dir / "site.yaml")
+    supernode, superexec = supernode_commands(config, site_dir / "site.yaml", 9999)
+    assert "--insecure" not in supernode
+    assert supernode[supernode.index("--root-certificates") + 1] == str(site_dir / "certs" / "ca.crt")
+    assert supernode[supernode.index("--auth-supernode-private-key") + 1] == str(site_dir / "keys" / "site-a.node")
+    assert supernode[supernode.index("--node-config") + 1] == f"site-config='{site_dir / 'site.yaml'}'"
+    assert supernode[supernode.index("--host") + 1] == "127.0.0.1"  # the runtime API stays local
+    assert superexec is not None and f"127.0.0.1:9999" in superexec
+
+
+def test_a_crashed_session_is_told_apart_from_a_clean_stop(site_dir):
+    from fedssl.site_agent import load_site_config, previous_session_unclean, record_event
+
+    config = load_site_config(site_dir / "site.yaml")
+    assert not previous_session_unclean(config)
+    record_event(config, "supernode_start", pid=1)
+    assert not previous_session_unclean(config)  # never joined: nothing held at the coordinator
+    record_event(config, "supernode_joined", pid=1)
+    assert previous_session_unclean(config)  # joined, then nothing: a crash
+    record_event(config, "supernode_stop", reason="operator")
+    assert not previous_session_unclean(config)
+
+
+def test_server_state_dir_must_stay_out_of_the_app_bundle(tmp_path):
+    from fedssl.deploy.coordinator import load_server_config
+
+    path = tmp_path / "server.yaml"
+    path.write_text(yaml.safe_dump({
+        "experiment": "x.yaml", "tls": {"ca_cert": "a", "server_cert": "b", "server_key": "c"},
+        "sites": [{"name": "a", "public_key": "k"}], "state_dir": str(PROJECT_ROOT / "coordinator-state"),
+    }))
+    with pytest.raises(ConfigError, match="^state_dir: .* inside the app directory"):
+        load_server_config(path)
+
+
+def test_budget_view_falls_back_to_the_ledger(site_dir, global_encoder, make_plan):
+    """Lose accountant.json: status and preflight still count what the signed ledger recorded."""
+    from fedssl.data.loaders import load_site_data
+    from fedssl.site_agent import budget_view, load_site_config
+    from fedssl.training.local import train_round
+
+    config = load_site_config(site_dir / "site.yaml")
+    train_round(load_site_data(config.data.path), global_encoder, make_plan(), config.settings())
+    before = budget_view(config)
+    (config.state_path / "accountant.json").unlink()
+    after = budget_view(config)
+    assert before.spent > 0 and after.spent == pytest.approx(before.spent, rel=1e-9)
+    assert after.rounds == before.rounds == 1 and after.next_round_epsilon == pytest.approx(before.next_round_epsilon, rel=1e-9)
