@@ -17,9 +17,9 @@ Variants (every setting is a supported Flower flag or environment variable):
   default 1 s SuperExec poll; also without evaluation round trips;
 - ``responsive``: ``fedssl`` plus the ServerApp waiting for replies through
   ``server.coordinator.ResponsiveGrid`` (0.2 s instead of Flower's 3 s reply poll). The
-  ServerApp does not use it yet: this variant runs a copy of the app whose
-  server/server_app.py passes ``ResponsiveGrid(grid)`` to ``strategy.start`` (the one-line
-  change proposed for server_app.py). Site code, and so the approved app hash, is unchanged.
+  ServerApp does not use it (measured: no gain, see docs/deployment.md): this variant runs a
+  copy of the app whose server/server_app.py passes ``ResponsiveGrid(grid)`` to
+  ``strategy.start``. Site code, and so the approved app hash, is unchanged.
 
 It also times the two parts of a ClientApp cold start that every round pays (a new process
 per message): importing Flower's ClientApp runtime, and importing fedssl's ClientApp.
