@@ -37,7 +37,7 @@ from typing import Any
 
 import yaml
 
-from fedssl.config import _build, _check  # one validation style for every config file
+from fedssl.config import PrivacyConfig, _build, _check  # one validation style for every config file
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import ConfigError, DataError, FedSSLError, PrivacyError
 from fedssl.training.local import SitePrivacy, SiteSettings
@@ -84,23 +84,6 @@ class SiteData:
 
         _check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz or .csv)", self.path)
         _check(self.kind == "auto" or self.kind in LOADERS, "data.kind", f"valid choices: auto, {', '.join(sorted(LOADERS))}", self.kind)
-
-
-@dataclass
-class SitePrivacyConfig:
-    enabled: bool = True
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-
-    def validate(self) -> None:
-        if not self.enabled:
-            return
-        _check(0 < self.target_epsilon < math.inf, "privacy.target_epsilon", "must be a finite number > 0", self.target_epsilon)
-        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1), typically below 1/num_samples", self.delta)
-        _check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
-        _check(self.accountant in ("rdp", "prv", "gdp"), "privacy.accountant", "valid choices: gdp, prv, rdp", self.accountant)
 
 
 @dataclass
@@ -151,7 +134,9 @@ class SiteConfig:
     site: SiteIdentity = field(default_factory=SiteIdentity)
     data: SiteData = field(default_factory=SiteData)
     state_dir: str = ""
-    privacy: SitePrivacyConfig = field(default_factory=SitePrivacyConfig)
+    # The same validated section as an experiment's `privacy:` (one definition, so the
+    # site's rules cannot drift from the simulation's, e.g. on which accountants are sound).
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     keys: SiteKeys = field(default_factory=SiteKeys)
     apps: AppsConfig = field(default_factory=AppsConfig)
