@@ -62,6 +62,10 @@ class FederationConfig:
     fraction_train: float = 1.0
     min_sites: int = 2
     strategy: str = "fedavg"
+    # How long the server waits for a round's replies. A site killed mid-round that rejoins
+    # under the same node id never answers the lost message, so without a bound the round
+    # (and the run) would wait for the full default hour.
+    round_timeout: float = 3600.0
 
     def validate(self) -> None:
         _check(self.num_sites >= 1, "federation.num_sites", "must be >= 1", self.num_sites)
@@ -74,6 +78,7 @@ class FederationConfig:
             self.min_sites,
         )
         _check(self.strategy in ("fedavg",), "federation.strategy", "valid choices: fedavg", self.strategy)
+        _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds", self.round_timeout)
 
 
 @dataclass

@@ -71,6 +71,7 @@ def main(grid: Grid, context: Context) -> None:
             grid=grid,
             initial_arrays=ArrayRecord(encoder.state_dict()),
             num_rounds=fed.rounds,
+            timeout=fed.round_timeout,
             train_config=ConfigRecord(plan.to_wire()),
             evaluate_fn=checkpoint,
         )

@@ -296,3 +296,8 @@ def test_empty_section_in_a_later_file_keeps_earlier_values(tmp_path):
 def test_cnn_needs_an_image_input_shape():
     with pytest.raises(ConfigError, match=r"^model\.input_shape: the cnn encoder needs images"):
         load_config("configs/experiments/digits-tiny.yaml", ["model.input_shape=[1, 8]"])
+
+
+def test_round_timeout_must_be_positive():
+    with pytest.raises(ConfigError, match=r"^federation\.round_timeout: must be > 0 seconds"):
+        load_config("configs/experiments/digits-tiny.yaml", ["federation.round_timeout=0"])

@@ -84,7 +84,7 @@ def make_local_federation(
         "set": [
             f"run.name=deploy-{root.name}", f"run.output_dir={root / 'runs'}", f"federation.rounds={rounds}",
             f"federation.num_sites={len(listed)}", f"federation.min_sites={min(2, len(listed))}",
-            f"training.local_steps={local_steps}", *(experiment_overrides or []),
+            f"training.local_steps={local_steps}", "federation.round_timeout=90", *(experiment_overrides or []),
         ],
         "listen": {"host": "127.0.0.1", "port": port},
         "tls": {"ca_cert": "certs/ca.crt", "server_cert": "certs/server.pem", "server_key": "certs/server.key"},
