@@ -1,8 +1,10 @@
-"""DP overhead: one Opacus DP-SGD step vs one non-private step, same encoder and batch.
+"""DP overhead: one DP-SGD step (Opacus modes and book-keeping) vs one non-private step, same encoder and batch.
 
-For every DP-compatible image pretext task and every Opacus per-sample-gradient mode
-(``hooks`` — what fedssl.training.local uses today —, ``functorch``, ``ew`` expanded
-weights, ``ghost`` clipping), this script
+For every DP-compatible image pretext task and every per-sample-clipping engine — Opacus'
+modes ``hooks``, ``functorch``, ``ew`` (expanded weights), ``ghost`` clipping, and
+``bookkeeping`` (fedssl.privacy.bookkeeping: one backward pass without ordinary weight
+gradients, Bu et al., ICML 2023, with Opacus' own DP optimizer for noise and accounting) —
+this script
 
 1. checks that the mode clips *exactly* per sample: with noise 0 and lr 1, the update the
    DP optimizer produces must equal sum_i clip_C(grad loss_i) / B, computed independently
@@ -32,7 +34,7 @@ from _common import interleaved_times, machine_info, median_ms, paired_ratio, qu
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-MODES = ("hooks", "functorch", "ew", "ghost")
+MODES = ("hooks", "functorch", "ew", "ghost", "bookkeeping")
 OPACUS_PREFIX = "_module."
 EXACT_RTOL = 1e-4
 
@@ -78,6 +80,13 @@ def make_private(model, mode: str, batch: int, noise: float, lr: float, momentum
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     # 4 batches' worth of rows: sample rate 1/4, expected batch size exactly `batch`.
     loader = DataLoader(TensorDataset(torch.zeros(4 * batch, 1, 8, 8)), batch_size=batch)
+    if mode == "bookkeeping":
+        from fedssl.privacy.bookkeeping import make_private_bookkeeping
+
+        private, dp_optimizer, _ = make_private_bookkeeping(
+            PrivacyEngine(), module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise, max_grad_norm=1.0,
+        )
+        return private, dp_optimizer, None
     kwargs = {"criterion": _PerSampleIdentity()} if mode == "ghost" else {}
     out = PrivacyEngine().make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise, max_grad_norm=1.0,

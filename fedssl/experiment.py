@@ -96,17 +96,10 @@ def site_state_dir(run_dir: Path, site_id: int) -> Path:
 
 
 def site_settings(config: ExperimentConfig, run_dir: Path, site_id: int) -> SiteSettings:
-    p = config.privacy
     return SiteSettings(
         site_id=site_id,
         state_dir=site_state_dir(run_dir, site_id),
-        privacy=SitePrivacy(
-            enabled=p.enabled,
-            target_epsilon=p.target_epsilon,
-            delta=p.delta,
-            max_grad_norm=p.max_grad_norm,
-            accountant=p.accountant,
-        ),
+        privacy=SitePrivacy.from_config(config.privacy),
         device=config.run.device,
     )
 

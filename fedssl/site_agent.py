@@ -164,12 +164,10 @@ class SiteConfig:
         return Path(self.keys.ledger_key) if self.keys.ledger_key else None
 
     def settings(self) -> SiteSettings:
-        p = self.privacy
         return SiteSettings(
             site_id=self.site.id,
             state_dir=self.state_path,
-            privacy=SitePrivacy(enabled=p.enabled, target_epsilon=p.target_epsilon, delta=p.delta,
-                                max_grad_norm=p.max_grad_norm, accountant=p.accountant),
+            privacy=SitePrivacy.from_config(self.privacy),
             device=self.device,
             key_path=self.ledger_key_path,
         )

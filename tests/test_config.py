@@ -301,3 +301,14 @@ def test_cnn_needs_an_image_input_shape():
 def test_round_timeout_must_be_positive():
     with pytest.raises(ConfigError, match=r"^federation\.round_timeout: must be > 0 seconds"):
         load_config("configs/experiments/digits-tiny.yaml", ["federation.round_timeout=0"])
+
+
+def test_every_privacy_field_reaches_the_site_settings(tmp_path):
+    # SitePrivacy is built from the validated section in one place; a new field (such as
+    # `clipping`) that did not reach the site would silently run the default instead.
+    from fedssl.experiment import site_settings
+
+    config = load_config("configs/experiments/digits-demo.yaml",
+                         ["privacy.clipping=opacus", "privacy.accountant=prv", "privacy.max_grad_norm=0.5"])
+    privacy = site_settings(config, tmp_path, 0).privacy
+    assert (privacy.clipping, privacy.accountant, privacy.max_grad_norm) == ("opacus", "prv", 0.5)

@@ -1,9 +1,11 @@
 """One round of local self-supervised training at a site — the single function both the
 plain Flower path and the SecAgg+ path call.
 
-DP and non-DP share the loop; under DP the model, optimizer and loader are wrapped by
-Opacus (Poisson sampling, per-sample clipping, Gaussian noise) and the round is charged
-to the site's persistent budget *before* the first step.
+DP and non-DP share the loop; under DP the model, optimizer and loader are made private
+(Poisson sampling, exact per-sample clipping, Gaussian noise) and the round is charged to the
+site's persistent budget *before* the first step. Clipping is book-keeping
+(fedssl.privacy.bookkeeping, the default: one backward pass, no ordinary weight gradients) or
+Opacus' hooks mode (``privacy.clipping``); noise and accounting are Opacus' in both.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedssl.config import PrivacyConfig
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import BudgetExhaustedError, DataError
 from fedssl.models import build_encoder
@@ -48,6 +51,13 @@ class SitePrivacy:
     delta: float = 1e-5
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    clipping: str = "bookkeeping"  # config.CLIPPING_ENGINES
+
+    @classmethod
+    def from_config(cls, privacy: PrivacyConfig) -> SitePrivacy:
+        """The one place a validated ``privacy:`` section becomes a site's settings, so the
+        simulation and the deployed site agent cannot drift apart field by field."""
+        return cls(**{f.name: getattr(privacy, f.name) for f in fields(cls)})
 
     def budget_spec(self) -> BudgetSpec:
         return BudgetSpec(self.target_epsilon, self.delta, self.max_grad_norm, self.accountant)
@@ -137,7 +147,9 @@ def train_round(
     engine = PrivacyEngine(accountant=mechanism.accountant)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        private_model, private_optimizer, private_loader = engine.make_private(
+        private_model, private_optimizer, private_loader = _make_private(
+            site.privacy.clipping,
+            engine,
             module=model,
             optimizer=optimizer,
             # Poisson sampling and noise from OS entropy, not from the plan's seed: the server knows
@@ -147,7 +159,6 @@ def train_round(
             noise_generator=_entropy_generator(device),
             noise_multiplier=charge.noise_multiplier,
             max_grad_norm=mechanism.max_grad_norm,
-            poisson_sampling=True,
         )
     result = _run_steps(
         private_model,
@@ -173,6 +184,17 @@ def train_round(
         raise RuntimeError(f"DP steps taken {taken} differ from the steps charged {expected}; refusing to release the update")
     save_site_parts(model, site.state_dir)
     return result
+
+
+def _make_private(clipping: str, engine, **kwargs) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
+    """Poisson loader, exact per-sample clipping, Opacus' noise and ``engine.accountant`` steps."""
+    if clipping == "bookkeeping":
+        from fedssl.privacy.bookkeeping import make_private_bookkeeping
+
+        return make_private_bookkeeping(engine, **kwargs)
+    if clipping == "opacus":
+        return engine.make_private(**kwargs, poisson_sampling=True)
+    raise ValueError(f"privacy.clipping: valid choices: bookkeeping, opacus, got {clipping!r}")
 
 
 def _site_parts_path(state_dir: Path) -> Path:
