@@ -199,9 +199,6 @@ class AuditReport:
     sites: list[SiteAudit]
     server: ServerAudit | None
     statement: str = ""
-    # HOOK (--empirical, not implemented yet): a membership-inference / canary audit puts its
-    # result dict here; the table, JSON and markdown render it when present.
-    empirical: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -515,8 +512,6 @@ def format_terminal(report: AuditReport) -> str:
         f"tolerance: {acceptance_rule(report.tolerance)}",
         *_details(report),
     ]
-    if report.empirical is not None:
-        parts += ["", f"empirical audit: {json.dumps(report.empirical)}"]
     return "\n".join(parts + ["", report.statement])
 
 
@@ -573,7 +568,6 @@ def to_json(report: AuditReport, report_files: Sequence[Path] = ()) -> dict[str,
             "round_reports": report.server.reports,
         },
         "statement": report.statement,
-        "empirical": report.empirical,
         "report_files": [str(p) for p in report_files],
     }
 
@@ -625,8 +619,6 @@ def format_markdown(report: AuditReport, plot: Path | None) -> str:
         parts += ["## Findings and notes", "", *(f"- {line}" for line in details), ""]
     if plot is not None:
         parts += [f"![ε per site over rounds]({plot.name})", ""]
-    if report.empirical is not None:
-        parts += ["## Empirical audit", "", "```json", json.dumps(report.empirical, indent=1), "```", ""]
     parts += [
         "Re-account it yourself: `fedssl audit --json` lists every event's σ (noise_multiplier), q (sample_rate), "
         "steps and δ with the ε the site claimed.",

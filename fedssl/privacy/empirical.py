@@ -4,8 +4,18 @@ Method (Jagielski, Ullman & Oprea, NeurIPS 2020, "Auditing Differentially Privat
 Learning: How Private is Private SGD?"; Nasr et al., IEEE S&P 2021, "Adversary
 Instantiation"): craft 2m distinctive canaries, insert a random half into one site's data,
 run that site's *real* training code (``train_round``, the run's exact DP settings, every
-planned round), then score every canary by its pretext loss under the final model. Members
-should score lower. For a threshold on the score, an (ε, δ)-DP mechanism forces
+planned round), then score every canary. Two attacks:
+
+- ``gradient`` (default; white-box, the threat DP-SGD is meant to stop): gradient canaries
+  (fedssl.privacy.canaries; Nasr et al., USENIX Security 2023, "Tight Auditing of
+  Differentially Private Machine Learning"). Each canary's loss puts its whole gradient on one
+  encoder weight of its own; whoever sees the site's updates (the server, without SecAgg)
+  reads that weight's movement summed over all rounds. Members move theirs, non-members do not.
+- ``loss`` (black-box, final model only): input-space canaries scored by their pretext loss
+  under the final model; members score lower. Weak on small self-supervised models, which
+  barely memorise random patterns (AUC about 0.5-0.7 without DP): kept for that threat model.
+
+For a threshold on the score, an (ε, δ)-DP mechanism forces
 
     TPR ≤ e^ε · FPR + δ    and    (1 − FPR) ≤ e^ε · (1 − TPR) + δ,
 
@@ -16,6 +26,8 @@ the bound computed on the other half, so choosing the best threshold does not in
 A lower bound far below the claimed ε is expected (DP-SGD's analysis is worst-case); a lower
 bound *above* the claimed ε would mean the implementation or the accounting is broken. With
 DP off the same attack must find a clearly positive bound — otherwise the audit is vacuous.
+With perfect separation the bound is capped by the number of canaries (``bound_ceiling``:
+about 2.6 for 200, 4.2 for 1000): a no-DP bound at its ceiling means "no privacy at all".
 """
 
 from __future__ import annotations
@@ -33,20 +45,28 @@ from sklearn.metrics import roc_auc_score
 
 from fedssl.config import ExperimentConfig
 from fedssl.data.dataset import SiteDataset
+from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
 from fedssl.models import build_encoder
+from fedssl.pretext import PretextModel
+from fedssl.privacy.canaries import GradientCanaries
 from fedssl.training.local import SiteSettings, build_pretext_model, restore_site_parts, train_round
 from fedssl.training.plan import plan_from_config
 
 
+ATTACKS = ("gradient", "loss")
+
+
 @dataclass(frozen=True)
 class EmpiricalAudit:
+    attack: str
     dp_enabled: bool
     claimed_epsilon: float | None
     delta: float
     num_canaries: int
     confidence: float
     epsilon_lower_bound: float
+    bound_ceiling: float  # the bound perfect separation would give at this canary count
     tpr: float
     fpr: float
     threshold: float
@@ -66,7 +86,8 @@ class EmpiricalAudit:
             verdict = " OK (below the claim)" if self.epsilon_lower_bound <= self.claimed_epsilon else " VIOLATION (above the claim)"
         return (
             f"empirical eps lower bound {self.epsilon_lower_bound:.3f} at {self.confidence:.0%} confidence "
-            f"({self.num_canaries} canaries, TPR {self.tpr:.2f} / FPR {self.fpr:.2f}, attack AUC {self.auc:.2f}); {claim}{verdict}"
+            f"(at most {self.bound_ceiling:.2f} with {self.num_canaries} canaries; {self.attack} attack, "
+            f"TPR {self.tpr:.2f} / FPR {self.fpr:.2f}, AUC {self.auc:.2f}); {claim}{verdict}"
         )
 
 
@@ -112,14 +133,15 @@ def best_threshold(member_scores: np.ndarray, nonmember_scores: np.ndarray, delt
 
 
 def make_canaries(count: int, input_shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Sparse random bright-pixel patterns: unlike any real sample, so a model that
-    memorises one shows it in that canary's loss."""
+    """Sparse random bright-pixel patterns: unlike any real sample and unlike each other, so a
+    model that memorised one shows it in that canary's loss, and a batch row is a canary
+    exactly when it equals one of them."""
     gen = torch.Generator().manual_seed(seed)
     mask = torch.rand((count, *input_shape), generator=gen) < 0.3
     return mask.float()
 
 
-def _canary_scores(model: torch.nn.Module, canaries: torch.Tensor, repeats: int, seed: int) -> np.ndarray:
+def _canary_losses(model: PretextModel, canaries: torch.Tensor, repeats: int, seed: int) -> np.ndarray:
     """Mean pretext loss per canary over ``repeats`` draws of the task's randomness."""
     model.eval()
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
@@ -132,6 +154,7 @@ def run_empirical_audit(
     config: ExperimentConfig,
     *,
     num_canaries: int = 200,
+    attack: str = "gradient",
     site_id: int = 0,
     max_site_samples: int | None = None,
     confidence: float = 0.95,
@@ -140,6 +163,10 @@ def run_empirical_audit(
     progress=None,
 ) -> EmpiricalAudit:
     """Insert canaries into site ``site_id``, train it with the config's settings, attack."""
+    if attack not in ATTACKS:
+        raise ConfigError(f"--attack: unknown attack {attack!r}; choose one of {', '.join(ATTACKS)}")
+    if num_canaries < 8:
+        raise ConfigError(f"--canaries: need at least 8 canaries to split into halves, got {num_canaries}")
     say = progress or (lambda _msg: None)
     dataset, settings = simulated_site_from_config(config, site_id)
     rng = np.random.default_rng(config.run.seed + 7919)
@@ -159,33 +186,43 @@ def run_empirical_audit(
     own_dir = work_dir is None
     state_root = Path(tempfile.mkdtemp(prefix="fedssl-audit-")) if own_dir else Path(work_dir)
     try:
-        scores = _train_and_score(config, train_set, settings, canaries, state_root, score_repeats, say)
+        scores = _train_and_score(config, attack, train_set, settings, canaries, state_root, score_repeats, say)
     finally:
         if own_dir:
             shutil.rmtree(state_root, ignore_errors=True)
-    return _attack(scores, is_member, config, confidence, rng)
+    return _attack(attack, scores, is_member, config, confidence, rng)
 
 
-def _train_and_score(config: ExperimentConfig, train_set: SiteDataset, settings: SiteSettings, canaries: torch.Tensor,
-                     state_dir: Path, score_repeats: int, say) -> np.ndarray:
-    """All planned rounds of the site's real training code, then each canary's loss."""
+def _train_and_score(config: ExperimentConfig, attack: str, train_set: SiteDataset, settings: SiteSettings,
+                     canaries: torch.Tensor, state_dir: Path, score_repeats: int, say) -> np.ndarray:
+    """All planned rounds of the site's real training code; returns each canary's score,
+    lower meaning "more likely a member" for both attacks."""
     settings = replace(settings, state_dir=state_dir)
     m = config.model
     encoder = build_encoder(m.encoder, train_set.input_shape, width=m.width, depth=m.depth, seed=config.run.seed)
     plan = plan_from_config(config, run_id="empirical-audit")
+    gradient_canaries = None
+    if attack == "gradient":
+        gradient_canaries = GradientCanaries(canaries, encoder, config.privacy.max_grad_norm, seed=config.run.seed + 15485863)
     state = encoder.state_dict()
+    pushed = np.zeros(len(canaries))
     for server_round in range(1, config.federation.rounds + 1):
-        result = train_round(train_set, state, plan.with_round(server_round), settings)
+        result = train_round(train_set, state, plan.with_round(server_round), settings, canaries=gradient_canaries)
         if result.encoder_state is None:
             raise RuntimeError(f"audit training stopped at round {server_round}: {result.reason}")
+        if gradient_canaries is not None:
+            # What the server sees: the update. A member's Dirac gradient lowers its weight.
+            pushed += (gradient_canaries.readout(state) - gradient_canaries.readout(result.encoder_state)).numpy()
         state = result.encoder_state
         say(f"audit training round {server_round}/{config.federation.rounds}")
+    if gradient_canaries is not None:
+        return -pushed
     model = build_pretext_model(plan, train_set.input_shape, state)
     restore_site_parts(model, settings.state_dir)
-    return _canary_scores(model, canaries, score_repeats, seed=config.run.seed)
+    return _canary_losses(model, canaries, score_repeats, seed=config.run.seed)
 
 
-def _attack(scores: np.ndarray, is_member: np.ndarray, config: ExperimentConfig, confidence: float,
+def _attack(attack: str, scores: np.ndarray, is_member: np.ndarray, config: ExperimentConfig, confidence: float,
             rng: np.random.Generator) -> EmpiricalAudit:
     delta = config.privacy.delta if config.privacy.enabled else 1e-5
     alpha = 1 - confidence
@@ -195,12 +232,14 @@ def _attack(scores: np.ndarray, is_member: np.ndarray, config: ExperimentConfig,
     members, nonmembers = scores[evaluate][is_member[evaluate]], scores[evaluate][~is_member[evaluate]]
     tp, fp = int((members <= t).sum()), int((nonmembers <= t).sum())
     return EmpiricalAudit(
+        attack=attack,
         dp_enabled=config.privacy.enabled,
         claimed_epsilon=config.privacy.target_epsilon if config.privacy.enabled else None,
         delta=delta,
         num_canaries=len(scores),
         confidence=confidence,
         epsilon_lower_bound=epsilon_lower_bound(tp, fp, len(members), len(nonmembers), delta, alpha),
+        bound_ceiling=epsilon_lower_bound(len(members), 0, len(members), len(nonmembers), delta, alpha),
         tpr=tp / max(1, len(members)),
         fpr=fp / max(1, len(nonmembers)),
         threshold=t,
@@ -229,6 +268,8 @@ def empirical_main(argv: list[str]) -> int:
     parser.add_argument("config", help="experiment YAML whose DP settings are audited")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--canaries", type=int, default=200, help="number of canaries (half inserted); default 200")
+    parser.add_argument("--attack", choices=ATTACKS, default="gradient",
+                        help="gradient: gradient canaries read from every round's update (white-box, default); loss: final model only")
     parser.add_argument("--site", type=int, default=0, help="which simulated site gets the canaries")
     parser.add_argument("--max-site-samples", type=int, default=None, help="keep at most this many real samples at the audited site")
     parser.add_argument("--with-baseline", action="store_true", help="also run with DP off to show the attack is not vacuous")
@@ -243,7 +284,7 @@ def empirical_main(argv: list[str]) -> int:
         if args.with_baseline:
             variants.append(load_config(args.config, [*args.set, "privacy.enabled=false"]))
         results = [
-            run_empirical_audit(c, num_canaries=args.canaries, site_id=args.site, max_site_samples=args.max_site_samples,
+            run_empirical_audit(c, num_canaries=args.canaries, attack=args.attack, site_id=args.site, max_site_samples=args.max_site_samples,
                                 progress=lambda m: print(m, file=sys.stderr))
             for c in variants
         ]

@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -40,6 +41,10 @@ STATUS_REFUSED = "refused"
 OPACUS_PREFIX = "_module."
 ENCODER_PREFIX = "encoder."
 SITE_PARTS_FILE = "pretext_head.pt"
+
+
+class CanaryLoss(Protocol):
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module: ...
 
 
 @dataclass(frozen=True)
@@ -100,9 +105,19 @@ def build_pretext_model(
 
 
 def train_round(
-    dataset: SiteDataset, global_encoder: Mapping[str, torch.Tensor], plan: TrainPlan, site: SiteSettings
+    dataset: SiteDataset,
+    global_encoder: Mapping[str, torch.Tensor],
+    plan: TrainPlan,
+    site: SiteSettings,
+    *,
+    canaries: CanaryLoss | None = None,
 ) -> RoundResult:
-    """Train the global encoder on this site's data for one round; return new encoder weights."""
+    """Train the global encoder on this site's data for one round; return new encoder weights.
+
+    ``canaries`` is for the empirical privacy audit only (fedssl.privacy.canaries): it
+    replaces the loss of its canary rows, adding no parameters. DP's guarantee holds for any
+    per-sample loss, so the audited mechanism is the one sites run.
+    """
     if len(dataset) == 0:
         raise DataError(f"site {site.site_id}: no samples to train on; check site.data_dir")
     torch.manual_seed(plan.round_seed(site.site_id))
@@ -112,11 +127,12 @@ def train_round(
     model = build_pretext_model(plan, dataset.input_shape, global_encoder)
     restore_site_parts(model, site.state_dir)
     model.to(device)
+    trained = canaries.wrap(model) if canaries is not None else model
 
     if not site.privacy.enabled:
         loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
         optimizer = _make_optimizer(plan, model)
-        result = _run_steps(model, model, optimizer, loader, plan, device, len(dataset), RoundResult(
+        result = _run_steps(trained, model, optimizer, loader, plan, device, len(dataset), RoundResult(
             status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset)
         ))
         save_site_parts(model, site.state_dir)
@@ -144,13 +160,14 @@ def train_round(
     optimizer = _make_optimizer(plan, model)
     # The engine's own accountant is throwaway: the persistent SiteBudget already charged
     # this round. We only cross-check it against the charge below.
-    engine = PrivacyEngine(accountant=mechanism.accountant)
     with warnings.catch_warnings():
+        # OS-entropy generators below stand in for Opacus' secure mode; its warning does not apply.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant=mechanism.accountant)
         private_model, private_optimizer, private_loader = _make_private(
             site.privacy.clipping,
             engine,
-            module=model,
+            module=trained,
             optimizer=optimizer,
             # Poisson sampling and noise from OS entropy, not from the plan's seed: the server knows
             # the seed, the round and the site id, and could otherwise regenerate the noise and
