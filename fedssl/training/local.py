@@ -128,11 +128,11 @@ def train_round(
     restore_site_parts(model, site.state_dir)
     model.to(device)
     trained = canaries.wrap(model) if canaries is not None else model
+    optimizer = _make_optimizer(plan, model)
 
     if not site.privacy.enabled:
         loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
-        optimizer = _make_optimizer(plan, model)
-        result = _run_steps(trained, model, optimizer, loader, plan, device, len(dataset), RoundResult(
+        result = _run_steps(trained, model, optimizer, loader, plan, device, RoundResult(
             status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset)
         ))
         save_site_parts(model, site.state_dir)
@@ -157,7 +157,6 @@ def train_round(
 
     from opacus import PrivacyEngine
 
-    optimizer = _make_optimizer(plan, model)
     # The engine's own accountant is throwaway: the persistent SiteBudget already charged
     # this round. We only cross-check it against the charge below.
     with warnings.catch_warnings():
@@ -177,24 +176,15 @@ def train_round(
             noise_multiplier=charge.noise_multiplier,
             max_grad_norm=mechanism.max_grad_norm,
         )
-    result = _run_steps(
-        private_model,
-        model,
-        private_optimizer,
-        private_loader,
-        plan,
-        device,
-        len(dataset),
-        RoundResult(
-            status=STATUS_TRAINED,
-            encoder_state=None,
-            num_examples=len(dataset),
-            epsilon=charge.epsilon_after,
-            target_epsilon=mechanism.target_epsilon,
-            delta=mechanism.delta,
-            ledger_seq=charge.ledger_seq,
-        ),
-    )
+    result = _run_steps(private_model, model, private_optimizer, private_loader, plan, device, RoundResult(
+        status=STATUS_TRAINED,
+        encoder_state=None,
+        num_examples=len(dataset),
+        epsilon=charge.epsilon_after,
+        target_epsilon=mechanism.target_epsilon,
+        delta=mechanism.delta,
+        ledger_seq=charge.ledger_seq,
+    ))
     taken = [(s, q, n) for s, q, n in engine.accountant.history]
     expected = [(charge.noise_multiplier, charge.sample_rate, charge.steps)]
     if [(round(s, 9), round(q, 9), n) for s, q, n in taken] != [(round(s, 9), round(q, 9), n) for s, q, n in expected]:
@@ -276,7 +266,6 @@ def _run_steps(
     loader: DataLoader,
     plan: TrainPlan,
     device: torch.device,
-    num_examples: int,
     result: RoundResult,
 ) -> RoundResult:
     trained.train()
