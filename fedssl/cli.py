@@ -30,11 +30,13 @@ EXIT_USAGE = 2
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedssl.config import load_config
+
+    started = time.perf_counter()
+    # The config first: a typo is reported before torch, Flower and Ray are imported (seconds).
+    config = load_config(args.config, args.set)
     from fedssl.experiment import central_data_for
     from fedssl.simulation import prepare_run_dir, run_federation, write_summary
 
-    started = time.perf_counter()
-    config = load_config(args.config, args.set)
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=args.overwrite)
