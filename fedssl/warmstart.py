@@ -11,7 +11,10 @@ benchmarks/README.md). The flow keeps the server free of data loading:
    provenance) and ``warm_start.json`` (provenance only) into the run directory;
 2. the ServerApp calls :func:`load_warm_start` to load ``warm_start.pt`` into the initial
    encoder it sends to the sites;
-3. reports and the audit call :func:`public_pretraining_description` and pass it to the
+3. the central evaluation calls :func:`run_warm_start` to read the same ``warm_start.pt``
+   (it stays in the run directory) and scores it beside the federated encoder, so the report
+   can say what the private federated step added over its zero-cost start;
+4. reports and the audit call :func:`public_pretraining_description` and pass it to the
    privacy statement, which then says what the public data was and that it is not protected.
 
 Only the standard library and fedssl.errors are imported at module level: fedssl.config may
@@ -294,6 +297,24 @@ def load_warm_start_state_check(state: Mapping[str, torch.Tensor], encoder: nn.M
     got = {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:
         raise ConfigError(f"warm_start.path: {where} does not fit model.* (encoder, width, depth, input_shape must match)")
+
+
+def run_warm_start(config: Any, run_dir: Path, encoder: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The weights a finished run's federation started from, loaded into ``encoder``; None without a warm start.
+
+    ``config`` is the run's ExperimentConfig; the run directory's ``warm_start.pt`` (written by
+    :func:`prepare_warm_start`, loaded by the ServerApp) is checked against ``encoder`` and its
+    recorded sha256 exactly as the server checked it.
+    """
+    if not config.warm_start.enabled:
+        return None
+    path = Path(run_dir) / WARM_START_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{path} missing, but the run's config has warm_start.source={config.warm_start.source}: "
+            "the warm start the federation began from is needed to score it; rerun `fedssl simulate`"
+        )
+    return load_warm_start(path, encoder)
 
 
 def public_pretraining_description(run_dir: Path) -> str | None:

@@ -12,10 +12,15 @@ import torch
 from fedssl.data import ConsentedLabels, ConsentManifest, SiteDataset, label_source_from_array, load_digits_labeled
 from fedssl.errors import ConfigError, ConsentError
 from fedssl.evaluation import (
+    PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
     ROW_ORDER,
+    SCRATCH_FINETUNE,
+    WARM_START_FINETUNE,
+    WARM_START_PROBE,
+    WARM_START_ROWS,
     Cell,
     EvalPlan,
     EvalResults,
@@ -70,7 +75,7 @@ def guarded_labels(digits: Digits, consented: frozenset[str]) -> tuple[Consented
     return ConsentedLabels(ConsentManifest(consented), source), source
 
 
-def run(digits: Digits, labels: ConsentedLabels, plan: EvalPlan) -> EvalResults:
+def run(digits: Digits, labels: ConsentedLabels, plan: EvalPlan, warm_start_state=None) -> EvalResults:
     return evaluate_label_efficiency(
         encoder_factory=small_cnn,
         pretrained_state=small_cnn(99).state_dict(),
@@ -78,6 +83,7 @@ def run(digits: Digits, labels: ConsentedLabels, plan: EvalPlan) -> EvalResults:
         test=digits.test,
         labels=labels,
         plan=plan,
+        warm_start_state=warm_start_state,
     )
 
 
@@ -104,9 +110,11 @@ def test_all_rows_on_digits(digits: Digits) -> None:
     results = run(digits, guarded_labels(digits, digits.everything())[0], plan)
     assert torch.get_num_threads() == threads  # the single-thread speed-up must not leak to the caller
 
-    assert results.rows == list(ROW_ORDER)
+    # No warm start: no warm-start rows, not even empty ones.
+    assert results.rows == [row for row in ROW_ORDER if row not in WARM_START_ROWS]
+    assert not results.has_warm_start and not any(row in WARM_START_ROWS for row, _ in results.cells)
     assert results.fractions == [FractionInfo(0.10, 50)]
-    for row in ROW_ORDER:
+    for row in results.rows:
         cell = results.cell(row, 0.10)
         assert all(0.0 <= accuracy <= 1.0 for accuracy in cell.accuracies)
         assert cell.n == (4 if row == RANDOM_INIT_PROBE else 2)  # 2 label seeds x 2 init seeds for the control
@@ -114,6 +122,34 @@ def test_all_rows_on_digits(digits: Digits) -> None:
     restored = EvalResults.from_dict(json.loads(json.dumps(results.to_dict())))
     assert restored.cells == results.cells and restored.fractions == results.fractions
     assert "| pretrained_probe | " in results.markdown_table()
+    assert "warm_start" not in results.markdown_table()
+    with pytest.raises(KeyError, match="warm_start_probe"):
+        results.gain_over_warm_start(0.10)
+
+
+def test_warm_start_rows_score_the_warm_start_on_the_same_subsets_and_seeds(digits: Digits) -> None:
+    """A warm start with the weights of random-init seed 7 must reproduce that control run by run.
+
+    Same weights, same label subsets, same fine-tuning seeds -> identical accuracies; any slip
+    (other weights, other subsets, unpaired seeds) breaks the equality.
+    """
+    plan = EvalPlan(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[7], finetune_epochs=2)
+    results = run(digits, guarded_labels(digits, digits.everything())[0], plan, warm_start_state=small_cnn(7).state_dict())
+
+    assert results.rows == list(ROW_ORDER) and results.has_warm_start
+    for warm, control in ((WARM_START_PROBE, RANDOM_INIT_PROBE), (WARM_START_FINETUNE, SCRATCH_FINETUNE)):
+        warm_runs, control_runs = results.cell(warm, 0.10).runs, results.cell(control, 0.10).runs
+        assert [(r.label_seed, r.init_seed) for r in warm_runs] == [(0, None), (1, None)]
+        assert [(r.label_seed, r.accuracy) for r in warm_runs] == [(r.label_seed, r.accuracy) for r in control_runs]
+    # ... and the federated rows are scored on their own weights, paired with the warm start.
+    pretrained = results.cell(PRETRAINED_PROBE, 0.10).accuracies
+    assert not np.array_equal(pretrained, results.cell(WARM_START_PROBE, 0.10).accuracies)
+    gain = results.gain_over_warm_start(0.10)
+    assert gain.paired and gain.seeds == 2 and (gain.row, gain.baseline) == (PRETRAINED_PROBE, WARM_START_PROBE)
+    assert gain.delta == pytest.approx(np.mean(pretrained - results.cell(WARM_START_PROBE, 0.10).accuracies))
+    restored = EvalResults.from_dict(json.loads(json.dumps(results.to_dict())))
+    assert restored.rows == results.rows and restored.gain_over_warm_start(0.10) == gain
+    assert "| warm_start_probe | " in results.markdown_table()
 
 
 def test_unconsented_train_labels_are_never_read(digits: Digits) -> None:
@@ -170,3 +206,58 @@ def test_gain_over_random_init_reports_spread() -> None:
     assert noisy.delta == pytest.approx(0.05) and noisy.within_spread
     single = results_with([0.9], [0.7]).gain_over_random_init(0.1)
     assert single.within_spread is False and single.spread_known is False
+
+
+def runs(accuracies: dict[int, float], init_seed: int | None = None) -> Cell:
+    """A cell from {label_seed: accuracy}, in the dict's order."""
+    return Cell(tuple(SeedRun(seed, init_seed, accuracy) for seed, accuracy in accuracies.items()))
+
+
+def warm_start_results() -> EvalResults:
+    """Warm-start runs stored in another seed order than the pretrained ones: only pairing by seed matches them."""
+    cells = {
+        (RANDOM_INIT_PROBE, 0.1): runs({0: 0.50, 1: 0.55, 2: 0.60}, init_seed=0),
+        (WARM_START_PROBE, 0.1): runs({2: 0.86, 0: 0.77, 1: 0.83}),
+        (PRETRAINED_PROBE, 0.1): runs({0: 0.80, 1: 0.85, 2: 0.90}),
+        (SCRATCH_FINETUNE, 0.1): runs({0: 0.40, 1: 0.45, 2: 0.50}, init_seed=0),
+        (WARM_START_FINETUNE, 0.1): runs({0: 0.90, 1: 0.92, 2: 0.94}),
+        (PRETRAINED_FINETUNE, 0.1): runs({0: 0.89, 1: 0.93, 2: 0.91}),
+    }
+    rows = [row for row in ROW_ORDER if row != RAW_INPUT]
+    return EvalResults(EvalPlan(label_fractions=[0.1]), rows, [FractionInfo(0.1, 10)], cells, 100, 100, 50, 0.0)
+
+
+def test_gain_over_warm_start_is_paired_by_seed_against_the_warm_start_row() -> None:
+    results = warm_start_results()
+    probe = results.gain_over_warm_start(0.1)
+    assert (probe.row, probe.baseline, probe.paired, probe.seeds) == (PRETRAINED_PROBE, WARM_START_PROBE, True, 3)
+    # per-seed differences 0.03, 0.02, 0.04 (seed 0, 1, 2): mean 0.03, sample std 0.01
+    assert probe.delta == pytest.approx(0.03) and probe.spread == pytest.approx(0.01)
+    assert not probe.within_spread and probe.spread_known
+    # Unpaired, the label-subset noise both rows share swamps the same difference.
+    unpaired = results.gain(PRETRAINED_PROBE, WARM_START_PROBE, 0.1)
+    assert unpaired.delta == pytest.approx(0.03) and unpaired.spread == pytest.approx(0.05 + np.std([0.77, 0.83, 0.86], ddof=1))
+    assert unpaired.within_spread and not unpaired.paired
+    # Against the random-init control the same pretrained row gains far more: a different baseline.
+    assert results.gain_over_random_init(0.1).delta == pytest.approx(0.30)
+
+    finetune = results.gain_over_warm_start(0.1, finetune=True)
+    assert (finetune.row, finetune.baseline) == (PRETRAINED_FINETUNE, WARM_START_FINETUNE)
+    # differences -0.01, +0.01, -0.03: mean -0.01, std 0.02 -> within the spread
+    assert finetune.delta == pytest.approx(-0.01) and finetune.spread == pytest.approx(0.02)
+    assert finetune.within_spread
+
+
+def test_paired_gain_refuses_rows_that_do_not_share_their_seeds() -> None:
+    results = warm_start_results()
+    results.cells[(WARM_START_PROBE, 0.1)] = runs({0: 0.77, 1: 0.83, 5: 0.86})
+    with pytest.raises(ValueError, match="do not share their seeds"):
+        results.gain_over_warm_start(0.1)
+    results.cells[(WARM_START_PROBE, 0.1)] = Cell((SeedRun(0, None, 0.7), SeedRun(0, None, 0.8), SeedRun(1, None, 0.8)))
+    with pytest.raises(ValueError, match="two runs with the same seeds"):
+        results.gain_over_warm_start(0.1)
+    single = warm_start_results()
+    single.cells[(WARM_START_PROBE, 0.1)] = runs({0: 0.77})
+    single.cells[(PRETRAINED_PROBE, 0.1)] = runs({0: 0.80})
+    gain = single.gain_over_warm_start(0.1)
+    assert gain.delta == pytest.approx(0.03) and gain.seeds == 1 and not gain.spread_known

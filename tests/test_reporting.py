@@ -14,13 +14,20 @@ from fedssl.evaluation import (
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
+    WARM_START_PROBE,
     Cell,
     EvalPlan,
     EvalResults,
     FractionInfo,
     SeedRun,
 )
-from fedssl.reporting import pretraining_verdict, privacy_statement, terminal_summary, write_report
+from fedssl.reporting import (
+    pretraining_verdict,
+    privacy_statement,
+    terminal_summary,
+    warm_start_verdict,
+    write_report,
+)
 
 CONFIG = {
     "run": {"name": "tiny"},
@@ -75,6 +82,21 @@ def evaluation() -> EvalResults:
     )  # fmt: skip
 
 
+def warm_start_evaluation() -> EvalResults:
+    """evaluation() plus the warm start the federation began from.
+
+    At 1% the private step's paired gain is inside its spread; at 10% the per-seed differences
+    (0.02, 0.03, 0.03) are consistent, so it is beyond its paired spread, although an unpaired
+    comparison (sum of both stds, 0.045) would call +0.027 noise.
+    """
+    results = evaluation()
+    results.rows = [RAW_INPUT, RANDOM_INIT_PROBE, WARM_START_PROBE, PRETRAINED_PROBE]
+    results.cells[(WARM_START_PROBE, 0.01)] = cell([0.61, 0.60, 0.62])  # differences -0.01, +0.02, +0.02
+    results.cells[(WARM_START_PROBE, 0.1)] = cell([0.84, 0.86, 0.88])
+    results.cells[(PRETRAINED_PROBE, 0.1)] = cell([0.86, 0.89, 0.91])
+    return results
+
+
 # What the server logs for a reply it could not attribute: no metrics, site unknown.
 FAILED_REPLY = {"kind": "site_round", "round": 2, "site_id": -1, "node_id": 7, "status": "failed", "reason": "timeout"}
 
@@ -111,6 +133,51 @@ def test_report_credits_pretraining_only_beyond_the_random_init_spread(run_dir: 
            "within the seed spread (±0.040), so no measurable gain from pretraining." in report  # fmt: skip
     assert "At 10% labels, pretrained_probe 0.910 vs random_init_probe 0.810: difference +0.100, " \
            "beyond the seed spread (±0.020): pretraining added 0.100 accuracy." in report  # fmt: skip
+
+
+def test_report_without_warm_start_has_no_warm_start_rows_or_verdict(run_dir: Path) -> None:
+    report = write_report(run_dir).read_text()
+    assert "warm_start" not in report and "private-step gain" not in report and "over its warm start" not in report
+    assert not any("private-step" in line for line in terminal_summary(run_dir).splitlines())
+
+
+@pytest.fixture
+def warm_run_dir(run_dir: Path) -> Path:
+    (run_dir / "evaluation.json").write_text(json.dumps(warm_start_evaluation().to_dict()))
+    return run_dir
+
+
+def test_report_states_what_the_private_step_added_over_the_warm_start(warm_run_dir: Path) -> None:
+    report = write_report(warm_run_dir).read_text()
+    assert "| warm_start_probe | 0.610 ± 0.010 | 0.860 ± 0.020 |" in report
+    assert report.index("| random_init_probe |") < report.index("| warm_start_probe |") < report.index("| pretrained_probe |")
+    assert "### What the private federated step added over its warm start" in report
+    assert "At 1% labels, pretrained_probe 0.620 vs warm_start_probe 0.610: private-step gain +0.010 ± 0.017 " \
+           "(over 3 paired label seeds), within the seed spread, so the ε spent bought no measurable gain over the " \
+           "zero-cost warm start." in report  # fmt: skip
+    assert "At 10% labels, pretrained_probe 0.887 vs warm_start_probe 0.860: private-step gain +0.027 ± 0.006 " \
+           "(over 3 paired label seeds), beyond the seed spread: the private federated step added 0.027 accuracy over " \
+           "its zero-cost warm start." in report  # fmt: skip
+    # The random-init comparison is still there, unchanged in kind.
+    assert "At 10% labels, pretrained_probe 0.887 vs random_init_probe 0.810: difference +0.077" in report
+    lines = terminal_summary(warm_run_dir).splitlines()
+    assert any(line.split() == ["private-step", "gain", "(probe)", "+0.010", "ns", "+0.027"] for line in lines)
+    assert any(line.split() == ["warm_start_probe", "0.610±0.010", "0.860±0.020"] for line in lines)
+
+
+def test_warm_start_verdict_names_a_loss_and_a_single_seed() -> None:
+    results = warm_start_evaluation()
+    results.cells[(PRETRAINED_PROBE, 0.1)] = cell([0.80, 0.81, 0.83])  # differences -0.04, -0.05, -0.05
+    results.cells[(WARM_START_PROBE, 0.01)] = cell([0.60])
+    results.cells[(PRETRAINED_PROBE, 0.01)] = cell([0.64])
+    single, worse = warm_start_verdict(results)
+    assert single == "At 1% labels, pretrained_probe 0.640 vs warm_start_probe 0.600: private-step gain +0.040 " \
+                     "from a single label seed, so the spread is unknown and no gain over the zero-cost warm start " \
+                     "can be claimed."  # fmt: skip
+    assert worse.startswith("At 10% labels, pretrained_probe 0.813 vs warm_start_probe 0.860: private-step gain -0.047 ± 0.006")
+    assert worse.endswith("beyond the seed spread: the private federated step left the encoder worse than its zero-cost "
+                          "warm start.")  # fmt: skip
+    assert warm_start_verdict(evaluation()) == []
 
 
 def test_report_without_optional_files(run_dir: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +22,7 @@ from fedssl.warmstart import (
     pretrain_encoder,
     public_pretraining_description,
     read_checkpoint,
+    run_warm_start,
     save_warm_start,
 )
 
@@ -212,3 +214,92 @@ def test_warmstart_module_keeps_the_server_free_of_data_loading():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+# --------------------------------------------------------------------------- the evaluation side
+
+
+def test_run_warm_start_reads_back_what_the_federation_started_from(tmp_path):
+    """prepare_warm_start keeps warm_start.pt in the run dir; the evaluation loads those very weights."""
+    config = _config(source="synthetic", num_samples=40, steps=2, batch_size=8)
+    written, _ = read_checkpoint(prepare_warm_start(config, tmp_path))
+    encoder = build_encoder("cnn", (1, 8, 8), width=WIDTH, depth=DEPTH, seed=123)
+    state = run_warm_start(config, tmp_path, encoder)
+    assert state is not None and set(state) == set(written)
+    assert all(torch.equal(state[k], written[k]) and torch.equal(encoder.state_dict()[k], written[k]) for k in written)
+    # No warm start configured: nothing to score, even if a stray file is there.
+    assert run_warm_start(_config(), tmp_path, encoder) is None
+
+
+def test_run_warm_start_refuses_a_missing_or_tampered_file(tmp_path):
+    config = _config(source="synthetic", num_samples=40, steps=1, batch_size=8)
+    encoder = build_encoder("cnn", (1, 8, 8), width=WIDTH, depth=DEPTH)
+    with pytest.raises(ConfigError, match="warm_start.pt missing.*warm_start.source=synthetic"):
+        run_warm_start(config, tmp_path, encoder)
+    path = prepare_warm_start(config, tmp_path)
+    payload = torch.load(path, weights_only=True)
+    first = next(iter(payload["encoder"]))
+    payload["encoder"][first] = payload["encoder"][first] * 2.0
+    torch.save(payload, path)
+    with pytest.raises(ConfigError, match="sha256"):
+        run_warm_start(config, tmp_path, encoder)
+
+
+def _finished_run(tmp_path, name: str, warm_start: str):
+    """A run directory as `fedssl simulate` leaves it before evaluation, minus the federation.
+
+    The real digits-tiny config; encoder.pt stands in for the federated encoder. With a warm start,
+    encoder.pt is the warm start itself (zero federated rounds), so the warm-start rows must equal
+    the pretrained rows run by run.
+    """
+    from fedssl.config import load_config, save_config
+    from fedssl.evaluation.central import FINAL_ENCODER
+
+    overrides = [f"run.name={name}", f"run.output_dir={tmp_path}", f"warm_start.source={warm_start}",
+                 "warm_start.num_samples=40", "warm_start.steps=2", "warm_start.batch_size=8",
+                 "evaluation.label_seeds=[0,1]", "evaluation.methods=[linear_probe,finetune]",
+                 "evaluation.finetune_epochs=1"]  # fmt: skip
+    config = load_config(Path(__file__).resolve().parents[1] / "configs/experiments/digits-tiny.yaml", overrides)
+    config.model.input_shape = [1, 8, 8]
+    run_dir = tmp_path / name
+    run_dir.mkdir()
+    save_config(config, run_dir / "config.yaml")
+    warm = prepare_warm_start(config, run_dir)
+    m = config.model
+    final = read_checkpoint(warm)[0] if warm else build_encoder(m.encoder, (1, 8, 8), width=m.width, depth=m.depth, seed=5).state_dict()
+    torch.save(final, run_dir / FINAL_ENCODER)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_evaluate_run_adds_warm_start_rows_exactly_when_the_run_used_one(tmp_path):
+    from fedssl.evaluation import (
+        PRETRAINED_FINETUNE,
+        PRETRAINED_PROBE,
+        ROW_ORDER,
+        WARM_START_FINETUNE,
+        WARM_START_PROBE,
+        WARM_START_ROWS,
+    )
+    from fedssl.evaluation.central import evaluate_run
+    from fedssl.reporting.run_files import EVALUATION_FILE
+
+    plain = evaluate_run(_finished_run(tmp_path, "plain", "none"))
+    assert plain.rows == [row for row in ROW_ORDER if row not in WARM_START_ROWS]
+
+    run_dir = _finished_run(tmp_path, "warm", "synthetic")
+    warm = evaluate_run(run_dir)
+    assert warm.rows == list(ROW_ORDER)
+    # encoder.pt is the warm start here: read from warm_start.pt, scored on the same subsets and seeds,
+    # the warm-start rows must reproduce the pretrained rows run by run.
+    for row, baseline in ((PRETRAINED_PROBE, WARM_START_PROBE), (PRETRAINED_FINETUNE, WARM_START_FINETUNE)):
+        assert warm.cell(row, 0.1).runs == warm.cell(baseline, 0.1).runs
+        assert [run.label_seed for run in warm.cell(baseline, 0.1).runs] == [0, 1]
+    gain = warm.gain_over_warm_start(0.1)
+    assert gain.delta == 0.0 and gain.spread == 0.0 and gain.seeds == 2
+    saved = json.loads((run_dir / EVALUATION_FILE).read_text())
+    assert WARM_START_PROBE in saved["rows"] and WARM_START_FINETUNE in saved["rows"]
+    # The rows come from the run's warm_start.pt (not from encoder.pt): without it the evaluation stops.
+    (run_dir / WARM_START_FILE).unlink()
+    with pytest.raises(ConfigError, match="warm_start.pt missing"):
+        evaluate_run(run_dir)

@@ -29,6 +29,7 @@ from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
 from fedssl.errors import ConfigError
 from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, SERVER_DONE, _progress_message, prepare_run_dir, write_summary
+from fedssl.warmstart import prepare_warm_start
 
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
@@ -245,7 +246,8 @@ def start_server(config_path: str | Path, *, overrides: list[str] | None = None,
     if experiment.federation.min_sites > len(entries):
         raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(entries)}")
     run_dir = prepare_run_dir(experiment, overwrite=overwrite)
-    p = experiment.privacy
+    # As in a simulation: the public/synthetic warm start is built here, before any site connects.
+    prepare_warm_start(experiment, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
     echo(
         f"fedssl: run {experiment.run.name}: {len(entries)} registered site(s), {experiment.federation.rounds} rounds, "
         f"pretext {experiment.pretext.name}; each site applies its own privacy budget -> {run_dir}"

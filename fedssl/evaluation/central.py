@@ -1,7 +1,8 @@
 """Central evaluation of a finished run: the coordinator's consented labels only.
 
-Loads the run's resolved config and final encoder, builds (or loads) the consent
-manifest, and writes ``evaluation.json`` beside the run's other outputs.
+Loads the run's resolved config and final encoder (and, when the run used one, the warm
+start the federation began from), builds (or loads) the consent manifest, and writes
+``evaluation.json`` beside the run's other outputs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from fedssl.evaluation.plan import EvalPlan
 from fedssl.evaluation.results import EvalResults
 from fedssl.experiment import central_data_for
 from fedssl.models import build_encoder
+from fedssl.warmstart import run_warm_start
 
 EVALUATION_FILE = "evaluation.json"
 CONSENT_FILE = "consent.txt"
@@ -59,9 +61,12 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         probe_C=ev.probe_C,
         methods=list(ev.methods),
     )
+    # Same file, same checks as the ServerApp's load: the rows score exactly what the sites started from.
+    warm_start_state = run_warm_start(config, run_dir, encoder_factory(None))
     results = evaluate_label_efficiency(
         encoder_factory=encoder_factory,
         pretrained_state=torch.load(encoder_path, weights_only=True),
+        warm_start_state=warm_start_state,
         train=data.train,
         test=data.test,
         labels=labels,

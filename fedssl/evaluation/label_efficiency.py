@@ -2,6 +2,8 @@
 
 Every row sees the same stratified label subsets (paired by label seed), and the random-init
 rows are the control: a gain counts only if a random encoder of the same shape does not get it too.
+When the run started from a warm start, that encoder is read out the same way (warm-start rows),
+so the private federated step can be judged against its own zero-cost starting point.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from fedssl.evaluation.results import (
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
+    ROW_ORDER,
     SCRATCH_FINETUNE,
+    WARM_START_FINETUNE,
+    WARM_START_PROBE,
     Cell,
     EvalResults,
     FractionInfo,
@@ -63,6 +68,7 @@ class _Bench:
     pretrained: Encoder
     random_inits: dict[int, Encoder]
     views: list[_ProbeView]
+    warm_start: Encoder | None = None
 
 
 def _consented_pool(train: SiteDataset, labels: ConsentedLabels) -> tuple[torch.Tensor, np.ndarray]:
@@ -79,6 +85,7 @@ def _probe_views(
     pretrained: Encoder,
     random_inits: dict[int, Encoder],
     plan: EvalPlan,
+    warm_start: Encoder | None = None,
 ) -> list[_ProbeView]:
     def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
         return _ProbeView(row, init_seed, encode(encoder, pool_inputs), encode(encoder, test_inputs))
@@ -87,6 +94,8 @@ def _probe_views(
     views = [_ProbeView(RAW_INPUT, None, flatten_inputs(pool_inputs), flatten_inputs(test_inputs))]
     if LINEAR_PROBE in plan.methods:
         views += [frozen(RANDOM_INIT_PROBE, seed, encoder) for seed, encoder in random_inits.items()]
+        if warm_start is not None:
+            views.append(frozen(WARM_START_PROBE, None, warm_start))
         views.append(frozen(PRETRAINED_PROBE, None, pretrained))
     return views
 
@@ -98,6 +107,7 @@ def _build_bench(
     test: SiteDataset,
     labels: ConsentedLabels,
     plan: EvalPlan,
+    warm_start_state: dict[str, torch.Tensor] | None = None,
 ) -> _Bench:
     # Test labels first: an unconsented test id stops the run before any train label is read.
     test_labels = np.asarray(labels.labels_for(test.sample_ids))
@@ -105,8 +115,12 @@ def _build_bench(
     pretrained = encoder_factory(None)
     pretrained.load_state_dict(pretrained_state)
     random_inits = {seed: encoder_factory(seed) for seed in plan.random_init_seeds}
-    views = _probe_views(pool_inputs, test.inputs, pretrained, random_inits, plan)
-    return _Bench(pool_inputs, pool_labels, test.inputs, test_labels, pretrained, random_inits, views)
+    warm_start = None
+    if warm_start_state is not None:
+        warm_start = encoder_factory(None)
+        warm_start.load_state_dict(warm_start_state)
+    views = _probe_views(pool_inputs, test.inputs, pretrained, random_inits, plan, warm_start)
+    return _Bench(pool_inputs, pool_labels, test.inputs, test_labels, pretrained, random_inits, views, warm_start)
 
 
 def _runs_on_subset(
@@ -123,10 +137,10 @@ def _runs_on_subset(
     # One init seed per label seed (cycled) keeps scratch fine-tuning affordable while its
     # spread still includes init variance.
     init_seed = plan.random_init_seeds[seed_index % len(plan.random_init_seeds)]
-    starts = (
-        (SCRATCH_FINETUNE, bench.random_inits[init_seed], init_seed),
-        (PRETRAINED_FINETUNE, bench.pretrained, None),
-    )
+    starts = [(SCRATCH_FINETUNE, bench.random_inits[init_seed], init_seed)]
+    if bench.warm_start is not None:
+        starts.append((WARM_START_FINETUNE, bench.warm_start, None))
+    starts.append((PRETRAINED_FINETUNE, bench.pretrained, None))
     for row, encoder, start_seed in starts:
         accuracy = finetune_accuracy(
             encoder,
@@ -137,7 +151,7 @@ def _runs_on_subset(
             epochs=plan.finetune_epochs,
             lr=plan.finetune_lr,
             batch_size=plan.finetune_batch_size,
-            seed=label_seed,  # same head init and batch order for both rows: paired
+            seed=label_seed,  # same head init and batch order for every row: paired
         )
         yield row, SeedRun(label_seed, start_seed, accuracy)
 
@@ -159,13 +173,13 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _planned_rows(plan: EvalPlan) -> list[str]:
-    rows = [RAW_INPUT]
+def _planned_rows(plan: EvalPlan, warm_start: bool) -> list[str]:
+    rows = {RAW_INPUT}
     if LINEAR_PROBE in plan.methods:
-        rows += [RANDOM_INIT_PROBE, PRETRAINED_PROBE]
+        rows |= {RANDOM_INIT_PROBE, PRETRAINED_PROBE} | ({WARM_START_PROBE} if warm_start else set())
     if FINETUNE in plan.methods:
-        rows += [SCRATCH_FINETUNE, PRETRAINED_FINETUNE]
-    return rows
+        rows |= {SCRATCH_FINETUNE, PRETRAINED_FINETUNE} | ({WARM_START_FINETUNE} if warm_start else set())
+    return [row for row in ROW_ORDER if row in rows]
 
 
 def evaluate_label_efficiency(
@@ -177,18 +191,22 @@ def evaluate_label_efficiency(
     labels: ConsentedLabels,
     plan: EvalPlan,
     progress: Progress | None = None,
+    warm_start_state: dict[str, torch.Tensor] | None = None,
 ) -> EvalResults:
     """Accuracy of each row at each label fraction, over label seeds (and init seeds for random rows).
 
     `encoder_factory(seed)` must build the pretrained architecture; `None` means "any init", used
-    only as the container for `pretrained_state`. Raises ConsentError if a test id is unconsented.
+    only as the container for `pretrained_state` (and `warm_start_state`). With `warm_start_state`
+    (the encoder the federation started from) the warm-start rows are added, read out exactly like
+    the pretrained rows on the same label subsets and seeds; without it there are none.
+    Raises ConsentError if a test id is unconsented.
     A fraction needing more labels than there are consented train examples is skipped, with the
     reason recorded in the results.
     """
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     with _single_threaded():
-        bench = _build_bench(encoder_factory, pretrained_state, train, test, labels, plan)
+        bench = _build_bench(encoder_factory, pretrained_state, train, test, labels, plan, warm_start_state)
         num_train, num_consented = len(train.sample_ids), len(bench.pool_labels)
         num_classes = len(np.unique(bench.pool_labels))
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
@@ -209,7 +227,7 @@ def evaluate_label_efficiency(
                 say(f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done")
     return EvalResults(
         plan=plan,
-        rows=_planned_rows(plan),
+        rows=_planned_rows(plan, warm_start=warm_start_state is not None),
         fractions=fractions,
         cells={key: Cell(tuple(values)) for key, values in runs.items()},
         num_train=num_train,

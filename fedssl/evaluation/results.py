@@ -14,7 +14,22 @@ RANDOM_INIT_PROBE = "random_init_probe"
 PRETRAINED_PROBE = "pretrained_probe"
 SCRATCH_FINETUNE = "scratch_finetune"
 PRETRAINED_FINETUNE = "pretrained_finetune"
-ROW_ORDER = (RAW_INPUT, RANDOM_INIT_PROBE, PRETRAINED_PROBE, SCRATCH_FINETUNE, PRETRAINED_FINETUNE)
+# The encoder the federation started from (warm_start.pt), read out like the pretrained rows:
+# only present when the run used a warm start. Pretrained minus warm start is what the
+# private federated step (the ε spent) added over its zero-cost starting point.
+WARM_START_PROBE = "warm_start_probe"
+WARM_START_FINETUNE = "warm_start_finetune"
+WARM_START_ROWS = (WARM_START_PROBE, WARM_START_FINETUNE)
+# Every row a table can have, in display order: control, zero-cost start, federated result.
+ROW_ORDER = (
+    RAW_INPUT,
+    RANDOM_INIT_PROBE,
+    WARM_START_PROBE,
+    PRETRAINED_PROBE,
+    SCRATCH_FINETUNE,
+    WARM_START_FINETUNE,
+    PRETRAINED_FINETUNE,
+)
 
 
 def format_fraction(fraction: float) -> str:
@@ -66,14 +81,21 @@ class FractionInfo:
 
 @dataclass(frozen=True)
 class Gain:
-    """Mean accuracy of `row` minus `baseline`; `spread` is the sum of both stds."""
+    """Mean accuracy of `row` minus `baseline`, and the seed spread it must exceed to count.
+
+    Unpaired (``paired=False``): `spread` is the sum of both cells' stds and `seeds` the runs
+    behind the thinner cell. Paired (``paired=True``): `delta` is the mean of the per-run
+    differences between runs with the same label seed (and init seed), `spread` their sample
+    std, and `seeds` the number of pairs.
+    """
 
     row: str
     baseline: str
     fraction: float
     delta: float
     spread: float
-    seeds: int  # runs behind the thinner of the two cells
+    seeds: int
+    paired: bool = False
 
     @property
     def within_spread(self) -> bool:
@@ -108,9 +130,46 @@ class EvalResults:
         ours, theirs = self.cell(row, fraction), self.cell(baseline, fraction)
         return Gain(row, baseline, fraction, ours.mean - theirs.mean, ours.std + theirs.std, min(ours.n, theirs.n))
 
+    def paired_gain(self, row: str, baseline: str, fraction: float) -> Gain:
+        """`row` minus `baseline` run by run, pairing runs on (label seed, init seed).
+
+        Both rows must hold exactly the same pairs (they do when they were evaluated on the
+        same label subsets); the shared label-subset noise then cancels out of each difference.
+        """
+        ours, theirs = self._runs_by_seed(row, fraction), self._runs_by_seed(baseline, fraction)
+        if ours.keys() != theirs.keys():
+            raise ValueError(
+                f"{row} and {baseline} at label fraction {fraction} do not share their seeds "
+                f"({sorted(ours, key=str)} vs {sorted(theirs, key=str)}): they cannot be paired"
+            )
+        differences = np.array([ours[key] - theirs[key] for key in ours])
+        spread = float(differences.std(ddof=1)) if len(differences) > 1 else 0.0
+        return Gain(row, baseline, fraction, float(differences.mean()), spread, len(differences), paired=True)
+
+    def _runs_by_seed(self, row: str, fraction: float) -> dict[tuple[int, int | None], float]:
+        runs = self.cell(row, fraction).runs
+        by_seed = {(run.label_seed, run.init_seed): run.accuracy for run in runs}
+        if len(by_seed) != len(runs):
+            raise ValueError(f"{row} at label fraction {fraction} has two runs with the same seeds: cannot pair")
+        return by_seed
+
     def gain_over_random_init(self, fraction: float) -> Gain:
         """What pretraining added to the probe beyond what a random encoder already gives."""
         return self.gain(PRETRAINED_PROBE, RANDOM_INIT_PROBE, fraction)
+
+    def gain_over_warm_start(self, fraction: float, finetune: bool = False) -> Gain:
+        """What the private federated step added over its zero-cost warm start, paired by label seed.
+
+        Probe readout by default, fine-tuning with ``finetune=True``. Raises KeyError when
+        the run had no warm start (no warm-start rows).
+        """
+        if finetune:
+            return self.paired_gain(PRETRAINED_FINETUNE, WARM_START_FINETUNE, fraction)
+        return self.paired_gain(PRETRAINED_PROBE, WARM_START_PROBE, fraction)
+
+    @property
+    def has_warm_start(self) -> bool:
+        return any(row in self.rows for row in WARM_START_ROWS)
 
     def markdown_table(self) -> str:
         header = ["row"] + [f"{format_fraction(info.fraction)} ({info.num_labels} labels)" for info in self.fractions]

@@ -9,7 +9,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedssl.evaluation.results import RANDOM_INIT_PROBE, SCRATCH_FINETUNE, EvalResults, format_fraction
+from fedssl.evaluation.results import RANDOM_INIT_PROBE, SCRATCH_FINETUNE, WARM_START_ROWS, EvalResults, format_fraction
 from fedssl.reporting.run_files import RoundRecord, SiteRound, group_by_site
 
 FIGSIZE = (6.4, 4.0)
@@ -74,7 +74,8 @@ def plot_label_efficiency(results: EvalResults, path: Path) -> Path:
         cells = [results.cell(row, fraction) for fraction in fractions]
         # Small multiplicative shifts keep overlapping error bars readable on the log axis.
         shifted = [fraction * (1 + 0.03 * (offset - len(results.rows) / 2)) for fraction in fractions]
-        style = "--" if row in CONTROL_ROWS else "-"
+        # dotted: the zero-cost warm start the federation began from (runs with a warm start only)
+        style = "--" if row in CONTROL_ROWS else ":" if row in WARM_START_ROWS else "-"
         means, stds = [c.mean for c in cells], [c.std for c in cells]
         axes.errorbar(shifted, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=row)
     axes.set_xscale("log")
