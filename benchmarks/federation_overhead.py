@@ -4,20 +4,18 @@ Measured in one run, on this machine:
 
 * ``flower``: the real path (`fedssl simulate`'s `run_federation`: SuperLink, FAB, Ray,
   ServerApp, ClientApps) for the demo encoder with 10 sites; wall time, the ServerApp's own
-  time, per-round times and the sites' reported training seconds;
+  time, per-round times, the sites' reported training seconds, and a timeline of start-up
+  phases from ``FEDSSL_PHASE_LOG`` marks (fedssl/phases.py) in every process of the run;
 * ``replay``: the same site-rounds called in-process, one after the other, exactly as the
   ClientApp calls them (``train_round``): the sum of the DP-SGD step time is the *pure
-  training time* the target compares against; the rest of ``train_round`` is budget
-  bookkeeping (calibration, accounting, ledger) and Opacus set-up;
-* both again with the proposed accounting speed-up (benchmarks/_fast_accounting.py, applied
-  to every simulation process through a ``sitecustomize`` import hook);
-* micro costs: a fresh Python process importing the ClientApp, ``ray.init``, cold data
-  loading + partitioning, and one encoder (de)serialization.
+  training time*; the rest of ``train_round`` is budget bookkeeping and Opacus set-up;
+* micro costs: a fresh Python process importing the apps, ``ray.init``, building the FAB from the
+  checkout vs from the staged app, cold data loading + partitioning, one encoder (de)serialization.
 
-Ratio = flower wall / sum of the sites' pure training time (sequential, 1 thread). With two
+Ratio = flower wall / sum of the sites' training seconds reported in that run. With two
 workers on two cores the ideal is ~0.5, on a loaded machine ~1.0. Target <= 1.10.
 
-    python benchmarks/federation_overhead.py            # 10 sites x 5 rounds (~8 min)
+    python benchmarks/federation_overhead.py            # 10 sites x 5 rounds (~10 min)
     python benchmarks/federation_overhead.py --quick    # 2 sites x 2 rounds in-process only
 """
 
@@ -26,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -35,8 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _fast_accounting  # noqa: E402
-from _common import BENCH_DIR, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 TINY = PROJECT_ROOT / "configs" / "experiments" / "digits-tiny.yaml"
@@ -57,7 +53,7 @@ def _config(path: Path, sites: int, rounds: int, out_dir: Path, name: str):
 # ------------------------------------------------------------------------ in-process replay
 
 
-def replay(config, patched: bool, state_root: Path) -> dict:
+def replay(config, state_root: Path) -> dict:
     """Every site-round of the run, in-process and sequential, as the ClientApp would call it."""
     import torch
 
@@ -67,64 +63,107 @@ def replay(config, patched: bool, state_root: Path) -> dict:
     from fedssl.training.local import train_round
     from fedssl.training.plan import TrainPlan
 
-    if patched:
-        _fast_accounting.install()
-    else:
-        _fast_accounting.uninstall()
-    try:
-        data = central_data_for(config)
-        parts = site_partitions(config)
-        m, t = config.model, config.training
-        state = build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=config.run.seed).state_dict()
-        plan = TrainPlan(run_id="replay", server_round=1, planned_rounds=config.federation.rounds, pretext=config.pretext.name,
-                         pretext_params=config.pretext.params, encoder=m.encoder, width=m.width, depth=m.depth,
-                         local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                         momentum=t.momentum, seed=config.run.seed)
-        steps_s = round_s = 0.0
-        per_round = []
-        for server_round in range(1, config.federation.rounds + 1):
-            round_steps = round_total = 0.0
-            for site_id in range(config.federation.num_sites):
-                dataset = make_site_dataset(data.train, parts[site_id])
-                started = time.perf_counter()
-                result = train_round(dataset, state, plan.with_round(server_round), site_settings(config, state_root, site_id))
-                round_total += time.perf_counter() - started
-                round_steps += result.train_seconds
-            per_round.append({"round": server_round, "steps_s": round_steps, "train_round_s": round_total})
-            steps_s += round_steps
-            round_s += round_total
-        torch.set_num_threads(torch.get_num_threads())
-        return {"patched_accounting": patched, "steps_s": steps_s, "train_round_s": round_s,
-                "bookkeeping_s": round_s - steps_s, "per_round": per_round}
-    finally:
-        _fast_accounting.uninstall()
+    data = central_data_for(config)
+    parts = site_partitions(config)
+    m, t = config.model, config.training
+    state = build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=config.run.seed).state_dict()
+    plan = TrainPlan(run_id="replay", server_round=1, planned_rounds=config.federation.rounds, pretext=config.pretext.name,
+                     pretext_params=config.pretext.params, encoder=m.encoder, width=m.width, depth=m.depth,
+                     local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+                     momentum=t.momentum, seed=config.run.seed)
+    steps_s = round_s = 0.0
+    per_round = []
+    for server_round in range(1, config.federation.rounds + 1):
+        round_steps = round_total = 0.0
+        for site_id in range(config.federation.num_sites):
+            dataset = make_site_dataset(data.train, parts[site_id])
+            started = time.perf_counter()
+            result = train_round(dataset, state, plan.with_round(server_round), site_settings(config, state_root, site_id))
+            round_total += time.perf_counter() - started
+            round_steps += result.train_seconds
+        per_round.append({"round": server_round, "steps_s": round_steps, "train_round_s": round_total})
+        steps_s += round_steps
+        round_s += round_total
+    torch.set_num_threads(torch.get_num_threads())
+    return {"steps_s": steps_s, "train_round_s": round_s, "bookkeeping_s": round_s - steps_s, "per_round": per_round}
 
 
 # ------------------------------------------------------------------------ flower run
 
 
-def _patch_dir(root: Path) -> Path:
-    patch = root / "fast_accounting_patch"
-    patch.mkdir(parents=True, exist_ok=True)
-    (patch / "sitecustomize.py").write_text(_fast_accounting.SITECUSTOMIZE)
-    shutil.copy(BENCH_DIR / "_fast_accounting.py", patch / "_fast_accounting.py")
-    return patch
+def phase_timeline(path: Path) -> dict:
+    """Start-up phases of one run from its FEDSSL_PHASE_LOG marks, in seconds after `run_federation` began."""
+    from fedssl.phases import read
+
+    marks = read(path)
+    start = next((m["t"] for m in marks if m["phase"] == "driver_start"), None)
+    if start is None:
+        return {}
+
+    def first(phase: str) -> float | None:
+        times = [m["t"] - start for m in marks if m["phase"] == phase]
+        return min(times) if times else None
+
+    at = {phase: first(phase) for phase in ("superlink_ready", "run_submitted", "simulation_started", "server_main",
+                                             "server_first_round", "client_modules_loading", "server_done", "driver_done")}
+    workers: dict[int, dict] = {}
+    for m in marks:
+        w = workers.setdefault(m["pid"], {})
+        if m["phase"] in ("client_modules_loading", "client_modules_loaded") and m["phase"] not in w:
+            w[m["phase"]] = m["t"] - start
+        elif m["phase"] == "site_start" and "site_start" not in w:
+            w["site_start"] = m["t"] - start
+        elif m["phase"] == "site_done" and "first_site_done" not in w:
+            w["first_site_done"], w["first_site_train_s"] = m["t"] - start, float(m.get("train_s", 0.0))
+    workers = {pid: w for pid, w in workers.items() if "client_modules_loading" in w}
+
+    def gap(a: str, b: str) -> float | None:
+        return None if at[a] is None or at[b] is None else at[b] - at[a]
+
+    def mean(values: list[float]) -> float | None:
+        return statistics.fmean(values) if values else None
+
+    durations = {
+        "flwr_cli_and_superlink_start_s": at["superlink_ready"],
+        "fab_build_and_submit_s": gap("superlink_ready", "run_submitted"),
+        "simulation_process_start_s": gap("run_submitted", "simulation_started"),
+        "serverapp_import_and_setup_s": gap("simulation_started", "server_first_round"),
+        "ray_init_and_actor_start_s": gap("server_first_round", "client_modules_loading"),
+        "worker_import_training_stack_s": mean([w["client_modules_loaded"] - w["client_modules_loading"]
+                                                for w in workers.values() if "client_modules_loaded" in w]),
+        "worker_first_site_overhead_s": mean([w["first_site_done"] - w["site_start"] - w["first_site_train_s"]
+                                              for w in workers.values() if "first_site_done" in w and "site_start" in w]),
+        "tail_after_server_done_s": gap("server_done", "driver_done"),
+    }
+    return {"at_s": at, "durations_s": durations, "workers": list(workers.values())}
 
 
-def flower_run(config, patched: bool, tmp: Path) -> dict:
-    from fedssl.simulation import prepare_run_dir, run_federation
+def _noise_multipliers(run_dir: Path) -> list[float]:
+    """The distinct σ the sites calibrated."""
+    found = set()
+    for path in run_dir.glob("sites/*/accountant.json"):
+        try:
+            found.add(float(json.loads(path.read_text())["mechanism"]["noise_multiplier"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(found)
 
-    run_dir = prepare_run_dir(config, overwrite=True)
-    saved = os.environ.get("PYTHONPATH")
-    if patched:
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_patch_dir(tmp)), saved]))
+
+def flower_run(config, tmp: Path) -> dict:
+    from fedssl import phases, simulation
+
+    run_dir = simulation.prepare_run_dir(config, overwrite=True)
+    phase_log = tmp / f"{config.run.name}.phases.jsonl"
+    phase_log.unlink(missing_ok=True)
+    saved = os.environ.get(phases.ENV_VAR)
+    os.environ[phases.ENV_VAR] = str(phase_log)
     try:
-        outcome = run_federation(config, run_dir, stream=False)
+        outcome = simulation.run_federation(config, run_dir, stream=False)
     finally:
         if saved is None:
-            os.environ.pop("PYTHONPATH", None)
+            os.environ.pop(phases.ENV_VAR, None)
         else:
-            os.environ["PYTHONPATH"] = saved
+            os.environ[phases.ENV_VAR] = saved
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rounds = [r for r in records if r.get("kind") == "round"]
     sites = [r for r in records if r.get("kind") == "site_round"]
@@ -132,7 +171,6 @@ def flower_run(config, patched: bool, tmp: Path) -> dict:
     round_seconds = [float(r["seconds"]) for r in rounds]
     site_train = [float(r.get("train_seconds", 0.0)) for r in sites]
     return {
-        "patched_accounting": patched,
         "wall_s": outcome.seconds,
         "server_s": float(server["seconds"]),
         "startup_before_server_s": outcome.seconds - float(server["seconds"]),
@@ -141,6 +179,9 @@ def flower_run(config, patched: bool, tmp: Path) -> dict:
         "site_train_s_sum": sum(site_train),
         "site_rounds": len(sites),
         "trained": sum(1 for r in sites if r.get("status") == "trained"),
+        "noise_multipliers": _noise_multipliers(run_dir),
+        "phases": phase_timeline(phase_log),
+        "load_avg_after": list(os.getloadavg()),
         "run_dir": str(run_dir),
     }
 
@@ -180,6 +221,24 @@ def micro(config, with_subprocesses: bool) -> dict:
         ArrayRecord(state).to_torch_state_dict()
     out["encoder_roundtrip_serialization_s"] = (time.perf_counter() - started) / 20
     if with_subprocesses:
+        from flwr.cli.build import build_fab_from_disk
+
+        from fedssl.simulation import stage_app
+
+        started = time.perf_counter()
+        checkout_fab = build_fab_from_disk(PROJECT_ROOT)
+        out["fab_build_from_checkout_s"] = time.perf_counter() - started
+        with tempfile.TemporaryDirectory(prefix="fedssl-stage-") as stage:
+            started = time.perf_counter()
+            staged_fab = build_fab_from_disk(stage_app(PROJECT_ROOT, Path(stage) / "app"))
+            out["fab_stage_and_build_s"] = time.perf_counter() - started
+        out["fab_staged_identical"] = float(staged_fab == checkout_fab)
+        out["fresh_process_import_clientapp_module_s"] = _subprocess_seconds(
+            "import time; t = time.perf_counter(); import clients.client_app; print('SECONDS', time.perf_counter() - t)"
+        )
+        out["fresh_process_import_serverapp_s"] = _subprocess_seconds(
+            "import time; t = time.perf_counter(); import server.server_app; print('SECONDS', time.perf_counter() - t)"
+        )
         out["fresh_process_import_clientapp_s"] = _subprocess_seconds(
             "import time; t = time.perf_counter(); import clients.client_app, fedssl.training.local; "
             "print('SECONDS', time.perf_counter() - t)"
@@ -196,7 +255,7 @@ def micro(config, with_subprocesses: bool) -> dict:
     return out
 
 
-def summarise(replay_now: dict, replay_fix: dict, runs: dict) -> dict:
+def summarise(replay_now: dict, runs: dict) -> dict:
     """Headline ratio: flower wall / the sites' own training seconds reported *in that run*.
 
     Both sides come from the same minutes of the same run, so load from other jobs on this
@@ -209,7 +268,6 @@ def summarise(replay_now: dict, replay_fix: dict, runs: dict) -> dict:
         summary[f"ratio_rounds_only_{key}"] = sum(run["round_s"]) / run["site_train_s_sum"]
         summary[f"ratio_vs_replay_steps_{key}"] = run["wall_s"] / replay_now["steps_s"]
     summary["replay_train_round_over_steps_current"] = replay_now["train_round_s"] / replay_now["steps_s"]
-    summary["replay_train_round_over_steps_fixed"] = replay_fix["train_round_s"] / replay_fix["steps_s"]
     return summary
 
 
@@ -230,23 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fedssl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         config = _config(TINY if args.quick else DEMO, sites, rounds, tmp / "runs", "fedover")
-        replay_now = replay(config, patched=False, state_root=tmp / "replay-current")
-        print(f"federation_overhead: replay (current accounting): steps {replay_now['steps_s']:.1f}s, "
+        replay_now = replay(config, state_root=tmp / "replay-current")
+        print(f"federation_overhead: replay: steps {replay_now['steps_s']:.1f}s, "
               f"train_round {replay_now['train_round_s']:.1f}s", flush=True)
-        replay_fix = replay(config, patched=True, state_root=tmp / "replay-fixed")
-        print(f"federation_overhead: replay (fast accounting):    steps {replay_fix['steps_s']:.1f}s, "
-              f"train_round {replay_fix['train_round_s']:.1f}s", flush=True)
         costs = micro(config, with_subprocesses=not args.quick)
         print(f"federation_overhead: micro {json.dumps({k: round(v, 4) for k, v in costs.items()})}", flush=True)
         runs = {}
         if not (args.quick or args.skip_flower):
-            for patched in (False, True):
-                cfg = _config(DEMO, sites, rounds, tmp / "runs", f"fedover-{'fixed' if patched else 'current'}")
-                runs["fixed" if patched else "current"] = run = flower_run(cfg, patched, tmp)
-                print(f"federation_overhead: flower ({'fast' if patched else 'current'} accounting): wall {run['wall_s']:.1f}s, "
-                      f"startup {run['startup_before_server_s']:.1f}s, rounds {[round(s, 1) for s in run['round_s']]}", flush=True)
-        check = _fast_accounting.check_identical()
-    summary = summarise(replay_now, replay_fix, runs)
+            cfg = _config(DEMO, sites, rounds, tmp / "runs", "fedover-current")
+            runs["current"] = run = flower_run(cfg, tmp)
+            print(f"federation_overhead: flower: wall {run['wall_s']:.1f}s, train {run['site_train_s_sum']:.1f}s, "
+                  f"startup {run['startup_before_server_s']:.1f}s, rounds {[round(s, 1) for s in run['round_s']]}, "
+                  f"phases {json.dumps({k: None if v is None else round(v, 2) for k, v in run['phases'].get('durations_s', {}).items()})}",
+                  flush=True)
+    summary = summarise(replay_now, runs)
     payload = {
         "machine": machine,
         "settings": {"config": str((TINY if args.quick else DEMO).relative_to(PROJECT_ROOT)), "sites": sites, "rounds": rounds,
@@ -254,8 +309,6 @@ def main(argv: list[str] | None = None) -> int:
                      "width": config.model.width, "privacy": config.privacy.enabled, "torch_threads_replay": 1},
         "summary": summary,
         "replay_current": replay_now,
-        "replay_fast_accounting": replay_fix,
-        "fast_accounting_check": check,
         "micro": costs,
         "flower": runs,
         "seconds": time.perf_counter() - started,

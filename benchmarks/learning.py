@@ -2,8 +2,8 @@
 
 On the embedded digits (central split 70/30, seed 0), 10 sites with Dirichlet alpha = 0.5
 (partition seed 0), rotation pretext, per-site sample-level DP-SGD through fedssl's own
-``train_round`` (Opacus, persistent budget; accounting via the bit-identical fast path of
-benchmarks/_fast_accounting.py), FedAvg weighted by examples, in-process (no Flower: the
+``train_round`` (Opacus, persistent budget; ε from fedssl.privacy.analysis, bit-identical to Opacus'
+RDP accountant), FedAvg weighted by examples, in-process (no Flower: the
 learning result does not depend on the transport, and this keeps the sweep affordable).
 
 Every encoder is read out by a linear probe and by fine-tuning at 1/5/10/100% of the train
@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _fast_accounting  # noqa: E402
 from _common import machine_info, mean_std, quiet_warnings, write_result  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -610,7 +609,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_warnings()
     torch.set_num_threads(1)
-    _fast_accounting.install()  # bit-identical epsilon, without Opacus' ~0.4 s per accounting call
     setup = Setup()
     if args.quick:
         setup = Setup(width=8, depth=2, rounds=1, local_steps=2, sites=2, warm_samples=100, warm_steps=3,

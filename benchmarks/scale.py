@@ -7,10 +7,10 @@ SuperLink, the simulation process, Ray and its workers — every 0.5 s. Reported
 wall time, time per round, and (in-process) how many bytes all N site datasets hold compared
 with the central data, which shows that the data are not materialised N times.
 
-Sites use the proposed accounting fast path (benchmarks/_fast_accounting.py, bit-identical ε)
-through the same ``sitecustomize`` hook as federation_overhead.py: without it every
-first-time site spends 2-4 s calibrating its noise, which at 1000 sites is most of a round
-(see federation_overhead.json, micro.calibration_one_site_s).
+Sites use fedssl's accounting fast path (fedssl/privacy/analysis.py: per-(σ, q) RDP cache and
+memoised noise calibration, bit-identical ε): without it every first-time site spent 2-4 s
+calibrating its noise, which at 1000 sites is most of a round (see federation_overhead.json,
+micro.calibration_one_site_s).
 
     python benchmarks/scale.py            # N = 100 and 1000, 3 rounds each
     python benchmarks/scale.py --quick    # in-process data check only (no Flower)
@@ -116,8 +116,6 @@ def data_materialisation(num_sites: int) -> dict:
 
 
 def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
-    from federation_overhead import _patch_dir
-
     from fedssl.config import load_config
     from fedssl.experiment import central_data_for
     from fedssl.simulation import prepare_run_dir, run_federation
@@ -127,18 +125,12 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
                                 f"run.output_dir={tmp / 'runs'}", f"run.name=scale-{num_sites}"])
     config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=True)
-    saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_patch_dir(tmp)), saved]))
     sampler = MemorySampler()
     sampler.start()
     try:
         outcome = run_federation(config, run_dir, stream=False)
     finally:
         peak = sampler.stop()
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
     records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     rounds_rec = [r for r in records if r.get("kind") == "round"]
     site_rounds = [r for r in records if r.get("kind") == "site_round"]

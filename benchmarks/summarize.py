@@ -101,28 +101,26 @@ def federation_section(results: Path) -> list[str]:
     lines = ["## 2. Federation overhead in simulation", "", f"`{data['command']}` — {_machine_line(data)}", "",
              f"{data['settings']['sites']} sites × {data['settings']['rounds']} rounds × {data['settings']['local_steps']} DP steps, "
              f"cnn width {data['settings']['width']}. Target ≤ {s['target_ratio']}.", "",
-             "| | current | proposed accounting fast path |", "|---|---|---|"]
-    flower = data.get("flower", {})
-    if flower:
-        cur, fix = flower.get("current", {}), flower.get("fixed", {})
-        def both(key, fmt="{:.1f}"):
-            return " | ".join(fmt.format(run[key]) if key in run else "–" for run in (cur, fix))
+             "| | value |", "|---|---|"]
+    run = data.get("flower", {}).get("current", {})
+    if run:
+        def value(key: str) -> str:
+            return f"{run[key]:.1f}" if key in run else "–"
+        ratio = f"**{run['wall_s'] / run['site_train_s_sum']:.2f}**" if run.get("site_train_s_sum") else "–"
         lines += [
-            f"| flwr run wall (s) | {both('wall_s')} |",
-            f"| sites' own training time in that run, summed (s) | {both('site_train_s_sum')} |",
-            f"| **wall / summed in-run training time** | " + " | ".join(
-                f"**{run['wall_s'] / run['site_train_s_sum']:.2f}**" if run.get('site_train_s_sum') else "–" for run in (cur, fix)) + " |",
-            f"| start-up before the ServerApp (s) | {both('startup_before_server_s')} |",
-            f"| first round extra vs later rounds (s) | {both('first_round_extra_s')} |",
-            f"| round times (s) | " + " | ".join(", ".join(f"{x:.1f}" for x in run.get("round_s", [])) for run in (cur, fix)) + " |",
+            f"| flwr run wall (s) | {value('wall_s')} |",
+            f"| sites' own training time in that run, summed (s) | {value('site_train_s_sum')} |",
+            f"| **wall / summed in-run training time** | {ratio} |",
+            f"| start-up before the ServerApp (s) | {value('startup_before_server_s')} |",
+            f"| first round extra vs later rounds (s) | {value('first_round_extra_s')} |",
+            f"| round times (s) | {', '.join(f'{x:.1f}' for x in run.get('round_s', [])) or '–'} |",
         ]
-    rc, rf = data["replay_current"], data["replay_fast_accounting"]
+    rc = data["replay_current"]
     lines += [
-        f"| in-process replay: DP-SGD steps (s) | {rc['steps_s']:.1f} | {rf['steps_s']:.1f} |",
-        f"| in-process replay: whole train_round (s) | {rc['train_round_s']:.1f} | {rf['train_round_s']:.1f} |",
-        f"| train_round / steps | {rc['train_round_s'] / rc['steps_s']:.2f} | {rf['train_round_s'] / rf['steps_s']:.2f} |",
-        "", "Micro costs (s): " + ", ".join(f"{k} {v:.3f}" for k, v in data["micro"].items()), "",
-        f"Fast accounting vs Opacus RDPAccountant: max relative ε difference {data['fast_accounting_check']['max_rel_diff_vs_opacus']:g}.", ""]
+        f"| in-process replay: DP-SGD steps (s) | {rc['steps_s']:.1f} |",
+        f"| in-process replay: whole train_round (s) | {rc['train_round_s']:.1f} |",
+        f"| train_round / steps | {rc['train_round_s'] / rc['steps_s']:.2f} |",
+        "", "Micro costs (s): " + ", ".join(f"{k} {v:.3f}" for k, v in data["micro"].items()), ""]
     return lines
 
 

@@ -18,10 +18,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import load_config
+from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR
 from fedssl.models import build_encoder
+from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.runlog import RunLog
-from fedssl.sites import RUN_CONFIG_PATH, RUN_DIR
 from fedssl.training.plan import plan_from_config
 from fedssl.warmstart import WARM_START_FILE, load_warm_start
 from server.site_dp import message_strategy
@@ -35,6 +36,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    mark("server_main")
     config = load_config(str(context.run_config[RUN_CONFIG_PATH]))
     run_dir = Path(str(context.run_config[RUN_DIR]))
     started = time.time()
@@ -67,6 +69,7 @@ def main(grid: Grid, context: Context) -> None:
             min_train_nodes=fed.min_sites,
             min_available_nodes=fed.min_sites,
         )
+        mark("server_first_round")
         result = strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(encoder.state_dict()),
@@ -77,4 +80,5 @@ def main(grid: Grid, context: Context) -> None:
         )
         final = result.arrays.to_torch_state_dict()
     torch.save(final, run_dir / FINAL_ENCODER)
+    mark("server_done")
     (run_dir / SERVER_DONE).write_text(json.dumps({"run_id": context.run_id, "rounds": fed.rounds, "seconds": time.time() - started}))

@@ -265,3 +265,19 @@ def test_crash_between_the_two_writes_of_a_charge_never_under_counts(trained_sit
     rebuilt = SiteBudget.open(state_dir, spec)
     assert rebuilt.epsilon_spent >= opacus_epsilon(all_charges) * (1 - 1e-12)
     assert len(dp_events(state_dir)) >= 3
+
+
+# ------------------------------------------------------------------ accounting fast path
+
+
+@pytest.mark.parametrize("history", [
+    [(1.1, 0.25, 20)],
+    [(1.1, 0.25, 20)] * 10,
+    [(0.8, 0.25, 20), (0.8, 0.2, 20), (2.5, 0.01, 400)],
+])
+def test_rdp_epsilon_is_bit_identical_to_opacus(history):
+    """fedssl's cached per-(σ, q) RDP path (fedssl.privacy.analysis) changes no ε."""
+    from fedssl.privacy.analysis import epsilon_of
+
+    assert epsilon_of(history, DELTA) == opacus_epsilon(history)
+    assert epsilon_of(history, DELTA) == opacus_epsilon(history)  # again, from the cache
