@@ -121,13 +121,19 @@ def describe_gain(results: EvalResults, gain: Gain) -> str:
     return f"{head}, beyond the seed spread (±{gain.spread:.3f}): the pretrained encoder did worse than a random one."
 
 
-def _pretraining_gains(results: EvalResults) -> dict[str, list[Gain]]:
-    """Per readout (probe, finetune): pretrained minus its random-init control, per evaluated fraction."""
+def _gains(results: EvalResults, comparisons: dict[str, tuple[str, str]], gain) -> dict[str, list[Gain]]:
+    """Per readout (probe, finetune): ``gain(row, baseline, fraction)`` at each evaluated fraction,
+    for the comparisons whose two rows this evaluation has."""
     return {
-        readout: [results.gain(row, baseline, fraction) for fraction in results.evaluated_fractions()]
-        for readout, (row, baseline) in COMPARISONS.items()
+        readout: [gain(row, baseline, fraction) for fraction in results.evaluated_fractions()]
+        for readout, (row, baseline) in comparisons.items()
         if row in results.rows and baseline in results.rows
     }
+
+
+def _pretraining_gains(results: EvalResults) -> dict[str, list[Gain]]:
+    """Pretrained minus its random-init control (init seeds averaged, so unpaired)."""
+    return _gains(results, COMPARISONS, results.gain)
 
 
 def pretraining_verdict(results: EvalResults) -> list[str]:
@@ -153,12 +159,8 @@ def describe_warm_start_gain(results: EvalResults, gain: Gain) -> str:
 
 
 def _warm_start_gains(results: EvalResults) -> dict[str, list[Gain]]:
-    """Per readout: pretrained minus the warm start it began from, paired, per evaluated fraction."""
-    return {
-        readout: [results.paired_gain(row, baseline, fraction) for fraction in results.evaluated_fractions()]
-        for readout, (row, baseline) in WARM_START_COMPARISONS.items()
-        if row in results.rows and baseline in results.rows
-    }
+    """Pretrained minus the warm start it began from, paired by seed."""
+    return _gains(results, WARM_START_COMPARISONS, results.paired_gain)
 
 
 def warm_start_verdict(results: EvalResults) -> list[str]:
