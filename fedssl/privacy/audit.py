@@ -643,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedssl audit",
         description="Verify privacy ledgers and re-account epsilon independently. Exit 0 clean, 1 on any "
         "tamper/mismatch/over-budget, 2 on usage errors.",
+        epilog="fedssl audit --empirical CONFIG [--with-baseline]: test the mechanism itself with a canary "
+        "membership attack that gives a lower bound on epsilon (see fedssl audit --empirical --help).",
     )
     parser.add_argument("path", type=Path, help="a site state dir (has ledger.jsonl) or a run dir (has sites/*/ledger.jsonl)")
     parser.add_argument("--trusted-keys", type=Path, metavar="DIR", help="registered public keys: <site>.ed25519.pub, server.ed25519.pub")
