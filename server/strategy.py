@@ -55,6 +55,8 @@ class FedSSLAvg(FedAvg):
         self.server_ledger = server_ledger
         self.num_rounds = num_rounds
         self._round_started = time.perf_counter()
+        # A failed reply carries no metrics, so no site id: name the site this node last answered as.
+        self._site_of_node: dict[int, int] = {}
 
     def configure_train(self, server_round, arrays, config, grid):
         self._round_started = time.perf_counter()
@@ -92,6 +94,7 @@ class FedSSLAvg(FedAvg):
         return {}
 
     def _record_site(self, server_round: int, report: SiteReport) -> None:
+        self._site_of_node[report.node_id] = report.site_id
         self.run_log.append(
             KIND_SITE_ROUND,
             round=server_round,
@@ -124,8 +127,11 @@ class FedSSLAvg(FedAvg):
                 server_round, report.site_id, report.epsilon, report.target_epsilon)
 
     def _record_failure(self, server_round: int, node_id: int, reason: str) -> None:
-        self.run_log.append(KIND_SITE_ROUND, round=server_round, site_id=-1, node_id=node_id, status="failed", reason=reason)
-        log(INFO, "fedssl: round %d: node %d failed: %s", server_round, node_id, reason)
+        known = self._site_of_node.get(node_id)
+        extra = {} if known is None else {"last_site_id": known}
+        self.run_log.append(KIND_SITE_ROUND, round=server_round, site_id=-1, node_id=node_id, status="failed", reason=reason, **extra)
+        who = f"node {node_id}" if known is None else f"site {known} (node {node_id})"
+        log(INFO, "fedssl: round %d: %s failed: %s", server_round, who, reason)
 
     def _record_round(self, server_round: int, reports: list[SiteReport]) -> None:
         trained = [r for r in reports if r.status == "trained"]

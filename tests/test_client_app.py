@@ -265,3 +265,11 @@ def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
     (round_record,) = [r for r in logged if r["kind"] == "round"]
     assert (round_record["num_sites"], round_record["num_trained"]) == (3, 2)
     assert round_record["max_epsilon"] >= 7.0
+
+    # A failed reply carries no site id; the record names the site that node last answered as.
+    strategy._record_failure(2, 2, "NODE_UNAVAILABLE")
+    strategy._record_failure(2, 99, "NODE_UNAVAILABLE")
+    site_of_node_2 = next(r["site_id"] for r in sites if r["node_id"] == 2)
+    failed = {r["node_id"]: r for r in read_run_log(tmp_path) if r.get("status") == "failed"}
+    assert failed[2]["site_id"] == -1 and failed[2]["last_site_id"] == site_of_node_2
+    assert "last_site_id" not in failed[99]
