@@ -145,15 +145,10 @@ def _size_normalised(image: np.ndarray) -> np.ndarray:
 
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices, stratified by class like fedssl.experiment's split."""
-    rng = np.random.default_rng(seed)
-    train, test = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        cut = int(round(len(members) * (1 - test_fraction)))
-        train.append(members[:cut])
-        test.append(members[cut:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+    """(train, test) indices, stratified by class exactly as fedssl splits its central data."""
+    from fedssl.experiment import stratified_split as split
+
+    return split(labels, test_fraction, np.random.default_rng(seed))
 
 
 def load_mnist5k(test_fraction: float = 0.3) -> Data:

@@ -62,6 +62,11 @@ def _split(n: int, labels: np.ndarray | None, test_fraction: float, rng: np.rand
         order = rng.permutation(n)
         cut = int(round(n * (1 - test_fraction)))
         return np.sort(order[:cut]), np.sort(order[cut:])
+    return stratified_split(labels, test_fraction, rng)
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices with ``test_fraction`` of every class in test."""
     train, test = [], []
     for cls in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == cls))
