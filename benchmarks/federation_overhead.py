@@ -17,6 +17,11 @@ workers on two cores the ideal is ~0.5, on a loaded machine ~1.0. Target <= 1.10
 
     python benchmarks/federation_overhead.py            # 10 sites x 5 rounds (~10 min)
     python benchmarks/federation_overhead.py --quick    # 2 sites x 2 rounds in-process only
+    python benchmarks/federation_overhead.py --rounds-sweep 5 10 20   # ratio vs run length (~8 min)
+
+The sweep separates what a run pays once (Flower and Ray start-up and shutdown, the workers'
+imports, the first round's set-up) from what it pays per round, and gives the run length from
+which the ratio is at most the target: fixed + n * round <= 1.10 * n * training per round.
 """
 
 from __future__ import annotations
@@ -271,12 +276,62 @@ def summarise(replay_now: dict, runs: dict) -> dict:
     return summary
 
 
+def rounds_sweep(run_lengths: list[int], sites: int, tmp: Path) -> dict:
+    """One real run per length, in the order given and then reversed (paired against drifting load)."""
+    runs: list[dict] = []
+    for rounds in [*run_lengths, *reversed(run_lengths)]:
+        config = _config(DEMO, sites, rounds, tmp / "runs", f"fedover-r{rounds}")
+        run = flower_run(config, tmp)
+        later = run["round_s"][1:] or run["round_s"]
+        round_s = statistics.median(later)
+        train_per_round = run["site_train_s_sum"] / rounds
+        runs.append({
+            "rounds": rounds,
+            "wall_s": run["wall_s"],
+            "site_train_s_sum": run["site_train_s_sum"],
+            "ratio": run["wall_s"] / run["site_train_s_sum"],
+            "steady_round_s": round_s,
+            "steady_round_ratio": round_s / train_per_round,
+            "fixed_s": run["wall_s"] - rounds * round_s,
+            "load_avg_after": run["load_avg_after"],
+        })
+        print(f"federation_overhead: {rounds} rounds: wall {run['wall_s']:.1f}s, training {run['site_train_s_sum']:.1f}s, "
+              f"ratio {runs[-1]['ratio']:.2f}, later rounds {round_s:.2f}s each ({runs[-1]['steady_round_ratio']:.2f} of "
+              f"their training), fixed {runs[-1]['fixed_s']:.1f}s", flush=True)
+    return {
+        "runs": runs,
+        "by_length": {
+            str(n): {"ratio_median": statistics.median(r["ratio"] for r in runs if r["rounds"] == n),
+                     "ratios": [r["ratio"] for r in runs if r["rounds"] == n]}
+            for n in run_lengths
+        },
+        "model": sweep_model(runs),
+    }
+
+
+def sweep_model(runs: list[dict]) -> dict:
+    """wall(n) = fixed + n * round, training(n) = n * train: the run length from which wall <= TARGET * training."""
+    fixed = statistics.median(r["fixed_s"] for r in runs)
+    round_s = statistics.median(r["steady_round_s"] for r in runs)
+    train_per_round = statistics.median(r["site_train_s_sum"] / r["rounds"] for r in runs)
+    margin = TARGET * train_per_round - round_s
+    return {
+        "fixed_s": fixed,
+        "steady_round_s": round_s,
+        "train_per_round_s": train_per_round,
+        "steady_round_ratio": round_s / train_per_round,
+        "rounds_to_target": (fixed / margin) if margin > 0 else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--skip-flower", action="store_true", help="in-process replay and micro costs only")
+    parser.add_argument("--rounds-sweep", type=int, nargs="+", metavar="ROUNDS",
+                        help="only the real runs, at these lengths (each twice); writes federation_overhead_rounds.json")
     args = parser.parse_args(argv)
     quiet_warnings()
     import torch
@@ -285,6 +340,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     machine = machine_info()
     sites, rounds = (2, 2) if args.quick else (args.sites, args.rounds)
+    if args.rounds_sweep:
+        with tempfile.TemporaryDirectory(prefix="fedssl-bench-") as tmp_name:
+            sweep = rounds_sweep(args.rounds_sweep, sites, Path(tmp_name))
+        payload = {"machine": machine, "settings": {"config": str(DEMO.relative_to(PROJECT_ROOT)), "sites": sites,
+                                                    "target_ratio": TARGET},
+                   **sweep, "seconds": time.perf_counter() - started, "load_avg_end": list(os.getloadavg())}
+        path = write_result("federation_overhead_rounds", payload, args.quick)
+        print(f"federation_overhead: {json.dumps(sweep['model'])}; wrote {path}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="fedssl-bench-") as tmp_name:
         tmp = Path(tmp_name)
         config = _config(TINY if args.quick else DEMO, sites, rounds, tmp / "runs", "fedover")

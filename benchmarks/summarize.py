@@ -121,6 +121,25 @@ def federation_section(results: Path) -> list[str]:
         f"| in-process replay: whole train_round (s) | {rc['train_round_s']:.1f} |",
         f"| train_round / steps | {rc['train_round_s'] / rc['steps_s']:.2f} |",
         "", "Micro costs (s): " + ", ".join(f"{k} {v:.3f}" for k, v in data["micro"].items()), ""]
+    return lines + rounds_sweep_lines(results)
+
+
+def rounds_sweep_lines(results: Path) -> list[str]:
+    data = _load(results, "federation_overhead_rounds")
+    if not data:
+        return []
+    model = data["model"]
+    lines = ["### Ratio vs run length", "", f"`{data['command']}` — {_machine_line(data)}", "",
+             f"{data['settings']['sites']} sites, 20 DP steps per site-round; each length run twice (in order, then reversed).", "",
+             "| rounds | wall (s) | sites' training, summed (s) | **wall / training** | later rounds (s each) | fixed part (s) |",
+             "|---|---|---|---|---|---|"]
+    for run in sorted(data["runs"], key=lambda r: r["rounds"]):
+        lines.append(f"| {run['rounds']} | {run['wall_s']:.1f} | {run['site_train_s_sum']:.1f} | **{run['ratio']:.2f}** | "
+                     f"{run['steady_round_s']:.2f} | {run['fixed_s']:.1f} |")
+    to_target = model["rounds_to_target"]
+    lines += ["", f"Fixed part (median): {model['fixed_s']:.1f} s per run; a later round takes {model['steady_round_ratio']:.2f}× "
+              f"its sites' summed training (two workers on two cores). The ratio reaches ≤ {data['settings']['target_ratio']} from "
+              + (f"**{to_target:.1f} rounds** on." if to_target else "no run length (rounds alone exceed the target)."), ""]
     return lines
 
 

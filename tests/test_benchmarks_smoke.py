@@ -47,3 +47,21 @@ def test_summary_renders_from_quick_results(tmp_path):
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "Communication" in text and "upload" in text
 
+
+
+def test_rounds_sweep_model_finds_the_break_even_length():
+    """fixed 20 s + 2 s per round against 4 s of training per round: wall <= 1.10 x training from
+    20 / (4.4 - 2) = 8.33 rounds; with rounds slower than 1.10 x their training, never."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from federation_overhead import sweep_model
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def run(rounds: int, round_s: float, train_per_round: float, fixed: float) -> dict:
+        return {"rounds": rounds, "fixed_s": fixed, "steady_round_s": round_s, "site_train_s_sum": rounds * train_per_round}
+
+    model = sweep_model([run(5, 2.0, 4.0, 19.0), run(10, 2.0, 4.0, 20.0), run(20, 2.0, 4.0, 21.0)])
+    assert model["fixed_s"] == 20.0 and model["steady_round_ratio"] == 0.5
+    assert abs(model["rounds_to_target"] - 20.0 / 2.4) < 1e-9
+    assert sweep_model([run(5, 4.5, 4.0, 20.0)])["rounds_to_target"] is None
