@@ -165,13 +165,16 @@ def synthetic_warm_start(
 
     from fedssl.data import synthetic
 
-    if tuple(input_shape) != (1, 8, 8):
+    shape = tuple(input_shape)
+    if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2] or shape[1] not in synthetic.SIDES:
+        sides = ", ".join(f"1x{s}x{s}" for s in synthetic.SIDES)
         raise ConfigError(
-            f"warm_start.source: synthetic renders 1x8x8 digits, but the data are shaped {tuple(input_shape)}; "
+            f"warm_start.source: synthetic renders {sides} digits, but the data are shaped {shape}; "
             "use warm_start.source=path with an encoder pretrained on public data of this shape, or none"
         )
+    side = shape[1]
     started = time.perf_counter()
-    images, _labels = synthetic.synthetic_digits(ws.num_samples, seed=ws.seed)  # labels unused: self-supervised
+    images, _labels = synthetic.synthetic_digits(ws.num_samples, seed=ws.seed, side=side)  # labels unused: self-supervised
     if progress:
         progress(f"warm start: rendered {ws.num_samples} synthetic digits in {time.perf_counter() - started:.0f}s; pretraining")
     state = pretrain_encoder(
@@ -180,7 +183,7 @@ def synthetic_warm_start(
     )
     provenance = {
         "source": "synthetic",
-        "description": synthetic.describe(ws.num_samples, ws.seed),
+        "description": synthetic.describe(ws.num_samples, ws.seed, side),
         "public_data_sha256": synthetic.fingerprint(images),
         "fonts": list(synthetic.font_names()),
         "uses_site_data": False,

@@ -82,6 +82,21 @@ def test_synthetic_digits_reject_an_empty_request():
         synthetic.synthetic_digits(0)
 
 
+def test_finer_sides_reduce_the_same_bitmaps():
+    """side 16 / 32 draw the same digits as side 8: pooling them back by 2x2 / 4x4 gives the 8x8 images exactly."""
+    coarse, labels = synthetic.synthetic_digits(12, seed=5)
+    for side in (16, 32):
+        fine, fine_labels = synthetic.synthetic_digits(12, seed=5, side=side)
+        assert fine.shape == (12, 1, side, side) and fine.dtype == np.float32
+        assert np.array_equal(fine_labels, labels)
+        block = side // 8
+        pooled = fine.reshape(12, 1, 8, block, 8, block).mean(axis=(3, 5))
+        assert np.allclose(pooled, coarse, atol=1e-6)
+    assert set(np.unique(synthetic.synthetic_digits(4, seed=5, side=32)[0]).tolist()) <= {0.0, 1.0}  # the bitmap itself
+    with pytest.raises(ValueError, match="side must be one of 8, 16, 32"):
+        synthetic.synthetic_digits(4, side=12)
+
+
 # --------------------------------------------------------------------------- pretraining
 
 
@@ -197,9 +212,20 @@ def test_path_source_refuses_a_mismatched_or_missing_checkpoint(tmp_path):
 
 def test_synthetic_source_refuses_other_input_shapes(tmp_path):
     config = _config(source="synthetic", num_samples=20, steps=1)
-    config.model.input_shape = [3, 32, 32]
-    with pytest.raises(ConfigError, match="1x8x8"):
-        prepare_warm_start(config, tmp_path)
+    for shape in ([3, 32, 32], [1, 12, 12], [1, 16, 8]):
+        config.model.input_shape = shape
+        with pytest.raises(ConfigError, match="renders 1x8x8, 1x16x16, 1x32x32 digits"):
+            prepare_warm_start(config, tmp_path)
+
+
+def test_synthetic_source_fits_finer_grey_digits(tmp_path):
+    """Site data kept at 16x16 get a warm start pretrained on 16x16 renderings, and its record says so."""
+    config = _config(source="synthetic", num_samples=20, steps=1)
+    config.model.input_shape = [1, 16, 16]
+    _state, provenance = read_checkpoint(prepare_warm_start(config, tmp_path / "run"))
+    assert "16x16" in provenance["description"]
+    images, _ = synthetic.synthetic_digits(20, seed=config.warm_start.seed, side=16)
+    assert provenance["public_data_sha256"] == synthetic.fingerprint(images)
 
 
 def test_warmstart_module_keeps_the_server_free_of_data_loading():

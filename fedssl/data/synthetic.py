@@ -5,12 +5,14 @@ inside matplotlib (DejaVu, STIX, Computer Modern), distorted at random (rotation
 aspect, stroke width, position) and reduced exactly the way scikit-learn's embedded digits
 were made (UCI optdigits): a 32x32 binary bitmap whose 4x4 blocks are counted, giving an
 8x8 image of values 0..16, here divided by 16 to match ``fedssl.data.loaders``' [0, 1]
-scale.
+scale. ``side=16`` or ``side=32`` reduces the same bitmaps by 2x2 blocks or not at all, for
+site data kept at a finer resolution.
 
 The images are public by construction, so pretraining on them costs no privacy budget; they
 are what ``fedssl.warmstart`` uses for ``warm_start.source: synthetic``.
 
     images, labels = synthetic_digits(10_000, seed=0)   # (N, 1, 8, 8) float32, (N,) int64
+    images, labels = synthetic_digits(10_000, seed=0, side=16)   # (N, 1, 16, 16)
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 BITMAP = 32  # optdigits' normalised bitmap side
 BLOCK = 4  # 32 / 4 = 8 output pixels per side; each block counts 0..16 set pixels
+SIDES = (8, 16, 32)  # output sides that tile the bitmap: 4x4, 2x2 or 1x1 blocks
 RENDER = 64  # glyphs are rasterised on a canvas of this size, then reduced to the bitmap
 GLYPH_PT = 48
 
@@ -155,18 +158,27 @@ def _render_one(glyph: np.ndarray, rng: np.random.Generator, d: Distortion) -> n
     return bitmap
 
 
-def to_optdigits(bitmaps: np.ndarray) -> np.ndarray:
-    """(N, 32, 32) binary bitmaps -> (N, 8, 8) block counts 0..16 (the optdigits reduction)."""
+def reduce_bitmaps(bitmaps: np.ndarray, side: int = 8) -> np.ndarray:
+    """(N, 32, 32) binary bitmaps -> (N, 1, side, side) float32 in [0, 1]: the fraction of set pixels
+    per block (``side`` 8 is optdigits' reduction divided by 16)."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {', '.join(map(str, SIDES))} (the 32-pixel bitmap in whole blocks), got {side}")
+    block = BITMAP // side
     n = bitmaps.shape[0]
-    return bitmaps.reshape(n, BITMAP // BLOCK, BLOCK, BITMAP // BLOCK, BLOCK).sum(axis=(2, 4))
+    counts = bitmaps.reshape(n, side, block, side, block).sum(axis=(2, 4))
+    return (counts.astype(np.float32) / float(block * block))[:, None]
 
 
 def synthetic_digits(
-    num_samples: int, seed: int = 0, distortion: Distortion | None = None
+    num_samples: int, seed: int = 0, distortion: Distortion | None = None, side: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``num_samples`` synthetic digits: (N, 1, 8, 8) float32 in [0, 1] and balanced int64 labels."""
+    """``num_samples`` synthetic digits: (N, 1, side, side) float32 in [0, 1] and balanced int64 labels.
+
+    The same seed draws the same glyphs and distortions at every ``side``."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {', '.join(map(str, SIDES))}, got {side}")
     d = distortion or Distortion()
     glyphs, fonts = _glyphs()
     rng = np.random.default_rng(seed)
@@ -174,16 +186,15 @@ def synthetic_digits(
     rng.shuffle(labels)
     font_of = rng.integers(0, len(fonts), size=num_samples)
     bitmaps = np.stack([_render_one(glyphs[f * 10 + y], rng, d) for f, y in zip(font_of, labels)])
-    images = to_optdigits(bitmaps).astype(np.float32) / 16.0
-    return images[:, None], labels.astype(np.int64)
+    return reduce_bitmaps(bitmaps, side), labels.astype(np.int64)
 
 
-def describe(num_samples: int, seed: int) -> str:
+def describe(num_samples: int, seed: int, side: int = 8) -> str:
     """One line for the privacy statement and the warm-start provenance record."""
     return (
         f"{num_samples} synthetic digits rendered by fedssl.data.synthetic (seed {seed}) from "
         f"{len(font_names())} fonts bundled with matplotlib, randomly rotated, sheared, stretched and "
-        "thickened, reduced like UCI optdigits to 8x8; no private or downloaded data"
+        f"thickened, reduced like UCI optdigits to {side}x{side}; no private or downloaded data"
     )
 
 
