@@ -163,7 +163,9 @@ def flower_run(config, tmp: Path) -> dict:
     saved = os.environ.get(phases.ENV_VAR)
     os.environ[phases.ENV_VAR] = str(phase_log)
     try:
-        outcome = simulation.run_federation(config, run_dir, stream=False)
+        run = simulation.start_federation(config, run_dir, stream=False)
+        results_s = run.wait_for_results()
+        outcome = run.finish()
     finally:
         if saved is None:
             os.environ.pop(phases.ENV_VAR, None)
@@ -177,6 +179,9 @@ def flower_run(config, tmp: Path) -> dict:
     site_train = [float(r.get("train_seconds", 0.0)) for r in sites]
     return {
         "wall_s": outcome.seconds,
+        # SERVER_DONE seen: the results are complete and `fedssl simulate` starts evaluating (Flower and
+        # Ray still shut down for a few seconds, overlapped); wall_s is until every Flower process is gone.
+        "results_s": results_s,
         "server_s": float(server["seconds"]),
         "startup_before_server_s": outcome.seconds - float(server["seconds"]),
         "round_s": round_seconds,
@@ -270,6 +275,7 @@ def summarise(replay_now: dict, runs: dict) -> dict:
     summary: dict[str, float] = {"target_ratio": TARGET}
     for key, run in runs.items():
         summary[f"ratio_{key}"] = run["wall_s"] / run["site_train_s_sum"]
+        summary[f"ratio_to_results_{key}"] = run["results_s"] / run["site_train_s_sum"]
         summary[f"ratio_rounds_only_{key}"] = sum(run["round_s"]) / run["site_train_s_sum"]
         summary[f"ratio_vs_replay_steps_{key}"] = run["wall_s"] / replay_now["steps_s"]
     summary["replay_train_round_over_steps_current"] = replay_now["train_round_s"] / replay_now["steps_s"]
@@ -288,24 +294,29 @@ def rounds_sweep(run_lengths: list[int], sites: int, tmp: Path) -> dict:
         runs.append({
             "rounds": rounds,
             "wall_s": run["wall_s"],
+            "results_s": run["results_s"],
             "site_train_s_sum": run["site_train_s_sum"],
             "ratio": run["wall_s"] / run["site_train_s_sum"],
+            "ratio_to_results": run["results_s"] / run["site_train_s_sum"],
             "steady_round_s": round_s,
             "steady_round_ratio": round_s / train_per_round,
             "fixed_s": run["wall_s"] - rounds * round_s,
+            "fixed_to_results_s": run["results_s"] - rounds * round_s,
             "load_avg_after": run["load_avg_after"],
         })
-        print(f"federation_overhead: {rounds} rounds: wall {run['wall_s']:.1f}s, training {run['site_train_s_sum']:.1f}s, "
-              f"ratio {runs[-1]['ratio']:.2f}, later rounds {round_s:.2f}s each ({runs[-1]['steady_round_ratio']:.2f} of "
+        print(f"federation_overhead: {rounds} rounds: wall {run['wall_s']:.1f}s (results at {run['results_s']:.1f}s), "
+              f"training {run['site_train_s_sum']:.1f}s, ratio {runs[-1]['ratio']:.2f} ({runs[-1]['ratio_to_results']:.2f} to results), later rounds {round_s:.2f}s each ({runs[-1]['steady_round_ratio']:.2f} of "
               f"their training), fixed {runs[-1]['fixed_s']:.1f}s", flush=True)
     return {
         "runs": runs,
         "by_length": {
             str(n): {"ratio_median": statistics.median(r["ratio"] for r in runs if r["rounds"] == n),
-                     "ratios": [r["ratio"] for r in runs if r["rounds"] == n]}
+                     "ratios": [r["ratio"] for r in runs if r["rounds"] == n],
+                     "ratios_to_results": [r["ratio_to_results"] for r in runs if r["rounds"] == n]}
             for n in run_lengths
         },
         "model": sweep_model(runs),
+        "model_to_results": sweep_model([{**r, "fixed_s": r["fixed_to_results_s"]} for r in runs]),
     }
 
 

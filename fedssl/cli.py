@@ -35,7 +35,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     # The config first: a typo is reported before torch, Flower and Ray are imported (seconds).
     config = load_config(args.config, args.set)
     from fedssl.experiment import central_data_for
-    from fedssl.simulation import prepare_run_dir, run_federation, write_summary
+    from fedssl.simulation import prepare_run_dir, start_federation, write_summary
 
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
@@ -51,11 +51,15 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         f"pretext {config.pretext.name}, {privacy} -> {run_dir}",
         flush=True,
     )
-    outcome = run_federation(config, run_dir, stream=not args.quiet)
-    write_summary(run_dir, run_name=config.run.name, federation_seconds=outcome.seconds)
-    if config.evaluation.enabled and not args.skip_evaluation:
-        _evaluate(run_dir)
-    write_summary(run_dir, wall_seconds=time.perf_counter() - started)
+    run = start_federation(config, run_dir, stream=not args.quiet)
+    try:
+        write_summary(run_dir, run_name=config.run.name, federation_seconds=run.wait_for_results())
+        # The evaluation reads only the finished run's files: it overlaps Flower's and Ray's shutdown.
+        if config.evaluation.enabled and not args.skip_evaluation:
+            _evaluate(run_dir)
+    finally:
+        outcome = run.finish()
+    write_summary(run_dir, flwr_exit_seconds=outcome.flwr_exit_seconds, wall_seconds=time.perf_counter() - started)
     return _report(run_dir)
 
 

@@ -3,7 +3,8 @@
 The simulation is the real Flower path — ServerApp, ClientApps in Ray workers, records on
 the wire — driven offline: a private FLWR_HOME, telemetry, update checks and runtime
 dependency installation off. `flwr run` exits 0 even when the run failed, so success
-is judged from the run status and the server's completion marker.
+is judged from the server's completion marker (SERVER_DONE), written once the results are complete;
+the caller may use them while Flower is still shutting down (:class:`FederationRun`).
 
 `flwr run` is pointed at a staged copy of the app (:func:`stage_app`): the same files Flower would
 put in the FAB, without the checkout's .venv, runs/ and .git, which `flwr run` would otherwise walk
@@ -19,17 +20,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, save_config
 from fedssl.errors import FedSSLError
-from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR, SERVER_DONE
 from fedssl.phases import mark
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SERVER_DONE = "server_done.json"
+RESULTS_POLL_SECONDS = 0.05
 RESOLVED_CONFIG = "config.yaml"
 FLWR_LOG = "flwr.log"
 CONNECTION = "fedssl-sim"
@@ -54,7 +56,8 @@ class SimulationError(FedSSLError):
 @dataclass(frozen=True)
 class SimulationOutcome:
     run_dir: Path
-    seconds: float
+    seconds: float  # from the start until :meth:`FederationRun.finish` had cleaned up
+    flwr_exit_seconds: float  # from the start until `flwr run` exited (however late finish() was called)
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
@@ -83,7 +86,14 @@ def prepare_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
 
 
 def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True) -> SimulationOutcome:
-    """Submit the run to a local simulation SuperLink and wait for it to finish."""
+    """Submit the run to a local simulation SuperLink and wait until Flower has fully exited."""
+    run = start_federation(config, run_dir, stream=stream)
+    run.wait_for_results()
+    return run.finish()
+
+
+def start_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True) -> FederationRun:
+    """Start `flwr run` against a private local simulation SuperLink; returns at once."""
     flwr = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
     if flwr is None:
         raise SimulationError("the `flwr` command is not installed; run `make setup` (or pip install 'flwr[simulation]>=1.42,<1.43')")
@@ -103,33 +113,89 @@ def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True)
         f"client-resources-num-gpus=0"
     )
     run_config = f"{RUN_CONFIG_PATH}='{run_dir / RESOLVED_CONFIG}' {RUN_DIR}='{run_dir}'"
-    started = time.perf_counter()
     mark("driver_start")
-    app_dir = stage_app(PROJECT_ROOT, flwr_home / APP_STAGE_DIR)
-    cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config, "--federation-config", federation]
-    log_path = run_dir / FLWR_LOG
-    shown: set[str] = set()
-    try:
-        with log_path.open("w") as log_file:
-            proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            assert proc.stdout is not None
-            for line in proc.stdout:
+    return FederationRun(flwr, run_dir, flwr_home, env, control_port, federation, run_config, stream)
+
+
+class FederationRun:
+    """One `flwr run` in progress.
+
+    The ServerApp's last act is to write SERVER_DONE; from then on the run's results (final encoder,
+    ledgers, metrics) are complete, while Flower still stops its Ray workers and Ray, flushes its log
+    upload (a fixed 1 s wait), pushes the run status and lets `flwr run` notice it (~3-4 s in all).
+    :meth:`wait_for_results` returns at SERVER_DONE so the caller can evaluate meanwhile;
+    :meth:`finish` waits for Flower to exit and cleans up. `flwr run` exits 0 even when the run failed,
+    so SERVER_DONE, not the exit code, is what says the run succeeded.
+    """
+
+    def __init__(self, flwr: str, run_dir: Path, flwr_home: Path, env: dict[str, str], control_port: int,
+                 federation: str, run_config: str, stream: bool) -> None:
+        self.run_dir = run_dir
+        self._control_port = control_port
+        self._started = time.perf_counter()
+        self._app_dir = stage_app(PROJECT_ROOT, flwr_home / APP_STAGE_DIR)
+        self._log_path = run_dir / FLWR_LOG
+        self._stream = stream
+        cmd = [flwr, "run", str(self._app_dir), CONNECTION, "--stream", "--run-config", run_config, "--federation-config", federation]
+        try:
+            self._proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        except OSError:
+            self._cleanup()
+            raise
+        self._flwr_exit_s = 0.0
+        self._reader = threading.Thread(target=self._read_output, name="flwr-run-output", daemon=True)
+        self._reader.start()
+        self._outcome: SimulationOutcome | None = None
+
+    def _read_output(self) -> None:
+        shown: set[str] = set()
+        assert self._proc.stdout is not None
+        with self._log_path.open("w") as log_file:
+            for line in self._proc.stdout:
                 log_file.write(line)
+                log_file.flush()
                 _mark_milestone(line)
                 message = _progress_message(line)
-                if stream and message and message not in shown:
+                if self._stream and message and message not in shown:
                     shown.add(message)
                     print(message, flush=True)
-            code = proc.wait()
-    finally:
-        stop_local_superlink(control_port)
-        shutil.rmtree(app_dir, ignore_errors=True)
-    mark("driver_done")
-    seconds = time.perf_counter() - started
-    if code != 0 or not (run_dir / SERVER_DONE).exists():
-        tail = _failure_reason(log_path)
-        raise SimulationError(f"federated run failed (flwr exit {code}): {tail}; full log: {log_path}")
-    return SimulationOutcome(run_dir=run_dir, seconds=seconds)
+        self._flwr_exit_s = time.perf_counter() - self._started  # its output closes as it exits
+
+    def wait_for_results(self) -> float:
+        """Block until the ServerApp has written its results; seconds since the start.
+
+        Raises SimulationError (after cleaning up) if Flower exits first."""
+        done = self.run_dir / SERVER_DONE
+        while not done.exists():
+            if self._proc.poll() is not None and not done.exists():
+                self.finish()  # raises: no SERVER_DONE
+            time.sleep(RESULTS_POLL_SECONDS)
+        mark("results_ready")
+        return time.perf_counter() - self._started
+
+    def finish(self) -> SimulationOutcome:
+        """Wait for Flower to exit, stop the SuperLink, remove the staged app; idempotent."""
+        if self._outcome is not None:
+            return self._outcome
+        try:
+            code = self._proc.wait()
+            self._reader.join()
+        finally:
+            self._cleanup()
+        mark("driver_done")
+        seconds = time.perf_counter() - self._started
+        if not (self.run_dir / SERVER_DONE).exists():
+            raise SimulationError(f"federated run failed (flwr exit {code}): {_failure_reason(self._log_path)}; full log: {self._log_path}")
+        if code != 0:
+            # The results were complete before Flower's own shutdown went wrong: keep them, say so.
+            print(f"fedssl: warning: `flwr run` exited with code {code} after the run had finished; "
+                  f"results are complete; log: {self._log_path}", flush=True)
+        self._outcome = SimulationOutcome(run_dir=self.run_dir, seconds=seconds, flwr_exit_seconds=self._flwr_exit_s)
+        return self._outcome
+
+    def _cleanup(self) -> None:
+        stop_local_superlink(self._control_port)
+        shutil.rmtree(self._app_dir, ignore_errors=True)
 
 
 def stage_app(project: Path, dest: Path) -> Path:
@@ -207,19 +273,41 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def stop_local_superlink(control_port: int) -> None:
-    """Stop the SuperLink `flwr run` started in the background (and its SuperExec child)."""
+def stop_local_superlink(control_port: int, grace_seconds: float = 5.0) -> None:
+    """Stop the SuperLink `flwr run` started in the background (and its SuperExec child), and wait
+    until they are gone (SIGKILL after ``grace_seconds``): a finished run leaves no process behind."""
     marker = f"127.0.0.1:{control_port}"
+    pids = []
     for proc_dir in Path("/proc").glob("[0-9]*"):
         try:
             cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
         if "flower-superlink" in cmdline and marker in cmdline:
-            try:
-                os.kill(int(proc_dir.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            pids.append(int(proc_dir.name))
+    _signal_all(pids, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [pid for pid in pids if _alive(pid)]
+    _signal_all(pids, signal.SIGKILL)
+
+
+def _signal_all(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie our own child left counts as gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def _failure_reason(log_path: Path) -> str:

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import load_config
-from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR, SERVER_DONE
 from fedssl.models import build_encoder
 from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
@@ -29,7 +29,6 @@ from server.site_dp import message_strategy
 
 FINAL_ENCODER = "encoder.pt"
 LATEST_ENCODER = "encoder_latest.pt"
-SERVER_DONE = "server_done.json"
 
 app = ServerApp()
 
@@ -81,4 +80,6 @@ def main(grid: Grid, context: Context) -> None:
         final = result.arrays.to_torch_state_dict()
     torch.save(final, run_dir / FINAL_ENCODER)
     mark("server_done")
-    (run_dir / SERVER_DONE).write_text(json.dumps({"run_id": context.run_id, "rounds": fed.rounds, "seconds": time.time() - started}))
+    done = run_dir / (SERVER_DONE + ".tmp")
+    done.write_text(json.dumps({"run_id": context.run_id, "rounds": fed.rounds, "seconds": time.time() - started}))
+    done.replace(run_dir / SERVER_DONE)  # atomic: the driver starts on the results the moment this name appears

@@ -97,3 +97,39 @@ def test_each_site_state_matches_what_the_server_recorded(run):
         events = [r["body"] for r in ledger if r["kind"] == "dp_event"]
         assert [e["round"] for e in events] == [1, 2]
         assert events[-1]["epsilon_after"] == pytest.approx(last[site], rel=1e-12)
+
+
+def _flower_processes_of(run_dir: Path) -> list[str]:
+    """Command lines of live processes started for ``run_dir`` (its private FLWR_HOME / staged app)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in cmdline and ("flwr" in cmdline or "flower" in cmdline):
+            found.append(cmdline)
+    return found
+
+
+def test_results_are_ready_before_flower_has_exited_and_nothing_is_left_running(run):
+    """The evaluation starts at SERVER_DONE, overlapping Flower's shutdown; the run still ends with Flower gone."""
+    summary = json.loads((run.dir / "summary.json").read_text())
+    assert 0 < summary["federation_seconds"] < summary["flwr_exit_seconds"] < summary["wall_seconds"]
+    assert not list(run.dir.glob("*.tmp"))  # SERVER_DONE is written atomically
+    assert _flower_processes_of(run.dir) == []
+
+
+def test_a_run_whose_server_fails_is_an_error_not_a_result(tmp_path):
+    """No SERVER_DONE: `run_federation` raises (Flower itself exits 0) and leaves no Flower process behind."""
+    from fedssl.config import load_config
+    from fedssl.simulation import SimulationError, prepare_run_dir, run_federation
+
+    config = load_config(TINY, [f"run.output_dir={tmp_path}", "federation.rounds=1"])
+    config.model.input_shape = [1, 8, 8]
+    run_dir = prepare_run_dir(config, overwrite=True)
+    (run_dir / "config.yaml").unlink()  # the ServerApp's first read fails
+    with pytest.raises(SimulationError, match="federated run failed"):
+        run_federation(config, run_dir, stream=False)
+    assert not (run_dir / "server_done.json").exists()
+    assert _flower_processes_of(run_dir) == []

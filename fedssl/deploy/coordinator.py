@@ -28,7 +28,8 @@ from fedssl.config import ExperimentConfig, _build, _check, load_config
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
 from fedssl.errors import ConfigError
-from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, SERVER_DONE, _progress_message, prepare_run_dir, write_summary
+from fedssl.fl.run_keys import SERVER_DONE
+from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, _progress_message, prepare_run_dir, write_summary
 from fedssl.warmstart import prepare_warm_start
 
 CONNECTION = "fedssl-deploy"
