@@ -277,20 +277,23 @@ def stop_local_superlink(control_port: int, grace_seconds: float = 5.0) -> None:
     """Stop the SuperLink `flwr run` started in the background (and its SuperExec child), and wait
     until they are gone (SIGKILL after ``grace_seconds``): a finished run leaves no process behind."""
     marker = f"127.0.0.1:{control_port}"
-    pids = []
-    for proc_dir in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "flower-superlink" in cmdline and marker in cmdline:
-            pids.append(int(proc_dir.name))
+    pids = [pid for pid, cmdline in command_lines() if "flower-superlink" in cmdline and marker in cmdline]
     _signal_all(pids, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
         pids = [pid for pid in pids if _alive(pid)]
     _signal_all(pids, signal.SIGKILL)
+
+
+def command_lines():
+    """(pid, command line) of every live process this user can see (Linux /proc)."""
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        yield int(proc_dir.name), cmdline
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:

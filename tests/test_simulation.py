@@ -101,15 +101,9 @@ def test_each_site_state_matches_what_the_server_recorded(run):
 
 def _flower_processes_of(run_dir: Path) -> list[str]:
     """Command lines of live processes started for ``run_dir`` (its private FLWR_HOME / staged app)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if str(run_dir) in cmdline and ("flwr" in cmdline or "flower" in cmdline):
-            found.append(cmdline)
-    return found
+    from fedssl.simulation import command_lines
+
+    return [c for _, c in command_lines() if str(run_dir) in c and ("flwr" in c or "flower" in c)]
 
 
 def test_results_are_ready_before_flower_has_exited_and_nothing_is_left_running(run):
