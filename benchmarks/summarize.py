@@ -109,11 +109,14 @@ def federation_section(results: Path) -> list[str]:
     if run:
         def value(key: str) -> str:
             return f"{run[key]:.1f}" if key in run else "–"
-        ratio = f"**{run['wall_s'] / run['site_train_s_sum']:.2f}**" if run.get("site_train_s_sum") else "–"
+        def ratio(key: str) -> str:
+            return f"**{run[key] / run['site_train_s_sum']:.2f}**" if run.get("site_train_s_sum") and key in run else "–"
         lines += [
-            f"| flwr run wall (s) | {value('wall_s')} |",
+            f"| results ready: the ServerApp has written the run (s) | {value('results_s')} |",
+            f"| every Flower process gone (s) | {value('wall_s')} |",
             f"| sites' own training time in that run, summed (s) | {value('site_train_s_sum')} |",
-            f"| **wall / summed in-run training time** | {ratio} |",
+            f"| **to results / summed in-run training time** | {ratio('results_s')} |",
+            f"| to exit / summed in-run training time | {ratio('wall_s')} |",
             f"| start-up before the ServerApp (s) | {value('startup_before_server_s')} |",
             f"| first round extra vs later rounds (s) | {value('first_round_extra_s')} |",
             f"| round times (s) | {', '.join(f'{x:.1f}' for x in run.get('round_s', [])) or '–'} |",
