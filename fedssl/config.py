@@ -366,12 +366,9 @@ def save_config(config: ExperimentConfig, path: Path) -> None:
     path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
-def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"include: {path} includes itself (cycle through {' -> '.join(map(str, seen))})")
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file, e.g. configs/experiments/digits-demo.yaml")
+def read_yaml_mapping(path: Path, sections: str) -> dict[str, Any]:
+    """The top-level mapping of the YAML file at ``path``; anything else is a one-line ConfigError
+    naming the file (and line) and the fix. ``sections`` names the expected top-level keys."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
@@ -383,7 +380,17 @@ def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...]) -> dict[str, An
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping of sections (run, data, privacy, ...)")
+        raise ConfigError(f"{path}: top level must be a mapping of sections ({sections})")
+    return data
+
+
+def _load_yaml_with_includes(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"include: {path} includes itself (cycle through {' -> '.join(map(str, seen))})")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file, e.g. configs/experiments/digits-demo.yaml")
+    data = read_yaml_mapping(path, "run, data, privacy, ...")
     includes = data.pop("include", []) or []
     if isinstance(includes, str):
         includes = [includes]

@@ -35,9 +35,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from fedssl.config import PrivacyConfig, _build, _check  # one validation style for every config file
+from fedssl.config import PrivacyConfig, _build, _check, read_yaml_mapping  # one validation style for every config file
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import ConfigError, DataError, FedSSLError, PrivacyError
 from fedssl.training.local import SitePrivacy, SiteSettings
@@ -178,14 +177,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"site config {path} does not exist; write one from configs/deploy/site.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping (site, data, state_dir, privacy, coordinator, keys, apps)")
+    raw = read_yaml_mapping(path, "site, data, state_dir, privacy, coordinator, keys, apps")
     config: SiteConfig = _build(SiteConfig, raw, prefix="")
     config.validate()
     base = path.parent

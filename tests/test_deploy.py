@@ -151,6 +151,24 @@ def test_site_config_errors_name_the_key(site_dir, changes, key):
     assert message.startswith(key) and "\n" not in message
 
 
+@pytest.mark.parametrize("loader", ["fedssl.site_agent:load_site_config", "fedssl.deploy.coordinator:load_server_config"])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("site: [a\n", "line 2: not valid YAML"), ("- a list\n", "top level must be a mapping of sections ("), (b"\xff\xfe", "UTF-8")],
+)
+def test_site_and_server_yaml_errors_are_one_line(tmp_path, loader, text, expected):
+    """site.yaml and server.yaml share the experiment config's reader: a broken file is one line naming it and the fix."""
+    import importlib
+
+    module, name = loader.split(":")
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as err:
+        getattr(importlib.import_module(module), name)(path)
+    message = str(err.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+
+
 def test_deployed_site_reads_only_site_yaml(site_dir):
     """The server's run config cannot point a site elsewhere or change its budget."""
     from fedssl.sites import resolve_site

@@ -22,9 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
-from fedssl.config import ExperimentConfig, _build, _check, load_config
+from fedssl.config import ExperimentConfig, _build, _check, load_config, read_yaml_mapping
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
 from fedssl.errors import ConfigError
@@ -105,12 +104,7 @@ def load_server_config(path: str | Path) -> ServerConfig:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ConfigError(f"server config {path} does not exist; write one from configs/deploy/server.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)}); fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    raw = read_yaml_mapping(path, "experiment, listen, tls, sites, state_dir, ...")
     config: ServerConfig = _build(ServerConfig, raw, prefix="")
     config.validate()
     base = path.parent
