@@ -133,13 +133,15 @@ class FederationRun:
         self.run_dir = run_dir
         self._control_port = control_port
         self._started = time.perf_counter()
-        self._app_dir = stage_app(PROJECT_ROOT, flwr_home / APP_STAGE_DIR)
         self._log_path = run_dir / FLWR_LOG
+        self._log_file = self._log_path.open("w")  # opened here, so a failure is raised, not lost in the reader thread
+        self._app_dir = stage_app(PROJECT_ROOT, flwr_home / APP_STAGE_DIR)
         self._stream = stream
         cmd = [flwr, "run", str(self._app_dir), CONNECTION, "--stream", "--run-config", run_config, "--federation-config", federation]
         try:
             self._proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         except OSError:
+            self._log_file.close()
             self._cleanup()
             raise
         self._flwr_exit_s = 0.0
@@ -150,7 +152,7 @@ class FederationRun:
     def _read_output(self) -> None:
         shown: set[str] = set()
         assert self._proc.stdout is not None
-        with self._log_path.open("w") as log_file:
+        with self._log_file as log_file:
             for line in self._proc.stdout:
                 log_file.write(line)
                 log_file.flush()
