@@ -32,6 +32,8 @@ Parts (each writes results/learning_<part>.json):
   mnist16       MNIST-5k reduced to 16x16 instead of 8x8 (2x2 blocks of the same bitmaps), where the pretext
                 does pay off without privacy; the same large-batch private step from random init and from a
                 16x16 synthetic warm start, at eps 8 and inf, against pooled non-DP pretraining
+  mnist16_screen  what pays over the 16x16 warm start at all (seed 0, validation split): pooled non-DP
+                pretraining with every pretext, then the private step at a large- and a small-batch setting
 
     python benchmarks/learning.py --part table   [--seeds 0 1 2] [--rounds 5] [--width 32]
     python benchmarks/learning.py --quick        # tiny smoke run of every part
@@ -624,6 +626,49 @@ def part_mnist16(setup: Setup, tmp: Path, log) -> dict:
                      "test": len(data.test_y), "samples_per_site": [len(p) for p in parts]}}
 
 
+SCREEN_PRETEXTS = ("rotation", "masked_reconstruction", "byol", "simsiam")
+SCREEN_POOLED = {"steps": 1500, "batch_size": 64, "lr": 0.05}  # the warm start's own recipe, on the real pool
+# Federated from the warm start, both sites: (batch, rounds, local steps, lr, epsilon).
+SCREEN_FEDERATED = ((512, 4, 100, 0.1, 8.0), (512, 4, 100, 0.1, math.inf), (64, 3, 500, 0.05, 8.0))
+
+
+def part_mnist16_screen(setup: Setup, tmp: Path, log) -> dict:
+    """What pays over the 16x16 warm start at all, seed 0, on a validation split carved from the pool: pooled
+    non-private pretraining with every pretext (from the warm start and from random init), then the private
+    federated step at a large-batch and a small-batch setting."""
+    from fedssl.warmstart import pretrain_encoder
+
+    quick = bool(setup.extra.get("quick"))
+    local = _large_batch(setup, side=16, fractions=(0.05, 0.1))
+    data = validation_data(load_data(source="mnist5k", side=16))
+    seed = setup.seeds[0]
+    starts = {"warm": warm_state(local, seed), "random": random_state(local, seed)}
+    rows: dict[str, dict] = {name: {"accuracy": _validation_accuracy(state, local, data)} for name, state in starts.items()}
+    log(f"  warm {_fmt(rows['warm']['accuracy'])}  random {_fmt(rows['random']['accuracy'])}")
+
+    def record(name: str, state, started: float, **info) -> None:
+        acc = _validation_accuracy(state, local, data)
+        gain = {f: 100.0 * (acc[f] - rows["warm"]["accuracy"][f]) for f in acc}
+        rows[name] = {"accuracy": acc, "gain_over_warm_points": gain, "seconds": time.perf_counter() - started, **info}
+        log(f"  {name:55s} {_fmt(acc)}  over warm {' '.join(f'{f}:{g:+.1f}' for f, g in gain.items())}")
+
+    pooled = {**SCREEN_POOLED, "steps": 2} if quick else SCREEN_POOLED
+    for pretext in SCREEN_PRETEXTS if not quick else SCREEN_PRETEXTS[:1]:
+        for start, init in starts.items():
+            started = time.perf_counter()
+            state = pretrain_encoder(data.train_x, encoder="cnn", width=local.width, depth=local.depth, pretext=pretext,
+                                     seed=seed, init_state=init, **pooled)
+            record(f"pooled non-DP {pretext} from {start}", state, started)
+    parts = site_parts(data, local.sites, local.alpha)
+    for batch, rounds, steps, lr, epsilon in SCREEN_FEDERATED if not quick else SCREEN_FEDERATED[:1]:
+        config = local if quick else Setup(**{**local.__dict__, "batch_size": batch, "rounds": rounds, "local_steps": steps, "lr": lr})
+        started = time.perf_counter()
+        state, info = federated_state(config, data, parts, starts["warm"], epsilon, seed, tmp / f"screen-{batch}-{eps_name(epsilon)}")
+        record(f"fed-warm-eps{eps_name(epsilon)} batch={batch} steps={rounds * steps} lr={lr}", state, started, **info)
+    return {"validation": rows, "seed": seed, "pooled": SCREEN_POOLED, "federated": [list(c) for c in SCREEN_FEDERATED],
+            "label_draws": TUNE_LABEL_DRAWS, "data": {"pool": len(data.train_y), "validation": len(data.test_y)}}
+
+
 def _row_epsilon(row: str) -> float:
     """The epsilon in a row name like fed-warm-eps8 or fed-warm-eps8-5sites."""
     tail = row.split("-eps", 1)[1].split("-", 1)[0]
@@ -636,7 +681,7 @@ def _fmt(acc: dict | None) -> str:
     return " ".join(f"{k}:{100 * v:.1f}" for k, v in acc.items())
 
 
-PARTS = {"table": part_table, "payoff": part_payoff, "shift": part_shift, "mnist": part_mnist, "mnist16": part_mnist16,
+PARTS = {"table": part_table, "payoff": part_payoff, "shift": part_shift, "mnist": part_mnist, "mnist16": part_mnist16, "mnist16_screen": part_mnist16_screen,
          "mnist_tune": part_mnist_tune, "mnist_payoff": part_mnist_payoff}
 
 

@@ -254,15 +254,11 @@ def learning_section(results: Path) -> list[str]:
         lines.append("")
     tune = _load(results, "learning_mnist_tune")
     if tune:
-        lines += ["### MNIST-5k: tuning the private step on a validation split (ε = %g, seed %s)" % (tune["epsilon"], tune["seed"]), "",
-                  f"`{tune['command']}` — {tune['data']['pool']} pool / {tune['data']['validation']} validation carved from the train pool "
-                  f"(test set unread); probe accuracy averaged over {tune['label_draws']} label draws", "",
-                  "| setting | probe 5% | probe 10% | gain over warm, 5% | gain over warm, 10% |", "|---|---|---|---|---|"]
-        for name, row in tune["validation"].items():
-            acc, gain = row["accuracy"], row.get("gain_over_warm_points", {})
-            lines.append(f"| {name}{' **(best)**' if name == tune['best'] else ''} | {100 * acc['0.05']:.1f} | {100 * acc['0.1']:.1f} | "
-                         + " | ".join(f"{gain[f]:+.1f}" if f in gain else "–" for f in ("0.05", "0.1")) + " |")
-        lines.append("")
+        lines += _validation_block("### MNIST-5k: tuning the private step on a validation split (ε = %g, seed %s)"
+                                   % (tune["epsilon"], tune["seed"]), tune, best=tune["best"])
+    screen = _load(results, "learning_mnist16_screen")
+    if screen:
+        lines += _validation_block("### MNIST-5k at 16×16: what pays over the warm start at all (seed %s)" % screen["seed"], screen)
     mp = _load(results, "learning_mnist_payoff")
     if mp:
         lines += _paired_block("### MNIST-5k: the large-batch private step, paired over seeds (test set)", mp)
@@ -270,6 +266,17 @@ def learning_section(results: Path) -> list[str]:
     if m16:
         lines += _paired_block("### MNIST-5k at 16×16: where the pretext pays off without privacy", m16)
     return lines
+
+
+def _validation_block(title: str, data: dict, best: str | None = None) -> list[str]:
+    lines = [title, "", f"`{data['command']}` — {data['data']['pool']} pool / {data['data']['validation']} validation carved from the "
+             f"train pool (test set unread); probe accuracy averaged over {data['label_draws']} label draws", "",
+             "| setting | probe 5% | probe 10% | gain over warm, 5% | gain over warm, 10% |", "|---|---|---|---|---|"]
+    for name, row in data["validation"].items():
+        acc, gain = row["accuracy"], row.get("gain_over_warm_points", {})
+        lines.append(f"| {name}{' **(best)**' if name == best else ''} | {100 * acc['0.05']:.1f} | {100 * acc['0.1']:.1f} | "
+                     + " | ".join(f"{gain[f]:+.1f}" if f in gain else "–" for f in ("0.05", "0.1")) + " |")
+    return lines + [""]
 
 
 def _paired_block(title: str, data: dict) -> list[str]:

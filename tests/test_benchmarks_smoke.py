@@ -65,3 +65,29 @@ def test_rounds_sweep_model_finds_the_break_even_length():
     assert model["fixed_s"] == 20.0 and model["steady_round_ratio"] == 0.5
     assert abs(model["rounds_to_target"] - 20.0 / 2.4) < 1e-9
     assert sweep_model([run(5, 4.5, 4.0, 20.0)])["rounds_to_target"] is None
+
+
+def test_the_learning_goal_is_judged_against_the_best_zero_cost_start():
+    """gains_over_starts: each federated row is compared with its own start and with the better of warm / random;
+    the goal is met only by a private row >= +2 points at 5 % over that best start, beyond the seed spread."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from learning import gains_over_starts, summarise
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def rows(**accuracy_by_row):
+        return {row: {seed: {"accuracy": {"probe": {"0.05": acc + 0.001 * seed}}} for seed in range(3)}
+                for row, acc in accuracy_by_row.items()}
+
+    # warm beats random; the private rows beat warm by 3 points (fed-warm) and by 1 point (fed-rand)
+    per_seed = rows(random=0.85, warm=0.88, **{"fed-warm-eps8": 0.91, "fed-rand-eps8": 0.89, "fed-warm-epsinf": 0.95})
+    gains, met = gains_over_starts(per_seed, summarise(per_seed))
+    assert gains["fed-warm-eps8 - warm | probe 0.05"]["mean_points"] == pytest.approx(3.0)
+    assert gains["fed-rand-eps8 - random | probe 0.05"]["mean_points"] == pytest.approx(4.0)
+    assert gains["fed-rand-eps8 - best start (warm) | probe 0.05"]["mean_points"] == pytest.approx(1.0)
+    assert met == ["fed-warm-eps8 - best start (warm) | probe 0.05"]  # eps = inf never counts; +1 is too little
+    # with random the better start, fed-warm is judged against random instead
+    per_seed = rows(random=0.90, warm=0.88, **{"fed-warm-eps8": 0.91})
+    gains, met = gains_over_starts(per_seed, summarise(per_seed))
+    assert gains["fed-warm-eps8 - best start (random) | probe 0.05"]["mean_points"] == pytest.approx(1.0) and met == []
