@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 BITMAP = 32  # optdigits' normalised bitmap side
-BLOCK = 4  # 32 / 4 = 8 output pixels per side; each block counts 0..16 set pixels
 SIDES = (8, 16, 32)  # output sides that tile the bitmap: 4x4, 2x2 or 1x1 blocks
 RENDER = 64  # glyphs are rasterised on a canvas of this size, then reduced to the bitmap
 GLYPH_PT = 48
