@@ -280,12 +280,14 @@ def stop_local_superlink(control_port: int, grace_seconds: float = 5.0) -> None:
     until they are gone (SIGKILL after ``grace_seconds``): a finished run leaves no process behind."""
     marker = f"127.0.0.1:{control_port}"
     pids = [pid for pid, cmdline in command_lines() if "flower-superlink" in cmdline and marker in cmdline]
-    _signal_all(pids, signal.SIGTERM)
+    for pid in pids:
+        signal_pid(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_seconds
     while pids and time.monotonic() < deadline:
         time.sleep(0.05)
         pids = [pid for pid in pids if _alive(pid)]
-    _signal_all(pids, signal.SIGKILL)
+    for pid in pids:
+        signal_pid(pid, signal.SIGKILL)
 
 
 def command_lines():
@@ -298,12 +300,12 @@ def command_lines():
         yield int(proc_dir.name), cmdline
 
 
-def _signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+def signal_pid(pid: int, sig: int) -> None:
+    """Send ``sig`` to ``pid``; a process that is already gone (or not ours to signal) is left alone."""
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedssl.errors import FedSSLError
-from fedssl.simulation import OFFLINE_ENV
+from fedssl.simulation import OFFLINE_ENV, signal_pid
 
 # How often Flower's SuperExec looks for new ClientApp/ServerApp tasks (default 1 s).
 # A supported setting: FLWR_SUPEREXEC_TASK_POLL_INTERVAL, bounds 0.01..60 s.
@@ -136,7 +136,7 @@ class ManagedProcess:
 
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM the process (group), SIGKILL it after ``grace`` seconds; return the exit code."""
-        send = _signal_group if self.new_group else _signal_pid
+        send = _signal_group if self.new_group else signal_pid
         if self.alive():
             send(self.proc.pid, signal.SIGTERM)
             try:
@@ -152,13 +152,6 @@ class ManagedProcess:
         self._log.close()
         return self.proc.returncode
 
-
-
-def _signal_pid(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:
