@@ -58,8 +58,9 @@ def measure(encoder: str, input_shape: tuple[int, ...], width: int, depth: int, 
     from fedssl.data.dataset import SiteDataset
     from fedssl.fl.site_reply import site_reply_records
     from fedssl.models import build_encoder
-    from fedssl.training.local import SitePrivacy, SiteSettings, train_round
-    from fedssl.training.plan import TrainPlan
+    from fedssl.config import PrivacyConfig
+    from fedssl.training.local import SiteSettings, train_round
+    from fedssl.fl.plan import TrainPlan
 
     enc = build_encoder(encoder, input_shape, width=width, depth=depth, seed=0)
     state = enc.state_dict()
@@ -68,7 +69,7 @@ def measure(encoder: str, input_shape: tuple[int, ...], width: int, depth: int, 
     plan = TrainPlan(run_id="comm", server_round=1, planned_rounds=1, pretext=pretext, encoder=encoder, width=width,
                      depth=depth, local_steps=1, batch_size=16, lr=0.05)
     data = SiteDataset(torch.rand(64, *input_shape), tuple(f"s{i}" for i in range(64)), "image" if len(input_shape) == 3 else "vector")
-    site = SiteSettings(site_id=0, state_dir=state_root / f"{encoder}-{width}-{depth}-{int(dp)}", privacy=SitePrivacy(enabled=dp))
+    site = SiteSettings(site_id=0, state_dir=state_root / f"{encoder}-{width}-{depth}-{int(dp)}", privacy=PrivacyConfig(enabled=dp))
     result = train_round(data, state, plan, site)
     instruction = _instruction(state, plan)
     reply = Message(content=RecordDict(site_reply_records(result, 0, dp)), reply_to=instruction)

@@ -2,7 +2,7 @@
 
 For every DP-compatible image pretext task and every per-sample-clipping engine — Opacus'
 modes ``hooks``, ``functorch``, ``ew`` (expanded weights), ``ghost`` clipping, and
-``bookkeeping`` (fedssl.privacy.bookkeeping: one backward pass without ordinary weight
+``bookkeeping`` (fedssl.training.bookkeeping: one backward pass without ordinary weight
 gradients, Bu et al., ICML 2023, with Opacus' own DP optimizer for noise and accounting) —
 this script
 
@@ -81,7 +81,7 @@ def make_private(model, mode: str, batch: int, noise: float, lr: float, momentum
     # 4 batches' worth of rows: sample rate 1/4, expected batch size exactly `batch`.
     loader = DataLoader(TensorDataset(torch.zeros(4 * batch, 1, 8, 8)), batch_size=batch)
     if mode == "bookkeeping":
-        from fedssl.privacy.bookkeeping import make_private_bookkeeping
+        from fedssl.training.bookkeeping import make_private_bookkeeping
 
         private, dp_optimizer, _ = make_private_bookkeeping(
             PrivacyEngine(), module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise, max_grad_norm=1.0,

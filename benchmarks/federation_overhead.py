@@ -66,7 +66,7 @@ def replay(config, state_root: Path) -> dict:
     from fedssl.data.partition import make_site_dataset
     from fedssl.models import build_encoder
     from fedssl.training.local import train_round
-    from fedssl.training.plan import TrainPlan
+    from fedssl.fl.plan import TrainPlan
 
     data = central_data_for(config)
     parts = site_partitions(config)

@@ -194,7 +194,8 @@ _WARM_CACHE: dict[tuple, dict[str, torch.Tensor]] = {}
 
 def warm_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
     """The zero-privacy-cost start: fedssl.warmstart's synthetic pretraining."""
-    from fedssl.warmstart import WarmStartConfig, synthetic_warm_start
+    from fedssl.config import WarmStartConfig
+    from fedssl.warmstart.pretrain import synthetic_warm_start
 
     key = (setup.width, setup.depth, setup.warm_samples, setup.warm_steps, setup.warm_batch, setup.warm_lr, setup.side, seed)
     if key not in _WARM_CACHE:
@@ -209,7 +210,7 @@ def warm_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
 def central_state(setup: Setup, data: Data, seed: int, init: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """(d) centralised non-DP pretraining (the setup's pretext) on the whole pool, as many steps as one
     site-round x sites x rounds, from random init or from ``init``."""
-    from fedssl.warmstart import pretrain_encoder
+    from fedssl.warmstart.pretrain import pretrain_encoder
 
     steps = setup.rounds * setup.local_steps * setup.sites
     return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps,
@@ -226,11 +227,12 @@ def federated_state(setup: Setup, data: Data, parts: list[np.ndarray], init: dic
                     seed: int, state_root: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Rounds of fedssl's train_round at every site, FedAvg by examples; returns (weights, info)."""
     from fedssl.data.dataset import SiteDataset
-    from fedssl.training.local import SitePrivacy, SiteSettings, train_round
-    from fedssl.training.plan import TrainPlan
+    from fedssl.config import PrivacyConfig
+    from fedssl.training.local import SiteSettings, train_round
+    from fedssl.fl.plan import TrainPlan
 
     dp = math.isfinite(epsilon)
-    privacy = SitePrivacy(enabled=dp, target_epsilon=epsilon if dp else 8.0, delta=setup.delta, max_grad_norm=setup.clip)
+    privacy = PrivacyConfig(enabled=dp, target_epsilon=epsilon if dp else 8.0, delta=setup.delta, max_grad_norm=setup.clip)
     plan = TrainPlan(run_id=f"learning-{seed}", server_round=1, planned_rounds=setup.rounds, pretext=setup.pretext,
                      pretext_params=dict(setup.pretext_params), encoder="cnn", width=setup.width, depth=setup.depth,
                      local_steps=setup.local_steps, batch_size=setup.batch_size,
@@ -636,7 +638,7 @@ def part_mnist16_screen(setup: Setup, tmp: Path, log) -> dict:
     """What pays over the 16x16 warm start at all, seed 0, on a validation split carved from the pool: pooled
     non-private pretraining with every pretext (from the warm start and from random init), then the private
     federated step at a large-batch and a small-batch setting."""
-    from fedssl.warmstart import pretrain_encoder
+    from fedssl.warmstart.pretrain import pretrain_encoder
 
     quick = bool(setup.extra.get("quick"))
     local = _large_batch(setup, side=16, fractions=(0.05, 0.1))

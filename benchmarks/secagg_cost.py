@@ -178,7 +178,8 @@ def protocol_cost(site_counts: list[int], shapes: list[tuple[int, ...]], reps: i
 def federation_run(sites: int, rounds: int, shares: dict | None, common: list[str], out_dir: Path, name: str) -> dict:
     from fedssl.config import load_config
     from fedssl.experiment import central_data_for
-    from fedssl.runlog import read_run_log
+    from fedssl.layout import RunDir
+    from fedssl.runlog import read_metrics
     from fedssl.simulation import prepare_run_dir, run_federation
 
     secagg = [] if shares is None else ["secure_aggregation.enabled=true", *(f"secure_aggregation.{k}={v}" for k, v in shares.items())]
@@ -187,10 +188,9 @@ def federation_run(sites: int, rounds: int, shares: dict | None, common: list[st
     config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=True)
     run_federation(config, run_dir, stream=False)
-    log = list(read_run_log(run_dir))
-    by_round = {r["round"]: r for r in log if r["kind"] == "round"}
-    assert len(by_round) == rounds and all(r["num_trained"] == sites for r in by_round.values()), by_round
-    return {"round1_seconds": by_round[1]["seconds"], "round_seconds": [by_round[r]["seconds"] for r in sorted(by_round) if r > 1]}
+    by_round = {r.round: r for r in read_metrics(RunDir(run_dir).metrics)[1]}
+    assert len(by_round) == rounds and all(r.num_trained == sites for r in by_round.values()), by_round
+    return {"round1_seconds": by_round[1].seconds, "round_seconds": [by_round[r].seconds for r in sorted(by_round) if r > 1]}
 
 
 def federation_cost(site_counts: list[int], rounds: int, reps: int, common: list[str]) -> dict:

@@ -5,7 +5,7 @@ A ClientApp is either legacy (``client_fn``) or decorated (``@app.train()``), ne
 SecAgg+ workflow's messages are ordinary ``train`` messages. So clients/client_app.py stays the
 one component Flower loads, and its train handler hands SecAgg+ protocol messages (they carry the
 ``secaggplus_configs`` record) to :data:`app` here. Training, budget charge, ledger and egress
-guard are exactly the plain path's: ``train_round`` → ``site_reply_records`` → ``check_egress``.
+guard are exactly the plain path's: both call fedssl.site_round.run_site_round.
 
 What leaves the site (see server/secagg_app.py for the server's view): the encoder weights, scaled
 by the site's weight and masked by ``secaggplus_mod``; the weight itself (in the clear, as FitRes
@@ -18,7 +18,6 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from flwr.app import Context, Message
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -28,12 +27,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from clients.site_dp_mods import legacy_site_update_clipping_mod
 from fedssl.errors import ConfigError
 from fedssl.fl import keys
-from fedssl.fl.egress import check_egress
-from fedssl.fl.site_reply import site_reply_records
-from fedssl.models import build_encoder, encoder_state_keys
-from fedssl.sites import resolve_site
-from fedssl.training.local import STATUS_TRAINED, RoundResult, train_round
-from fedssl.training.plan import TrainPlan
+from fedssl.fl.records import RoundResult
+from fedssl.site_round import run_site_round
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +40,7 @@ def is_secagg_message(msg: Message) -> bool:
 
 def secagg_weight(result: RoundResult, weighting: str, max_weight: float) -> int:
     """The FedAvg weight SecAgg+ multiplies into the masked update: 0 for a refused site."""
-    if result.status != STATUS_TRAINED:
+    if result.status != keys.STATUS_TRAINED:
         return 0
     if weighting == "uniform":
         return 1
@@ -58,25 +53,16 @@ def secagg_weight(result: RoundResult, weighting: str, max_weight: float) -> int
 
 def site_fit(parameters: Sequence[np.ndarray], config: Mapping[str, object], context: Context) -> tuple[list[np.ndarray], int, dict]:
     """One SecAgg+ round at this site: (weights to mask, weight, whitelisted metrics)."""
-    dataset, site = resolve_site(context.node_config, context.run_config)
-    plan = TrainPlan.from_wire(dict(config))
-    expected = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
-    names = list(expected)
-    got = [tuple(np.shape(p)) for p in parameters]
-    if got != [tuple(expected[n]) for n in names]:
-        raise ConfigError(f"train config: the server sent arrays of shapes {got}; this site's encoder has {list(expected.values())}")
-    global_encoder = {name: torch.from_numpy(np.array(arr, copy=True)) for name, arr in zip(names, parameters)}
-    result = train_round(dataset, global_encoder, plan, site)
-    records = site_reply_records(result, site.site_id, site.privacy.enabled)
-    check_egress(records, expected, arrays_required=result.status == STATUS_TRAINED)
-    metrics = dict(records[keys.METRICS].items())
-    weight = secagg_weight(result, str(config.get(keys.SECAGG_WEIGHTING, "examples")), float(config.get(keys.SECAGG_MAX_WEIGHT, 1000.0)))
+    reply = run_site_round(context.node_config, context.run_config, config, parameters)
+    metrics = dict(reply.records[keys.METRICS].items())
+    weight = secagg_weight(reply.result, str(config.get(keys.SECAGG_WEIGHTING, "examples")),
+                           float(config.get(keys.SECAGG_MAX_WEIGHT, 1000.0)))
     if weight == 0:
         # Refused: hand back the global weights with weight 0. SecAgg+ multiplies them by 0 before
         # quantizing, so the site's share of the sum is a data-independent constant plus masks.
         return [np.array(p, copy=True) for p in parameters], 0, metrics
-    arrays = records[keys.ARRAYS]
-    return [arrays[name].numpy() for name in names], weight, metrics
+    arrays = reply.records[keys.ARRAYS]
+    return [arrays[name].numpy() for name in reply.encoder_shapes], weight, metrics
 
 
 class SecAggSite(NumPyClient):

@@ -16,7 +16,6 @@ no tracebacks for bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -40,7 +39,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=args.overwrite)
-    from fedssl.warmstart import prepare_warm_start
+    from fedssl.warmstart.pretrain import prepare_warm_start
 
     # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
     prepare_warm_start(config, run_dir, progress=lambda message: print(f"fedssl: {message}", flush=True))
@@ -96,13 +95,15 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     from fedssl.deploy.pki import init_node_key, node_key_path
-    from fedssl.privacy.keys import init_site_key
+    from fedssl.privacy.keys import init_site_key, load_signing_key, public_key_fingerprint, public_key_path
 
     # Check both before writing either, so a re-run never leaves half a key set.
     if not args.overwrite and node_key_path(Path(args.out), args.name).exists():
         raise FedSSLError(f"{node_key_path(Path(args.out), args.name)}: a node key for site {args.name!r} already exists; keep it, or pass --overwrite")
     path = init_site_key(Path(args.out), args.name, overwrite=args.overwrite)
-    print(f"fedssl: site signing key written to {path} (public key beside it)")
+    fingerprint = public_key_fingerprint(load_signing_key(path).public_key())
+    print(f"fedssl: site signing key written to {path} (mode 0600), its public key to {public_key_path(Path(args.out), args.name)} "
+          f"(fingerprint {fingerprint}): register the .pub with your auditor (fedssl audit --trusted-keys DIR)")
     node = init_node_key(Path(args.out), args.name, overwrite=args.overwrite)
     print(f"fedssl: SuperNode auth key written to {node} (mode 0600); send {node}.pub to the coordinator to be registered")
     return 0

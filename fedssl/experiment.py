@@ -17,9 +17,18 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import make_site_dataset, partition
 from fedssl.errors import ConfigError
-from fedssl.training.local import SitePrivacy, SiteSettings
+from fedssl.training.local import SiteSettings
 
 SITES_DIR = "sites"
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """An experiment entering at the edge: ``load_config``'s checks plus the pretext registry's."""
+    from fedssl.pretext import check_config
+
+    config = load_config(path, overrides)
+    check_config(config)
+    return config
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ def site_settings(config: ExperimentConfig, run_dir: Path, site_id: int) -> Site
     return SiteSettings(
         site_id=site_id,
         state_dir=site_state_dir(run_dir, site_id),
-        privacy=SitePrivacy.from_config(config.privacy),
+        privacy=config.privacy,
         device=config.run.device,
     )
 

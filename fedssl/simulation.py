@@ -27,7 +27,8 @@ from pathlib import Path
 
 from fedssl.config import ExperimentConfig, save_config
 from fedssl.errors import FedSSLError
-from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR, SERVER_DONE
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.layout import SERVER_DONE
 from fedssl.phases import mark
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

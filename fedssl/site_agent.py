@@ -18,12 +18,10 @@ but not a FAB that is not fedssl at all — see docs/deployment.md.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import signal
 import stat
@@ -36,10 +34,11 @@ from pathlib import Path
 from typing import Any
 
 
-from fedssl.config import PrivacyConfig, _build, _check, read_yaml_mapping  # one validation style for every config file
+from fedssl.config import PrivacyConfig, check_device
+from fedssl.typed_yaml import build_section, check, read_yaml_mapping, resolve_path, validate_sections
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import ConfigError, DataError, FedSSLError, PrivacyError
-from fedssl.training.local import SitePrivacy, SiteSettings
+from fedssl.training.local import SiteSettings
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,10 @@ class SiteIdentity:
     id: int = -1
 
     def validate(self) -> None:
-        from fedssl.privacy.keys import _SITE_NAME
+        from fedssl.privacy.keys import SITE_NAME
 
-        _check(bool(_SITE_NAME.match(self.name)), "site.name", "must be 1-64 letters, digits, '.', '_' or '-'", self.name)
-        _check(self.id >= 0, "site.id", "must be an integer >= 0, unique in the federation (the coordinator reports sites by it)", self.id)
+        check(bool(SITE_NAME.match(self.name)), "site.name", "must be 1-64 letters, digits, '.', '_' or '-'", self.name)
+        check(self.id >= 0, "site.id", "must be an integer >= 0, unique in the federation (the coordinator reports sites by it)", self.id)
 
 
 @dataclass
@@ -81,8 +80,8 @@ class SiteData:
     def validate(self) -> None:
         from fedssl.data.loaders import LOADERS
 
-        _check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz or .csv)", self.path)
-        _check(self.kind == "auto" or self.kind in LOADERS, "data.kind", f"valid choices: auto, {', '.join(sorted(LOADERS))}", self.kind)
+        check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz or .csv)", self.path)
+        check(self.kind == "auto" or self.kind in LOADERS, "data.kind", f"valid choices: auto, {', '.join(sorted(LOADERS))}", self.kind)
 
 
 @dataclass
@@ -92,8 +91,8 @@ class CoordinatorConfig:
 
     def validate(self) -> None:
         host, _, port = self.address.rpartition(":")
-        _check(bool(host) and port.isdigit(), "coordinator.address", "must be host:port of the SuperLink, e.g. fl.example.org:9092", self.address)
-        _check(bool(self.root_certificates), "coordinator.root_certificates", "must be the federation's ca.crt (TLS is required)", self.root_certificates)
+        check(bool(host) and port.isdigit(), "coordinator.address", "must be host:port of the SuperLink, e.g. fl.example.org:9092", self.address)
+        check(bool(self.root_certificates), "coordinator.root_certificates", "must be the federation's ca.crt (TLS is required)", self.root_certificates)
 
 
 @dataclass
@@ -102,7 +101,7 @@ class SiteKeys:
     ledger_key: str = ""
 
     def validate(self) -> None:
-        _check(bool(self.node_key), "keys.node_key", "must be the site's node key (NAME.node from `fedssl keys init-site NAME`)", self.node_key)
+        check(bool(self.node_key), "keys.node_key", "must be the site's node key (NAME.node from `fedssl keys init-site NAME`)", self.node_key)
 
 
 @dataclass
@@ -111,7 +110,7 @@ class AppsConfig:
 
     def validate(self) -> None:
         for i, value in enumerate(self.allowed_hashes):
-            _check(_is_hash(value), f"apps.allowed_hashes[{i}]", "must be 'sha256:<64 hex digits>' as printed by `fedssl site app-hash`", value)
+            check(_is_hash(value), f"apps.allowed_hashes[{i}]", "must be 'sha256:<64 hex digits>' as printed by `fedssl site app-hash`", value)
 
 
 @dataclass
@@ -122,10 +121,10 @@ class SupernodeConfig:
     rejoin_timeout: float = 180.0  # after a crash the coordinator needs up to ~60 s to release the node
 
     def validate(self) -> None:
-        _check(0 <= self.port <= 65535, "supernode.port", "must be a port number (0 = pick a free one)", self.port)
-        _check(self.isolation in ("process", "subprocess"), "supernode.isolation", "valid choices: process, subprocess", self.isolation)
-        _check(self.connect_timeout > 0, "supernode.connect_timeout", "must be > 0 seconds", self.connect_timeout)
-        _check(self.rejoin_timeout >= 0, "supernode.rejoin_timeout", "must be >= 0 seconds", self.rejoin_timeout)
+        check(0 <= self.port <= 65535, "supernode.port", "must be a port number (0 = pick a free one)", self.port)
+        check(self.isolation in ("process", "subprocess"), "supernode.isolation", "valid choices: process, subprocess", self.isolation)
+        check(self.connect_timeout > 0, "supernode.connect_timeout", "must be > 0 seconds", self.connect_timeout)
+        check(self.rejoin_timeout >= 0, "supernode.rejoin_timeout", "must be >= 0 seconds", self.rejoin_timeout)
 
 
 @dataclass
@@ -143,15 +142,9 @@ class SiteConfig:
     supernode: SupernodeConfig = field(default_factory=SupernodeConfig)
 
     def validate(self) -> None:
-        for section in dataclasses.fields(self):
-            value = getattr(self, section.name)
-            if hasattr(value, "validate"):
-                value.validate()
-        _check(bool(self.state_dir), "state_dir", "must be a directory for the site's ledger and privacy state", self.state_dir)
-        _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device", "must be auto, cpu, cuda or cuda:<index>", self.device,
-        )
+        validate_sections(self)
+        check(bool(self.state_dir), "state_dir", "must be a directory for the site's ledger and privacy state", self.state_dir)
+        check_device("device", self.device)
 
     # Paths, resolved against the directory of site.yaml by load_site_config.
     @property
@@ -166,7 +159,7 @@ class SiteConfig:
         return SiteSettings(
             site_id=self.site.id,
             state_dir=self.state_path,
-            privacy=SitePrivacy.from_config(self.privacy),
+            privacy=self.privacy,
             device=self.device,
             key_path=self.ledger_key_path,
         )
@@ -178,22 +171,17 @@ def load_site_config(path: str | Path) -> SiteConfig:
     if not path.is_file():
         raise ConfigError(f"site config {path} does not exist; write one from configs/deploy/site.yaml")
     raw = read_yaml_mapping(path, "site, data, state_dir, privacy, coordinator, keys, apps")
-    config: SiteConfig = _build(SiteConfig, raw, prefix="")
+    config: SiteConfig = build_section(SiteConfig, raw)
     config.validate()
     base = path.parent
-    config.data.path = _resolve(base, config.data.path)
-    config.state_dir = _resolve(base, config.state_dir)
-    config.coordinator.root_certificates = _resolve(base, config.coordinator.root_certificates)
-    config.keys.node_key = _resolve(base, config.keys.node_key)
+    config.data.path = resolve_path(base, config.data.path)
+    config.state_dir = resolve_path(base, config.state_dir)
+    config.coordinator.root_certificates = resolve_path(base, config.coordinator.root_certificates)
+    config.keys.node_key = resolve_path(base, config.keys.node_key)
     if config.keys.ledger_key:
-        config.keys.ledger_key = _resolve(base, config.keys.ledger_key)
+        config.keys.ledger_key = resolve_path(base, config.keys.ledger_key)
     config.apps.allowed_hashes = [h.lower() for h in config.apps.allowed_hashes]
     return config
-
-
-def _resolve(base: Path, value: str) -> str:
-    p = Path(value).expanduser()
-    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 def _is_hash(value: str) -> bool:

@@ -4,7 +4,8 @@ In Flower 1.42 SecAgg+ exists only on the legacy path: ``DefaultWorkflow(fit_wor
 SecAggPlusWorkflow(...))`` drives a legacy ``Strategy`` inside a ``LegacyContext``; the sites run
 ``secaggplus_mod`` around a NumPyClient (clients/secagg_app.py) that calls the same
 ``train_round`` as the plain path. ``server_app.py`` calls :func:`run_secure_aggregation` when
-``secure_aggregation.enabled``; plan, per-site records, server ledger and checkpoints are shared.
+``secure_aggregation.enabled``; plan, per-site records (server/strategy.py's RoundRecorder), server
+ledger and checkpoints are shared.
 
 What the server receives from each site in a round (tests/test_secagg.py inspects it):
 - setup / share keys: the site's two public keys, then key shares encrypted for its neighbours;
@@ -25,10 +26,7 @@ of its data, and it keeps its place in the protocol so the round completes.
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,29 +38,13 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from fedssl.config import ExperimentConfig
 from fedssl.fl import keys
+from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import SiteReport
-from fedssl.privacy.ledger import ServerLedger
-from fedssl.privacy.site_level import AGGREGATION_SECAGG
-from fedssl.runlog import RunLog
-from fedssl.training.plan import TrainPlan
-from server.site_dp import SiteLevelBook, legacy_dp_wrapper
-from server.strategy import FedSSLAvg
+from server.site_dp import SiteLevelBook, fixed_denominator_mean, legacy_dp_wrapper
+from server.strategy import RoundRecorder, round_metrics
 
 INFO = 20
 Checkpoint = Callable[[int, dict[str, torch.Tensor]], None]
-
-
-class SecAggRecorder(FedSSLAvg):
-    """The plain path's per-site bookkeeping (run log, server ledger), labelled as SecAgg+ rounds."""
-
-    aggregation = AGGREGATION_SECAGG
-
-    def __init__(self, *, book: SiteLevelBook | None, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.book = book
-
-    def round_report_extra(self, server_round: int) -> dict:
-        return self.book.fields(server_round) if self.book is not None else {}
 
 
 class SecAggFedSSL(LegacyFedAvg):
@@ -72,7 +54,7 @@ class SecAggFedSSL(LegacyFedAvg):
         self,
         *,
         names: list[str],
-        recorder: SecAggRecorder,
+        recorder: RoundRecorder,
         plan: TrainPlan,
         weighting: str,
         max_weight: float,
@@ -102,7 +84,7 @@ class SecAggFedSSL(LegacyFedAvg):
         }
 
     def configure_fit(self, server_round, parameters, client_manager):
-        self.recorder._round_started = time.perf_counter()
+        self.recorder.start_round()
         self._current = parameters_to_ndarrays(parameters)
         instructions = super().configure_fit(server_round, parameters, client_manager)
         if self.book is not None and not self.book.charge(server_round, len(instructions)):
@@ -113,22 +95,18 @@ class SecAggFedSSL(LegacyFedAvg):
         reports: list[SiteReport] = []
         contributing = 0
         for proxy, fitres in results:
-            try:
-                report = SiteReport.from_metrics(proxy.node_id, fitres.metrics)
-            except (KeyError, ValueError, TypeError) as err:
-                self.recorder._record_failure(server_round, proxy.node_id, f"malformed reply: {err}")
+            report = self.recorder.report(server_round, proxy.node_id, fitres.metrics)
+            if report is None:
                 continue
             reports.append(report)
-            self.recorder._record_site(server_round, report)
-            contributing += int(report.status == "trained" and fitres.num_examples > 0)
+            contributing += int(report.status == keys.STATUS_TRAINED and fitres.num_examples > 0)
         for failure in failures:
-            node_id, reason = _failure(failure)
-            self.recorder._record_failure(server_round, node_id, reason)
+            self.recorder.failure(server_round, *_failure(failure))
         aggregate = self._aggregate(server_round, results, contributing)
-        self.recorder._record_round(server_round, reports)
+        self.recorder.finish_round(server_round, reports)
         if aggregate is None:
             return None, {}
-        return ndarrays_to_parameters(aggregate), _round_metrics(reports)
+        return ndarrays_to_parameters(aggregate), round_metrics(reports)
 
     def _aggregate(self, server_round: int, results: list[tuple[object, FitRes]], contributing: int) -> list[np.ndarray] | None:
         if not contributing or not results:
@@ -137,12 +115,13 @@ class SecAggFedSSL(LegacyFedAvg):
         # The workflow put the same unmasked weighted mean into every result.
         mean = parameters_to_ndarrays(results[0][1].parameters)
         if not all(np.all(np.isfinite(a)) for a in mean):
-            self.recorder._record_failure(server_round, -1, "secure aggregate is not finite (weights or quantization range?)")
+            self.recorder.failure(server_round, -1, "secure aggregate is not finite (weights or quantization range?)")
             return None
         if self.book is not None:
-            # Uniform weights: mean over the k contributing sites; DP-FedAvg wants Σ/m (fixed m).
-            scale = contributing / self.book.sites_per_round
-            mean = [(c.astype(np.float64) + scale * (a.astype(np.float64) - c)).astype(c.dtype) for c, a in zip(self._current, mean, strict=True)]
+            # Uniform weights: the mean over the k contributing sites, i.e. an update sum of k·(mean − θ);
+            # DP-FedAvg wants that sum over the fixed m sampled sites.
+            update_sum = [contributing * (a.astype(np.float64) - c) for c, a in zip(self._current, mean, strict=True)]
+            mean = fixed_denominator_mean(self._current, update_sum, self.book.sites_per_round)
         return [np.asarray(a, dtype=c.dtype) for a, c in zip(mean, self._current, strict=True)]
 
     def evaluate(self, server_round: int, parameters: Parameters):
@@ -161,12 +140,6 @@ def _failure(failure: object) -> tuple[int, str]:
         reason = getattr(getattr(res, "status", None), "message", "") or "site reported a failure"
         return int(getattr(proxy, "node_id", -1)), reason
     return -1, f"dropped out: {failure}"[:300]
-
-
-def _round_metrics(reports: list[SiteReport]) -> dict[str, Scalar]:
-    trained = [r for r in reports if r.status == "trained"]
-    epsilons = [r.epsilon for r in trained if math.isfinite(r.epsilon)]
-    return {keys.NUM_EXAMPLES: sum(r.num_examples for r in trained), keys.EPSILON: max(epsilons) if epsilons else -1.0}
 
 
 def _flower_count(value: float) -> int | float:
@@ -188,20 +161,18 @@ def secagg_workflow(config: ExperimentConfig) -> SecAggPlusWorkflow:
 
 
 def run_secure_aggregation(
-    grid, context, config: ExperimentConfig, plan: TrainPlan, initial: Mapping[str, torch.Tensor], run_dir: Path,
-    checkpoint: Checkpoint,
+    grid, context, config: ExperimentConfig, plan: TrainPlan, initial: Mapping[str, torch.Tensor],
+    recorder: RoundRecorder, book: SiteLevelBook | None, checkpoint: Checkpoint,
 ) -> dict[str, torch.Tensor]:
-    """Run all rounds under SecAgg+ (and site-level DP if enabled); returns the final encoder state."""
-    fed, site_dp = config.federation, config.site_dp
-    book = SiteLevelBook(config, run_dir) if site_dp.enabled else None
+    """Run all rounds under SecAgg+ (and site-level DP with a ``book``); returns the final encoder state."""
+    fed = config.federation
     names = list(initial)
-    recorder = SecAggRecorder(book=book, run_log=RunLog(run_dir), server_ledger=ServerLedger(run_dir), num_rounds=fed.rounds)
     strategy = SecAggFedSSL(
         names=names,
         recorder=recorder,
         plan=plan,
-        weighting="uniform" if site_dp.enabled else "examples",
-        max_weight=1.0 if site_dp.enabled else config.secure_aggregation.max_weight,
+        weighting="uniform" if book is not None else "examples",
+        max_weight=1.0 if book is not None else config.secure_aggregation.max_weight,
         checkpoint=checkpoint,
         book=book,
         fraction_fit=fed.fraction_train,

@@ -2,33 +2,34 @@
 
 With ``secure_aggregation.enabled`` the rounds run on Flower's SecAgg+ workflow instead
 (server/secagg_app.py); ``site_dp.enabled`` wraps either path in Flower's DP wrappers (server/site_dp.py).
+Both paths record every site's reply through one RoundRecorder (server/strategy.py).
 
-Never imports data loading or DP training: the server builds the initial encoder from
-the same factory as the sites (so keys match) and otherwise only moves weights.
+Never imports data loading, pretext tasks or DP training (tests/test_import_rules.py): the server
+builds the initial encoder from the same factory as the sites (so keys match) and otherwise only
+moves weights.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedssl.config import load_config
-from fedssl.fl.run_keys import RUN_CONFIG_PATH, RUN_DIR, SERVER_DONE
+from fedssl.config import ExperimentConfig, load_config
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.plan import TrainPlan, plan_from_config
+from fedssl.layout import RunDir
 from fedssl.models import build_encoder
 from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
+from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.runlog import RunLog
-from fedssl.training.plan import plan_from_config
-from fedssl.warmstart import WARM_START_FILE, load_warm_start
-from server.site_dp import message_strategy
-
-FINAL_ENCODER = "encoder.pt"
-LATEST_ENCODER = "encoder_latest.pt"
+from fedssl.warmstart.checkpoint import load_warm_start
+from server.site_dp import SiteLevelBook, message_strategy
+from server.strategy import AGGREGATION_FEDAVG, RoundRecorder
 
 app = ServerApp()
 
@@ -37,49 +38,57 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     mark("server_main")
     config = load_config(str(context.run_config[RUN_CONFIG_PATH]))
-    run_dir = Path(str(context.run_config[RUN_DIR]))
+    run_dir = RunDir(str(context.run_config[RUN_DIR]))
     started = time.time()
     encoder = build_encoder(config.model.encoder, config.model.input_shape, width=config.model.width,
                             depth=config.model.depth, seed=config.run.seed)
     if config.warm_start.enabled:
-        # Written by the CLI before the run (fedssl.warmstart.prepare_warm_start); checked against this encoder.
-        load_warm_start(run_dir / WARM_START_FILE, encoder)
+        # Written by the coordinator before the run (fedssl.warmstart.pretrain); checked against this encoder.
+        load_warm_start(run_dir.warm_start, encoder)
     plan = plan_from_config(config, run_id=str(context.run_id))
-    fed = config.federation
+    book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
+    recorder = RoundRecorder(
+        run_log=RunLog(run_dir.path),
+        server_ledger=ServerLedger(run_dir.server_ledger),
+        num_rounds=config.federation.rounds,
+        aggregation=AGGREGATION_SECAGG if config.secure_aggregation.enabled else AGGREGATION_FEDAVG,
+        report_fields=book.fields if book is not None else lambda server_round: {},
+    )
+    final = _run_rounds(grid, context, config, plan, encoder.state_dict(), recorder, book, run_dir)
+    torch.save(final, run_dir.final_encoder)
+    mark("server_done")
+    done = run_dir.server_done.with_suffix(".tmp")
+    done.write_text(json.dumps({"run_id": context.run_id, "rounds": config.federation.rounds, "seconds": time.time() - started}))
+    done.replace(run_dir.server_done)  # atomic: the driver starts on the results the moment this name appears
 
-    def checkpoint(server_round: int, arrays: ArrayRecord):
-        torch.save(arrays.to_torch_state_dict(), run_dir / LATEST_ENCODER)
-        return None
+
+def _run_rounds(grid: Grid, context: Context, config: ExperimentConfig, plan: TrainPlan, initial: dict[str, torch.Tensor],
+                recorder: RoundRecorder, book: SiteLevelBook | None, run_dir: RunDir) -> dict[str, torch.Tensor]:
+    """Every round on the configured path; returns the final encoder, checkpointing it after each round."""
+    def checkpoint(server_round: int, state: dict[str, torch.Tensor]) -> None:
+        torch.save(state, run_dir.latest_encoder)
 
     if config.secure_aggregation.enabled:  # Flower's SecAgg+ runs on its legacy workflow: server/secagg_app.py
         from server.secagg_app import run_secure_aggregation
 
-        final = run_secure_aggregation(grid, context, config, plan, encoder.state_dict(), run_dir,
-                                       checkpoint=lambda rnd, state: torch.save(state, run_dir / LATEST_ENCODER))
-    else:
-        strategy = message_strategy(  # FedSSLAvg, or Flower's DP wrapper around it (server/site_dp.py)
-            config,
-            run_dir,
-            run_log=RunLog(run_dir),
-            server_ledger=ServerLedger(run_dir),
-            num_rounds=fed.rounds,
-            fraction_train=fed.fraction_train,
-            fraction_evaluate=0.0,
-            min_train_nodes=fed.min_sites,
-            min_available_nodes=fed.min_sites,
-        )
-        mark("server_first_round")
-        result = strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(encoder.state_dict()),
-            num_rounds=fed.rounds,
-            timeout=fed.round_timeout,
-            train_config=ConfigRecord(plan.to_wire()),
-            evaluate_fn=checkpoint,
-        )
-        final = result.arrays.to_torch_state_dict()
-    torch.save(final, run_dir / FINAL_ENCODER)
-    mark("server_done")
-    done = run_dir / (SERVER_DONE + ".tmp")
-    done.write_text(json.dumps({"run_id": context.run_id, "rounds": fed.rounds, "seconds": time.time() - started}))
-    done.replace(run_dir / SERVER_DONE)  # atomic: the driver starts on the results the moment this name appears
+        return run_secure_aggregation(grid, context, config, plan, initial, recorder, book, checkpoint)
+    fed = config.federation
+    strategy = message_strategy(  # FedSSLAvg, or Flower's DP wrapper around it (server/site_dp.py)
+        config,
+        book,
+        recorder=recorder,
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=0.0,
+        min_train_nodes=fed.min_sites,
+        min_available_nodes=fed.min_sites,
+    )
+    mark("server_first_round")
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(initial),
+        num_rounds=fed.rounds,
+        timeout=fed.round_timeout,
+        train_config=ConfigRecord(plan.to_wire()),
+        evaluate_fn=lambda server_round, arrays: checkpoint(server_round, arrays.to_torch_state_dict()),
+    )
+    return result.arrays.to_torch_state_dict()

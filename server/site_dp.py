@@ -21,14 +21,15 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log as flwr_log
 
 from fedssl.config import ExperimentConfig
 from fedssl.errors import BudgetExhaustedError
 from fedssl.fl import keys
-from fedssl.privacy.site_level import STATE_FILE, SiteLevelAccountant, mechanism_from_config
-from server.strategy import FedSSLAvg
+from fedssl.layout import RunDir
+from fedssl.privacy.site_level import SiteLevelAccountant, mechanism_from_config
+from server.strategy import FedSSLAvg, RoundRecorder
 
 ERROR = logging.ERROR
 INFO = logging.INFO
@@ -39,7 +40,7 @@ class SiteLevelBook:
 
     def __init__(self, config: ExperimentConfig, run_dir: Path) -> None:
         mechanism = mechanism_from_config(config.site_dp, config.federation)
-        self.accountant = SiteLevelAccountant(mechanism, config.site_dp.target_epsilon, path=Path(run_dir) / STATE_FILE)
+        self.accountant = SiteLevelAccountant(mechanism, config.site_dp.target_epsilon, path=RunDir(run_dir).site_level_state)
         self.mechanism = mechanism
         self._epsilon: dict[int, float] = {}
         flwr_log(INFO, "fedssl: site-level DP: %s; %.3g spent so far", mechanism.describe(), self.accountant.epsilon)
@@ -67,13 +68,26 @@ class SiteLevelBook:
         return self.accountant.ledger_fields(self._epsilon.get(server_round))
 
 
-def fixed_denominator_mean(current: Sequence[np.ndarray], updated: Iterable[Sequence[np.ndarray]], sites_per_round: int) -> list[np.ndarray]:
-    """θ + (1/m)·Σ(θ_i − θ): the uniform, fixed-denominator mean DP-FedAvg's noise is calibrated to."""
+def summed_updates(current: Sequence[np.ndarray], updated: Iterable[Sequence[np.ndarray]]) -> list[np.ndarray]:
+    """Σ_i (θ_i − θ) over the sites' updated weights, in float64."""
     total = [np.zeros_like(np.asarray(c), dtype=np.float64) for c in current]
     for arrays in updated:
         for acc, new, old in zip(total, arrays, current, strict=True):
             acc += np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
-    return [(np.asarray(c, dtype=np.float64) + acc / sites_per_round).astype(np.asarray(c).dtype) for c, acc in zip(current, total)]
+    return total
+
+
+def fixed_denominator_mean(current: Sequence[np.ndarray], update_sum: Sequence[np.ndarray], sites_per_round: int) -> list[np.ndarray]:
+    """θ + (1/m)·Σ_i(θ_i − θ): the uniform, fixed-denominator mean DP-FedAvg's noise is calibrated to.
+
+    ``update_sum`` is Σ_i(θ_i − θ) over the sites that contributed; a sampled site that refused or
+    dropped out counts as a zero update. Both paths use it: the plain path sums the sites' updates
+    (:func:`summed_updates`), the SecAgg+ path has only the unmasked mean of its k contributors.
+    """
+    return [
+        (np.asarray(c, dtype=np.float64) + np.asarray(s, dtype=np.float64) / sites_per_round).astype(np.asarray(c).dtype)
+        for c, s in zip(current, update_sum, strict=True)
+    ]
 
 
 class SiteDPAvg(FedSSLAvg):
@@ -89,27 +103,23 @@ class SiteDPAvg(FedSSLAvg):
         messages = list(super().configure_train(server_round, arrays, config, grid))
         return messages if self.book.charge(server_round, len(messages)) else []
 
-    def average(self, server_round: int, trained: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def average(self, server_round: int, trained: list[Message]) -> ArrayRecord | None:
         assert self._current is not None
         names = list(self._current.keys())
         current = [self._current[name].numpy() for name in names]
         updated = [[msg.content[keys.ARRAYS][name].numpy() for name in names] for msg in trained]
-        mean = fixed_denominator_mean(current, updated, self.book.sites_per_round)
-        metrics = self.train_metrics_aggr_fn([msg.content for msg in trained], self.weighted_by_key)
-        return ArrayRecord({name: Array(arr) for name, arr in zip(names, mean)}), metrics
-
-    def round_report_extra(self, server_round: int) -> dict:
-        return self.book.fields(server_round)
+        mean = fixed_denominator_mean(current, summed_updates(current, updated), self.book.sites_per_round)
+        return ArrayRecord({name: Array(arr) for name, arr in zip(names, mean)})
 
 
-def message_strategy(config: ExperimentConfig, run_dir: Path, **kwargs):
-    """The plain (Message API) path's strategy: FedSSLAvg, or Flower's DP wrapper around SiteDPAvg."""
-    if not config.site_dp.enabled:
-        return FedSSLAvg(**kwargs)
+def message_strategy(config: ExperimentConfig, book: SiteLevelBook | None, *, recorder: RoundRecorder, **kwargs):
+    """The plain (Message API) path's strategy: FedSSLAvg, or (with a site-level ``book``) Flower's DP
+    wrapper around SiteDPAvg."""
+    if book is None:
+        return FedSSLAvg(recorder=recorder, **kwargs)
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
 
-    book = SiteLevelBook(config, run_dir)
-    inner = SiteDPAvg(book=book, **kwargs)
+    inner = SiteDPAvg(book=book, recorder=recorder, **kwargs)
     wrapper = DifferentialPrivacyClientSideFixedClipping if config.site_dp.side == "client" else DifferentialPrivacyServerSideFixedClipping
     return wrapper(inner, book.mechanism.noise_multiplier, book.mechanism.clipping_norm, book.sites_per_round)
 

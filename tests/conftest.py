@@ -43,7 +43,7 @@ def global_encoder(digits_site):
 @pytest.fixture(scope="session")
 def make_plan() -> Callable[..., object]:
     """``make_plan(server_round=2, pretext="byol")``: the tiny TrainPlan with overrides."""
-    from fedssl.training.plan import TrainPlan
+    from fedssl.fl.plan import TrainPlan
 
     def make(**overrides):
         values = dict(
@@ -68,13 +68,14 @@ def make_plan() -> Callable[..., object]:
 @pytest.fixture(scope="session")
 def make_site() -> Callable[..., object]:
     """``make_site(state_dir, enabled=True, target_epsilon=1.0)``: a site's own settings."""
-    from fedssl.training.local import SitePrivacy, SiteSettings
+    from fedssl.config import PrivacyConfig
+    from fedssl.training.local import SiteSettings
 
     def make(state_dir: Path, *, enabled: bool = True, target_epsilon: float = TARGET_EPSILON, delta: float = DELTA, site_id: int = 0):
         return SiteSettings(
             site_id=site_id,
             state_dir=Path(state_dir),
-            privacy=SitePrivacy(enabled=enabled, target_epsilon=target_epsilon, delta=delta),
+            privacy=PrivacyConfig(enabled=enabled, target_epsilon=target_epsilon, delta=delta),
             device="cpu",
         )
 

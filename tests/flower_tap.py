@@ -4,7 +4,7 @@ A throw-away Flower app directory holds a pyproject whose components are two thi
 - the server wrapper hands the production ``server.server_app.main`` a Grid that records every
   message the ServerApp sends and every reply it receives (picklable numpy/python copies);
 - the client wrapper loads the production ``clients.client_app.app`` unchanged and only patches
-  ``clients.secagg_app.train_round`` to keep each site's true (unmasked) result, and to make chosen
+  ``fedssl.site_round.train_round`` (which both paths call) to keep each site's true (unmasked) result, and to make chosen
   sites drop out (raise after training) or refuse (budget-spent reply) in chosen rounds.
 (The Simulation Engine pickles the ClientApp into its Ray workers; the wrapper's handler lives in
 the wrapper module so that each worker imports it, and the patch, first.) Everything else is the real path: `flwr run`, the Simulation Engine, SecAgg+, Opacus, ledgers.
@@ -138,14 +138,15 @@ from pathlib import Path
 
 from flwr.clientapp import ClientApp
 
-import clients.secagg_app as secagg
+import fedssl.site_round as site_round
 from clients.client_app import app as production_app
-from fedssl.training.local import STATUS_REFUSED, RoundResult
+from fedssl.fl.keys import STATUS_REFUSED
+from fedssl.fl.records import RoundResult
 
 TAP_DIR = Path({tap_dir!r})
 DROP = {drop!r}  # {{(round, site_id)}}: crash after training, before anything is sent
 REFUSE = {refuse!r}  # {{(round, site_id)}}: reply as a site whose budget is spent
-_real_train_round = secagg.train_round
+_real_train_round = site_round.train_round
 
 
 def _tapped(dataset, global_encoder, plan, site):
@@ -169,7 +170,7 @@ def _tapped(dataset, global_encoder, plan, site):
     return result
 
 
-secagg.train_round = _tapped
+site_round.train_round = _tapped
 
 # The Simulation Engine pickles the ClientApp into its Ray workers, and functions of importable
 # modules travel by reference: the handler below makes every worker import this module (and so

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from opacus.accountants import create_accountant
 
+from fedssl.layout import SERVER_LEDGER_FILE, RunDir
+from fedssl.privacy import chain
 from fedssl.privacy import ledger as L
 from fedssl.privacy.audit import (
     EPSILON_MISMATCH,
@@ -75,7 +77,7 @@ HISTORY: list[Event] = [(1.1, 0.05, 10)] * 4
 def run_dir(tmp_path: Path) -> Path:
     """A two-site run with registered keys and the server's record: what a clean demo leaves behind."""
     run = tmp_path / "run"
-    server = ServerLedger(run)
+    server = ServerLedger(RunDir(run).server_ledger)
     for k in range(2):
         key = init_site_key(tmp_path / "keys", f"site-{k:03d}")
         write_site(run / "sites" / f"site-{k:03d}", key, HISTORY, server=server, site_number=k)
@@ -194,7 +196,7 @@ def test_clean_run_audits_ok(run_dir: Path) -> None:
     report = audit_path(run_dir, trusted_keys_dir=keys_dir(run_dir))
     assert report.ok, [(s.site_id, s.findings) for s in report.sites]
     assert [s.site_id for s in report.sites] == ["site-000", "site-001"]
-    assert all(s.trust == L.TRUSTED_KEY for s in report.sites)
+    assert all(s.trust == chain.TRUSTED_KEY for s in report.sites)
     site = report.sites[0]
     assert len(site.events) == 4 and site.events[-1].epsilon_claimed == pytest.approx(site.events[-1].epsilon_rdp, rel=1e-3)
 
@@ -270,7 +272,7 @@ def test_rollback_of_ledger_and_head_is_caught_by_the_server_record(run_dir: Pat
         shutil.copy(path, backup)
     event = (1.1, 0.05, 10)
     record = ledger.append("dp_event", dp_event(5, event, 1e-5, opacus_epsilon(HISTORY + [event], 1e-5), 8.0))
-    ServerLedger(run_dir).append("round_report", {"round": 5, "node_id": 1000, "site_id": 0, "epsilon": record["body"]["epsilon_after"],
+    ServerLedger(RunDir(run_dir).server_ledger).append("round_report", {"round": 5, "node_id": 1000, "site_id": 0, "epsilon": record["body"]["epsilon_after"],
                                                   "ledger_seq": record["seq"], "status": "trained", "aggregation": "fedavg"})
     # roll both files back to the earlier, validly signed state: locally consistent
     for path in (ledger.path, ledger.head_path):
@@ -278,14 +280,14 @@ def test_rollback_of_ledger_and_head_is_caught_by_the_server_record(run_dir: Pat
     assert ledger.verify().ok
 
     report = audit_path(run_dir)
-    assert {f.kind for f in report.sites[0].findings} == {L.TRUNCATED}
+    assert {f.kind for f in report.sites[0].findings} == {chain.TRUNCATED}
     assert report.sites[1].ok
     # auditing the single site against the server's record finds it too
-    assert audit_main([str(state), "--server-ledger", str(run_dir / L.SERVER_LEDGER_FILE)]) == 1
+    assert audit_main([str(state), "--server-ledger", str(run_dir / SERVER_LEDGER_FILE)]) == 1
 
 
 def test_server_and_site_disagreeing_on_epsilon_is_a_mismatch(run_dir: Path) -> None:
-    server = ServerLedger(run_dir)
+    server = ServerLedger(RunDir(run_dir).server_ledger)
     server.append("round_report", {"round": 2, "node_id": 1000, "site_id": 0, "epsilon": 0.1, "ledger_seq": 3,
                                    "status": "trained", "aggregation": "fedavg"})
     report = audit_path(run_dir)
@@ -296,7 +298,7 @@ def test_deleted_site_ledger_is_missing(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "sites" / "site-001")
     report = audit_path(run_dir)
     assert not report.ok
-    assert [f.kind for s in report.sites for f in s.findings] == [L.MISSING_LEDGER]
+    assert [f.kind for s in report.sites for f in s.findings] == [chain.MISSING_LEDGER]
 
 
 def test_forged_whole_ledger_caught_only_with_trusted_keys(run_dir: Path, tmp_path: Path) -> None:
@@ -307,7 +309,7 @@ def test_forged_whole_ledger_caught_only_with_trusted_keys(run_dir: Path, tmp_pa
     write_site(state, forger, HISTORY)  # same claims, a key nobody registered
     assert audit_path(run_dir).ok
     report = audit_path(run_dir, trusted_keys_dir=keys_dir(run_dir))
-    assert L.UNTRUSTED_KEY in {f.kind for f in report.sites[0].findings}
+    assert chain.UNTRUSTED_KEY in {f.kind for f in report.sites[0].findings}
 
 
 def test_torn_write_fails_the_audit_but_keeps_the_table(run_dir: Path, capsys) -> None:
@@ -322,10 +324,11 @@ def test_torn_write_fails_the_audit_but_keeps_the_table(run_dir: Path, capsys) -
 
 def test_site_budget_charges_audit_clean(tmp_path: Path) -> None:
     """The training loop's own charging path (write-ahead SiteBudget) produces an auditable ledger."""
-    from fedssl.privacy.budget import BudgetSpec, SiteBudget
+    from fedssl.config import PrivacyConfig
+    from fedssl.privacy.budget import SiteBudget
 
     state = tmp_path / "sites" / "site-000"
-    spec = BudgetSpec(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
+    spec = PrivacyConfig(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0)
     for round_ in range(1, 4):
         budget = SiteBudget.open(state, spec)  # reopened every round, as a fresh ClientApp process would
         budget.calibrate(sample_rate=0.05, planned_steps=60)

@@ -1,4 +1,4 @@
-"""Book-keeping per-sample clipping (fedssl.privacy.bookkeeping) against a direct reference.
+"""Book-keeping per-sample clipping (fedssl.training.bookkeeping) against a direct reference.
 
 The reference is the definition: one autograd pass per sample on one shared forward (same
 rotations, views and masks), each sample's whole gradient clipped to C with Opacus' factor
@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedssl.models import build_encoder
 from fedssl.pretext import get_pretext
-from fedssl.privacy.bookkeeping import BookkeepingEngine, make_private_bookkeeping, supported_types
+from fedssl.training.bookkeeping import BookkeepingEngine, make_private_bookkeeping, supported_types
 
 RTOL = 1e-4
 SEED = 11
@@ -390,10 +390,11 @@ def test_config_validates_clipping_engine():
 @pytest.mark.parametrize("clipping", ["bookkeeping", "opacus"])
 def test_train_round_with_each_clipping_engine(tmp_path, digits_site, global_encoder, make_plan, clipping):
     """Both engines train, and train_round's accountant cross-check (history == charge) passes."""
-    from fedssl.training.local import STATUS_TRAINED, SitePrivacy, SiteSettings, train_round
+    from fedssl.training.local import STATUS_TRAINED, SiteSettings, train_round
+    from fedssl.config import PrivacyConfig
 
     site = SiteSettings(site_id=0, state_dir=tmp_path, device="cpu",
-                        privacy=SitePrivacy(enabled=True, target_epsilon=1.0, clipping=clipping))
+                        privacy=PrivacyConfig(enabled=True, target_epsilon=1.0, clipping=clipping))
     result = train_round(digits_site, global_encoder, make_plan(pretext="simsiam"), site)
     assert result.status == STATUS_TRAINED and result.steps == 2
     moved = [not torch.equal(result.encoder_state[k], v) for k, v in global_encoder.items() if k.endswith("weight")]
@@ -423,14 +424,14 @@ CONV_CASES = {
 
 
 def _conv_layout(module: nn.Conv2d) -> str:
-    from fedssl.privacy.bookkeeping import _channels_last_ok
+    from fedssl.training.clip_rules import _channels_last_ok
 
     return "channels_last" if _channels_last_ok(module) else ("transposed" if module.groups == 1 else "weight")
 
 
 def _bk_per_sample(model: nn.Module, x: torch.Tensor) -> tuple[list[nn.Parameter], list[list[torch.Tensor]], torch.Tensor]:
     """Per-sample gradients as the engine's rules form them: finish(one-hot e_i) = g_i."""
-    from fedssl.privacy.bookkeeping import SUPPORTED
+    from fedssl.training.clip_rules import SUPPORTED
 
     engine = BookkeepingEngine(model, loss_reduction="sum")
     torch.manual_seed(SEED)

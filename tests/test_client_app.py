@@ -7,6 +7,7 @@ everywhere); nothing in a reply may contain it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -27,9 +28,10 @@ from fedssl.fl import keys
 from fedssl.fl.egress import EgressError
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.privacy.analysis import epsilon_of
-from fedssl.runlog import read_run_log
-from fedssl.training.plan import TrainPlan
-from server.strategy import FedSSLAvg, aggregate_site_metrics
+from fedssl.fl.plan import TrainPlan
+from fedssl.layout import RunDir
+from fedssl.runlog import read_metrics
+from server.strategy import FedSSLAvg, RoundRecorder, aggregate_site_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
@@ -179,7 +181,7 @@ def test_refusing_site_replies_without_arrays(setup, tmp_path):
     run_dir = setup.copy_run_dir(tmp_path / "run")
     eps1 = setup.reply.content[keys.METRICS][keys.EPSILON]
     lowered = copy.deepcopy(setup.config)
-    lowered.privacy.target_epsilon = eps1 * 1.01
+    lowered.privacy = dataclasses.replace(lowered.privacy, target_epsilon=eps1 * 1.01)
     lowered_path = tmp_path / "lowered.yaml"
     save_config(lowered, lowered_path)
     message = train_message(setup.reply.content[keys.ARRAYS].to_torch_state_dict(), setup.plan.with_round(2))
@@ -194,7 +196,9 @@ def test_refusing_site_replies_without_arrays(setup, tmp_path):
 def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
     """If a reply ever carried more than the encoder (here: a smuggled head weight), the ClientApp refuses to send it."""
     run_dir = setup.copy_run_dir(tmp_path / "run")
-    real = client_app.site_reply_records
+    import fedssl.site_round as site_round
+
+    real = site_round.site_reply_records
 
     def leaky(result, site_id, dp_enabled):
         records = real(result, site_id, dp_enabled)
@@ -203,7 +207,7 @@ def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
         records[keys.ARRAYS] = ArrayRecord(state)
         return records
 
-    monkeypatch.setattr(client_app, "site_reply_records", leaky)
+    monkeypatch.setattr(site_round, "site_reply_records", leaky)
     message = train_message(setup.reply.content[keys.ARRAYS].to_torch_state_dict(), setup.plan.with_round(2))
     with pytest.raises(EgressError, match="head.weight"):
         client_app.train(message, site_context(setup.config_path, run_dir))
@@ -250,7 +254,8 @@ def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
             records[keys.ARRAYS] = ArrayRecord({"w": torch.full((3,), fill)})
         return Message(content=RecordDict(records), reply_to=instruction)
 
-    strategy = FedSSLAvg(run_log=RunLog(tmp_path), server_ledger=ServerLedger(tmp_path), num_rounds=1)
+    recorder = RoundRecorder(run_log=RunLog(tmp_path), server_ledger=ServerLedger(RunDir(tmp_path).server_ledger), num_rounds=1)
+    strategy = FedSSLAvg(recorder=recorder)
     replies = [
         reply(1, metrics_record(1.0, 10, 1.0), 1.0),
         reply(2, metrics_record(7.0, 30, 3.0), 3.0),
@@ -258,18 +263,17 @@ def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
     ]
     arrays, metrics = strategy.aggregate_train(1, replies)
     assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.5))  # refused site left out
-    assert metrics[keys.EPSILON] == 7.0
-    logged = list(read_run_log(tmp_path))
-    sites = [r for r in logged if r["kind"] == "site_round"]
-    assert sorted((r["node_id"], r["status"], r["epsilon"]) for r in sites) == [(1, "trained", 1.0), (2, "trained", 7.0), (3, "refused", 7.5)]
-    (round_record,) = [r for r in logged if r["kind"] == "round"]
-    assert (round_record["num_sites"], round_record["num_trained"]) == (3, 2)
-    assert round_record["max_epsilon"] >= 7.0
+    # One rule for every round figure: a refused site still bounds the federation with what it spent.
+    assert metrics[keys.EPSILON] == 7.5 and metrics[keys.NUM_EXAMPLES] == 40
+    sites, rounds = read_metrics(RunDir(tmp_path).metrics)
+    assert sorted((r.node_id, r.status, r.epsilon) for r in sites) == [(1, "trained", 1.0), (2, "trained", 7.0), (3, "refused", 7.5)]
+    (round_record,) = rounds
+    assert (round_record.num_sites, round_record.num_trained, round_record.max_epsilon) == (3, 2, 7.5)
 
     # A failed reply carries no site id; the record names the site that node last answered as.
-    strategy._record_failure(2, 2, "NODE_UNAVAILABLE")
-    strategy._record_failure(2, 99, "NODE_UNAVAILABLE")
-    site_of_node_2 = next(r["site_id"] for r in sites if r["node_id"] == 2)
-    failed = {r["node_id"]: r for r in read_run_log(tmp_path) if r.get("status") == "failed"}
-    assert failed[2]["site_id"] == -1 and failed[2]["last_site_id"] == site_of_node_2
-    assert "last_site_id" not in failed[99]
+    recorder.failure(2, 2, "NODE_UNAVAILABLE")
+    recorder.failure(2, 99, "NODE_UNAVAILABLE")
+    site_of_node_2 = next(r.site_id for r in sites if r.node_id == 2)
+    failed = {r.node_id: r for r in read_metrics(RunDir(tmp_path).metrics)[0] if r.status == "failed"}
+    assert failed[2].site_id == -1 and failed[2].last_site_id == site_of_node_2
+    assert failed[99].last_site_id == -1

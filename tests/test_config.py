@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedssl.config import ExperimentConfig, load_config, save_config
+from fedssl.experiment import load_experiment
 from fedssl.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +25,9 @@ def write(path: Path, text: str) -> Path:
 
 
 def config_error(path: Path, overrides: list[str] | None = None) -> str:
+    """The one-line error of loading at the edge (config sections and the pretext registry)."""
     with pytest.raises(ConfigError) as info:
-        load_config(path, overrides)
+        load_experiment(path, overrides)
     message = str(info.value)
     assert message and "\n" not in message, f"not one line: {message!r}"
     return message
@@ -240,6 +242,15 @@ def test_bad_overrides(override, key):
     assert config_error(TINY, [override]).startswith(key)
 
 
+def test_the_config_module_leaves_pretext_checks_to_the_registry():
+    # load_config is what the ServerApp may import: it never loads training code, so a pretext's
+    # own parameters are the registry's to check (load_experiment, at the edge).
+    assert load_config(TINY, ["pretext.params.bogus=1"]).pretext.params == {"bogus": 1}
+    assert config_error(TINY, ["pretext.params.bogus=1"]).startswith("pretext.params.bogus")
+    assert config_error(TINY, ["pretext.name=nope"]).startswith("pretext.name: unknown pretext 'nope'")
+    assert config_error(TINY, ["warm_start.source=synthetic", "warm_start.pretext=nope"]).startswith("warm_start.pretext:")
+
+
 def test_simclr_under_dp_is_a_config_error():
     message = config_error(TINY, ["pretext.name=simclr"])
     assert message.startswith("pretext.name:")
@@ -303,12 +314,17 @@ def test_round_timeout_must_be_positive():
         load_config("configs/experiments/digits-tiny.yaml", ["federation.round_timeout=0"])
 
 
-def test_every_privacy_field_reaches_the_site_settings(tmp_path):
-    # SitePrivacy is built from the validated section in one place; a new field (such as
-    # `clipping`) that did not reach the site would silently run the default instead.
+def test_the_site_trains_with_its_validated_privacy_section_itself(tmp_path):
+    # One settings type end to end: the site's settings hold the validated section, not a copy
+    # that a new field (such as `clipping`) could fail to reach, and nothing downstream can edit it.
+    import dataclasses
+
     from fedssl.experiment import site_settings
 
     config = load_config("configs/experiments/digits-demo.yaml",
                          ["privacy.clipping=opacus", "privacy.accountant=prv", "privacy.max_grad_norm=0.5"])
     privacy = site_settings(config, tmp_path, 0).privacy
+    assert privacy is config.privacy
     assert (privacy.clipping, privacy.accountant, privacy.max_grad_norm) == ("opacus", "prv", 0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        privacy.target_epsilon = 100.0  # type: ignore[misc]

@@ -171,7 +171,7 @@ def test_site_and_server_yaml_errors_are_one_line(tmp_path, loader, text, expect
 
 def test_deployed_site_reads_only_site_yaml(site_dir):
     """The server's run config cannot point a site elsewhere or change its budget."""
-    from fedssl.sites import resolve_site
+    from fedssl.site_round import resolve_site
 
     hostile_run_config = {"config-path": "/etc/passwd", "run-dir": "/tmp/elsewhere", "data-dir": "/", "target-epsilon": 1e9}
     dataset, settings = resolve_site({"site-config": str(site_dir / "site.yaml")}, hostile_run_config)

@@ -390,7 +390,7 @@ def test_secure_aggregation_and_warm_start_over_tls(tmp_path_factory, procs):
     # Deployment with SecAgg+ (three sites, each holding a share of the others' secrets) and a
     # synthetic warm start the coordinator builds before any site connects.
     from fedssl.deploy.localfed import make_local_federation
-    from fedssl.warmstart import WARM_START_FILE
+    from fedssl.layout import WARM_START_FILE
 
     root = tmp_path_factory.mktemp("fed3")
     fed = make_local_federation(root, ["site-e", "site-f", "site-g"], rounds=1, experiment_overrides=[

@@ -16,11 +16,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from opacus.accountants import RDPAccountant
 
 from fedssl.errors import ConfigError, PrivacyError
+from fedssl.privacy import chain
 from fedssl.privacy import ledger as L
 from fedssl.privacy.independent import epsilon_rdp
 from fedssl.privacy.keys import (
     init_site_key,
-    keys_init_site,
     load_signing_key,
     load_verify_key,
     public_key_fingerprint,
@@ -104,8 +104,11 @@ def test_site_name_cannot_escape_the_key_dir(tmp_path: Path) -> None:
         init_site_key(tmp_path, "../evil")
 
 
-def test_keys_init_site_message_names_files_and_fingerprint(tmp_path: Path) -> None:
-    message = keys_init_site(tmp_path, "hospital-a")
+def test_keys_init_site_message_names_files_and_fingerprint(tmp_path: Path, capsys) -> None:
+    from fedssl.cli import main
+
+    assert main(["keys", "init-site", "hospital-a", "--out", str(tmp_path)]) == 0
+    message = capsys.readouterr().out
     fingerprint = public_key_fingerprint(load_verify_key(tmp_path / "hospital-a.ed25519.pub"))
     assert fingerprint in message and "hospital-a.ed25519.pub" in message
 
@@ -137,9 +140,9 @@ def test_clean_ledger_verifies_and_has_the_documented_format(site) -> None:
     assert init["fingerprint"] == public_key_fingerprint(trusted(key_path)) == records[3]["signer"]
 
     report = ledger.verify()
-    assert report.ok and report.trust == L.TRUST_ON_FIRST_USE
+    assert report.ok and report.trust == chain.TRUST_ON_FIRST_USE
     report = ledger.verify(trusted_public_key=trusted(key_path))
-    assert report.ok and report.trust == L.TRUSTED_KEY
+    assert report.ok and report.trust == chain.TRUSTED_KEY
     head = json.loads(ledger.head_path.read_text())
     assert (head["seq"], head["hash"]) == (4, records[-1]["hash"])
 
@@ -190,7 +193,7 @@ def test_open_refuses_another_sites_ledger(site, tmp_path: Path) -> None:
 
 
 def test_server_ledger_is_chained_and_unsigned_without_a_key(tmp_path: Path) -> None:
-    server = ServerLedger(tmp_path)
+    server = ServerLedger(tmp_path / "server_ledger.jsonl")
     for node in (11, 12):
         server.append("round_report", {"round": 1, "node_id": node, "site_id": node - 11, "epsilon": 1.5,
                                        "ledger_seq": 2, "status": "trained", "aggregation": "fedavg"})
@@ -198,20 +201,20 @@ def test_server_ledger_is_chained_and_unsigned_without_a_key(tmp_path: Path) -> 
     assert [r["kind"] for r in records] == ["server_init", "round_report", "round_report"]
     assert records[1]["sig"] is None
     report = server.verify()
-    assert report.ok and report.trust == L.UNSIGNED
+    assert report.ok and report.trust == chain.UNSIGNED
     # still chained: an edit is caught
     raw = server.path.read_bytes().replace(b'"epsilon":1.5', b'"epsilon":0.5', 1)
     server.path.write_bytes(raw)
-    assert L.BAD_HASH in server.verify().kinds
+    assert chain.BAD_HASH in server.verify().kinds
 
 
 def test_signed_server_ledger_verifies_against_its_key(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
-    server = ServerLedger(tmp_path, signing_key=key)
+    server = ServerLedger(tmp_path / "server_ledger.jsonl", signing_key=key)
     server.append("round_report", {"round": 1, "node_id": 1, "site_id": 0, "epsilon": None,
                                    "ledger_seq": -1, "status": "refused", "aggregation": "fedavg"})
     assert server.verify(trusted_public_key=key.public_key()).ok
-    assert L.UNTRUSTED_KEY in server.verify(trusted_public_key=Ed25519PrivateKey.generate().public_key()).kinds
+    assert chain.UNTRUSTED_KEY in server.verify(trusted_public_key=Ed25519PrivateKey.generate().public_key()).kinds
 
 
 # ---------------------------------------------------------------- tampering
@@ -225,7 +228,7 @@ def test_edited_body_is_a_bad_hash(site) -> None:
     rows[3] = canonical_json(record).encode() + b"\n"
     rewrite(ledger, rows)
     report = ledger.verify()
-    assert report.kinds == {L.BAD_HASH}
+    assert report.kinds == {chain.BAD_HASH}
     assert report.problems[0].seq == 3 and report.problems[0].line == 4
 
 
@@ -237,7 +240,7 @@ def test_edit_with_recomputed_hash_is_a_bad_signature(site) -> None:
     record["hash"] = record_hash(record)
     rows[3] = canonical_json(record).encode() + b"\n"
     rewrite(ledger, rows)
-    assert {L.BAD_SIGNATURE, L.BROKEN_CHAIN} <= ledger.verify().kinds
+    assert {chain.BAD_SIGNATURE, chain.BROKEN_CHAIN} <= ledger.verify().kinds
 
 
 def test_deleted_middle_record_is_a_seq_gap(site) -> None:
@@ -245,7 +248,7 @@ def test_deleted_middle_record_is_a_seq_gap(site) -> None:
     rows = lines(ledger)
     rewrite(ledger, rows[:2] + rows[3:])
     report = ledger.verify()
-    assert report.kinds == {L.SEQ_GAP, L.BROKEN_CHAIN}
+    assert report.kinds == {chain.SEQ_GAP, chain.BROKEN_CHAIN}
     assert all(p.seq == 3 for p in report.problems)
 
 
@@ -254,7 +257,7 @@ def test_reordered_records_are_detected(site) -> None:
     rows = lines(ledger)
     rows[2], rows[3] = rows[3], rows[2]
     rewrite(ledger, rows)
-    assert {L.SEQ_REORDER, L.SEQ_GAP, L.BROKEN_CHAIN} <= ledger.verify().kinds
+    assert {chain.SEQ_REORDER, chain.SEQ_GAP, chain.BROKEN_CHAIN} <= ledger.verify().kinds
 
 
 def test_forged_appended_record_is_a_foreign_signer(site) -> None:
@@ -269,15 +272,15 @@ def test_forged_appended_record_is_a_foreign_signer(site) -> None:
     with open(ledger.path, "ab") as handle:
         handle.write(canonical_json(forged).encode() + b"\n")
     # hash and chain are perfect; only the signature gives it away
-    assert ledger.verify().kinds == {L.FOREIGN_SIGNER}
-    assert ledger.verify(trusted_public_key=trusted(key_path)).kinds == {L.FOREIGN_SIGNER}
+    assert ledger.verify().kinds == {chain.FOREIGN_SIGNER}
+    assert ledger.verify(trusted_public_key=trusted(key_path)).kinds == {chain.FOREIGN_SIGNER}
 
 
 def test_truncated_last_record_is_detected_by_the_head(site) -> None:
     ledger, _ = site
     rewrite(ledger, lines(ledger)[:-1])
     report = ledger.verify()
-    assert report.kinds == {L.TRUNCATED}
+    assert report.kinds == {chain.TRUNCATED}
     assert len(report.records) == 4  # what remains is still reported
 
 
@@ -285,7 +288,7 @@ def test_deleting_the_head_too_is_reported(site) -> None:
     ledger, _ = site
     rewrite(ledger, lines(ledger)[:-1])
     ledger.head_path.unlink()
-    assert ledger.verify().kinds == {L.HEAD_MISSING}
+    assert ledger.verify().kinds == {chain.HEAD_MISSING}
 
 
 def test_a_forged_head_is_detected(site) -> None:
@@ -294,7 +297,7 @@ def test_a_forged_head_is_detected(site) -> None:
     head["seq"] = 3
     head["hash"] = ledger.records()[3]["hash"]  # consistent, but not signed by the site
     ledger.head_path.write_text(json.dumps(head))
-    assert L.BAD_HEAD in ledger.verify().kinds
+    assert chain.BAD_HEAD in ledger.verify().kinds
 
 
 def test_consistent_rollback_of_ledger_and_head_is_invisible_locally(site, tmp_path: Path) -> None:
@@ -320,7 +323,7 @@ def test_whole_ledger_replaced_with_a_foreign_key_needs_the_trusted_key(site, tm
     forged.append("dp_event", dp_event(1, 0.001))
     assert forged.verify().ok  # self-consistent: trust on first use cannot tell
     report = forged.verify(trusted_public_key=trusted(key_path))
-    assert L.UNTRUSTED_KEY in report.kinds and L.FOREIGN_SIGNER in report.kinds
+    assert chain.UNTRUSTED_KEY in report.kinds and chain.FOREIGN_SIGNER in report.kinds
 
 
 def test_torn_last_line_is_reported_without_hiding_earlier_records(site) -> None:
@@ -329,7 +332,7 @@ def test_torn_last_line_is_reported_without_hiding_earlier_records(site) -> None
     with open(ledger.path, "ab") as handle:
         handle.write(partial)
     report = ledger.verify()
-    assert report.kinds == {L.TORN_WRITE}
+    assert report.kinds == {chain.TORN_WRITE}
     assert report.problems[0].line == 6
     assert [r["seq"] for r in report.records] == [0, 1, 2, 3, 4]
 
@@ -349,7 +352,7 @@ def test_unacknowledged_garbage_line_mid_file_is_corrupt(site) -> None:
     ledger, _ = site
     rows = lines(ledger)
     rewrite(ledger, rows[:2] + [b"not json\n"] + rows[2:])
-    assert ledger.verify().kinds == {L.CORRUPT_LINE}
+    assert ledger.verify().kinds == {chain.CORRUPT_LINE}
 
 
 def test_open_refuses_a_tampered_ledger(site) -> None:

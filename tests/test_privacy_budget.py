@@ -17,11 +17,12 @@ import fedssl.privacy.budget as budget_module
 import fedssl.training.local as local_module
 from conftest import DELTA, LOCAL_STEPS, SAMPLE_RATE, TARGET_EPSILON
 from fedssl.errors import BudgetExhaustedError, PrivacyError
-from fedssl.privacy.budget import BudgetSpec, SiteBudget
+from fedssl.config import PrivacyConfig
+from fedssl.privacy.budget import SiteBudget
 from fedssl.privacy.ledger import Ledger
 from fedssl.training.local import STATUS_REFUSED, train_round
 
-SPEC = BudgetSpec(target_epsilon=TARGET_EPSILON, delta=DELTA, max_grad_norm=1.0)
+SPEC = PrivacyConfig(target_epsilon=TARGET_EPSILON, delta=DELTA, max_grad_norm=1.0)
 
 
 class SimulatedCrash(BaseException):
@@ -81,8 +82,8 @@ def test_epsilon_survives_a_process_restart(trained_site, state_copy):
     state_dir = state_copy(trained_site.after_round2)
     code = (
         "import sys; from pathlib import Path\n"
-        "from fedssl.privacy.budget import BudgetSpec, SiteBudget\n"
-        f"b = SiteBudget.open(Path(sys.argv[1]), BudgetSpec({TARGET_EPSILON!r}, {DELTA!r}, 1.0))\n"
+        "from fedssl.config import PrivacyConfig\nfrom fedssl.privacy.budget import SiteBudget\n"
+        f"b = SiteBudget.open(Path(sys.argv[1]), PrivacyConfig(target_epsilon={TARGET_EPSILON!r}, delta={DELTA!r}, max_grad_norm=1.0))\n"
         "print(repr(b.epsilon_spent), b.steps_taken)\n"
     )
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code, str(state_dir)], capture_output=True, text=True, timeout=300)
@@ -232,7 +233,7 @@ def test_crash_between_the_two_writes_of_a_charge_never_under_counts(trained_sit
     """Whichever of accountant.json / ledger.jsonl a charge writes first, a crash after that write,
     a restart, one more round and then the loss of accountant.json must not lose the crashed round."""
     state_dir = state_copy(trained_site.after_round1)
-    spec = BudgetSpec(target_epsilon=10 * TARGET_EPSILON, delta=DELTA, max_grad_norm=1.0)  # room for two more rounds
+    spec = PrivacyConfig(target_epsilon=10 * TARGET_EPSILON, delta=DELTA, max_grad_norm=1.0)  # room for two more rounds
     real_save, real_append = budget_module.save_accountant, Ledger.append
 
     def save_then_crash(*args, **kwargs):

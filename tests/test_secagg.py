@@ -56,7 +56,8 @@ def test_secagg_configs_load() -> None:
 
 def test_weight_policy() -> None:
     from clients.secagg_app import secagg_weight
-    from fedssl.training.local import STATUS_REFUSED, STATUS_TRAINED, RoundResult
+    from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
+    from fedssl.fl.records import RoundResult
 
     trained = RoundResult(status=STATUS_TRAINED, encoder_state={}, num_examples=420)
     assert secagg_weight(trained, "examples", 1000) == 420
@@ -197,15 +198,16 @@ def test_only_the_aggregate_equals_fedavg_within_quantization_error(secagg_run, 
 
 @pytest.mark.slow
 def test_dropout_mid_round_and_refusal_still_complete_the_round(secagg_run) -> None:
-    from fedssl.runlog import read_run_log
+    from fedssl.layout import RunDir
+    from fedssl.runlog import read_metrics
 
     config, run_dir, tap = secagg_run
-    rounds = {r["round"]: r for r in read_run_log(run_dir) if r["kind"] == "round"}
+    site_rounds, round_records = read_metrics(RunDir(run_dir).metrics)
+    rounds = {r.round: r for r in round_records}
     assert sorted(rounds) == [1, 2, 3]
-    assert (rounds[1]["num_trained"], rounds[2]["num_trained"], rounds[3]["num_trained"]) == (3, 2, 2)
-    site_rounds = [r for r in read_run_log(run_dir) if r["kind"] == "site_round"]
-    assert any(r["round"] == 2 and r["status"] == "failed" for r in site_rounds)  # the dropout, recorded
-    assert any(r["round"] == 3 and r["site_id"] == 0 and r["status"] == "refused" for r in site_rounds)
+    assert (rounds[1].num_trained, rounds[2].num_trained, rounds[3].num_trained) == (3, 2, 2)
+    assert any(r.round == 2 and r.status == "failed" for r in site_rounds)  # the dropout, recorded
+    assert any(r.round == 3 and r.site_id == 0 and r.status == "refused" for r in site_rounds)
     # The dropped site trained (and was charged) but its update is not in round 2's aggregate.
     assert tap.sites[(2, 2)]["dropped"] and tap.sites[(2, 2)]["trained"] is not None
     assert {s["site"] for s in _contributors(tap, 2)} == {0, 1}
@@ -249,13 +251,14 @@ def test_scalars_in_the_clear_are_the_whitelisted_ones(secagg_run) -> None:
 @pytest.mark.slow
 def test_ledgers_audit_and_statement_under_secagg(secagg_run) -> None:
     from fedssl.privacy.audit import audit_path
-    from fedssl.privacy.site_level import run_privacy_facts
+    from fedssl.layout import RunDir
+    from fedssl.privacy.site_level import privacy_facts
 
     _, run_dir, _ = secagg_run
     report = audit_path(run_dir)
     assert report.ok, [str(f) for s in report.sites for f in s.findings]
     assert "SecAgg+" in report.statement and "in the clear" in report.statement
-    assert run_privacy_facts(run_dir) == {"secure_aggregation": True, "site_level": None}
+    assert privacy_facts(RunDir(run_dir).server_ledger) == {"secure_aggregation": True, "site_level": None}
     # Every site's accountant kept counting across the SecAgg+ rounds (the dropped round too).
     steps = {s.site_id: sum(e.steps for e in s.events) for s in report.sites}
     assert steps["site-002"] == 3 * 3 and steps["site-000"] == 2 * 3  # site 0 refused round 3

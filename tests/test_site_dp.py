@@ -16,9 +16,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from fedssl.config import load_config
 from fedssl.errors import BudgetExhaustedError, ConfigError, PrivacyError
 from fedssl.fl import keys
+from fedssl.layout import SITE_LEVEL_STATE as STATE_FILE
+from fedssl.layout import RunDir
 from fedssl.privacy.site_level import (
     FIELD_EPSILON,
-    STATE_FILE,
     SiteLevelAccountant,
     SiteLevelMechanism,
     epsilon_after,
@@ -133,11 +134,11 @@ def test_sitedp_config_loads() -> None:
 # ----------------------------------------------------------------- server side: fixed-denominator mean, wrappers
 
 def test_fixed_denominator_mean_counts_missing_sites_as_zero_updates() -> None:
-    from server.site_dp import fixed_denominator_mean
+    from server.site_dp import fixed_denominator_mean, summed_updates
 
     current = [np.zeros(2, np.float32), np.ones(1, np.float32)]
     updates = [[np.array([3.0, 0.0], np.float32), np.array([2.0], np.float32)]]
-    mean = fixed_denominator_mean(current, updates, sites_per_round=3)  # 2 of 3 sampled sites refused or dropped
+    mean = fixed_denominator_mean(current, summed_updates(current, updates), sites_per_round=3)  # 2 of 3 sampled sites refused or dropped
     assert np.allclose(mean[0], [1.0, 0.0]) and np.allclose(mean[1], [1 + 1 / 3]) and mean[0].dtype == np.float32
 
 
@@ -146,12 +147,14 @@ def test_message_strategy_uses_flowers_wrappers(tmp_path) -> None:
 
     from fedssl.privacy.ledger import ServerLedger
     from fedssl.runlog import RunLog
-    from server.site_dp import SiteDPAvg, message_strategy
-    from server.strategy import FedSSLAvg
+    from server.site_dp import SiteDPAvg, SiteLevelBook, message_strategy
+    from server.strategy import FedSSLAvg, RoundRecorder
 
     def build(*overrides):
         config = load_config(TINY, ["federation.num_sites=4", *overrides])
-        return message_strategy(config, tmp_path, run_log=RunLog(tmp_path), server_ledger=ServerLedger(tmp_path), num_rounds=2)
+        book = SiteLevelBook(config, tmp_path) if config.site_dp.enabled else None
+        recorder = RoundRecorder(run_log=RunLog(tmp_path), server_ledger=ServerLedger(RunDir(tmp_path).server_ledger), num_rounds=2)
+        return message_strategy(config, book, recorder=recorder)
 
     assert type(build()) is FedSSLAvg
     server = build("site_dp.enabled=true", "site_dp.noise_multiplier=1.5", "site_dp.side=server", "site_dp.clipping_norm=0.3")
@@ -294,7 +297,7 @@ def test_site_level_epsilon_is_charged_recorded_and_stated(sitedp_run) -> None:
     mech = SiteLevelMechanism(SIGMA, CLIP, SITES, SITES, config.site_dp.delta, "client")
     state = json.loads((run_dir / STATE_FILE).read_text())
     assert state["rounds"] == [1, 2] and state["epsilon"] == pytest.approx(epsilon_after(mech, 2))
-    reports = [r["body"] for r in ServerLedger(run_dir).records() if r["kind"] == "round_report"]
+    reports = ServerLedger(RunDir(run_dir).server_ledger).round_reports()
     assert len(reports) == SITES * ROUNDS and all(r["aggregation"] == "secaggplus" for r in reports)
     assert sorted({(r["round"], round(r[FIELD_EPSILON], 9)) for r in reports}) == [
         (1, round(epsilon_after(mech, 1), 9)), (2, round(epsilon_after(mech, 2), 9))]

@@ -72,21 +72,3 @@ def test_apps_import_without_the_training_stack():
     code = "import sys, clients.client_app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
-
-
-def test_client_app_names_resolve_to_the_training_code():
-    import clients.client_app as client_app
-    from fedssl.fl.site_reply import site_reply_records
-    from fedssl.training.local import train_round
-
-    assert client_app.train_round is train_round and client_app.site_reply_records is site_reply_records
-    with pytest.raises(AttributeError):
-        client_app.no_such_name  # noqa: B018
-
-
-def test_run_config_keys_agree():
-    from fedssl import sites
-    from fedssl.fl import run_keys
-
-    assert (run_keys.RUN_CONFIG_PATH, run_keys.RUN_DIR) == (sites.RUN_CONFIG_PATH, sites.RUN_DIR)
-

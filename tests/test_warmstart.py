@@ -13,18 +13,16 @@ import torch
 from fedssl.data import synthetic
 from fedssl.errors import ConfigError
 from fedssl.models import build_encoder
-from fedssl.warmstart import (
-    WARM_START_FILE,
-    WARM_START_INFO,
-    WarmStartConfig,
+from fedssl.config import WarmStartConfig
+from fedssl.layout import WARM_START_FILE, WARM_START_INFO
+from fedssl.warmstart.checkpoint import (
     load_warm_start,
-    prepare_warm_start,
-    pretrain_encoder,
     public_pretraining_description,
     read_checkpoint,
     run_warm_start,
     save_warm_start,
 )
+from fedssl.warmstart.pretrain import prepare_warm_start, pretrain_encoder
 
 WIDTH, DEPTH = 8, 2
 
@@ -122,7 +120,6 @@ def test_pretraining_changes_the_encoder_and_is_deterministic():
         ({"source": "path", "path": "x.pt"}, "warm_start.description"),
         ({"source": "synthetic", "steps": 0}, "warm_start.steps"),
         ({"source": "synthetic", "num_samples": 5}, "warm_start.num_samples"),
-        ({"source": "synthetic", "pretext": "nope"}, "warm_start.pretext"),
         ({"source": "synthetic", "lr": 0}, "warm_start.lr"),
     ],
 )
@@ -143,7 +140,7 @@ def test_default_config_is_off_and_valid():
 def test_none_writes_nothing(tmp_path):
     assert prepare_warm_start(_config(), tmp_path) is None
     assert not (tmp_path / WARM_START_FILE).exists()
-    assert public_pretraining_description(tmp_path) is None
+    assert public_pretraining_description(tmp_path / WARM_START_INFO) is None
 
 
 def test_synthetic_warm_start_round_trip(tmp_path):
@@ -157,7 +154,7 @@ def test_synthetic_warm_start_round_trip(tmp_path):
     encoder = build_encoder("cnn", (1, 8, 8), width=WIDTH, depth=DEPTH, seed=123)
     state = load_warm_start(path, encoder)
     assert all(torch.equal(encoder.state_dict()[k], state[k]) for k in state)
-    description = public_pretraining_description(tmp_path)
+    description = public_pretraining_description(tmp_path / WARM_START_INFO)
     assert description and "synthetic digits" in description
     assert any("warm start written" in m for m in messages)
 
@@ -197,7 +194,7 @@ def test_path_source_accepts_a_plain_state_dict_and_records_its_description(tmp_
     path = prepare_warm_start(_config(source="path", path=str(source), description="EMNIST digits, public"), run_dir)
     state, provenance = read_checkpoint(path)
     assert provenance["source"] == "path" and provenance["description"] == "EMNIST digits, public"
-    assert public_pretraining_description(run_dir) == "EMNIST digits, public"
+    assert public_pretraining_description(run_dir / WARM_START_INFO) == "EMNIST digits, public"
     assert set(state) == set(build_encoder("cnn", (1, 8, 8), width=WIDTH, depth=DEPTH).state_dict())
 
 
@@ -229,12 +226,12 @@ def test_synthetic_source_fits_finer_grey_digits(tmp_path):
 
 
 def test_warmstart_module_keeps_the_server_free_of_data_loading():
-    """The ServerApp imports fedssl.warmstart; that must not pull in the data layer."""
+    """The ServerApp imports fedssl.warmstart.checkpoint; that must not pull in the data layer."""
     import subprocess
     import sys
 
     code = (
-        "import sys, fedssl.warmstart; "
+        "import sys, fedssl.warmstart.checkpoint; "
         "bad = [m for m in sys.modules if m.startswith('fedssl.data') or m == 'sklearn']; "
         "print(','.join(bad))"
     )
@@ -279,7 +276,7 @@ def _finished_run(tmp_path, name: str, warm_start: str):
     the pretrained rows run by run.
     """
     from fedssl.config import load_config, save_config
-    from fedssl.evaluation.central import FINAL_ENCODER
+    from fedssl.layout import FINAL_ENCODER
 
     overrides = [f"run.name={name}", f"run.output_dir={tmp_path}", f"warm_start.source={warm_start}",
                  "warm_start.num_samples=40", "warm_start.steps=2", "warm_start.batch_size=8",
@@ -308,7 +305,7 @@ def test_evaluate_run_adds_warm_start_rows_exactly_when_the_run_used_one(tmp_pat
         WARM_START_ROWS,
     )
     from fedssl.evaluation.central import evaluate_run
-    from fedssl.reporting.run_files import EVALUATION_FILE
+    from fedssl.layout import EVALUATION_FILE
 
     plain = evaluate_run(_finished_run(tmp_path, "plain", "none"))
     assert plain.rows == [row for row in ROW_ORDER if row not in WARM_START_ROWS]

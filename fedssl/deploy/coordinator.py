@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from fedssl.config import ExperimentConfig, _build, _check, load_config, read_yaml_mapping
+from fedssl.config import ExperimentConfig, load_config
+from fedssl.typed_yaml import build_section, check, read_yaml_mapping, resolve_path
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
 from fedssl.errors import ConfigError
-from fedssl.fl.run_keys import SERVER_DONE
+from fedssl.layout import SERVER_DONE
 from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, _progress_message, prepare_run_dir, write_summary
-from fedssl.warmstart import prepare_warm_start
+from fedssl.warmstart.pretrain import prepare_warm_start
 
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
@@ -44,7 +45,7 @@ class ListenConfig:
     public_address: str = ""  # how the coordinator itself reaches the SuperLink; default 127.0.0.1:<port>
 
     def validate(self) -> None:
-        _check(1 <= self.port <= 65535, "listen.port", "must be a port number", self.port)
+        check(1 <= self.port <= 65535, "listen.port", "must be a port number", self.port)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class TLSConfig:
 
     def validate(self) -> None:
         for name in ("ca_cert", "server_cert", "server_key"):
-            _check(bool(getattr(self, name)), f"tls.{name}", "is required (TLS is always on); make it with `fedssl keys`", getattr(self, name))
+            check(bool(getattr(self, name)), f"tls.{name}", "is required (TLS is always on); make it with `fedssl keys`", getattr(self, name))
 
 
 @dataclass
@@ -77,11 +78,11 @@ class ServerConfig:
     run_timeout: float = 3600.0
 
     def validate(self) -> None:
-        _check(bool(self.experiment), "experiment", "must name the experiment YAML (federation, model, pretext, training)", self.experiment)
+        check(bool(self.experiment), "experiment", "must name the experiment YAML (federation, model, pretext, training)", self.experiment)
         self.listen.validate()
         self.tls.validate()
-        _check(bool(self.sites), "sites", "must list at least one site: {name: ..., public_key: <NAME.node.pub>}", self.sites)
-        _check(self.run_timeout > 0, "run_timeout", "must be > 0 seconds", self.run_timeout)
+        check(bool(self.sites), "sites", "must list at least one site: {name: ..., public_key: <NAME.node.pub>}", self.sites)
+        check(self.run_timeout > 0, "run_timeout", "must be > 0 seconds", self.run_timeout)
 
     def site_entries(self) -> list[SiteEntry]:
         entries = []
@@ -105,13 +106,12 @@ def load_server_config(path: str | Path) -> ServerConfig:
     if not path.is_file():
         raise ConfigError(f"server config {path} does not exist; write one from configs/deploy/server.yaml")
     raw = read_yaml_mapping(path, "experiment, listen, tls, sites, state_dir, ...")
-    config: ServerConfig = _build(ServerConfig, raw, prefix="")
+    config: ServerConfig = build_section(ServerConfig, raw)
     config.validate()
     base = path.parent
 
     def resolve(value: str) -> str:
-        p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
+        return resolve_path(base, value)
 
     config.experiment = resolve(config.experiment)
     config.state_dir = resolve(config.state_dir)

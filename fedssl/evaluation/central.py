@@ -20,18 +20,15 @@ from fedssl.evaluation.label_efficiency import evaluate_label_efficiency
 from fedssl.evaluation.plan import EvalPlan
 from fedssl.evaluation.results import EvalResults
 from fedssl.experiment import central_data_for
+from fedssl.layout import RunDir
 from fedssl.models import build_encoder
-from fedssl.warmstart import run_warm_start
-
-EVALUATION_FILE = "evaluation.json"
-CONSENT_FILE = "consent.txt"
-FINAL_ENCODER = "encoder.pt"
+from fedssl.warmstart.checkpoint import run_warm_start
 
 
 def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -> EvalResults:
-    run_dir = Path(run_dir)
-    config = load_config(run_dir / "config.yaml")
-    encoder_path = run_dir / FINAL_ENCODER
+    layout = RunDir(run_dir)
+    config = load_config(layout.config)
+    encoder_path = layout.final_encoder
     if not encoder_path.exists():
         raise ConfigError(f"{encoder_path} missing: the federated run did not finish; rerun `fedssl simulate`")
     data = central_data_for(config)
@@ -42,7 +39,7 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         manifest = ConsentManifest.load(ev.consent_manifest)
     else:
         manifest = make_demo_manifest(list(data.train.sample_ids), list(data.test.sample_ids), ev.consented_fraction, config.run.seed)
-    manifest.save(run_dir / CONSENT_FILE)
+    manifest.save(layout.consent)
     all_ids = list(data.train.sample_ids) + list(data.test.sample_ids)
     all_labels = list(data.train_labels) + list(data.test_labels)
     labels = ConsentedLabels(manifest, label_source_from_array(all_ids, all_labels))
@@ -62,7 +59,7 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         methods=list(ev.methods),
     )
     # Same file, same checks as the ServerApp's load: the rows score exactly what the sites started from.
-    warm_start_state = run_warm_start(config, run_dir, encoder_factory(None))
+    warm_start_state = run_warm_start(config, layout.path, encoder_factory(None))
     results = evaluate_label_efficiency(
         encoder_factory=encoder_factory,
         pretrained_state=torch.load(encoder_path, weights_only=True),
@@ -73,5 +70,5 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         plan=plan,
         progress=progress,
     )
-    (run_dir / EVALUATION_FILE).write_text(json.dumps(results.to_dict(), indent=1))
+    layout.evaluation.write_text(json.dumps(results.to_dict(), indent=1))
     return results

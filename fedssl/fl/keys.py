@@ -1,9 +1,18 @@
-"""The wire contract: every record and metric name that may cross between site and server.
+"""The wire contract: every record, metric and config name that crosses between site and server.
 
-Both apps import these names; the egress guard allows nothing else out of a site.
+Both apps import these names; the egress guard allows nothing else out of a site. Imports
+nothing, so the ServerApp may use it without pulling in the training stack.
 """
 
 from __future__ import annotations
+
+# Run config (pyproject's [tool.flwr.app.config]): set by fedssl's launchers, read by both apps.
+RUN_CONFIG_PATH = "config-path"  # the resolved experiment config (config.yaml in the run dir)
+RUN_DIR = "run-dir"
+
+# Node config: which site a ClientApp process is.
+NODE_PARTITION_ID = "partition-id"  # simulation: the simulated site's index (Flower sets it)
+NODE_SITE_CONFIG = "site-config"  # deployment: the path of the operator's own site.yaml
 
 # RecordDict entries
 ARRAYS = "arrays"  # ArrayRecord: the encoder's state dict, nothing else
@@ -32,6 +41,9 @@ ALLOWED_METRICS = frozenset(
     {NUM_EXAMPLES, EPSILON, TARGET_EPSILON, DELTA, PRETEXT_LOSS, STEPS, STATUS, SITE_ID, TRAIN_SECONDS, LEDGER_SEQ, DP_ENABLED}
 )
 
-# A refused site still answers (so the server can record the refusal) but sends no arrays.
-STATUS_CODES = {"trained": 0, "refused": 1}
+# A site's round ends trained or refused (budget spent); a refused site still answers (so the
+# server can record the refusal) but sends no arrays. A reply the server cannot use is "failed".
+STATUS_TRAINED = "trained"
+STATUS_REFUSED = "refused"
+STATUS_CODES = {STATUS_TRAINED: 0, STATUS_REFUSED: 1}
 STATUS_NAMES = {code: name for name, code in STATUS_CODES.items()}

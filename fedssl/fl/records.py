@@ -1,12 +1,35 @@
-"""What the server reads from a site's reply: scalars only (no training code imported here)."""
+"""What one round produced, on each side of the wire: the site's :class:`RoundResult` and the
+server's view of its reply, :class:`SiteReport` (scalars only). No training code imported here.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedssl.fl import keys
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass
+class RoundResult:
+    """A site's round, before anything leaves: ``status`` is keys.STATUS_TRAINED or keys.STATUS_REFUSED."""
+
+    status: str
+    encoder_state: dict[str, torch.Tensor] | None
+    num_examples: int
+    steps: int = 0
+    pretext_loss: float = math.nan
+    epsilon: float = math.inf
+    target_epsilon: float = math.inf
+    delta: float = 0.0
+    train_seconds: float = 0.0
+    ledger_seq: int = -1
+    reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedssl.fl import keys
-from fedssl.training.local import RoundResult
+from fedssl.fl.records import RoundResult
 
 
 def site_reply_records(result: RoundResult, site_id: int, dp_enabled: bool) -> dict[str, object]:

@@ -144,6 +144,11 @@ class PretextModel(nn.Module, abc.ABC):
         """Hook run after each optimizer step (BYOL moves its EMA target here). Default: nothing."""
 
 
+# Every registered task by name: filled by fedssl.pretext.registry.register_pretext (which owns
+# registration and lookup), held here so a task can name the alternatives that fit an encoder.
+REGISTERED_TASKS: dict[str, type[PretextTask]] = {}
+
+
 class PretextTask(abc.ABC):
     """A configured self-supervised method: validated parameters and a model factory."""
 
@@ -164,9 +169,7 @@ class PretextTask(abc.ABC):
         """Wrap ``encoder`` in this method's model; the encoder object is used, not copied."""
         modality = modality_of(encoder)
         if modality not in self.modalities:
-            from fedssl.pretext.registry import PRETEXT_TASKS  # registry imports this module
-
-            fitting = sorted(name for name, task in PRETEXT_TASKS.items() if modality in task.modalities)
+            fitting = sorted(name for name, task in REGISTERED_TASKS.items() if modality in task.modalities)
             raise ConfigError(
                 f"pretext.name: {self.name!r} works on {' and '.join(sorted(self.modalities))} inputs, "
                 f"but the encoder takes {modality} inputs shaped {encoder.input_shape}; "

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedssl.errors import ConfigError, PrivacyError
-from fedssl.pretext.base import PretextTask
+from fedssl.pretext.base import REGISTERED_TASKS, PretextTask
 
-PRETEXT_TASKS: dict[str, type[PretextTask]] = {}
+if TYPE_CHECKING:
+    from fedssl.config import ExperimentConfig
+
+PRETEXT_TASKS = REGISTERED_TASKS
 
 T = TypeVar("T", bound=type[PretextTask])
 
@@ -41,3 +44,19 @@ def require_dp_compatible(task: PretextTask) -> None:
         "so per-sample clipping no longer bounds its influence and DP-SGD's guarantee is void; "
         f"choose a per-sample pretext ({per_sample}) or set privacy.enabled=false"
     )
+
+
+def check_config(config: ExperimentConfig) -> None:
+    """What only the registry can check of an experiment: the pretext's name and parameters, that it
+    is per-sample when DP is on, and the synthetic warm start's pretext. One line naming the key."""
+    task = get_pretext(config.pretext.name, config.pretext.params)  # raises naming pretext.name / pretext.params.<key>
+    if config.privacy.enabled:
+        try:
+            require_dp_compatible(task)
+        except PrivacyError as err:  # surface it as the config problem it is
+            raise ConfigError(f"pretext.name: {err}") from None
+    if config.warm_start.source == "synthetic":
+        try:
+            get_pretext(config.warm_start.pretext)
+        except ConfigError as err:
+            raise ConfigError(f"warm_start.pretext: {err}") from None

@@ -11,28 +11,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedssl.errors import PrivacyError
-from fedssl.privacy.analysis import Event, epsilon_of
+from fedssl.privacy.analysis import epsilon_of
+from fedssl.privacy.records import Event, Mechanism
 
 ACCOUNTANT_FILE = "accountant.json"
 STATE_VERSION = 1
-
-
-@dataclass
-class Mechanism:
-    """The site's DP-SGD mechanism, fixed when the site first trains."""
-
-    noise_multiplier: float
-    max_grad_norm: float
-    delta: float
-    target_epsilon: float
-    accountant: str
-    planned_steps: int
-    sample_rate: float
 
 
 @dataclass
@@ -48,7 +36,7 @@ class AccountantState:
         return sum(n for _, _, n in self.history)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, "mechanism": asdict(self.mechanism), "history": [list(e) for e in self.history]}
+        return {"version": STATE_VERSION, "mechanism": self.mechanism.body(), "history": [list(e) for e in self.history]}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> AccountantState:

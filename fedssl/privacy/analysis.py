@@ -12,10 +12,8 @@ from collections.abc import Sequence
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-Event = tuple[float, float, int]
-
-# "gdp" is left out on purpose: it under-reports ε for Poisson-subsampled DP-SGD.
-ACCOUNTANTS = ("rdp", "prv")
+from fedssl.config import ACCOUNTANTS
+from fedssl.privacy.records import Event
 
 
 def _check_accountant(kind: str) -> None:

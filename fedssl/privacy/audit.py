@@ -39,18 +39,18 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fedssl.errors import ConfigError
-from fedssl.privacy import ledger as ledger_mod
+from fedssl.privacy import chain
 from fedssl.privacy.independent import Event, pld_trajectory, rdp_trajectory
 from fedssl.privacy.keys import PUBLIC_SUFFIX, load_verify_key
-from fedssl.privacy.ledger import LEDGER_FILE, SERVER_LEDGER_FILE, Ledger, ServerLedger, VerifyReport
+from fedssl.layout import AUDIT_PLOT, AUDIT_REPORT, SERVER_LEDGER_FILE
+from fedssl.privacy.chain import VerifyReport
+from fedssl.privacy.ledger import LEDGER_FILE, ChainedLog, Ledger, ServerLedger
 from fedssl.privacy.site_level import privacy_facts_from_reports
 from fedssl.privacy.statement import privacy_statement
 
 DEFAULT_TOLERANCE = 0.05
 EPSILON_SLACK = 1e-9  # float noise only, as in the site's own budget check
 SERVER_KEY_NAME = "server"
-REPORT_MD = "audit.md"
-REPORT_PNG = "audit_epsilon.png"
 
 # Finding kinds the audit adds to the ledger's own problem kinds.
 EPSILON_MISMATCH = "epsilon_mismatch"
@@ -144,7 +144,7 @@ class EventAudit:
 class SiteAudit:
     site_id: str
     ledger_path: Path
-    trust: str = ledger_mod.TRUST_ON_FIRST_USE
+    trust: str = chain.TRUST_ON_FIRST_USE
     fingerprint: str | None = None
     events: list[EventAudit] = field(default_factory=list)
     refusals: list[dict[str, Any]] = field(default_factory=list)
@@ -246,7 +246,7 @@ def _trusted_key_for(names: Sequence[str], trusted: Mapping[str, Ed25519PublicKe
 
 # ---------------------------------------------------------------- auditing
 
-def _verify(log: ledger_mod.ChainedLog, key: Ed25519PublicKey | None, findings: list[Finding], notes: list[str]) -> VerifyReport:
+def _verify(log: ChainedLog, key: Ed25519PublicKey | None, findings: list[Finding], notes: list[str]) -> VerifyReport:
     report = log.verify(trusted_public_key=key)
     findings.extend(Finding(p.kind, str(p)) for p in report.problems)
     notes.extend(report.notes)
@@ -266,10 +266,10 @@ def audit_site(state_dir: Path, *, trusted: Mapping[str, Ed25519PublicKey] | Non
         key = _trusted_key_for([site_id, state_dir.name], trusted)
         if key is None:
             wanted = f"{site_id}{PUBLIC_SUFFIX} (or {state_dir.name}{PUBLIC_SUFFIX})"
-            site.findings.append(Finding(ledger_mod.UNTRUSTED_KEY, f"no {wanted} among the trusted keys"))
+            site.findings.append(Finding(chain.UNTRUSTED_KEY, f"no {wanted} among the trusted keys"))
     report = _verify(ledger, key, site.findings, site.notes)
     site.trust, site.fingerprint, site.records = report.trust, report.fingerprint, report.records
-    if site.trust == ledger_mod.TRUST_ON_FIRST_USE:
+    if site.trust == chain.TRUST_ON_FIRST_USE:
         site.notes.append("key trusted on first use: the ledger's own site_init key; pass --trusted-keys to check it against a registered key")
 
     by_kind = _bodies_by_kind(report.records)
@@ -345,12 +345,12 @@ def compare_claims(site: SiteAudit, tolerance: float) -> None:
 
 
 def audit_server(path: Path, *, trusted: Mapping[str, Ed25519PublicKey] | None) -> ServerAudit:
-    log = ServerLedger(path.parent)
+    log = ServerLedger(path)
     key = trusted.get(SERVER_KEY_NAME) if trusted is not None else None
-    audit = ServerAudit(ledger_path=path, trust=ledger_mod.TRUST_ON_FIRST_USE)
+    audit = ServerAudit(ledger_path=path, trust=chain.TRUST_ON_FIRST_USE)
     report = _verify(log, key, audit.findings, audit.notes)
     audit.trust = report.trust
-    if report.trust == ledger_mod.UNSIGNED:
+    if report.trust == chain.UNSIGNED:
         audit.notes.append("the server record is chained but unsigned: it detects accidental damage, not a forger with write access")
     audit.reports = [
         {"seq": r.get("seq"), **r["body"]}
@@ -371,7 +371,7 @@ def cross_check(site: SiteAudit, reports: Sequence[Mapping[str, Any]]) -> None:
         record = by_seq.get(seq)
         where = f"server recorded round {report.get('round')} with ledger seq {seq} (ε {report.get('epsilon')})"
         if record is None and seq > last_seq:
-            site.findings.append(Finding(ledger_mod.TRUNCATED, f"{where}, but the site's ledger ends at seq {last_seq}"))
+            site.findings.append(Finding(chain.TRUNCATED, f"{where}, but the site's ledger ends at seq {last_seq}"))
             continue
         if record is None:
             site.findings.append(Finding(MISSING_RECORD, f"{where}, but the site's ledger lacks it"))
@@ -433,7 +433,7 @@ def _sites_without_ledger(path: Path, sites: list[SiteAudit], server: ServerAudi
         if not any(same_site(site_id, s.site_id) for s in sites):
             missing = SiteAudit(site_id=site_id, ledger_path=path / "sites")
             detail = f"the server recorded DP rounds from site {site_id} but no ledger of it is under {path / 'sites'}"
-            missing.findings.append(Finding(ledger_mod.MISSING_LEDGER, detail))
+            missing.findings.append(Finding(chain.MISSING_LEDGER, detail))
             sites.append(missing)
 
 
@@ -630,8 +630,8 @@ def format_markdown(report: AuditReport, plot: Path | None) -> str:
 
 def write_reports(report: AuditReport, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    plot = plot_epsilon(report, out_dir / REPORT_PNG)
-    markdown = out_dir / REPORT_MD
+    plot = plot_epsilon(report, out_dir / AUDIT_PLOT)
+    markdown = out_dir / AUDIT_REPORT
     markdown.write_text(format_markdown(report, plot))
     return [markdown] + ([plot] if plot is not None else [])
 
@@ -651,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="relative tolerance for claimed vs recomputed ε (default 0.05)")
     parser.add_argument("--server-ledger", type=Path, metavar="FILE", help="the server's server_ledger.jsonl, to check a single site against")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
-    parser.add_argument("--out", type=Path, metavar="DIR", help=f"where to write {REPORT_MD} and {REPORT_PNG} (default: the audited dir)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help=f"where to write {AUDIT_REPORT} and {AUDIT_PLOT} (default: the audited dir)")
     return parser
 
 

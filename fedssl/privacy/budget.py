@@ -16,25 +16,17 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedssl.config import PrivacyConfig
 from fedssl.errors import BudgetExhaustedError, PrivacyError
-from fedssl.privacy.accountant import AccountantState, Mechanism, load_accountant, save_accountant
-from fedssl.privacy.analysis import Event, noise_for_budget
+from fedssl.privacy.accountant import AccountantState, load_accountant, save_accountant
+from fedssl.privacy.analysis import noise_for_budget
 from fedssl.privacy.ledger import Ledger
+from fedssl.privacy.records import BUDGET, DP_EVENT, RECOVERY, REFUSAL, DPEvent, Event, Mechanism, bodies, dp_events
 
 log = logging.getLogger(__name__)
 
 # ε comparisons tolerate float noise from the accountants' numerical optimisation only.
 EPSILON_SLACK = 1e-9
-
-
-@dataclass(frozen=True)
-class BudgetSpec:
-    """What the site operator decides; the server cannot change any of it."""
-
-    target_epsilon: float
-    delta: float
-    max_grad_norm: float
-    accountant: str = "rdp"
 
 
 @dataclass(frozen=True)
@@ -47,7 +39,9 @@ class Charge:
 
 
 class SiteBudget:
-    def __init__(self, state_dir: Path, spec: BudgetSpec, state: AccountantState | None, ledger: Ledger) -> None:
+    """The site's spend against its own ``privacy:`` settings (the operator's, never the server's)."""
+
+    def __init__(self, state_dir: Path, spec: PrivacyConfig, state: AccountantState | None, ledger: Ledger) -> None:
         self.state_dir = Path(state_dir)
         self.spec = spec
         self.state = state
@@ -56,11 +50,11 @@ class SiteBudget:
     # ------------------------------------------------------------------ opening
 
     @classmethod
-    def open(cls, state_dir: Path, spec: BudgetSpec, key_path: Path | None = None) -> SiteBudget:
+    def open(cls, state_dir: Path, spec: PrivacyConfig, key_path: Path | None = None) -> SiteBudget:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         ledger = Ledger.open(state_dir, key_path=key_path)
-        ledger_history = _ledger_history(ledger)
+        ledger_history = [e.event for e in dp_events(ledger.records())]
         state = load_accountant(state_dir)
         if state is None and ledger_history:
             # The accountant file is gone but the signed write-ahead ledger is not: rebuild
@@ -72,7 +66,7 @@ class SiteBudget:
                 )
             state = AccountantState(mechanism=mechanism, history=list(ledger_history))
             save_accountant(state_dir, state)
-            ledger.append("recovery", {"reason": "accountant.json missing; rebuilt from ledger", "steps": state.steps})
+            ledger.append(RECOVERY, {"reason": "accountant.json missing; rebuilt from ledger", "steps": state.steps})
             log.warning("%s: accountant.json was missing; rebuilt %d steps from the ledger", state_dir, state.steps)
         elif state is not None:
             state = _reconcile(state_dir, state, ledger_history, ledger)
@@ -91,8 +85,7 @@ class SiteBudget:
             )
         if mech.target_epsilon != self.spec.target_epsilon:
             self.ledger.append(
-                "budget",
-                {**_mechanism_body(mech), "target_epsilon": self.spec.target_epsilon, "previous_target_epsilon": mech.target_epsilon},
+                BUDGET, {**mech.body(), "target_epsilon": self.spec.target_epsilon, "previous_target_epsilon": mech.target_epsilon}
             )
             mech.target_epsilon = self.spec.target_epsilon
             save_accountant(self.state_dir, self.state)
@@ -132,7 +125,7 @@ class SiteBudget:
             sample_rate=float(sample_rate),
         )
         self.state = AccountantState(mechanism=mechanism)
-        self.ledger.append("budget", _mechanism_body(mechanism))
+        self.ledger.append(BUDGET, mechanism.body())
         save_accountant(self.state_dir, self.state)
         return mechanism
 
@@ -149,70 +142,40 @@ class SiteBudget:
                 f"above the site's target {mech.target_epsilon:g} (delta={mech.delta:g})"
             )
             self.ledger.append(
-                "refusal",
+                REFUSAL,
                 {"run_id": run_id, "round": server_round, "reason": reason, "epsilon_spent": spent, "target_epsilon": mech.target_epsilon},
             )
             raise BudgetExhaustedError(f"site refuses to train: {reason}")
-        event: Event = (mech.noise_multiplier, float(sample_rate), int(steps))
+        event = DPEvent(
+            run_id=run_id,
+            round=server_round,
+            steps=int(steps),
+            sample_rate=float(sample_rate),
+            noise_multiplier=mech.noise_multiplier,
+            max_grad_norm=mech.max_grad_norm,
+            delta=mech.delta,
+            accountant=mech.accountant,
+            epsilon_after=after,
+            target_epsilon=mech.target_epsilon,
+        )
         # The ledger first: it is the write-ahead log accountant.json is checked against and
         # rebuilt from. A crash between the two writes then leaves accountant.json one event
         # behind, which ``open`` replays from the ledger. The other order left the ledger behind
         # for good, and a later rebuild from it under-counted the crashed round.
-        record = self.ledger.append(
-            "dp_event",
-            {
-                "run_id": run_id,
-                "round": server_round,
-                "steps": int(steps),
-                "sample_rate": float(sample_rate),
-                "noise_multiplier": mech.noise_multiplier,
-                "max_grad_norm": mech.max_grad_norm,
-                "delta": mech.delta,
-                "accountant": mech.accountant,
-                "epsilon_after": after,
-                "target_epsilon": mech.target_epsilon,
-                "status": "charged",
-            },
-        )
-        self.state.history.append(event)
+        record = self.ledger.append(DP_EVENT, event.body())
+        self.state.history.append(event.event)
         save_accountant(self.state_dir, self.state)
         return Charge(mech.noise_multiplier, float(sample_rate), int(steps), after, int(record["seq"]))
 
 
-def _mechanism_body(mech: Mechanism) -> dict:
-    return {
-        "target_epsilon": mech.target_epsilon,
-        "delta": mech.delta,
-        "noise_multiplier": mech.noise_multiplier,
-        "planned_steps": mech.planned_steps,
-        "sample_rate": mech.sample_rate,
-        "max_grad_norm": mech.max_grad_norm,
-        "accountant": mech.accountant,
-    }
-
-
-def _ledger_history(ledger: Ledger) -> list[Event]:
-    return [
-        (float(r["body"]["noise_multiplier"]), float(r["body"]["sample_rate"]), int(r["body"]["steps"]))
-        for r in ledger.records()
-        if r["kind"] == "dp_event"
-    ]
-
-
 def _ledger_mechanism(ledger: Ledger) -> Mechanism | None:
-    budgets = [r["body"] for r in ledger.records() if r["kind"] == "budget"]
+    """The mechanism of the first budget record, under the latest target the operator set."""
+    budgets = bodies(ledger.records(), BUDGET)
     if not budgets:
         return None
-    first, last = budgets[0], budgets[-1]
-    return Mechanism(
-        noise_multiplier=float(first["noise_multiplier"]),
-        max_grad_norm=float(first["max_grad_norm"]),
-        delta=float(first["delta"]),
-        target_epsilon=float(last["target_epsilon"]),
-        accountant=str(first["accountant"]),
-        planned_steps=int(first["planned_steps"]),
-        sample_rate=float(first["sample_rate"]),
-    )
+    mechanism = Mechanism.from_body(budgets[0])
+    mechanism.target_epsilon = float(budgets[-1]["target_epsilon"])
+    return mechanism
 
 
 def _reconcile(state_dir: Path, state: AccountantState, ledger_history: list[Event], ledger: Ledger) -> AccountantState:

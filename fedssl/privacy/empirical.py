@@ -51,7 +51,7 @@ from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel
 from fedssl.privacy.canaries import GradientCanaries
 from fedssl.training.local import SiteSettings, build_pretext_model, restore_site_parts, train_round
-from fedssl.training.plan import plan_from_config
+from fedssl.fl.plan import plan_from_config
 
 
 ATTACKS = ("gradient", "loss")

@@ -23,7 +23,7 @@ from fedssl.errors import ConfigError
 PRIVATE_SUFFIX = ".ed25519"
 PUBLIC_SUFFIX = ".ed25519.pub"
 # A site name becomes a file name: keep it to characters that cannot escape key_dir.
-_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def private_key_path(key_dir: Path, site_name: str) -> Path:
@@ -40,7 +40,7 @@ def init_site_key(key_dir: Path, site_name: str, *, overwrite: bool = False) -> 
     Refuses to replace an existing key unless ``overwrite``: a new key orphans the
     ledger signed with the old one (its auditor would see a foreign signer).
     """
-    if not _SITE_NAME.match(site_name):
+    if not SITE_NAME.match(site_name):
         raise ConfigError(f"site name {site_name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
     key_dir = Path(key_dir)
     key_dir.mkdir(parents=True, exist_ok=True)
@@ -115,13 +115,3 @@ def public_key_from_b64(text: str) -> Ed25519PublicKey:
 def public_key_fingerprint(key: Ed25519PublicKey) -> str:
     """First 16 hex digits of SHA-256 over the raw key: short enough to read aloud, 64 bits to collide."""
     return hashlib.sha256(public_key_raw(key)).hexdigest()[:16]
-
-
-def keys_init_site(key_dir: Path, site_name: str, *, overwrite: bool = False) -> str:
-    """CLI entry for `fedssl keys init-site`: create the pair and say what to do with it."""
-    private_path = init_site_key(key_dir, site_name, overwrite=overwrite)
-    fingerprint = public_key_fingerprint(load_signing_key(private_path).public_key())
-    return (
-        f"created {private_path} (keep secret, mode 0600) and {public_key_path(key_dir, site_name)}\n"
-        f"fingerprint {fingerprint}: register the .pub file with your auditor (fedssl audit --trusted-keys DIR)"
-    )

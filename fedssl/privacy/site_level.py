@@ -38,7 +38,6 @@ from typing import Any
 
 from fedssl.errors import BudgetExhaustedError, PrivacyError
 
-STATE_FILE = "site_level_accountant.json"
 STATE_VERSION = 1
 # Bisection bounds for calibrating sigma to a target epsilon.
 SIGMA_LOW, SIGMA_HIGH = 1e-3, 1e4
@@ -244,13 +243,11 @@ def privacy_facts_from_reports(reports: Iterable[Mapping[str, Any]]) -> tuple[bo
     return secure, {"epsilon": float(last[FIELD_EPSILON]), "delta": float(last[FIELD_DELTA]), "mechanism": mechanism}
 
 
-def run_privacy_facts(run_dir: Path) -> dict[str, Any]:
-    """``{"secure_aggregation": ..., "site_level": ...}`` of a run dir, from its server ledger."""
-    from fedssl.privacy.ledger import SERVER_LEDGER_FILE, ServerLedger
+def privacy_facts(server_ledger: Path) -> dict[str, Any]:
+    """``{"secure_aggregation": ..., "site_level": ...}`` of a run, from its server ledger file."""
+    from fedssl.privacy.ledger import ServerLedger
 
-    if not (Path(run_dir) / SERVER_LEDGER_FILE).exists():
+    if not Path(server_ledger).exists():
         return {"secure_aggregation": None, "site_level": None}
-    records = ServerLedger(Path(run_dir)).records()
-    reports = [r["body"] for r in records if r.get("kind") == "round_report" and isinstance(r.get("body"), dict)]
-    secure, site_level = privacy_facts_from_reports(reports)
+    secure, site_level = privacy_facts_from_reports(ServerLedger(server_ledger).round_reports())
     return {"secure_aggregation": secure, "site_level": site_level}

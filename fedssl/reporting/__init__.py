@@ -9,20 +9,21 @@ from fedssl.reporting.report import (
     warm_start_verdict,
     write_report,
 )
-from fedssl.reporting.run_files import RoundRecord, RunFiles, SiteRound, load_run
-from fedssl.reporting.site_budget import SiteBudget, site_budgets
+from fedssl.reporting.run_files import RunFiles, load_run
+from fedssl.runlog import RoundRecord, SiteRound
+from fedssl.reporting.site_spend import SiteSpend, site_spends
 
 __all__ = [
     "RoundRecord",
     "RunFiles",
-    "SiteBudget",
+    "SiteSpend",
     "SiteRound",
     "describe_gain",
     "describe_warm_start_gain",
     "load_run",
     "pretraining_verdict",
     "privacy_statement",
-    "site_budgets",
+    "site_spends",
     "terminal_summary",
     "warm_start_verdict",
     "write_report",

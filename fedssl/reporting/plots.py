@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from fedssl.evaluation.results import RANDOM_INIT_PROBE, SCRATCH_FINETUNE, WARM_START_ROWS, EvalResults, format_fraction
-from fedssl.reporting.run_files import RoundRecord, SiteRound, group_by_site
+from fedssl.runlog import RoundRecord, SiteRound, group_by_site
 
 FIGSIZE = (6.4, 4.0)
 CONTROL_ROWS = (RANDOM_INIT_PROBE, SCRATCH_FINETUNE)  # dashed: no pretraining, the baseline to beat

@@ -16,15 +16,12 @@ from fedssl.evaluation.results import (
     Gain,
     format_fraction,
 )
+from fedssl.layout import EPSILON_PLOT, LABEL_EFFICIENCY_PLOT, PRETEXT_PLOT, RunDir
 from fedssl.reporting.plots import plot_epsilon, plot_label_efficiency, plot_pretext_loss
 from fedssl.reporting.privacy import privacy_statement
 from fedssl.reporting.run_files import RunFiles, load_run
-from fedssl.reporting.site_budget import SiteBudget, format_optional, site_budgets
+from fedssl.reporting.site_spend import SiteSpend, format_optional, site_spends
 
-REPORT_FILE = "report.md"
-PRETEXT_PLOT = "pretext_loss.png"
-EPSILON_PLOT = "epsilon.png"
-LABEL_EFFICIENCY_PLOT = "label_efficiency.png"
 
 # Each pretrained row is judged only against the row that differs from it by pretraining alone.
 COMPARISONS = {"probe": (PRETRAINED_PROBE, RANDOM_INIT_PROBE), "finetune": (PRETRAINED_FINETUNE, SCRATCH_FINETUNE)}
@@ -75,7 +72,7 @@ def _run_summary(run: RunFiles) -> list[str]:
     return ["| | |", "|---|---|", *(f"| {name} | {value} |" for name, value in facts)]
 
 
-def _budget_cells(site: SiteBudget) -> list[str]:
+def _budget_cells(site: SiteSpend) -> list[str]:
     """site, rounds trained, final ε, budget, % used: shared by the report and the terminal."""
     return [
         str(site.site_id),
@@ -88,7 +85,7 @@ def _budget_cells(site: SiteBudget) -> list[str]:
 
 def _epsilon_table(run: RunFiles) -> list[str]:
     lines = ["| site | rounds trained | final ε | budget ε | % used | last status |", "|---|---|---|---|---|---|"]
-    for site in site_budgets(run.site_rounds):
+    for site in site_spends(run.site_rounds):
         cells = [*_budget_cells(site), f"{site.last_status} (round {site.last_round})"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -249,7 +246,7 @@ def write_report(run_dir: Path) -> Path:
         privacy_statement(run.config, run.run_dir),
         "",
     ]
-    path = run.run_dir / REPORT_FILE
+    path = RunDir(run.run_dir).report
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 
@@ -291,7 +288,7 @@ def terminal_summary(run_dir: Path) -> str:
         f"run {run.run_name}: {len(run.site_ids)} sites, {len(run.rounds)} rounds, wall {_wall_time(run)}",
         _fixed_width(["site", "rounds", "eps", "budget", "used", "status"]),
     ]
-    lines += [_fixed_width([*_budget_cells(site), site.last_status]) for site in site_budgets(run.site_rounds)]
+    lines += [_fixed_width([*_budget_cells(site), site.last_status]) for site in site_spends(run.site_rounds)]
     if run.failures:
         lines.append(f"{len(run.failures)} failed site replies (see report.md)")
     if run.evaluation is not None:

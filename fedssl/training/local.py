@@ -1,11 +1,11 @@
-"""One round of local self-supervised training at a site — the single function both the
-plain Flower path and the SecAgg+ path call.
+"""One round of local self-supervised training at a site: plain or private.
 
-DP and non-DP share the loop; under DP the model, optimizer and loader are made private
-(Poisson sampling, exact per-sample clipping, Gaussian noise) and the round is charged to the
-site's persistent budget *before* the first step. Clipping is book-keeping
-(fedssl.privacy.bookkeeping, the default: one backward pass, no ordinary weight gradients) or
-Opacus' hooks mode (``privacy.clipping``); noise and accounting are Opacus' in both.
+:func:`train_round` is the single entry both Flower paths (plain and SecAgg+) reach through
+fedssl.site_round. Without DP it runs :func:`train_plain_round`; with DP,
+:func:`train_private_round` charges the round to the site's persistent budget *before* the first
+step, then trains with Poisson sampling, exact per-sample clipping and Gaussian noise. Clipping is
+book-keeping (fedssl.training.bookkeeping, the default: one backward pass, no ordinary weight
+gradients) or Opacus' hooks mode (``privacy.clipping``); noise and accounting are Opacus' in both.
 """
 
 from __future__ import annotations
@@ -18,29 +18,29 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedssl.config import PrivacyConfig
+from fedssl.config import CLIPPING_ENGINES, PrivacyConfig
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import BudgetExhaustedError, DataError
+from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
+from fedssl.fl.plan import TrainPlan
+from fedssl.fl.records import RoundResult
 from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel, get_pretext, require_dp_compatible
-from fedssl.privacy.budget import BudgetSpec, SiteBudget
+from fedssl.privacy.budget import SiteBudget
 from fedssl.training.device import resolve_device
-from fedssl.training.plan import TrainPlan
 
 log = logging.getLogger(__name__)
 
-STATUS_TRAINED = "trained"
-STATUS_REFUSED = "refused"
 OPACUS_PREFIX = "_module."
 ENCODER_PREFIX = "encoder."
-SITE_PARTS_FILE = "pretext_head.pt"
+SITE_PARTS_FILE = "pretext_head.pt"  # in the site's state dir: the head never leaves the site
 
 
 class CanaryLoss(Protocol):
@@ -48,49 +48,24 @@ class CanaryLoss(Protocol):
 
 
 @dataclass(frozen=True)
-class SitePrivacy:
-    """The site's own privacy settings (from its config, never from the server)."""
-
-    enabled: bool
-    target_epsilon: float = 8.0
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0
-    accountant: str = "rdp"
-    clipping: str = "bookkeeping"  # config.CLIPPING_ENGINES
-
-    @classmethod
-    def from_config(cls, privacy: PrivacyConfig) -> SitePrivacy:
-        """The one place a validated ``privacy:`` section becomes a site's settings, so the
-        simulation and the deployed site agent cannot drift apart field by field."""
-        return cls(**{f.name: getattr(privacy, f.name) for f in fields(cls)})
-
-    def budget_spec(self) -> BudgetSpec:
-        return BudgetSpec(self.target_epsilon, self.delta, self.max_grad_norm, self.accountant)
-
-
-@dataclass(frozen=True)
 class SiteSettings:
+    """Who and where a site is, and its own privacy settings (from its config, never from the server)."""
+
     site_id: int
     state_dir: Path
-    privacy: SitePrivacy
+    privacy: PrivacyConfig
     device: str = "auto"
     key_path: Path | None = None
 
 
 @dataclass
-class RoundResult:
-    status: str
-    encoder_state: dict[str, torch.Tensor] | None
-    num_examples: int
-    steps: int = 0
-    pretext_loss: float = math.nan
-    epsilon: float = math.inf
-    target_epsilon: float = math.inf
-    delta: float = 0.0
-    train_seconds: float = 0.0
-    ledger_seq: int = -1
-    reason: str = ""
-    extra: dict[str, float] = field(default_factory=dict)
+class _Round:
+    """What both kinds of round start from: the site's model on its device, and the loop's parts."""
+
+    model: PretextModel
+    trained: torch.nn.Module  # the model, or the empirical audit's canary wrapper around it
+    optimizer: torch.optim.Optimizer
+    device: torch.device
 
 
 def build_pretext_model(
@@ -114,31 +89,40 @@ def train_round(
 ) -> RoundResult:
     """Train the global encoder on this site's data for one round; return new encoder weights.
 
-    ``canaries`` is for the empirical privacy audit only (fedssl.privacy.canaries): it
+    ``canaries`` is for the empirical privacy audit only (fedssl.audit.canaries): it
     replaces the loss of its canary rows, adding no parameters. DP's guarantee holds for any
     per-sample loss, so the audited mechanism is the one sites run.
     """
     if len(dataset) == 0:
         raise DataError(f"site {site.site_id}: no samples to train on; check site.data_dir")
     torch.manual_seed(plan.round_seed(site.site_id))
-    device = resolve_device(site.device)
     if site.privacy.enabled:
         require_dp_compatible(get_pretext(plan.pretext, plan.pretext_params))
+    device = resolve_device(site.device)
     model = build_pretext_model(plan, dataset.input_shape, global_encoder)
     restore_site_parts(model, site.state_dir)
     model.to(device)
     trained = canaries.wrap(model) if canaries is not None else model
-    optimizer = _make_optimizer(plan, model)
-
-    if not site.privacy.enabled:
-        loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
-        result = _run_steps(trained, model, optimizer, loader, plan, device, RoundResult(
-            status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset)
-        ))
+    parts = _Round(model, trained, _make_optimizer(plan, model), device)
+    if site.privacy.enabled:
+        result = train_private_round(dataset, plan, site, parts)
+    else:
+        result = train_plain_round(dataset, plan, parts)
+    if result.status == STATUS_TRAINED:
         save_site_parts(model, site.state_dir)
-        return result
+    return result
 
-    budget = SiteBudget.open(site.state_dir, site.privacy.budget_spec(), key_path=site.key_path)
+
+def train_plain_round(dataset: SiteDataset, plan: TrainPlan, parts: _Round) -> RoundResult:
+    """A round without differential privacy: shuffled batches, ordinary gradients."""
+    loader = DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, shuffle=True)
+    result = RoundResult(status=STATUS_TRAINED, encoder_state=None, num_examples=len(dataset))
+    return _run_steps(parts.trained, parts.model, parts.optimizer, loader, plan, parts.device, result)
+
+
+def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSettings, parts: _Round) -> RoundResult:
+    """A DP-SGD round, charged to the site's budget before the first step; refused if it does not fit."""
+    budget = SiteBudget.open(site.state_dir, site.privacy, key_path=site.key_path)
     sample_rate = poisson_sample_rate(len(dataset), plan.batch_size)
     mechanism = budget.calibrate(sample_rate, planned_steps=plan.planned_rounds * plan.local_steps)
     try:
@@ -166,17 +150,17 @@ def train_round(
         private_model, private_optimizer, private_loader = _make_private(
             site.privacy.clipping,
             engine,
-            module=trained,
-            optimizer=optimizer,
+            module=parts.trained,
+            optimizer=parts.optimizer,
             # Poisson sampling and noise from OS entropy, not from the plan's seed: the server knows
             # the seed, the round and the site id, and could otherwise regenerate the noise and
             # subtract it from the update (Opacus' secure_mode would need torchcsprng).
             data_loader=DataLoader(TensorDataset(dataset.inputs), batch_size=plan.batch_size, generator=_entropy_generator("cpu")),
-            noise_generator=_entropy_generator(device),
+            noise_generator=_entropy_generator(parts.device),
             noise_multiplier=charge.noise_multiplier,
             max_grad_norm=mechanism.max_grad_norm,
         )
-    result = _run_steps(private_model, model, private_optimizer, private_loader, plan, device, RoundResult(
+    result = _run_steps(private_model, parts.model, private_optimizer, private_loader, plan, parts.device, RoundResult(
         status=STATUS_TRAINED,
         encoder_state=None,
         num_examples=len(dataset),
@@ -189,19 +173,18 @@ def train_round(
     expected = [(charge.noise_multiplier, charge.sample_rate, charge.steps)]
     if [(round(s, 9), round(q, 9), n) for s, q, n in taken] != [(round(s, 9), round(q, 9), n) for s, q, n in expected]:
         raise RuntimeError(f"DP steps taken {taken} differ from the steps charged {expected}; refusing to release the update")
-    save_site_parts(model, site.state_dir)
     return result
 
 
 def _make_private(clipping: str, engine, **kwargs) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
     """Poisson loader, exact per-sample clipping, Opacus' noise and ``engine.accountant`` steps."""
     if clipping == "bookkeeping":
-        from fedssl.privacy.bookkeeping import make_private_bookkeeping
+        from fedssl.training.bookkeeping import make_private_bookkeeping
 
         return make_private_bookkeeping(engine, **kwargs)
     if clipping == "opacus":
         return engine.make_private(**kwargs, poisson_sampling=True)
-    raise ValueError(f"privacy.clipping: valid choices: bookkeeping, opacus, got {clipping!r}")
+    raise ValueError(f"privacy.clipping: valid choices: {', '.join(CLIPPING_ENGINES)}, got {clipping!r}")
 
 
 def _site_parts_path(state_dir: Path) -> Path:

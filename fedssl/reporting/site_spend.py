@@ -1,15 +1,18 @@
-"""Per-site privacy spend: the numbers behind the ε table in the report and the terminal."""
+"""Per-site privacy spend as the server recorded it: the numbers behind the report's ε table.
+
+(A site's own budget, which it enforces, is fedssl.privacy.budget.SiteBudget.)
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-from fedssl.reporting.run_files import SiteRound, group_by_site
+from fedssl.runlog import SiteRound, group_by_site
 
 
 @dataclass(frozen=True)
-class SiteBudget:
+class SiteSpend:
     site_id: int
     rounds_trained: int
     final_epsilon: float | None  # None: the site recorded no DP spend (no DP, or only failures)
@@ -28,13 +31,13 @@ def _positive(value: float) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def site_budgets(site_rounds: list[SiteRound]) -> list[SiteBudget]:
+def site_spends(site_rounds: list[SiteRound]) -> list[SiteSpend]:
     """One row per known site, in site order."""
     budgets = []
     for site_id, records in group_by_site(site_rounds).items():
         accounted = [record for record in records if record.has_epsilon]
         budgets.append(
-            SiteBudget(
+            SiteSpend(
                 site_id=site_id,
                 rounds_trained=sum(record.status == "trained" for record in records),
                 # Spent ε only grows, so the largest reported value is the final spend.
