@@ -1,12 +1,10 @@
-"""Typed experiment configuration: YAML in, validated dataclasses out.
+"""Typed experiment configuration: every section's dataclass and its validation.
 
-Validation happens once, here, at the edge: every later module may trust the values.
-Errors are one line and name the dotted key and the fix, e.g.
-``privacy.target_epsilon: must be > 0, got -1 (set a positive budget such as 8)``.
-
-A YAML file may pull in others with ``include: [base.yaml, pretext/rotation.yaml]``
-(paths relative to the including file); later files and the file's own keys win.
-``--set a.b=c`` overrides are applied last and parsed as YAML scalars.
+Validated once, at the edge (with the pretext registry's own checks: fedssl.experiment.load_experiment);
+every later module may trust the values. Errors are one line naming the dotted key and the fix, e.g.
+``privacy.target_epsilon: must be a finite number > 0 (...), got -1.0``. Files are read by
+fedssl.typed_yaml: ``include: [base.yaml, ...]`` merges others under a file, ``--set a.b=c`` comes last.
+Imports no training code, so the ServerApp may load a config.
 """
 
 from __future__ import annotations
@@ -228,21 +226,13 @@ class SecureAggregationConfig:
         if not self.enabled:
             return
         shares, threshold = self.num_shares, self.reconstruction_threshold
-        check(
-            0 < shares <= 1 or (shares >= 3 and float(shares).is_integer()),
-            "secure_aggregation.num_shares",
-            "must be a fraction in (0, 1] of the sampled sites or a whole number >= 3",
-            shares,
-        )
-        check(
-            0 < threshold <= 1 or (threshold >= 2 and float(threshold).is_integer()),
-            "secure_aggregation.reconstruction_threshold",
-            "must be a fraction in (0, 1] of num_shares or a whole number >= 2",
-            threshold,
-        )
+        check(0 < shares <= 1 or (shares >= 3 and float(shares).is_integer()), "secure_aggregation.num_shares",
+              "must be a fraction in (0, 1] of the sampled sites or a whole number >= 3", shares)
+        check(0 < threshold <= 1 or (threshold >= 2 and float(threshold).is_integer()), "secure_aggregation.reconstruction_threshold",
+              "must be a fraction in (0, 1] of num_shares or a whole number >= 2", threshold)
         if shares > 1 and threshold > 1:
             check(threshold < shares, "secure_aggregation.reconstruction_threshold",
-                   f"must be below secure_aggregation.num_shares ({shares:g})", threshold)
+              f"must be below secure_aggregation.num_shares ({shares:g})", threshold)
         check(self.clipping_range > 0, "secure_aggregation.clipping_range", "must be > 0", self.clipping_range)
         check(self.quantization_range >= 2, "secure_aggregation.quantization_range", "must be an integer >= 2", self.quantization_range)
         check(
@@ -272,12 +262,8 @@ class SiteDPConfig:
             return
         check(self.side in ("client", "server"), "site_dp.side", "valid choices: client, server", self.side)
         check(self.clipping_norm > 0, "site_dp.clipping_norm", "must be > 0", self.clipping_norm)
-        check(
-            self.noise_multiplier is not None or self.target_epsilon is not None,
-            "site_dp.noise_multiplier",
-            "set it (or site_dp.target_epsilon to calibrate it)",
-            self.noise_multiplier,
-        )
+        check(self.noise_multiplier is not None or self.target_epsilon is not None, "site_dp.noise_multiplier",
+              "set it (or site_dp.target_epsilon to calibrate it)", self.noise_multiplier)
         check(self.noise_multiplier is None or 0 < self.noise_multiplier < math.inf, "site_dp.noise_multiplier",
                "must be a finite number > 0", self.noise_multiplier)
         check(self.target_epsilon is None or 0 < self.target_epsilon < math.inf, "site_dp.target_epsilon",
@@ -356,13 +342,13 @@ class ExperimentConfig:
         if sa.enabled:
             check(sampled >= 2, "secure_aggregation.enabled", f"needs >= 2 sites per round, the federation samples {sampled}", sa.enabled)
             check(sa.num_shares <= 1 or sa.num_shares <= sampled, "secure_aggregation.num_shares",
-                   f"must be at most the {sampled} sites sampled per round", sa.num_shares)
+              f"must be at most the {sampled} sites sampled per round", sa.num_shares)
             check(sa.reconstruction_threshold <= 1 or sa.reconstruction_threshold <= sampled,
-                   "secure_aggregation.reconstruction_threshold", f"must be at most the {sampled} sites sampled per round",
-                   sa.reconstruction_threshold)
+              "secure_aggregation.reconstruction_threshold", f"must be at most the {sampled} sites sampled per round",
+              sa.reconstruction_threshold)
         if self.site_dp.enabled and sa.enabled:
             check(self.site_dp.side == "client", "site_dp.side",
-                   "must be client when secure_aggregation.enabled (the server cannot clip updates it never sees)", self.site_dp.side)
+              "must be client when secure_aggregation.enabled (the server cannot clip updates it never sees)", self.site_dp.side)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -39,6 +39,26 @@ def _secure_aggregation_line(secure_aggregation: bool | None) -> str:
     return "Without secure aggregation the server sees each site's (noised) update individually; the guarantee above holds against it too."
 
 
+def _not_covered(site_level: Mapping[str, Any] | None, secure_aggregation: bool | None) -> list[str]:
+    whole_site = (
+        f"a site-level guarantee of ε = {float(site_level['epsilon']):.3f}, δ = {float(site_level['delta']):g} "
+        f"({site_level.get('mechanism', 'server-side mechanism')}) applies to that."
+        if site_level
+        else "there is no site-level (user-level) differential privacy in this run."
+    )
+    return [
+        "**Not covered.**",
+        "- Whether a whole site took part, or a site's aggregate properties: " + whole_site,
+        "- The same person or record present at several sites: each copy is protected separately, "
+        "so their combined exposure is up to the sum of those sites' ε.",
+        "- Labels used for evaluation: they are used centrally, only for examples whose owners consented, "
+        "and they are not protected by differential privacy.",
+        "- Side channels: timing, the number of examples and the metrics a site reports "
+        "(loss, step count, ε itself) are sent without noise.",
+        "- " + _secure_aggregation_line(secure_aggregation),
+    ]
+
+
 def privacy_statement(
     *,
     sample_level: Sequence[Mapping[str, Any]],
@@ -79,21 +99,7 @@ def privacy_statement(
         "- The ledgers are complete: every DP step a site took was recorded before its result left the site "
         "(`fedssl audit` checks signatures, hash chains and the server's per-round record).",
         "",
-        "**Not covered.**",
-        "- Whether a whole site took part, or a site's aggregate properties: "
-        + (
-            f"a site-level guarantee of ε = {float(site_level['epsilon']):.3f}, δ = {float(site_level['delta']):g} "
-            f"({site_level.get('mechanism', 'server-side mechanism')}) applies to that."
-            if site_level
-            else "there is no site-level (user-level) differential privacy in this run."
-        ),
-        "- The same person or record present at several sites: each copy is protected separately, "
-        "so their combined exposure is up to the sum of those sites' ε.",
-        "- Labels used for evaluation: they are used centrally, only for examples whose owners consented, "
-        "and they are not protected by differential privacy.",
-        "- Side channels: timing, the number of examples and the metrics a site reports "
-        "(loss, step count, ε itself) are sent without noise.",
-        "- " + _secure_aggregation_line(secure_aggregation),
+        *_not_covered(site_level, secure_aggregation),
     ]
     if public_pretraining:
         lines.append(

@@ -136,6 +136,33 @@ def _conv2d_unfold_channels_last(module: nn.Conv2d, x: torch.Tensor, buffers: Bu
     return cols
 
 
+def _add_conv2d_weight_grads(module: nn.Conv2d, call: Call, grad_out: torch.Tensor, layout: str, weight_sum: torch.Tensor,
+                             first: bool, buffers: Buffers) -> None:
+    """Add one call's per-sample weight gradients into ``weight_sum`` (in ``layout``; overwritten on the first call)."""
+    if layout == "weight":  # grouped convolution
+        batch, groups, c_out = grad_out.shape[0], module.groups, module.out_channels
+        cols = _conv2d_unfold(module, call.activation, buffers)
+        per_group = torch.einsum(
+            "bgol,bgil->bgoi",
+            grad_out.view(batch, groups, c_out // groups, -1),
+            cols.view(batch, groups, cols.shape[1] // groups, -1),
+        ).reshape(batch, c_out, -1)
+        if first:
+            weight_sum.copy_(per_group)
+        else:
+            weight_sum += per_group
+        return
+    # (Parameter tying: one matmul over the concatenated calls, K = 2L, measured 5 % slower.)
+    if layout == "channels_last":
+        left, right = grad_out, _conv2d_unfold_channels_last(module, call.activation, buffers)
+    else:
+        left, right = _conv2d_unfold(module, call.activation, buffers), grad_out.transpose(1, 2)
+    if first:
+        torch.bmm(left, right, out=weight_sum)
+    else:
+        weight_sum.baddbmm_(left, right)
+
+
 def _conv2d_rule(module: nn.Conv2d, calls: list[Call], trainable: set, buffers: Buffers) -> tuple[torch.Tensor, Finish]:
     """Per-sample weight gradient = output gradient (B, Cout, L) @ unfolded input (B, L, Cin k k).
 
@@ -160,27 +187,8 @@ def _conv2d_rule(module: nn.Conv2d, calls: list[Call], trainable: set, buffers: 
         weight_sum = buffers.get((id(module), "grad", layout), batch, shape, weight)
     for k, call in enumerate(calls):
         grad_out = call.grad.reshape(batch, c_out, -1)  # (B, Cout, L)
-        if weight_sum is not None and layout != "weight":
-            # (Parameter tying: one matmul over the concatenated calls, K = 2L, measured 5 % slower.)
-            if layout == "channels_last":
-                left, right = grad_out, _conv2d_unfold_channels_last(module, call.activation, buffers)
-            else:
-                left, right = _conv2d_unfold(module, call.activation, buffers), grad_out.transpose(1, 2)
-            if k == 0:
-                torch.bmm(left, right, out=weight_sum)
-            else:
-                weight_sum.baddbmm_(left, right)
-        elif weight_sum is not None and layout == "weight":
-            cols = _conv2d_unfold(module, call.activation, buffers)
-            per_group = torch.einsum(
-                "bgol,bgil->bgoi",
-                grad_out.view(batch, groups, c_out // groups, -1),
-                cols.view(batch, groups, cols.shape[1] // groups, -1),
-            ).reshape(batch, c_out, -1)
-            if k == 0:
-                weight_sum.copy_(per_group)
-            else:
-                weight_sum += per_group
+        if weight_sum is not None:
+            _add_conv2d_weight_grads(module, call, grad_out, layout, weight_sum, k == 0, buffers)
         kept.add(module.bias, grad_out.sum(dim=2), trainable)
     if weight_sum is not None:
         kept.add(weight, weight_sum, trainable)
