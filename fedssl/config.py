@@ -61,12 +61,8 @@ class FederationConfig:
         check(self.num_sites >= 1, "federation.num_sites", "must be >= 1", self.num_sites)
         check(self.rounds >= 1, "federation.rounds", "must be >= 1", self.rounds)
         check(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]", self.fraction_train)
-        check(
-            1 <= self.min_sites <= self.num_sites,
-            "federation.min_sites",
-            f"must be between 1 and federation.num_sites ({self.num_sites})",
-            self.min_sites,
-        )
+        check(1 <= self.min_sites <= self.num_sites, "federation.min_sites",
+              f"must be between 1 and federation.num_sites ({self.num_sites})", self.min_sites)
         check(self.strategy in ("fedavg",), "federation.strategy", "valid choices: fedavg", self.strategy)
         check(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds", self.round_timeout)
 
@@ -148,50 +144,58 @@ class PrivacyConfig:
     def validate(self) -> None:
         if not self.enabled:
             return
-        check(
-            0 < self.target_epsilon < math.inf,
-            "privacy.target_epsilon",
-            "must be a finite number > 0 (for no DP set privacy.enabled=false)",
-            self.target_epsilon,
-        )
+        check(0 < self.target_epsilon < math.inf, "privacy.target_epsilon",
+              "must be a finite number > 0 (for no DP set privacy.enabled=false)", self.target_epsilon)
         check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1), typically below 1/num_samples", self.delta)
         check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
         check(self.accountant in ACCOUNTANTS, "privacy.accountant", f"valid choices: {', '.join(sorted(ACCOUNTANTS))}", self.accountant)
         check(self.clipping in CLIPPING_ENGINES, "privacy.clipping", f"valid choices: {', '.join(CLIPPING_ENGINES)}", self.clipping)
 
 
+LINEAR_PROBE = "linear_probe"
+FINETUNE = "finetune"
+EVALUATION_METHODS = (FINETUNE, LINEAR_PROBE)
+
+
 @dataclass
 class EvaluationConfig:
+    """The central evaluation: which consented labels, and the probe / fine-tune recipe every row shares
+    (fedssl.evaluation takes this section itself, so the recipe cannot drift from the config)."""
+
     enabled: bool = True
     label_fractions: list[float] = field(default_factory=lambda: [0.01, 0.05, 0.10])
     label_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     random_init_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     consented_fraction: float = 0.5
     consent_manifest: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["linear_probe", "finetune"])
+    methods: list[str] = field(default_factory=lambda: [LINEAR_PROBE, FINETUNE])
     finetune_epochs: int = 30
     finetune_lr: float = 0.003
     finetune_batch_size: int = 32
     probe_C: float = 1.0
+    # Below this many labels a stratified sample cannot cover typical class counts, and
+    # accuracies from a handful of labels are mostly noise.
+    min_labels: int = 10
 
     def validate(self) -> None:
-        check(
-            bool(self.label_fractions) and all(0 < f <= 1 for f in self.label_fractions),
-            "evaluation.label_fractions",
-            "must be a non-empty list of fractions in (0, 1]",
-            self.label_fractions,
-        )
+        fractions = self.label_fractions
+        check(bool(fractions) and all(0 < f <= 1 for f in fractions) and len(set(fractions)) == len(fractions),
+              "evaluation.label_fractions", "must be a non-empty list of distinct fractions in (0, 1]", fractions)
         check(bool(self.label_seeds), "evaluation.label_seeds", "must list at least one seed", self.label_seeds)
+        check(bool(self.random_init_seeds), "evaluation.random_init_seeds", "must list at least one seed (the random-init control)",
+              self.random_init_seeds)
         check(0 < self.consented_fraction <= 1, "evaluation.consented_fraction", "must be in (0, 1]", self.consented_fraction)
-        valid_methods = {"linear_probe", "finetune"}
-        check(
-            bool(self.methods) and set(self.methods) <= valid_methods,
-            "evaluation.methods",
-            "valid choices: finetune, linear_probe",
-            self.methods,
-        )
+        check(bool(self.methods) and set(self.methods) <= set(EVALUATION_METHODS), "evaluation.methods",
+              f"valid choices: {', '.join(EVALUATION_METHODS)}", self.methods)
         check(self.finetune_epochs >= 1, "evaluation.finetune_epochs", "must be >= 1", self.finetune_epochs)
+        check(self.finetune_lr > 0, "evaluation.finetune_lr", "must be > 0", self.finetune_lr)
+        check(self.finetune_batch_size >= 1, "evaluation.finetune_batch_size", "must be >= 1", self.finetune_batch_size)
         check(self.probe_C > 0, "evaluation.probe_C", "must be > 0", self.probe_C)
+        check(self.min_labels >= 2, "evaluation.min_labels", "must be >= 2", self.min_labels)
+
+    def labels_needed(self, fraction: float, pool_size: int, num_classes: int) -> int:
+        """Label count for a fraction of the central pool: never below the floor or one per class."""
+        return max(self.min_labels, num_classes, round(fraction * pool_size))
 
 
 @dataclass

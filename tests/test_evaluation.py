@@ -11,6 +11,7 @@ import torch
 
 from fedssl.data import ConsentedLabels, ConsentManifest, SiteDataset, label_source_from_array, load_digits_labeled
 from fedssl.errors import ConfigError, ConsentError
+from fedssl.config import EvaluationConfig
 from fedssl.evaluation import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
@@ -22,7 +23,6 @@ from fedssl.evaluation import (
     WARM_START_PROBE,
     WARM_START_ROWS,
     Cell,
-    EvalPlan,
     EvalResults,
     FractionInfo,
     SeedRun,
@@ -75,7 +75,7 @@ def guarded_labels(digits: Digits, consented: frozenset[str]) -> tuple[Consented
     return ConsentedLabels(ConsentManifest(consented), source), source
 
 
-def run(digits: Digits, labels: ConsentedLabels, plan: EvalPlan, warm_start_state=None) -> EvalResults:
+def run(digits: Digits, labels: ConsentedLabels, plan: EvaluationConfig, warm_start_state=None) -> EvalResults:
     return evaluate_label_efficiency(
         encoder_factory=small_cnn,
         pretrained_state=small_cnn(99).state_dict(),
@@ -101,11 +101,11 @@ def test_stratified_subset_covers_every_class_and_is_seeded() -> None:
 
 def test_plan_rejects_unknown_method() -> None:
     with pytest.raises(ConfigError, match="methods"):
-        EvalPlan(methods=["knn"])
+        EvaluationConfig(methods=["knn"]).validate()
 
 
 def test_all_rows_on_digits(digits: Digits) -> None:
-    plan = EvalPlan(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[0, 1], finetune_epochs=3)
+    plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[0, 1], finetune_epochs=3)
     threads = torch.get_num_threads()
     results = run(digits, guarded_labels(digits, digits.everything())[0], plan)
     assert torch.get_num_threads() == threads  # the single-thread speed-up must not leak to the caller
@@ -133,7 +133,7 @@ def test_warm_start_rows_score_the_warm_start_on_the_same_subsets_and_seeds(digi
     Same weights, same label subsets, same fine-tuning seeds -> identical accuracies; any slip
     (other weights, other subsets, unpaired seeds) breaks the equality.
     """
-    plan = EvalPlan(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[7], finetune_epochs=2)
+    plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[7], finetune_epochs=2)
     results = run(digits, guarded_labels(digits, digits.everything())[0], plan, warm_start_state=small_cnn(7).state_dict())
 
     assert results.rows == list(ROW_ORDER) and results.has_warm_start
@@ -155,7 +155,7 @@ def test_warm_start_rows_score_the_warm_start_on_the_same_subsets_and_seeds(digi
 def test_unconsented_train_labels_are_never_read(digits: Digits) -> None:
     consented = digits.everything() - frozenset(digits.train.sample_ids[::2])
     labels, source = guarded_labels(digits, consented)
-    plan = EvalPlan(label_fractions=[0.10], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
+    plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
     results = run(digits, labels, plan)
     assert set(source.reads) <= consented
     assert results.num_consented_train == NUM_TRAIN // 2
@@ -166,13 +166,13 @@ def test_unconsented_test_id_raises_before_any_label_is_read(digits: Digits) -> 
     unconsented = digits.test.sample_ids[-1]
     labels, source = guarded_labels(digits, digits.everything() - {unconsented})
     with pytest.raises(ConsentError, match=unconsented):
-        run(digits, labels, EvalPlan(methods=["linear_probe"]))
+        run(digits, labels, EvaluationConfig(methods=["linear_probe"]))
     assert source.reads == []
 
 
 def test_fraction_beyond_consented_pool_is_skipped_with_a_note(digits: Digits) -> None:
     consented = frozenset(digits.train.sample_ids[:100]) | frozenset(digits.test.sample_ids)
-    plan = EvalPlan(label_fractions=[0.05, 0.5], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
+    plan = EvaluationConfig(label_fractions=[0.05, 0.5], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
     results = run(digits, guarded_labels(digits, consented)[0], plan)
     assert results.evaluated_fractions() == [0.05]
     skipped = results.fractions[1]
@@ -183,7 +183,7 @@ def test_fraction_beyond_consented_pool_is_skipped_with_a_note(digits: Digits) -
 
 
 def test_no_consented_train_example_skips_every_fraction(digits: Digits) -> None:
-    plan = EvalPlan(label_fractions=[0.05, 0.1], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
+    plan = EvaluationConfig(label_fractions=[0.05, 0.1], label_seeds=[0], random_init_seeds=[0], methods=["linear_probe"])
     results = run(digits, guarded_labels(digits, frozenset(digits.test.sample_ids))[0], plan)
     assert results.evaluated_fractions() == [] and results.num_consented_train == 0
     assert len(results.skip_notes()) == 2
@@ -194,7 +194,7 @@ def results_with(pretrained: list[float], random_init: list[float]) -> EvalResul
         (PRETRAINED_PROBE, 0.1): Cell(tuple(SeedRun(i, None, a) for i, a in enumerate(pretrained))),
         (RANDOM_INIT_PROBE, 0.1): Cell(tuple(SeedRun(i, 0, a) for i, a in enumerate(random_init))),
     }
-    return EvalResults(EvalPlan(label_fractions=[0.1]), [RANDOM_INIT_PROBE, PRETRAINED_PROBE],
+    return EvalResults(EvaluationConfig(label_fractions=[0.1]), [RANDOM_INIT_PROBE, PRETRAINED_PROBE],
                        [FractionInfo(0.1, 10)], cells, 100, 100, 50, 0.0)
 
 
@@ -224,7 +224,7 @@ def warm_start_results() -> EvalResults:
         (PRETRAINED_FINETUNE, 0.1): runs({0: 0.89, 1: 0.93, 2: 0.91}),
     }
     rows = [row for row in ROW_ORDER if row != RAW_INPUT]
-    return EvalResults(EvalPlan(label_fractions=[0.1]), rows, [FractionInfo(0.1, 10)], cells, 100, 100, 50, 0.0)
+    return EvalResults(EvaluationConfig(label_fractions=[0.1]), rows, [FractionInfo(0.1, 10)], cells, 100, 100, 50, 0.0)
 
 
 def test_gain_over_warm_start_is_paired_by_seed_against_the_warm_start_row() -> None:

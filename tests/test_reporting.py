@@ -10,13 +10,13 @@ import yaml
 from PIL import Image
 
 from fedssl.errors import DataError
+from fedssl.config import EvaluationConfig
 from fedssl.evaluation import (
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
     WARM_START_PROBE,
     Cell,
-    EvalPlan,
     EvalResults,
     FractionInfo,
     SeedRun,
@@ -75,7 +75,7 @@ def evaluation() -> EvalResults:
         (PRETRAINED_PROBE, 0.1): cell([0.90, 0.91, 0.92]),
     }
     return EvalResults(
-        plan=EvalPlan(label_fractions=[0.01, 0.1], methods=["linear_probe"]),
+        plan=EvaluationConfig(label_fractions=[0.01, 0.1], methods=["linear_probe"]),
         rows=[RAW_INPUT, RANDOM_INIT_PROBE, PRETRAINED_PROBE],
         fractions=[FractionInfo(0.01, 10), FractionInfo(0.1, 100)],
         cells=cells, num_train=1000, num_consented_train=500, num_test=300, seconds=1.0,

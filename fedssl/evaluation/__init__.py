@@ -1,7 +1,6 @@
 """Label-efficiency evaluation of a pretrained encoder on consented labels only."""
 
 from fedssl.evaluation.label_efficiency import EncoderFactory, evaluate_label_efficiency
-from fedssl.evaluation.plan import FINETUNE, LINEAR_PROBE, EvalPlan
 from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
@@ -21,8 +20,6 @@ from fedssl.evaluation.results import (
 )
 
 __all__ = [
-    "FINETUNE",
-    "LINEAR_PROBE",
     "PRETRAINED_FINETUNE",
     "PRETRAINED_PROBE",
     "RANDOM_INIT_PROBE",
@@ -34,7 +31,6 @@ __all__ = [
     "WARM_START_ROWS",
     "Cell",
     "EncoderFactory",
-    "EvalPlan",
     "EvalResults",
     "FractionInfo",
     "Gain",

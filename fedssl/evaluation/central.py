@@ -17,7 +17,6 @@ from fedssl.config import load_config
 from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
 from fedssl.errors import ConfigError
 from fedssl.evaluation.label_efficiency import evaluate_label_efficiency
-from fedssl.evaluation.plan import EvalPlan
 from fedssl.evaluation.results import EvalResults
 from fedssl.experiment import central_data_for
 from fedssl.layout import RunDir
@@ -48,16 +47,6 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
     def encoder_factory(seed: int | None):
         return build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=seed)
 
-    plan = EvalPlan(
-        label_fractions=list(ev.label_fractions),
-        label_seeds=list(ev.label_seeds),
-        random_init_seeds=list(ev.random_init_seeds),
-        finetune_epochs=ev.finetune_epochs,
-        finetune_lr=ev.finetune_lr,
-        finetune_batch_size=ev.finetune_batch_size,
-        probe_C=ev.probe_C,
-        methods=list(ev.methods),
-    )
     # Same file, same checks as the ServerApp's load: the rows score exactly what the sites started from.
     warm_start_state = run_warm_start(config, layout.path, encoder_factory(None))
     results = evaluate_label_efficiency(
@@ -67,7 +56,7 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         train=data.train,
         test=data.test,
         labels=labels,
-        plan=plan,
+        plan=ev,
         progress=progress,
     )
     layout.evaluation.write_text(json.dumps(results.to_dict(), indent=1))

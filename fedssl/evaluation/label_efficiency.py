@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from fedssl.evaluation.plan import FINETUNE, LINEAR_PROBE, EvalPlan
+from fedssl.config import FINETUNE, LINEAR_PROBE, EvaluationConfig
 from fedssl.evaluation.probes import encode, finetune_accuracy, flatten_inputs, linear_probe_accuracy
 from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
@@ -84,7 +84,7 @@ def _probe_views(
     test_inputs: torch.Tensor,
     pretrained: Encoder,
     random_inits: dict[int, Encoder],
-    plan: EvalPlan,
+    plan: EvaluationConfig,
     warm_start: Encoder | None = None,
 ) -> list[_ProbeView]:
     def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
@@ -106,7 +106,7 @@ def _build_bench(
     train: SiteDataset,
     test: SiteDataset,
     labels: ConsentedLabels,
-    plan: EvalPlan,
+    plan: EvaluationConfig,
     warm_start_state: dict[str, torch.Tensor] | None = None,
 ) -> _Bench:
     # Test labels first: an unconsented test id stops the run before any train label is read.
@@ -124,7 +124,7 @@ def _build_bench(
 
 
 def _runs_on_subset(
-    bench: _Bench, subset: np.ndarray, seed_index: int, plan: EvalPlan
+    bench: _Bench, subset: np.ndarray, seed_index: int, plan: EvaluationConfig
 ) -> Iterator[tuple[str, SeedRun]]:
     """Every planned row on one label subset; all rows see exactly these labels."""
     label_seed = plan.label_seeds[seed_index]
@@ -173,7 +173,7 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _planned_rows(plan: EvalPlan, warm_start: bool) -> list[str]:
+def _planned_rows(plan: EvaluationConfig, warm_start: bool) -> list[str]:
     rows = {RAW_INPUT}
     if LINEAR_PROBE in plan.methods:
         rows |= {RANDOM_INIT_PROBE, PRETRAINED_PROBE} | ({WARM_START_PROBE} if warm_start else set())
@@ -189,7 +189,7 @@ def evaluate_label_efficiency(
     train: SiteDataset,
     test: SiteDataset,
     labels: ConsentedLabels,
-    plan: EvalPlan,
+    plan: EvaluationConfig,
     progress: Progress | None = None,
     warm_start_state: dict[str, torch.Tensor] | None = None,
 ) -> EvalResults:
@@ -203,6 +203,7 @@ def evaluate_label_efficiency(
     A fraction needing more labels than there are consented train examples is skipped, with the
     reason recorded in the results.
     """
+    plan.validate()
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     with _single_threaded():

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from fedssl.evaluation.plan import EvalPlan
+from fedssl.config import EvaluationConfig
 
 RAW_INPUT = "raw_input"
 RANDOM_INIT_PROBE = "random_init_probe"
@@ -109,7 +109,7 @@ class Gain:
 
 @dataclass
 class EvalResults:
-    plan: EvalPlan
+    plan: EvaluationConfig
     rows: list[str]
     fractions: list[FractionInfo]
     cells: dict[tuple[str, float], Cell]
@@ -215,7 +215,7 @@ class EvalResults:
     def from_dict(cls, data: dict[str, Any]) -> EvalResults:
         """Inverse of `to_dict` (mean/std/n are recomputed from the runs, not trusted)."""
         return cls(
-            plan=EvalPlan(**data["plan"]),
+            plan=EvaluationConfig(**data["plan"]),
             rows=list(data["rows"]),
             fractions=[FractionInfo(**info) for info in data["fractions"]],
             cells={
