@@ -1,7 +1,7 @@
-"""From an experiment config to concrete data: the central split and simulated sites.
+"""From an experiment config to concrete data: the edge loader, the central split and simulated sites.
 
-Flower-free. The simulation CLI, the ClientApp (in simulation) and evaluation all call
-these functions, so a site in a Ray worker rebuilds exactly the partition the CLI meant.
+Flower-free. The run pipeline, the ClientApp (in simulation) and evaluation all call
+these functions, so a site in a Ray worker rebuilds exactly the partition the pipeline meant.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import make_site_dataset, partition
 from fedssl.errors import ConfigError
+from fedssl.layout import RunDir
 from fedssl.training.local import SiteSettings
-
-SITES_DIR = "sites"
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -105,14 +104,10 @@ def _cached_partitions(config_path: str) -> tuple[ExperimentConfig, list[np.ndar
     return config, site_partitions(config)
 
 
-def site_state_dir(run_dir: Path, site_id: int) -> Path:
-    return Path(run_dir) / SITES_DIR / f"site-{site_id:03d}"
-
-
 def site_settings(config: ExperimentConfig, run_dir: Path, site_id: int) -> SiteSettings:
     return SiteSettings(
         site_id=site_id,
-        state_dir=site_state_dir(run_dir, site_id),
+        state_dir=RunDir(run_dir).site_state(site_id),
         privacy=config.privacy,
         device=config.run.device,
     )
