@@ -11,6 +11,7 @@ from typing import Any
 from fedssl.deploy.site.config import SiteConfig
 from fedssl.deploy.site.events import read_events
 from fedssl.deploy.site.pinning import APP_REFUSED
+from fedssl.privacy.records import DP_EVENT, REFUSAL, dp_events
 
 
 @dataclass(frozen=True)
@@ -51,11 +52,11 @@ def budget_view(config: SiteConfig) -> BudgetView:
         # next training round rebuilds the file from it); never report 0 while it holds events.
         from fedssl.privacy.ledger import Ledger
 
-        events = [r["body"] for r in Ledger(config.state_path).records() if r["kind"] == "dp_event"]
+        events = dp_events(Ledger(config.state_path).records())
         if not events:
             return BudgetView(p.enabled, p.target_epsilon, p.delta, 0.0, 0, 0, None)
-        history = [(float(b["noise_multiplier"]), float(b["sample_rate"]), int(b["steps"])) for b in events]
-        delta, accountant = float(events[0]["delta"]), str(events[0]["accountant"])
+        history = [e.event for e in events]
+        delta, accountant = events[0].delta, events[0].accountant
     spent = epsilon_of(history, delta, accountant)
     nxt = epsilon_of([*history, history[-1]], delta, accountant) if history else None
     # The site's own target decides (site.yaml), even if the state was created with another.
@@ -75,7 +76,7 @@ def ledger_rounds(config: SiteConfig, last: int = 5) -> tuple[list[dict[str, Any
     verdict = "verified" + (" against the site's key" if trusted else " (trust on first use)") if report.ok else (
         f"PROBLEM: {report.problems[0]} ({len(report.problems)} problem(s)); run `fedssl audit {config.state_dir}`"
     )
-    records = [r for r in report.records if r["kind"] in ("dp_event", "refusal")]
+    records = [r for r in report.records if r["kind"] in (DP_EVENT, REFUSAL)]
     return records[-last:], verdict
 
 
@@ -96,7 +97,7 @@ def status_text(config: SiteConfig, last: int = 5) -> str:
     lines.append(f"ledger: {verdict}")
     for r in records:
         b = r["body"]
-        if r["kind"] == "dp_event":
+        if r["kind"] == DP_EVENT:
             lines.append(f"  {r['time'][:19]}  run {b['run_id']} round {b['round']}: {b['steps']} steps, eps after {b['epsilon_after']:.3f}")
         else:
             lines.append(f"  {r['time'][:19]}  run {b['run_id']} round {b['round']}: REFUSED ({b['reason']})")
