@@ -65,16 +65,11 @@ def start_site(config_path: str | Path, *, echo=print) -> int:
 
     Returns the exit code. Blocks; SIGTERM/SIGINT stop the SuperNode cleanly.
     """
-    from fedssl.deploy.processes import ManagedProcess, flower_env, free_port
+    from fedssl.deploy.processes import flower_env
 
     config_path = Path(config_path).expanduser().resolve()
     config = load_site_config(config_path)
-    echo(f"fedssl: site {config.site.name} preflight")
-    checks = preflight(config)
-    echo(format_checklist(checks))
-    if not preflight_passed(checks):
-        failed = [c.name for c in checks if not c.ok and c.blocking]
-        raise SiteStartError(f"preflight failed ({', '.join(failed)}); the site did not start")
+    _preflight_or_refuse(config, echo)
     state = config.state_path
     env = flower_env(state / FLOWER_HOME)
     (state / FLOWER_HOME).mkdir(parents=True, exist_ok=True)
@@ -87,47 +82,69 @@ def start_site(config_path: str | Path, *, echo=print) -> int:
         stopping["now"] = True
 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    deadline_rejoin = None
     try:
-        while True:
-            port = config.supernode.port or free_port()
-            supernode_cmd, superexec_cmd = supernode_commands(config, config_path, port)
-            log_start = _log_size(state / SUPERNODE_LOG)
-            node = ManagedProcess("SuperNode", supernode_cmd, state / SUPERNODE_LOG, env, new_group=False)
-            execu = None
-            record_event(config, "supernode_start", pid=node.pid, coordinator=config.coordinator.address)
-            echo(f"fedssl: SuperNode started (pid {node.pid}), connecting to {config.coordinator.address}; log {state / SUPERNODE_LOG}")
-            try:
-                if superexec_cmd is not None:
-                    execu = ManagedProcess("SuperExec", [*superexec_cmd, "--parent-pid", str(node.pid)], state / SUPEREXEC_LOG, env,
-                                           new_group=False)
-                code, reason = _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid))
-            finally:
-                node.stop()
-                if execu is not None:
-                    execu.stop()
-            if stopping["now"]:
-                record_event(config, "supernode_stop", reason="operator")
-                echo("fedssl: site stopped")
-                return 0
-            if reason == "activation_failed" and rejoining:
-                deadline_rejoin = deadline_rejoin or time.monotonic() + config.supernode.rejoin_timeout
-                if time.monotonic() < deadline_rejoin:
-                    echo("fedssl: the coordinator still holds this site's previous session; it releases it within ~60 s. Retrying in 5 s")
-                    _sleep_unless(5, stopping)
-                    continue
-                record_event(config, "supernode_exit", reason="rejoin timed out")
-                raise SiteStartError(f"the coordinator kept this site's previous session for {config.supernode.rejoin_timeout:.0f} s; try again later")
-            record_event(config, "supernode_exit", code=code, reason=reason)
-            if reason == "activation_failed":
-                raise SiteStartError(
-                    f"the coordinator refused this site's node key: {config.keys.node_key}.pub is not registered there "
-                    "(send it to the coordinator), or a SuperNode with this key is already connected"
-                )
-            raise SiteStartError(f"SuperNode exited (code {code}): {reason}; see {state / SUPERNODE_LOG}")
+        return _supervise(config, config_path, env, stopping, rejoining, echo)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _preflight_or_refuse(config: SiteConfig, echo) -> None:
+    echo(f"fedssl: site {config.site.name} preflight")
+    checks = preflight(config)
+    echo(format_checklist(checks))
+    if not preflight_passed(checks):
+        failed = [c.name for c in checks if not c.ok and c.blocking]
+        raise SiteStartError(f"preflight failed ({', '.join(failed)}); the site did not start")
+
+
+def _supervise(config: SiteConfig, config_path: Path, env, stopping: dict, rejoining: bool, echo) -> int:
+    """Run SuperNode sessions until the operator stops the site (0) or it cannot (re)join (raises)."""
+    deadline_rejoin = None
+    while True:
+        code, reason = _run_session(config, config_path, env, stopping, echo)
+        if stopping["now"]:
+            record_event(config, "supernode_stop", reason="operator")
+            echo("fedssl: site stopped")
+            return 0
+        if reason == "activation_failed" and rejoining:
+            deadline_rejoin = deadline_rejoin or time.monotonic() + config.supernode.rejoin_timeout
+            if time.monotonic() < deadline_rejoin:
+                echo("fedssl: the coordinator still holds this site's previous session; it releases it within ~60 s. Retrying in 5 s")
+                _sleep_unless(5, stopping)
+                continue
+            record_event(config, "supernode_exit", reason="rejoin timed out")
+            raise SiteStartError(f"the coordinator kept this site's previous session for {config.supernode.rejoin_timeout:.0f} s; try again later")
+        record_event(config, "supernode_exit", code=code, reason=reason)
+        if reason == "activation_failed":
+            raise SiteStartError(
+                f"the coordinator refused this site's node key: {config.keys.node_key}.pub is not registered there "
+                "(send it to the coordinator), or a SuperNode with this key is already connected"
+            )
+        raise SiteStartError(f"SuperNode exited (code {code}): {reason}; see {config.state_path / SUPERNODE_LOG}")
+
+
+def _run_session(config: SiteConfig, config_path: Path, env, stopping: dict, echo) -> tuple[int | None, str]:
+    """Start one SuperNode (and its SuperExec), follow it until it exits or we stop, then stop both."""
+    from fedssl.deploy.processes import ManagedProcess, free_port
+
+    state = config.state_path
+    port = config.supernode.port or free_port()
+    supernode_cmd, superexec_cmd = supernode_commands(config, config_path, port)
+    log_start = _log_size(state / SUPERNODE_LOG)
+    node = ManagedProcess("SuperNode", supernode_cmd, state / SUPERNODE_LOG, env, new_group=False)
+    execu = None
+    record_event(config, "supernode_start", pid=node.pid, coordinator=config.coordinator.address)
+    echo(f"fedssl: SuperNode started (pid {node.pid}), connecting to {config.coordinator.address}; log {state / SUPERNODE_LOG}")
+    try:
+        if superexec_cmd is not None:
+            execu = ManagedProcess("SuperExec", [*superexec_cmd, "--parent-pid", str(node.pid)], state / SUPEREXEC_LOG, env,
+                                   new_group=False)
+        return _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid))
+    finally:
+        node.stop()
+        if execu is not None:
+            execu.stop()
 
 
 def _log_size(path: Path) -> int:
