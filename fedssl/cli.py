@@ -126,21 +126,27 @@ def _cmd_keys_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_site(args: argparse.Namespace) -> int:
-    from fedssl import site_agent
-
     if args.site_command == "app-hash":
-        print(site_agent.app_hash(args.path))
+        from fedssl.deploy.site.pinning import app_hash
+
+        print(app_hash(args.path))
         return 0
     if args.site_command == "start":
-        return site_agent.start_site(args.config, echo=lambda m: print(m, flush=True))
-    config = site_agent.load_site_config(args.config)
+        from fedssl.deploy.site.supernode import start_site
+
+        return start_site(args.config, echo=lambda m: print(m, flush=True))
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import format_checklist, preflight, preflight_passed
+    from fedssl.deploy.site.status import status_text
+
+    config = load_site_config(args.config)
     if args.site_command == "status":
-        print(site_agent.status_text(config, last=args.last))
+        print(status_text(config, last=args.last))
         return 0
-    checks = site_agent.preflight(config)
+    checks = preflight(config)
     print(f"fedssl: site {config.site.name} preflight")
-    print(site_agent.format_checklist(checks))
-    return 0 if site_agent.preflight_passed(checks) else EXIT_USAGE
+    print(format_checklist(checks))
+    return 0 if preflight_passed(checks) else EXIT_USAGE
 
 
 def _cmd_server(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ class SiteRoundReply:
 def resolve_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> tuple[SiteDataset, SiteSettings]:
     """This process's site: its data and settings, from the node config (and, in simulation, the run config)."""
     if NODE_SITE_CONFIG in node_config:
-        from fedssl.site_agent import deployed_site
+        from fedssl.deploy.site.config import deployed_site
 
         return deployed_site(str(node_config[NODE_SITE_CONFIG]))
     if NODE_PARTITION_ID in node_config:

@@ -84,7 +84,7 @@ def site_dir(tmp_path):
     """A site laid out as an operator would: keys, data, CA, site.yaml with relative paths."""
     from fedssl.data.loaders import load_digits_labeled
     from fedssl.privacy.keys import init_site_key
-    from fedssl.site_agent import app_hash
+    from fedssl.deploy.site.pinning import app_hash
 
     pki.init_ca(tmp_path / "certs")
     init_site_key(tmp_path / "keys", "site-a")
@@ -119,7 +119,7 @@ def write_site(site_dir: Path, **changes) -> Path:
 
 
 def test_site_config_resolves_paths_and_builds_settings(site_dir):
-    from fedssl.site_agent import load_site_config
+    from fedssl.deploy.site.config import load_site_config
 
     config = load_site_config(site_dir / "site.yaml")
     assert config.data.path == str(site_dir / "data" / "a.npy")
@@ -143,7 +143,7 @@ def test_site_config_resolves_paths_and_builds_settings(site_dir):
     ],
 )
 def test_site_config_errors_name_the_key(site_dir, changes, key):
-    from fedssl.site_agent import load_site_config
+    from fedssl.deploy.site.config import load_site_config
 
     with pytest.raises(ConfigError) as err:
         load_site_config(write_site(site_dir, **changes))
@@ -151,7 +151,7 @@ def test_site_config_errors_name_the_key(site_dir, changes, key):
     assert message.startswith(key) and "\n" not in message
 
 
-@pytest.mark.parametrize("loader", ["fedssl.site_agent:load_site_config", "fedssl.deploy.coordinator:load_server_config"])
+@pytest.mark.parametrize("loader", ["fedssl.deploy.site.config:load_site_config", "fedssl.deploy.coordinator:load_server_config"])
 @pytest.mark.parametrize(
     "text, expected",
     [("site: [a\n", "line 2: not valid YAML"), ("- a list\n", "top level must be a mapping of sections ("), (b"\xff\xfe", "UTF-8")],
@@ -180,7 +180,7 @@ def test_deployed_site_reads_only_site_yaml(site_dir):
 
 
 def test_deployed_site_caches_and_reloads(site_dir):
-    from fedssl.site_agent import deployed_site
+    from fedssl.deploy.site.config import deployed_site
 
     first, _ = deployed_site(str(site_dir / "site.yaml"))
     again, _ = deployed_site(str(site_dir / "site.yaml"))
@@ -194,7 +194,7 @@ def test_deployed_site_caches_and_reloads(site_dir):
 
 
 def test_app_hash_is_the_same_for_checkout_and_fab(tmp_path):
-    from fedssl.site_agent import app_hash
+    from fedssl.deploy.site.pinning import app_hash
 
     project = tmp_path / "app"
     for name in ("fedssl", "clients"):
@@ -215,7 +215,9 @@ def test_app_hash_is_the_same_for_checkout_and_fab(tmp_path):
 
 
 def test_unapproved_app_is_refused_and_logged(site_dir):
-    from fedssl.site_agent import AppNotApprovedError, deployed_site, read_events, load_site_config
+    from fedssl.deploy.site.config import deployed_site, load_site_config
+    from fedssl.deploy.site.events import read_events
+    from fedssl.deploy.site.pinning import AppNotApprovedError
 
     path = write_site(site_dir, **{"apps.allowed_hashes": ["sha256:" + "1" * 64]})
     with pytest.raises(AppNotApprovedError, match="not in apps.allowed_hashes"):
@@ -226,7 +228,7 @@ def test_unapproved_app_is_refused_and_logged(site_dir):
 
 
 def test_cli_app_hash(capsys):
-    from fedssl.site_agent import app_hash
+    from fedssl.deploy.site.pinning import app_hash
 
     assert cli_main(["site", "app-hash", str(PROJECT_ROOT)]) == 0
     assert capsys.readouterr().out.strip() == app_hash(PROJECT_ROOT)
@@ -240,7 +242,8 @@ def checks_by_name(checks):
 
 
 def test_preflight_passes_offline_checks_and_lists_egress(site_dir):
-    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import preflight, preflight_passed
 
     checks = preflight(load_site_config(site_dir / "site.yaml"), check_coordinator=False)
     assert preflight_passed(checks), [c for c in checks if not c.ok]
@@ -250,7 +253,8 @@ def test_preflight_passes_offline_checks_and_lists_egress(site_dir):
 
 
 def test_preflight_failures(site_dir):
-    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import preflight, preflight_passed
 
     (site_dir / "keys" / "site-a.node").chmod(0o644)
     path = write_site(site_dir, **{"data.path": "missing.npy", "apps.allowed_hashes": []})
@@ -265,7 +269,9 @@ def test_preflight_failures(site_dir):
 def test_budget_spent_blocks_preflight_and_shows_in_status(site_dir, global_encoder, make_plan):
     """A site that trained its whole plan at epsilon = 1 has no budget for another round."""
     from fedssl.data.loaders import load_site_data
-    from fedssl.site_agent import load_site_config, preflight, status_text
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import preflight
+    from fedssl.deploy.site.status import status_text
     from fedssl.training.local import train_round
 
     config = load_site_config(site_dir / "site.yaml")
@@ -291,7 +297,8 @@ def test_cli_site_preflight_exit_code(site_dir, capsys):
 def test_server_config_and_local_federation(tmp_path):
     from fedssl.deploy.coordinator import experiment_for, load_server_config
     from fedssl.deploy.localfed import make_local_federation
-    from fedssl.site_agent import load_site_config, preflight, preflight_passed
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import preflight, preflight_passed
 
     fed = make_local_federation(tmp_path, ["site-a", "site-b"], registered=["site-a"])
     config = load_server_config(fed.server_yaml)
@@ -351,7 +358,8 @@ def test_responsive_grid_polls_fast_and_honours_timeout():
 
 
 def test_supernode_command_is_tls_and_authenticated(site_dir):
-    from fedssl.site_agent import load_site_config, supernode_commands
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.supernode import supernode_commands
 
     config = load_site_config(site_dir / "site.yaml")
     supernode, superexec = supernode_commands(config, site_dir / "site.yaml", 9999)
@@ -364,7 +372,9 @@ def test_supernode_command_is_tls_and_authenticated(site_dir):
 
 
 def test_a_crashed_session_is_told_apart_from_a_clean_stop(site_dir):
-    from fedssl.site_agent import load_site_config, previous_session_unclean, record_event
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.events import record_event
+    from fedssl.deploy.site.supernode import previous_session_unclean
 
     config = load_site_config(site_dir / "site.yaml")
     assert not previous_session_unclean(config)
@@ -391,7 +401,8 @@ def test_server_state_dir_must_stay_out_of_the_app_bundle(tmp_path):
 def test_budget_view_falls_back_to_the_ledger(site_dir, global_encoder, make_plan):
     """Lose accountant.json: status and preflight still count what the signed ledger recorded."""
     from fedssl.data.loaders import load_site_data
-    from fedssl.site_agent import budget_view, load_site_config
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.status import budget_view
     from fedssl.training.local import train_round
 
     config = load_site_config(site_dir / "site.yaml")

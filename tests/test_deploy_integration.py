@@ -287,7 +287,8 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
 
     # per-site ε: what the server recorded is what each site's own accountant says
     from fedssl.privacy.analysis import epsilon_of
-    from fedssl.site_agent import budget_view, load_site_config
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.status import budget_view
 
     for site_id, name in enumerate(["site-a", "site-b"]):
         config = load_site_config(fed.site_yamls[name])
@@ -325,7 +326,7 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
 def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs):
     from fedssl.deploy.localfed import make_local_federation
     from fedssl.privacy.analysis import epsilon_of
-    from fedssl.site_agent import load_site_config
+    from fedssl.deploy.site.config import load_site_config
 
     root = tmp_path_factory.mktemp("fed2")
     fed = make_local_federation(root, ["site-c", "site-d"], rounds=2)

@@ -45,7 +45,7 @@ def make_local_federation(
 ) -> LocalFederation:
     """Lay out a federation: ``sites`` get keys/data/site.yaml; ``registered`` (default: all) go in server.yaml."""
     from fedssl.data.loaders import load_digits_labeled
-    from fedssl.site_agent import app_hash
+    from fedssl.deploy.site.pinning import app_hash
 
     root = Path(root)
     port = free_port()
