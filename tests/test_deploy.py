@@ -412,3 +412,29 @@ def test_budget_view_falls_back_to_the_ledger(site_dir, global_encoder, make_pla
     after = budget_view(config)
     assert before.spent > 0 and after.spent == pytest.approx(before.spent, rel=1e-9)
     assert after.rounds == before.rounds == 1 and after.next_round_epsilon == pytest.approx(before.next_round_epsilon, rel=1e-9)
+
+
+def test_a_damaged_dp_event_is_one_line_in_status_and_preflight(site_dir, global_encoder, make_plan):
+    """Lose accountant.json and damage a ledger body: the site says so in one line, never a traceback or 0."""
+    import json as _json
+
+    from fedssl.data.loaders import load_site_data
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.preflight import preflight
+    from fedssl.deploy.site.status import budget_view
+    from fedssl.errors import PrivacyError
+    from fedssl.training.local import train_round
+
+    config = load_site_config(site_dir / "site.yaml")
+    train_round(load_site_data(config.data.path), global_encoder, make_plan(), config.settings())
+    (config.state_path / "accountant.json").unlink()
+    ledger = config.state_path / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    records = [_json.loads(line) for line in lines]
+    index = next(i for i, r in enumerate(records) if r["kind"] == "dp_event")
+    del records[index]["body"]["run_id"]
+    ledger.write_text("".join(_json.dumps(r) + "\n" for r in records))
+    with pytest.raises(PrivacyError, match=r"^ledger record seq \d+: unreadable dp_event"):
+        budget_view(config)
+    (budget,) = [c for c in preflight(config, check_coordinator=False) if c.name == "privacy budget"]
+    assert not budget.ok and "unreadable dp_event" in budget.detail and "\n" not in budget.detail

@@ -6,7 +6,7 @@ A site's ledger holds ``site_init``, ``budget`` (its DP-SGD :class:`Mechanism`),
 audit read them back, and the ledger's schema (what verification requires of each body) is
 derived from the same dataclasses, so the three cannot disagree about a field.
 
-Standard library only.
+Standard library only (and fedssl.errors).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import typing
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
+
+from fedssl.errors import PrivacyError
 
 # Record kinds.
 SITE_INIT = "site_init"
@@ -87,8 +89,20 @@ class DPEvent:
 
 
 def dp_events(records: list[dict[str, Any]]) -> list[DPEvent]:
-    """The DP events among a site ledger's records, in ledger order."""
-    return [DPEvent.from_body(r["body"]) for r in records if r.get("kind") == DP_EVENT]
+    """The DP events among a site ledger's records, in ledger order; a body that holds none is a
+    one-line PrivacyError naming its seq (never read as a smaller spend)."""
+    events = []
+    for record in records:
+        if record.get("kind") != DP_EVENT:
+            continue
+        try:
+            events.append(DPEvent.from_body(record["body"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise PrivacyError(
+                f"ledger record seq {record.get('seq')}: unreadable dp_event ({type(err).__name__}: {err}); "
+                "run `fedssl audit` on the state dir"
+            ) from None
+    return events
 
 
 def bodies(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
