@@ -13,11 +13,13 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from fedssl.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def check(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -162,6 +164,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}: must be a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def load_config_file(cls: type[T], path: str | Path, *, what: str, sections: str, example: str) -> tuple[T, Path]:
+    """A one-file config (site.yaml, server.yaml): read, typed, validated; returns it with the file's folder,
+    against which the caller resolves the relative paths it holds."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; write one from {example}")
+    config = build_section(cls, read_yaml_mapping(path, sections))
+    config.validate()
+    return config, path.parent
 
 
 def validate_sections(config: Any) -> None:

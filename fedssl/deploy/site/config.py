@@ -18,7 +18,7 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.deploy.site.pinning import check_app_approved, is_app_hash
 from fedssl.errors import ConfigError
 from fedssl.training.local import SiteSettings
-from fedssl.typed_yaml import build_section, check, read_yaml_mapping, resolve_path, validate_sections
+from fedssl.typed_yaml import check, load_config_file, resolve_path, validate_sections
 
 
 @dataclass
@@ -128,13 +128,8 @@ class SiteConfig:
 
 def load_site_config(path: str | Path) -> SiteConfig:
     """Read and validate site.yaml; relative paths are taken relative to the file."""
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"site config {path} does not exist; write one from configs/deploy/site.yaml")
-    raw = read_yaml_mapping(path, "site, data, state_dir, privacy, coordinator, keys, apps")
-    config: SiteConfig = build_section(SiteConfig, raw)
-    config.validate()
-    base = path.parent
+    config, base = load_config_file(SiteConfig, path, what="site config", example="configs/deploy/site.yaml",
+                                    sections="site, data, state_dir, privacy, coordinator, keys, apps")
     config.data.path = resolve_path(base, config.data.path)
     config.state_dir = resolve_path(base, config.state_dir)
     config.coordinator.root_certificates = resolve_path(base, config.coordinator.root_certificates)
