@@ -14,7 +14,7 @@ from opacus.accountants import create_accountant
 from fedssl.layout import SERVER_LEDGER_FILE, RunDir
 from fedssl.privacy import chain
 from fedssl.privacy import ledger as L
-from fedssl.privacy.audit import (
+from fedssl.audit.ledgers import (
     EPSILON_MISMATCH,
     OVER_BUDGET,
     SERVER_MISMATCH,

@@ -12,8 +12,8 @@ from scipy.stats import binomtest
 
 from fedssl.config import load_config
 from fedssl.errors import ConfigError
-from fedssl.privacy.canaries import DIRAC_INPUT, OVERSHOOT, GradientCanaries, audited_layer
-from fedssl.privacy.empirical import (
+from fedssl.audit.canaries import DIRAC_INPUT, OVERSHOOT, GradientCanaries, audited_layer
+from fedssl.audit.empirical import (
     best_threshold,
     clopper_pearson,
     empirical_main,

@@ -250,7 +250,7 @@ def test_scalars_in_the_clear_are_the_whitelisted_ones(secagg_run) -> None:
 
 @pytest.mark.slow
 def test_ledgers_audit_and_statement_under_secagg(secagg_run) -> None:
-    from fedssl.privacy.audit import audit_path
+    from fedssl.audit.ledgers import audit_path
     from fedssl.layout import RunDir
     from fedssl.privacy.site_level import privacy_facts
 

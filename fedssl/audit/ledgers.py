@@ -657,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def audit_main(argv: Sequence[str]) -> int:
     if "--empirical" in argv:
-        from fedssl.privacy.empirical import empirical_main
+        from fedssl.audit.empirical import empirical_main
 
         return empirical_main([a for a in argv if a != "--empirical"])
     parser = build_parser()

@@ -7,7 +7,7 @@ run that site's *real* training code (``train_round``, the run's exact DP settin
 planned round), then score every canary. Two attacks:
 
 - ``gradient`` (default; white-box, the threat DP-SGD is meant to stop): gradient canaries
-  (fedssl.privacy.canaries; Nasr et al., USENIX Security 2023, "Tight Auditing of
+  (fedssl.audit.canaries; Nasr et al., USENIX Security 2023, "Tight Auditing of
   Differentially Private Machine Learning"). Each canary's loss puts its whole gradient on one
   encoder weight of its own; whoever sees the site's updates (the server, without SecAgg)
   reads that weight's movement summed over all rounds. Members move theirs, non-members do not.
@@ -49,7 +49,7 @@ from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
 from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel
-from fedssl.privacy.canaries import GradientCanaries
+from fedssl.audit.canaries import GradientCanaries
 from fedssl.training.local import SiteSettings, build_pretext_model, restore_site_parts, train_round
 from fedssl.fl.plan import plan_from_config
 
