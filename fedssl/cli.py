@@ -88,7 +88,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedssl.audit.ledgers import audit_main
+    from fedssl.audit.cli import audit_main
 
     return audit_main(args.audit_args)
 
@@ -223,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["audit"]:
         # The audit has its own parser; argparse's REMAINDER cannot pass on leading options.
-        from fedssl.audit.ledgers import audit_main
+        from fedssl.audit.cli import audit_main
 
         return audit_main(argv[1:])
     parser = build_parser()

@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 from opacus.accountants import create_accountant
 
-from fedssl.layout import SERVER_LEDGER_FILE, RunDir
-from fedssl.privacy import chain
-from fedssl.privacy import ledger as L
+from fedssl.audit.cli import audit_main
 from fedssl.audit.ledgers import (
     EPSILON_MISMATCH,
     OVER_BUDGET,
     SERVER_MISMATCH,
     EventAudit,
     SiteAudit,
-    audit_main,
     audit_path,
     compare_claims,
     recompute,
 )
+from fedssl.layout import SERVER_LEDGER_FILE, RunDir
+from fedssl.privacy import chain
+from fedssl.privacy import ledger as L
 from fedssl.privacy.independent import epsilon_pld, epsilon_rdp, pld_trajectory, rdp_trajectory
 from fedssl.privacy.keys import init_site_key
 from fedssl.privacy.ledger import Ledger, ServerLedger

@@ -10,8 +10,6 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from fedssl.config import load_config
-from fedssl.errors import ConfigError
 from fedssl.audit.canaries import DIRAC_INPUT, OVERSHOOT, GradientCanaries, audited_layer
 from fedssl.audit.empirical import (
     best_threshold,
@@ -21,6 +19,8 @@ from fedssl.audit.empirical import (
     make_canaries,
     run_empirical_audit,
 )
+from fedssl.config import load_config
+from fedssl.errors import ConfigError
 
 
 def test_clopper_pearson_matches_scipy_exact_interval():
