@@ -3,7 +3,7 @@
     fedssl simulate CONFIG [--set key=value ...] [--overwrite]
     fedssl evaluate RUN_DIR
     fedssl report RUN_DIR
-    fedssl audit PATH [--json] [--trusted-keys DIR]
+    fedssl audit PATH [--json] [--trusted-keys DIR] | audit --empirical CONFIG [--with-baseline]
     fedssl keys init-site NAME --out DIR      (ledger key + SuperNode node key)
     fedssl keys init-ca --out DIR | keys server-cert --ca DIR --host H --out DIR
     fedssl site preflight|start|status --config site.yaml | site app-hash PATH
@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedssl.audit.cli import add_arguments as add_audit_arguments
+from fedssl.audit.cli import run as run_audit
 from fedssl.errors import FedSSLError
 
 EXIT_USAGE = 2
@@ -85,12 +87,6 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     return _report(Path(args.run_dir))
-
-
-def _cmd_audit(args: argparse.Namespace) -> int:
-    from fedssl.privacy.audit import audit_main
-
-    return audit_main(args.audit_args)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -178,10 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run_dir")
     rep.set_defaults(func=_cmd_report)
 
-    audit = sub.add_parser("audit", help="verify ledgers and re-account epsilon independently", add_help=False)
-    audit.add_argument("audit_args", nargs=argparse.REMAINDER)
-    audit.set_defaults(func=_cmd_audit)
+    audit = sub.add_parser("audit", help="verify ledgers and re-account epsilon independently (or --empirical: attack the mechanism)")
+    add_audit_arguments(audit)
+    audit.set_defaults(func=run_audit)
 
+    _add_keys_parser(sub)
+    _add_deployment_parsers(sub)
+    return parser
+
+
+def _add_keys_parser(sub: argparse._SubParsersAction) -> None:
     keys = sub.add_parser("keys", help="key management")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     site_key = keys_sub.add_parser("init-site", help="create a site's Ed25519 ledger-signing key and its SuperNode auth key (OpenSSH ECDSA)")
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--overwrite", action="store_true")
     srv.set_defaults(func=_cmd_keys_server)
 
+
+def _add_deployment_parsers(sub: argparse._SubParsersAction) -> None:
     site = sub.add_parser("site", help="run this site in a real federation (SuperNode)")
     site_sub = site.add_subparsers(dest="site_command", required=True)
     for name, text in (("preflight", "check data, keys, certificates, budget and the coordinator; change nothing"),
@@ -222,18 +226,14 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     start.add_argument("--quiet", action="store_true", help="do not stream round progress")
     start.set_defaults(func=_cmd_server)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["audit"]:
-        # The audit has its own parser; argparse's REMAINDER cannot pass on leading options.
-        from fedssl.privacy.audit import audit_main
-
-        return audit_main(argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse printed --help (0) or its usage error (2)
+        return 0 if exit_.code == 0 else EXIT_USAGE
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

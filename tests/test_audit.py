@@ -11,20 +11,20 @@ from pathlib import Path
 import pytest
 from opacus.accountants import create_accountant
 
-from fedssl.layout import SERVER_LEDGER_FILE, RunDir
-from fedssl.privacy import chain
-from fedssl.privacy import ledger as L
-from fedssl.privacy.audit import (
+from fedssl.audit.ledgers import (
     EPSILON_MISMATCH,
     OVER_BUDGET,
     SERVER_MISMATCH,
     EventAudit,
     SiteAudit,
-    audit_main,
     audit_path,
     compare_claims,
     recompute,
 )
+from fedssl.cli import main as cli_main
+from fedssl.layout import SERVER_LEDGER_FILE, RunDir
+from fedssl.privacy import chain
+from fedssl.privacy import ledger as L
 from fedssl.privacy.independent import epsilon_pld, epsilon_rdp, pld_trajectory, rdp_trajectory
 from fedssl.privacy.keys import init_site_key
 from fedssl.privacy.ledger import Ledger, ServerLedger
@@ -201,28 +201,44 @@ def test_clean_run_audits_ok(run_dir: Path) -> None:
     assert len(site.events) == 4 and site.events[-1].epsilon_claimed == pytest.approx(site.events[-1].epsilon_rdp, rel=1e-3)
 
 
-def test_audit_main_exit_codes(run_dir: Path, tmp_path: Path, capsys) -> None:
-    assert audit_main([str(run_dir), "--trusted-keys", str(keys_dir(run_dir))]) == 0
+def test_audit_cli_exit_codes(run_dir: Path, tmp_path: Path, capsys) -> None:
+    assert cli_main(["audit", str(run_dir), "--trusted-keys", str(keys_dir(run_dir))]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out and "ε recomputed (RDP)" in out and "site-001" in out and "Privacy statement" in out
 
-    assert audit_main([str(tmp_path / "nope")]) == 2
-    assert audit_main([str(run_dir), "--tolerance", "1.5"]) == 2
-    assert audit_main([str(run_dir), "--trusted-keys", str(tmp_path / "no-keys")]) == 2
+    assert cli_main(["audit", str(tmp_path / "nope")]) == 2
+    assert cli_main(["audit", str(run_dir), "--tolerance", "1.5"]) == 2
+    assert cli_main(["audit", str(run_dir), "--trusted-keys", str(tmp_path / "no-keys")]) == 2
     (tmp_path / "empty").mkdir()
-    assert audit_main([str(tmp_path / "empty")]) == 2
-    assert audit_main([]) == 2
+    assert cli_main(["audit", str(tmp_path / "empty")]) == 2
+    assert cli_main(["audit"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "nothing to audit" in err
 
     ledger = run_dir / "sites" / "site-001" / L.LEDGER_FILE
     ledger.write_bytes(ledger.read_bytes().replace(b'"steps":10', b'"steps":1', 1))
-    assert audit_main([str(run_dir)]) == 1
+    assert cli_main(["audit", str(run_dir)]) == 1
     assert "bad_hash" in capsys.readouterr().out
 
 
+def test_an_option_of_the_other_mode_is_a_one_line_usage_error(run_dir: Path, capsys) -> None:
+    assert cli_main(["audit", "--empirical", "configs/experiments/digits-demo.yaml", "--trusted-keys", "x"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--trusted-keys" in lines[0] and "--empirical" in lines[0], lines
+    assert cli_main(["audit", str(run_dir), "--canaries", "10", "--with-baseline"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--canaries, --with-baseline" in lines[0], lines
+    assert not (run_dir / "audit.md").exists()  # nothing was audited
+
+
+def test_audit_help_covers_both_modes(capsys) -> None:
+    assert cli_main(["audit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--empirical" in out and "--trusted-keys" in out and "--with-baseline" in out
+
+
 def test_json_output_lets_anyone_re_account(run_dir: Path, tmp_path: Path, capsys) -> None:
-    assert audit_main([str(run_dir), "--json", "--out", str(tmp_path / "out")]) == 0
+    assert cli_main(["audit", str(run_dir), "--json", "--out", str(tmp_path / "out")]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is True and data["tolerance"] == TOL
     events = data["sites"][0]["events"]
@@ -239,7 +255,7 @@ def test_json_output_lets_anyone_re_account(run_dir: Path, tmp_path: Path, capsy
 def test_under_claimed_epsilon_is_a_mismatch(tmp_path: Path) -> None:
     key = init_site_key(tmp_path / "keys", "site-000")
     write_site(tmp_path / "site-000", key, HISTORY, claim_scale=0.9)  # signed correctly, but 10% low
-    assert audit_main([str(tmp_path / "site-000")]) == 1
+    assert cli_main(["audit", str(tmp_path / "site-000")]) == 1
     report = audit_path(tmp_path / "site-000")
     assert {f.kind for f in report.sites[0].findings} == {EPSILON_MISMATCH}
     # over-claiming is conservative and fine
@@ -259,7 +275,7 @@ def test_refusals_are_reported_not_failures(tmp_path: Path, capsys) -> None:
     key = init_site_key(tmp_path / "keys", "site-000")
     ledger = write_site(tmp_path / "site-000", key, HISTORY)
     ledger.append("refusal", {"run_id": "demo", "round": 5, "reason": "budget exhausted", "epsilon_spent": 2.0, "target_epsilon": 8.0})
-    assert audit_main([str(tmp_path / "site-000"), "--json"]) == 0
+    assert cli_main(["audit", str(tmp_path / "site-000"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["sites"][0]["refusals"][0]["round"] == 5
 
 
@@ -283,7 +299,7 @@ def test_rollback_of_ledger_and_head_is_caught_by_the_server_record(run_dir: Pat
     assert {f.kind for f in report.sites[0].findings} == {chain.TRUNCATED}
     assert report.sites[1].ok
     # auditing the single site against the server's record finds it too
-    assert audit_main([str(state), "--server-ledger", str(run_dir / SERVER_LEDGER_FILE)]) == 1
+    assert cli_main(["audit", str(state), "--server-ledger", str(run_dir / SERVER_LEDGER_FILE)]) == 1
 
 
 def test_server_and_site_disagreeing_on_epsilon_is_a_mismatch(run_dir: Path) -> None:
@@ -315,7 +331,7 @@ def test_forged_whole_ledger_caught_only_with_trusted_keys(run_dir: Path, tmp_pa
 def test_torn_write_fails_the_audit_but_keeps_the_table(run_dir: Path, capsys) -> None:
     with open(run_dir / "sites" / "site-000" / L.LEDGER_FILE, "ab") as handle:
         handle.write(b'{"seq":6,"prev')
-    assert audit_main([str(run_dir)]) == 1
+    assert cli_main(["audit", str(run_dir)]) == 1
     out = capsys.readouterr().out
     assert "torn_write" in out
     site_row = next(line for line in out.splitlines() if line.startswith("site-000"))

@@ -10,17 +10,17 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from fedssl.config import load_config
-from fedssl.errors import ConfigError
-from fedssl.privacy.canaries import DIRAC_INPUT, OVERSHOOT, GradientCanaries, audited_layer
-from fedssl.privacy.empirical import (
+from fedssl.audit.canaries import DIRAC_INPUT, OVERSHOOT, GradientCanaries, audited_layer
+from fedssl.audit.empirical import (
     best_threshold,
     clopper_pearson,
-    empirical_main,
     epsilon_lower_bound,
     make_canaries,
     run_empirical_audit,
 )
+from fedssl.cli import main as cli_main
+from fedssl.config import load_config
+from fedssl.errors import ConfigError
 
 
 def test_clopper_pearson_matches_scipy_exact_interval():
@@ -129,8 +129,8 @@ def test_audit_with_dp_stays_below_the_claim_and_without_dp_finds_the_leak(capsy
     # Reduced size (3 rounds, width 32, 120 canaries) through the command line, as a privacy
     # officer runs it: DP on must stay below the claim, the no-DP baseline must be clearly
     # large (the CLI itself exits 1 when the baseline is vacuous).
-    code = empirical_main([
-        "configs/experiments/digits-demo.yaml", "--set", "federation.rounds=3", "--set", "model.width=32",
+    code = cli_main([
+        "audit", "--empirical", "configs/experiments/digits-demo.yaml", "--set", "federation.rounds=3", "--set", "model.width=32",
         "--canaries", "120", "--with-baseline", "--json",
     ])
     with_dp, without_dp = json.loads(capsys.readouterr().out)

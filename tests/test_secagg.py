@@ -250,7 +250,7 @@ def test_scalars_in_the_clear_are_the_whitelisted_ones(secagg_run) -> None:
 
 @pytest.mark.slow
 def test_ledgers_audit_and_statement_under_secagg(secagg_run) -> None:
-    from fedssl.privacy.audit import audit_path
+    from fedssl.audit.ledgers import audit_path
     from fedssl.layout import RunDir
     from fedssl.privacy.site_level import privacy_facts
 
@@ -260,6 +260,6 @@ def test_ledgers_audit_and_statement_under_secagg(secagg_run) -> None:
     assert "SecAgg+" in report.statement and "in the clear" in report.statement
     assert privacy_facts(RunDir(run_dir).server_ledger) == {"secure_aggregation": True, "site_level": None}
     # Every site's accountant kept counting across the SecAgg+ rounds (the dropped round too).
-    steps = {s.site_id: sum(e.steps for e in s.events) for s in report.sites}
+    steps = {s.site_id: sum(e.recorded.steps for e in s.events) for s in report.sites}
     assert steps["site-002"] == 3 * 3 and steps["site-000"] == 2 * 3  # site 0 refused round 3
     assert all(math.isfinite(s.epsilon_stated) for s in report.sites)

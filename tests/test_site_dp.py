@@ -290,7 +290,7 @@ def test_secagg_with_client_side_clipping_and_server_noise(sitedp_run) -> None:
 def test_site_level_epsilon_is_charged_recorded_and_stated(sitedp_run) -> None:
     from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
-    from fedssl.privacy.audit import audit_path
+    from fedssl.audit.ledgers import audit_path
     from fedssl.privacy.ledger import ServerLedger
 
     config, run_dir, tap = sitedp_run

@@ -105,9 +105,16 @@ def dp_events(records: list[dict[str, Any]]) -> list[DPEvent]:
     return events
 
 
-def bodies(records: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    """The bodies of every ``kind`` record (unverified records may hold anything: non-objects are skipped)."""
-    return [r["body"] for r in records if r.get("kind") == kind and isinstance(r.get("body"), dict)]
+def bodies(records: list[dict[str, Any]], kind: str, *, with_seq: bool = False) -> list[dict[str, Any]]:
+    """The bodies of every ``kind`` record (unverified records may hold anything: non-objects are skipped).
+
+    ``with_seq``: each body is a copy led by its record's ``seq``, for a reader (the audit) that
+    reports where in the ledger a body stands."""
+    return [
+        {"seq": r.get("seq"), **r["body"]} if with_seq else r["body"]
+        for r in records
+        if r.get("kind") == kind and isinstance(r.get("body"), dict)
+    ]
 
 
 _CASTS = {"str": str, "int": int, "float": float}

@@ -7,7 +7,7 @@ run that site's *real* training code (``train_round``, the run's exact DP settin
 planned round), then score every canary. Two attacks:
 
 - ``gradient`` (default; white-box, the threat DP-SGD is meant to stop): gradient canaries
-  (fedssl.privacy.canaries; Nasr et al., USENIX Security 2023, "Tight Auditing of
+  (fedssl.audit.canaries; Nasr et al., USENIX Security 2023, "Tight Auditing of
   Differentially Private Machine Learning"). Each canary's loss puts its whole gradient on one
   encoder weight of its own; whoever sees the site's updates (the server, without SecAgg)
   reads that weight's movement summed over all rounds. Members move theirs, non-members do not.
@@ -28,6 +28,8 @@ bound *above* the claimed ε would mean the implementation or the accounting is 
 DP off the same attack must find a clearly positive bound — otherwise the audit is vacuous.
 With perfect separation the bound is capped by the number of canaries (``bound_ceiling``:
 about 2.6 for 200, 4.2 for 1000): a no-DP bound at its ceiling means "no privacy at all".
+
+The command line, `fedssl audit --empirical CONFIG`, is fedssl.audit.cli's.
 """
 
 from __future__ import annotations
@@ -49,12 +51,14 @@ from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
 from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel
-from fedssl.privacy.canaries import GradientCanaries
+from fedssl.audit.canaries import GradientCanaries
 from fedssl.training.local import SiteSettings, build_pretext_model, restore_site_parts, train_round
 from fedssl.fl.plan import plan_from_config
 
 
 ATTACKS = ("gradient", "loss")
+# Below this, the attack on a non-private model learnt nothing: the audit says nothing.
+VACUOUS_BOUND = 0.5
 
 
 @dataclass(frozen=True)
@@ -249,60 +253,3 @@ def _attack(attack: str, scores: np.ndarray, is_member: np.ndarray, config: Expe
         rounds=config.federation.rounds,
         steps_per_round=config.training.local_steps,
     )
-
-
-# ------------------------------------------------------------------ command line
-
-
-def empirical_main(argv: list[str]) -> int:
-    """`fedssl audit --empirical CONFIG`: exit 1 if the lower bound exceeds the claimed ε,
-    or (with --with-baseline) if the no-DP baseline's bound is vacuous."""
-    import argparse
-    import json
-    import sys
-
-    from fedssl.config import load_config
-    from fedssl.errors import FedSSLError
-
-    parser = argparse.ArgumentParser(prog="fedssl audit --empirical", description="canary membership audit: a lower bound on epsilon")
-    parser.add_argument("config", help="experiment YAML whose DP settings are audited")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--canaries", type=int, default=200, help="number of canaries (half inserted); default 200")
-    parser.add_argument("--attack", choices=ATTACKS, default="gradient",
-                        help="gradient: gradient canaries read from every round's update (white-box, default); loss: final model only")
-    parser.add_argument("--site", type=int, default=0, help="which simulated site gets the canaries")
-    parser.add_argument("--max-site-samples", type=int, default=None, help="keep at most this many real samples at the audited site")
-    parser.add_argument("--with-baseline", action="store_true", help="also run with DP off to show the attack is not vacuous")
-    parser.add_argument("--json", action="store_true")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return 0 if exit_.code == 0 else 2
-    try:
-        config = load_config(args.config, args.set)
-        variants = [config]
-        if args.with_baseline:
-            variants.append(load_config(args.config, [*args.set, "privacy.enabled=false"]))
-        results = [
-            run_empirical_audit(c, num_canaries=args.canaries, attack=args.attack, site_id=args.site, max_site_samples=args.max_site_samples,
-                                progress=lambda m: print(m, file=sys.stderr))
-            for c in variants
-        ]
-    except FedSSLError as err:
-        print(f"fedssl audit: {err}", file=sys.stderr)
-        return 2
-    failed = any(r.claimed_epsilon is not None and r.epsilon_lower_bound > r.claimed_epsilon for r in results)
-    if args.with_baseline and results[-1].epsilon_lower_bound <= VACUOUS_BOUND:
-        failed = True
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=1))
-    else:
-        for r in results:
-            print(("DP on:  " if r.dp_enabled else "DP off: ") + r.summary())
-        if args.with_baseline and results[-1].epsilon_lower_bound <= VACUOUS_BOUND:
-            print(f"the no-DP baseline found no leak (bound <= {VACUOUS_BOUND}): the audit is vacuous at this size; use more canaries or rounds")
-    return 1 if failed else 0
-
-
-# Below this, the attack on a non-private model learnt nothing: the audit says nothing.
-VACUOUS_BOUND = 0.5
