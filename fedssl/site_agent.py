@@ -596,7 +596,7 @@ def previous_session_unclean(config: SiteConfig) -> bool:
 
 
 def supernode_commands(config: SiteConfig, config_path: Path, runtime_port: int) -> tuple[list[str], list[str] | None]:
-    from fedssl.deploy.processes import flower_bin
+    from fedssl.run.flower_runtime import flower_bin
 
     node_config = f"site-config='{config_path}'"
     supernode = [
@@ -620,7 +620,8 @@ def start_site(config_path: str | Path, *, echo=print) -> int:
 
     Returns the exit code. Blocks; SIGTERM/SIGINT stop the SuperNode cleanly.
     """
-    from fedssl.deploy.processes import ManagedProcess, flower_env, free_port
+    from fedssl.deploy.processes import ManagedProcess
+    from fedssl.run.flower_runtime import flower_env, free_port
 
     config_path = Path(config_path).expanduser().resolve()
     config = load_site_config(config_path)
@@ -700,7 +701,7 @@ def _sleep_unless(seconds: float, stopping: dict) -> None:
 
 def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int | None, str]:
     """Follow the SuperNode's log until it exits or we are asked to stop."""
-    from fedssl.deploy.processes import last_error
+    from fedssl.run.flower_runtime import failure_reason as last_error
 
     seen, joined = log_start, False
     while not stopping["now"]:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedssl.cli import main as cli_main
 from fedssl.deploy import pki
 from fedssl.errors import ConfigError
-from fedssl.simulation import PROJECT_ROOT
+from fedssl.run.flower_runtime import PROJECT_ROOT
 
 
 def mode(path: Path) -> int:
