@@ -14,12 +14,11 @@ Variants (every setting is a supported Flower flag or environment variable):
   long-lived ``flower-superexec`` next to it, SuperExec task poll 0.1 s
   (FLWR_SUPEREXEC_TASK_POLL_INTERVAL), evaluation round trips off (fraction_evaluate=0);
 - ``stock``: SuperNode ``--isolation subprocess`` (Flower starts its SuperExec) and the
-  default 1 s SuperExec poll; also without evaluation round trips;
-- ``responsive``: ``fedssl`` plus the ServerApp waiting for replies through
-  ``server.coordinator.ResponsiveGrid`` (0.2 s instead of Flower's 3 s reply poll). The
-  ServerApp does not use it (measured: no gain, see docs/deployment.md): this variant runs a
-  copy of the app whose server/server_app.py passes ``ResponsiveGrid(grid)`` to
-  ``strategy.start``. Site code, and so the approved app hash, is unchanged.
+  default 1 s SuperExec poll; also without evaluation round trips.
+
+A third variant, ``responsive`` (the ServerApp polling for replies every 0.2 s through a
+Grid wrapper, ``server/coordinator.py:ResponsiveGrid``), was removed together with that
+wrapper: it measured no gain (11.4 s against 9.3 s per round; see docs/deployment.md).
 
 It also times the two parts of a ClientApp cold start that every round pays (a new process
 per message): importing Flower's ClientApp runtime, and importing fedssl's ClientApp.
@@ -56,24 +55,6 @@ def import_seconds(statement: str, reps: int) -> list[float]:
     return times
 
 
-def responsive_app_copy(target: Path) -> Path:
-    """The project as a Flower app, with the ServerApp waiting through ResponsiveGrid."""
-    import shutil
-
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for name in ("fedssl", "clients", "server", "configs"):
-        shutil.copytree(PROJECT_ROOT / name, target / name, ignore=ignore)
-    for name in ("pyproject.toml", "README.md", ".gitignore"):
-        if (PROJECT_ROOT / name).exists():
-            shutil.copy(PROJECT_ROOT / name, target / name)
-    server_app = target / "server" / "server_app.py"
-    source = server_app.read_text()
-    if "grid=grid," not in source:
-        raise SystemExit("server/server_app.py no longer calls strategy.start(grid=grid, ...); update this benchmark")
-    server_app.write_text(source.replace("grid=grid,", "grid=__import__('server.coordinator', fromlist=['ResponsiveGrid']).ResponsiveGrid(grid),", 1))
-    return target
-
-
 def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
     import yaml
 
@@ -81,11 +62,6 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
 
     fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    if variant == "responsive":
-        app = responsive_app_copy(root / "app")
-        data = yaml.safe_load(fed.server_yaml.read_text())
-        data["app"] = str(app)
-        fed.server_yaml.write_text(yaml.safe_dump(data, sort_keys=False))
     if variant == "stock":
         env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"  # Flower's default
         for path in fed.site_yamls.values():
@@ -156,7 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds, one variant: a smoke run")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--variant", action="append", choices=["fedssl", "stock", "responsive"], help="repeatable; default: fedssl")
+    parser.add_argument("--variant", action="append", choices=["fedssl", "stock"], help="repeatable; default: fedssl")
     parser.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times (the machine's load drifts)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
@@ -198,7 +174,7 @@ def main() -> None:
             "SuperExec pickup: FLWR_SUPEREXEC_TASK_POLL_INTERVAL (0.1 s here, 1 s by default)",
             "ClientApp cold start, every message: a new Python process imports Flower's runtime and fedssl's ClientApp (torch, opacus, scipy); see clientapp_cold_start",
             "reply: the SuperNode checks for the ClientApp's reply every 0.5 s, then pushes it over TLS",
-            "ServerApp pickup: Grid.send_and_receive polls for replies every 3 s (fixed in Flower 1.42): the round ends on the next multiple of 3 s after the last reply; the responsive variant polls every 0.2 s",
+            "ServerApp pickup: Grid.send_and_receive polls for replies every 3 s (fixed in Flower 1.42): the round ends on the next multiple of 3 s after the last reply",
         ],
     }
     path = write_result("deployment_overhead", payload, args.quick)

@@ -2,7 +2,7 @@
 
 Measured in one run, on this machine:
 
-* ``flower``: the real path (`fedssl simulate`'s `run_federation`: SuperLink, FAB, Ray,
+* ``flower``: the real path (`fedssl simulate`'s launcher, fedssl.run.simulation: SuperLink, FAB, Ray,
   ServerApp, ClientApps) for the demo encoder with 10 sites; wall time, the ServerApp's own
   time, per-round times, the sites' reported training seconds, and a timeline of start-up
   phases from ``FEDSSL_PHASE_LOG`` marks (fedssl/phases.py) in every process of the run;
@@ -155,15 +155,17 @@ def _noise_multipliers(run_dir: Path) -> list[float]:
 
 
 def flower_run(config, tmp: Path) -> dict:
-    from fedssl import phases, simulation
+    from fedssl import phases
+    from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.simulation import Simulation
 
-    run_dir = simulation.prepare_run_dir(config, overwrite=True)
+    run_dir = prepare_run_dir(config, overwrite=True)
     phase_log = tmp / f"{config.run.name}.phases.jsonl"
     phase_log.unlink(missing_ok=True)
     saved = os.environ.get(phases.ENV_VAR)
     os.environ[phases.ENV_VAR] = str(phase_log)
     try:
-        run = simulation.start_federation(config, run_dir, stream=False)
+        run = Simulation(stream=False).start(config, run_dir)
         results_s = run.wait_for_results()
         outcome = run.finish()
     finally:
@@ -233,7 +235,7 @@ def micro(config, with_subprocesses: bool) -> dict:
     if with_subprocesses:
         from flwr.cli.build import build_fab_from_disk
 
-        from fedssl.simulation import stage_app
+        from fedssl.run.simulation import stage_app
 
         started = time.perf_counter()
         checkout_fab = build_fab_from_disk(PROJECT_ROOT)

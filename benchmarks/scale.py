@@ -1,6 +1,6 @@
 """Scale: 100 and 1000 simulated sites, 10 sampled per round, on this 2-core / 24 GiB machine.
 
-For each federation size a real `flwr run` (fedssl.simulation.run_federation) trains the demo
+For each federation size a real `flwr run` (fedssl.run.simulation.run_federation) trains the demo
 encoder with ``fraction_train = 10 / N``; a sampler thread sums the proportional set size (PSS,
 shared pages split between processes) of the whole process tree — this script, flwr, the
 SuperLink, the simulation process, Ray and its workers — every 0.5 s. Reported: peak memory,
@@ -118,7 +118,8 @@ def data_materialisation(num_sites: int) -> dict:
 def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
     from fedssl.config import load_config
     from fedssl.experiment import central_data_for
-    from fedssl.simulation import prepare_run_dir, run_federation
+    from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.simulation import run_federation
 
     config = load_config(DEMO, [f"federation.num_sites={num_sites}", f"federation.rounds={rounds}",
                                 f"federation.fraction_train={SAMPLED / num_sites}", f"federation.min_sites={SAMPLED}",

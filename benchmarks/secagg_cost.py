@@ -180,7 +180,8 @@ def federation_run(sites: int, rounds: int, shares: dict | None, common: list[st
     from fedssl.experiment import central_data_for
     from fedssl.layout import RunDir
     from fedssl.runlog import read_metrics
-    from fedssl.simulation import prepare_run_dir, run_federation
+    from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.simulation import run_federation
 
     secagg = [] if shares is None else ["secure_aggregation.enabled=true", *(f"secure_aggregation.{k}={v}" for k, v in shares.items())]
     config = load_config(BASE, [f"federation.num_sites={sites}", f"federation.rounds={rounds}", "federation.min_sites=2",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,61 +31,28 @@ EXIT_USAGE = 2
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedssl.config import load_config
 
-    started = time.perf_counter()
     # The config first: a typo is reported before torch, Flower and Ray are imported (seconds).
     config = load_config(args.config, args.set)
-    from fedssl.experiment import central_data_for
-    from fedssl.simulation import prepare_run_dir, start_federation, write_summary
+    from fedssl.run.pipeline import run_pipeline
+    from fedssl.run.simulation import Simulation
 
-    if not config.model.input_shape:
-        config.model.input_shape = list(central_data_for(config).train.input_shape)
-    run_dir = prepare_run_dir(config, overwrite=args.overwrite)
-    from fedssl.warmstart.pretrain import prepare_warm_start
-
-    # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
-    prepare_warm_start(config, run_dir, progress=lambda message: print(f"fedssl: {message}", flush=True))
-    p = config.privacy
-    privacy = f"DP eps<={p.target_epsilon:g}, delta={p.delta:g} per site" if p.enabled else "NO differential privacy"
-    print(
-        f"fedssl: run {config.run.name}: {config.federation.num_sites} sites x {config.federation.rounds} rounds, "
-        f"pretext {config.pretext.name}, {privacy} -> {run_dir}",
-        flush=True,
-    )
-    run = start_federation(config, run_dir, stream=not args.quiet)
-    try:
-        write_summary(run_dir, run_name=config.run.name, federation_seconds=run.wait_for_results())
-        # The evaluation reads only the finished run's files: it overlaps Flower's and Ray's shutdown.
-        if config.evaluation.enabled and not args.skip_evaluation:
-            _evaluate(run_dir)
-    finally:
-        outcome = run.finish()
-    write_summary(run_dir, flwr_exit_seconds=outcome.flwr_exit_seconds, wall_seconds=time.perf_counter() - started)
-    return _report(run_dir)
-
-
-def _evaluate(run_dir: Path) -> None:
-    from fedssl.evaluation.central import evaluate_run
-
-    print("fedssl: central evaluation on consented labels ...", flush=True)
-    evaluate_run(run_dir, progress=lambda msg: print(f"fedssl: {msg}", flush=True))
-
-
-def _report(run_dir: Path) -> int:
-    from fedssl.reporting import terminal_summary, write_report
-
-    report = write_report(run_dir)
-    print(terminal_summary(run_dir))
-    print(f"fedssl: report written to {report}")
+    run_pipeline(config, Simulation(stream=not args.quiet), overwrite=args.overwrite, evaluate=not args.skip_evaluation)
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    _evaluate(Path(args.run_dir))
-    return _report(Path(args.run_dir))
+    from fedssl.run.pipeline import evaluate_run_dir, report
+
+    evaluate_run_dir(Path(args.run_dir))
+    report(Path(args.run_dir))
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    return _report(Path(args.run_dir))
+    from fedssl.run.pipeline import report
+
+    report(Path(args.run_dir))
+    return 0
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -148,8 +114,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from fedssl.deploy.coordinator import start_server
 
-    start_server(args.config, overrides=args.set, overwrite=args.overwrite, keep_running=False,
-                 stream=not args.quiet, echo=lambda m: print(m, flush=True))
+    start_server(args.config, overrides=args.set, overwrite=args.overwrite, stream=not args.quiet)
     return 0
 
 

@@ -196,18 +196,19 @@ def write_tap_app(app_dir: Path, tap_dir: Path, drop: set[tuple[int, int]] = fro
 
 def run_tapped(config, tmp_path: Path, monkeypatch, drop=frozenset(), refuse=frozenset()) -> tuple[Path, Path]:
     """Run ``config`` through `flwr run` with the recording apps; returns (run_dir, tap_dir)."""
-    import fedssl.simulation as simulation
     from fedssl.experiment import central_data_for
+    from fedssl.run import simulation
+    from fedssl.run.pipeline import prepare_run_dir
 
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     config.run.output_dir = str(tmp_path / "runs")
     tap_dir = tmp_path / "tap"
     app_dir = write_tap_app(tmp_path / "app", tap_dir, drop, refuse)
-    monkeypatch.setattr(simulation, "PROJECT_ROOT", app_dir)
+    monkeypatch.setattr(simulation, "APP_DIR", app_dir)  # the app the launcher stages and runs
     # `flwr run` starts `flower-superlink` from PATH: make sure it is this venv's.
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
-    run_dir = simulation.prepare_run_dir(config, overwrite=True)
+    run_dir = prepare_run_dir(config, overwrite=True)
     simulation.run_federation(config, run_dir, stream=False)
     return run_dir, tap_dir
 

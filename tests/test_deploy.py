@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedssl.cli import main as cli_main
 from fedssl.deploy import pki
 from fedssl.errors import ConfigError
-from fedssl.simulation import PROJECT_ROOT
+from fedssl.run.flower_runtime import PROJECT_ROOT
 
 
 def mode(path: Path) -> int:
@@ -320,41 +320,6 @@ def test_server_config_errors(tmp_path):
     path.write_text(yaml.safe_dump({"experiment": "x.yaml", "tls": {"ca_cert": "a", "server_cert": "b"}, "sites": [{"name": "a", "public_key": "k"}]}))
     with pytest.raises(ConfigError, match="^tls.server_key"):
         load_server_config(path)
-
-
-# ---------------------------------------------------------------------------- the ServerApp's grid
-
-
-class _FakeGrid:
-    """Replies become available after ``ready_after`` pulls; records the pulls."""
-
-    def __init__(self, ready_after: int) -> None:
-        self.ready_after, self.pulls = ready_after, 0
-
-    def push_messages(self, messages):
-        return [f"id-{i}" for i, _ in enumerate(messages)]
-
-    def pull_messages(self, message_ids):
-        from types import SimpleNamespace
-
-        self.pulls += 1
-        if self.pulls < self.ready_after:
-            return []
-        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in message_ids]
-
-
-def test_responsive_grid_polls_fast_and_honours_timeout():
-    import time
-
-    from server.coordinator import ResponsiveGrid
-
-    fake = _FakeGrid(ready_after=4)
-    grid = ResponsiveGrid(fake, poll_interval=0.01)  # type: ignore[arg-type]
-    started = time.monotonic()
-    replies = list(grid.send_and_receive(["a", "b"], timeout=30))
-    assert len(replies) == 2 and fake.pulls == 4 and time.monotonic() - started < 1.0
-    never = ResponsiveGrid(_FakeGrid(ready_after=10**9), poll_interval=0.01)  # type: ignore[arg-type]
-    assert list(never.send_and_receive(["a"], timeout=0.1)) == []
 
 
 def test_supernode_command_is_tls_and_authenticated(site_dir):

@@ -247,7 +247,7 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
     agent_b, log_b = procs.start("site-b", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-b"])])
 
     # --- refusals, against the live SuperLink -----------------------------------------
-    from fedssl.deploy.processes import free_port
+    from fedssl.run.flower_runtime import free_port
 
     node_config = f"site-config='{fed.site_yamls['site-x']}'"
     unregistered, log_x = procs.start("unregistered", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-x"])])

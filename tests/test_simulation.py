@@ -101,7 +101,7 @@ def test_each_site_state_matches_what_the_server_recorded(run):
 
 def _flower_processes_of(run_dir: Path) -> list[str]:
     """Command lines of live processes started for ``run_dir`` (its private FLWR_HOME / staged app)."""
-    from fedssl.simulation import command_lines
+    from fedssl.run.flower_runtime import command_lines
 
     return [c for _, c in command_lines() if str(run_dir) in c and ("flwr" in c or "flower" in c)]
 
@@ -117,7 +117,8 @@ def test_results_are_ready_before_flower_has_exited_and_nothing_is_left_running(
 def test_a_run_whose_server_fails_is_an_error_not_a_result(tmp_path):
     """No SERVER_DONE: `run_federation` raises (Flower itself exits 0) and leaves no Flower process behind."""
     from fedssl.config import load_config
-    from fedssl.simulation import SimulationError, prepare_run_dir, run_federation
+    from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.simulation import SimulationError, run_federation
 
     config = load_config(TINY, [f"run.output_dir={tmp_path}", "federation.rounds=1"])
     config.model.input_shape = [1, 8, 8]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fedssl.simulation import PROJECT_ROOT, stage_app
+from fedssl.run.flower_runtime import PROJECT_ROOT
+from fedssl.run.simulation import stage_app
 
 
 def _fab(path: Path) -> bytes:

@@ -1,36 +1,30 @@
-"""The coordinator: server.yaml, a SuperLink with TLS and node authentication, the run.
+"""The coordinator: server.yaml, a SuperLink with TLS and node authentication, the launcher.
 
-``fedssl server start --config server.yaml``:
-1. loads server.yaml and the experiment it names (federation, model, pretext, training —
-   never any site's privacy budget or data location: those are each site's own);
-2. prepares the run directory exactly as a simulation does (config.yaml, metrics.jsonl,
-   server_ledger.jsonl, encoder.pt, report.md);
-3. starts ``flower-superlink`` with TLS and ``--enable-supernode-auth`` and registers the
-   public node key of every site listed in server.yaml (``flwr supernode register``);
-4. submits the run (``flwr run``) with ``config-path``/``run-dir`` pointing at the
-   coordinator's own files, streams round progress, and checks that the run completed;
-5. evaluates (when the coordinator holds consented labels) and writes the report;
-6. stops the SuperLink (unless ``--keep-running``).
+``fedssl server start --config server.yaml`` loads server.yaml and the experiment it names
+(federation, model, pretext, training — never any site's privacy budget or data location: those
+are each site's own) and runs it through the same pipeline as a simulation (fedssl.run.pipeline:
+run directory, warm start, run, evaluation, report). :class:`Coordinator` is its launcher: it starts
+``flower-superlink`` with TLS and ``--enable-supernode-auth``, registers the public node key of every
+site listed in server.yaml (``flwr supernode register``) and submits the run (``flwr run``) with
+``config-path``/``run-dir`` pointing at the coordinator's own files; the SuperLink stops when the
+run ends, on failure and on SIGTERM too.
 """
 
 from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from fedssl.config import ExperimentConfig, load_config
 from fedssl.typed_yaml import build_section, check, read_yaml_mapping, resolve_path
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
-from fedssl.deploy.processes import DeployError, ManagedProcess, flower_bin, flower_env, last_error, tls_probe
+from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
-from fedssl.layout import SERVER_DONE
-from fedssl.simulation import FLWR_LOG, PROJECT_ROOT, RESOLVED_CONFIG, _progress_message, prepare_run_dir, write_summary
-from fedssl.warmstart.pretrain import prepare_warm_start
+from fedssl.run.flower_runtime import PROJECT_ROOT, FlwrRun, failure_reason, flower_bin, flower_env, run_config
+from fedssl.run.pipeline import run_pipeline, say
 
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
@@ -128,16 +122,70 @@ def load_server_config(path: str | Path) -> ServerConfig:
 
 
 def experiment_for(config: ServerConfig, extra_overrides: list[str] | None = None) -> ExperimentConfig:
-    experiment = load_config(config.experiment, [*config.set, *(extra_overrides or [])])
-    if not experiment.model.input_shape:
+    """The experiment server.yaml names, with its ``set:`` overrides and then ``extra_overrides``."""
+    return load_config(config.experiment, [*config.set, *(extra_overrides or [])])
+
+
+def start_server(config_path: str | Path, *, overrides: list[str] | None = None, overwrite: bool = False,
+                 stream: bool = True, echo=say) -> Path:
+    """`fedssl server start`: the whole coordinator side; returns the run directory."""
+    config = load_server_config(config_path)
+    experiment = experiment_for(config, overrides)
+    coordinator = Coordinator(config, stream=stream, echo=echo)
+    if experiment.federation.min_sites > len(coordinator.entries):
+        raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(coordinator.entries)}")
+    return run_pipeline(experiment, coordinator, overwrite=overwrite, evaluate=config.evaluate, echo=echo)
+
+
+class Coordinator:
+    """The launcher of `fedssl server start` (see fedssl.run.pipeline.Launcher)."""
+
+    evaluation_optional = True  # the coordinator may hold no consented labels: then the report has no evaluation
+
+    def __init__(self, config: ServerConfig, *, stream: bool = True, echo=say) -> None:
+        self.config, self.stream, self.echo = config, stream, echo
+        self.entries = config.site_entries()
+        self.results_timeout = config.run_timeout
+
+    def input_shape(self, experiment: ExperimentConfig) -> list[int]:
         # The coordinator holds no site data; it can read the shape only from a public source.
         try:
             from fedssl.experiment import central_data_for
 
-            experiment.model.input_shape = list(central_data_for(experiment).train.input_shape)
+            return list(central_data_for(experiment).train.input_shape)
         except Exception:  # noqa: BLE001 - any failure means: the operator must say it
             raise ConfigError("model.input_shape: set it in the experiment (e.g. [1, 8, 8]); the coordinator has no site data to read it from") from None
-    return experiment
+
+    def describe(self, experiment: ExperimentConfig) -> str:
+        return (f"{len(self.entries)} registered site(s), {experiment.federation.rounds} rounds, "
+                f"pretext {experiment.pretext.name}; each site applies its own privacy budget")
+
+    def summary_fields(self) -> dict:
+        return {"deployment": True, "registered_sites": [e.name for e in self.entries]}
+
+    def start(self, experiment: ExperimentConfig, run_dir: Path) -> FlwrRun:
+        """Start the SuperLink, register the sites, submit the run; the run's end stops the SuperLink."""
+        link = SuperLink(self.config, echo=self.echo)
+        # SIGTERM must stop the SuperLink too (it runs in its own process group): turn it into
+        # SystemExit, so that the pipeline aborts the run and the SuperLink is stopped.
+        previous = signal.signal(signal.SIGTERM, _raise_exit)
+
+        def stop() -> None:
+            signal.signal(signal.SIGTERM, previous)
+            link.stop()
+
+        try:
+            link.start()
+            link.register(self.entries)
+            self.echo(f"fedssl: waiting for {experiment.federation.min_sites} site(s) to connect, then training")
+            return link.submit(run_dir, stream=self.stream, on_exit=stop)
+        except BaseException:
+            stop()  # idempotent: a run that failed to start has already called it
+            raise
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 # ---------------------------------------------------------------------------- the SuperLink
@@ -146,12 +194,12 @@ def experiment_for(config: ServerConfig, extra_overrides: list[str] | None = Non
 class SuperLink:
     """A running ``flower-superlink`` with TLS and node authentication."""
 
-    def __init__(self, config: ServerConfig, echo=print) -> None:
+    def __init__(self, config: ServerConfig, echo=say) -> None:
         self.config = config
         self.state = Path(config.state_dir)
         self.home = self.state / FLOWER_HOME
         self.home.mkdir(parents=True, exist_ok=True)
-        self.env = flower_env(self.home, extra_pythonpath=[PROJECT_ROOT])
+        self.env = flower_env(self.home, pythonpath=[PROJECT_ROOT])
         self.echo = echo
         self.process: ManagedProcess | None = None
         self._write_connection()
@@ -191,39 +239,14 @@ class SuperLink:
         with ThreadPoolExecutor(max_workers=4) as pool:
             for entry, done in pool.map(one, entries):
                 if done.returncode != 0:
-                    raise DeployError(f"registering site {entry.name} ({entry.public_key}) failed: {last_error(done.stdout + done.stderr)}")
+                    raise DeployError(f"registering site {entry.name} ({entry.public_key}) failed: {failure_reason(done.stdout + done.stderr)}")
                 self.echo(f"fedssl: registered site {entry.name} ({Path(entry.public_key).name})")
 
-    def run(self, run_dir: Path, *, timeout: float, stream: bool = True) -> float:
-        """Submit the federated run; stream progress; return its wall time."""
-        run_config = f"config-path='{run_dir / RESOLVED_CONFIG}' run-dir='{run_dir}'"
+    def submit(self, run_dir: Path, *, stream: bool, on_exit) -> FlwrRun:
+        """Submit the federated run (`flwr run`); returns at once, streaming progress."""
         app = Path(self.config.app or PROJECT_ROOT)
-        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config]
-        started = time.perf_counter()
-        shown: set[str] = set()
-        log_path = run_dir / FLWR_LOG
-        with log_path.open("w") as log_file:
-            proc = subprocess.Popen(cmd, cwd=app, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            assert proc.stdout is not None
-            try:
-                for line in proc.stdout:
-                    log_file.write(line)
-                    log_file.flush()
-                    message = _progress_message(line)
-                    if stream and message and message not in shown:
-                        shown.add(message)
-                        self.echo(message)
-                    if time.perf_counter() - started > timeout:
-                        raise DeployError(f"the run did not finish within run_timeout={timeout:.0f} s")
-                code = proc.wait()
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        seconds = time.perf_counter() - started
-        if code != 0 or not (run_dir / SERVER_DONE).exists():
-            raise DeployError(f"federated run failed (flwr exit {code}): {last_error(log_path.read_text(errors='replace'))}; full log: {log_path}")
-        return seconds
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config(run_dir)]
+        return FlwrRun(cmd, run_dir=run_dir, env=self.env, cwd=app, stream=stream, echo=self.echo, on_exit=on_exit, error=DeployError)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -231,54 +254,3 @@ class SuperLink:
             self.process = None
             (self.state / SUPERLINK_PID).unlink(missing_ok=True)
 
-
-def start_server(config_path: str | Path, *, overrides: list[str] | None = None, overwrite: bool = False,
-                 keep_running: bool = False, stream: bool = True, echo=print) -> Path:
-    """`fedssl server start`: the whole coordinator side; returns the run directory."""
-    config = load_server_config(config_path)
-    experiment = experiment_for(config, overrides)
-    entries = config.site_entries()
-    if experiment.federation.min_sites > len(entries):
-        raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(entries)}")
-    run_dir = prepare_run_dir(experiment, overwrite=overwrite)
-    # As in a simulation: the public/synthetic warm start is built here, before any site connects.
-    prepare_warm_start(experiment, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
-    echo(
-        f"fedssl: run {experiment.run.name}: {len(entries)} registered site(s), {experiment.federation.rounds} rounds, "
-        f"pretext {experiment.pretext.name}; each site applies its own privacy budget -> {run_dir}"
-    )
-    started = time.perf_counter()
-    link = SuperLink(config, echo=echo)
-    # SIGTERM must stop the SuperLink too (it runs in its own process group): turn it into
-    # SystemExit so the `finally` below runs.
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
-    try:
-        link.start()
-        link.register(entries)
-        echo(f"fedssl: waiting for {experiment.federation.min_sites} site(s) to connect, then training")
-        seconds = link.run(run_dir, timeout=config.run_timeout, stream=stream)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if not keep_running:
-            link.stop()
-    write_summary(run_dir, run_name=experiment.run.name, federation_seconds=seconds, deployment=True,
-                  registered_sites=[e.name for e in entries])
-    if config.evaluate and experiment.evaluation.enabled:
-        try:
-            from fedssl.evaluation.central import evaluate_run
-
-            echo("fedssl: central evaluation on consented labels ...")
-            evaluate_run(run_dir, progress=lambda msg: echo(f"fedssl: {msg}"))
-        except ConfigError as err:
-            echo(f"fedssl: evaluation skipped: {err}")
-    write_summary(run_dir, wall_seconds=time.perf_counter() - started)
-    from fedssl.reporting import terminal_summary, write_report
-
-    report = write_report(run_dir)
-    echo(terminal_summary(run_dir))
-    echo(f"fedssl: report written to {report}")
-    return run_dir
-
-
-def _raise_exit(signum, frame):
-    raise SystemExit(128 + signum)

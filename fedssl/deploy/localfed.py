@@ -15,9 +15,8 @@ import numpy as np
 import yaml
 
 from fedssl.deploy import pki
-from fedssl.deploy.processes import free_port
 from fedssl.privacy.keys import init_site_key, private_key_path
-from fedssl.simulation import PROJECT_ROOT
+from fedssl.run.flower_runtime import PROJECT_ROOT, free_port
 
 
 @dataclass

@@ -8,53 +8,20 @@ SIGTERM to the group, then SIGKILL after a grace period.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedssl.errors import FedSSLError
-from fedssl.simulation import OFFLINE_ENV, signal_pid
-
-# How often Flower's SuperExec looks for new ClientApp/ServerApp tasks (default 1 s).
-# A supported setting: FLWR_SUPEREXEC_TASK_POLL_INTERVAL, bounds 0.01..60 s.
-SUPEREXEC_POLL_SECONDS = "0.1"
+from fedssl.run.flower_runtime import failure_reason, signal_pid
 
 
 class DeployError(FedSSLError):
     """A deployment process could not be started or failed."""
-
-
-def flower_bin(name: str) -> str:
-    """A Flower executable from this interpreter's environment (the venv), else PATH."""
-    found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
-    if found is None:
-        raise DeployError(f"`{name}` is not installed; install fedssl's dependencies (make setup)")
-    return found
-
-
-def flower_env(flwr_home: Path, *, extra_pythonpath: Sequence[Path] = ()) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    # Flower starts its own helpers (flower-superexec, flwr-clientapp, flwr-serverapp) by
-    # name: they must resolve to this environment's, even when the venv is not activated.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
-    if extra_pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([*map(str, extra_pythonpath), *filter(None, [env.get("PYTHONPATH", "")])])
-    return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -130,7 +97,7 @@ class ManagedProcess:
             if ready():
                 return
             if not self.alive():
-                raise DeployError(f"{self.name} exited (code {self.proc.returncode}) before {what}; see {self.log_path}: {last_error(self.log_text())}")
+                raise DeployError(f"{self.name} exited (code {self.proc.returncode}) before {what}; see {self.log_path}: {failure_reason(self.log_text())}")
             time.sleep(0.2)
         raise DeployError(f"{self.name}: {what} did not happen within {timeout:.0f} s; see {self.log_path}")
 
@@ -153,23 +120,9 @@ class ManagedProcess:
         return self.proc.returncode
 
 
-
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
-
-def last_error(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if any(marker in line for marker in ("ERROR", "Error", "error", "Failed", "failed", "exception")):
-            return _strip_ansi(line)[-400:]
-    return _strip_ansi(lines[-1])[-400:] if lines else "no output"
-
-
-def _strip_ansi(text: str) -> str:
-    import re
-
-    return re.sub(r"\x1b\[[0-9;]*m", "", text)

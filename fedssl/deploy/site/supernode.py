@@ -41,7 +41,7 @@ def previous_session_unclean(config: SiteConfig) -> bool:
 
 
 def supernode_commands(config: SiteConfig, config_path: Path, runtime_port: int) -> tuple[list[str], list[str] | None]:
-    from fedssl.deploy.processes import flower_bin
+    from fedssl.run.flower_runtime import flower_bin
 
     node_config = f"site-config='{config_path}'"
     supernode = [
@@ -65,7 +65,7 @@ def start_site(config_path: str | Path, *, echo=print) -> int:
 
     Returns the exit code. Blocks; SIGTERM/SIGINT stop the SuperNode cleanly.
     """
-    from fedssl.deploy.processes import flower_env
+    from fedssl.run.flower_runtime import flower_env
 
     config_path = Path(config_path).expanduser().resolve()
     config = load_site_config(config_path)
@@ -126,7 +126,8 @@ def _supervise(config: SiteConfig, config_path: Path, env, stopping: dict, rejoi
 
 def _run_session(config: SiteConfig, config_path: Path, env, stopping: dict, echo) -> tuple[int | None, str]:
     """Start one SuperNode (and its SuperExec), follow it until it exits or we stop, then stop both."""
-    from fedssl.deploy.processes import ManagedProcess, free_port
+    from fedssl.deploy.processes import ManagedProcess
+    from fedssl.run.flower_runtime import free_port
 
     state = config.state_path
     port = config.supernode.port or free_port()
@@ -162,7 +163,7 @@ def _sleep_unless(seconds: float, stopping: dict) -> None:
 
 def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int | None, str]:
     """Follow the SuperNode's log until it exits or we are asked to stop."""
-    from fedssl.deploy.processes import last_error
+    from fedssl.run.flower_runtime import failure_reason
 
     seen, joined = log_start, False
     while not stopping["now"]:
@@ -178,10 +179,10 @@ def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int |
         if not node.alive():
             tail = _read_from(node.log_path, log_start)
             if joined:
-                return node.proc.returncode, f"disconnected after joining ({last_error(tail)})"
+                return node.proc.returncode, f"disconnected after joining ({failure_reason(tail)})"
             if _ACTIVATION_FAILED in tail:
                 return node.proc.returncode, "activation_failed"
-            return node.proc.returncode, last_error(tail)
+            return node.proc.returncode, failure_reason(tail)
         time.sleep(0.3)
     return None, "stopped"
 

@@ -1,0 +1,140 @@
+"""The run pipeline: the one sequence `fedssl simulate` and `fedssl server start` both go through.
+
+    check the config → fill model.input_shape → run directory → warm start → header
+    → start the federation (the launcher) → results (summary) → evaluation, overlapping
+    Flower's shutdown → finish → final summary → report and terminal summary
+
+What differs between a simulation and a deployment is the launcher (:class:`Launcher`):
+fedssl.run.simulation.Simulation (a private in-memory SuperLink, simulated sites) and
+fedssl.deploy.coordinator.Coordinator (a TLS SuperLink, registered sites). Heavy imports (torch,
+Flower) happen inside the steps, so a caller can load and check a config first, cheaply.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from fedssl.config import ExperimentConfig, save_config
+from fedssl.errors import ConfigError, FedSSLError
+from fedssl.layout import RunDir
+
+Echo = Callable[[str], None]
+
+
+class Federation(Protocol):
+    """A started federated run (fedssl.run.flower_runtime.FlwrRun)."""
+
+    def wait_for_results(self, timeout: float | None = None) -> float:
+        """Seconds until the run's results were complete; raises if the run failed."""
+
+    def finish(self):
+        """Wait for Flower to exit and clean up; returns an outcome with ``flwr_exit_seconds``."""
+
+    def abort(self) -> None:
+        """Stop everything at once (the caller failed or was interrupted before the results)."""
+
+
+class Launcher(Protocol):
+    """What a way of running a federation supplies to the pipeline."""
+
+    evaluation_optional: bool  # True: an evaluation without labels here is skipped with a message, not an error
+    results_timeout: float | None  # seconds to wait for the results; None: no limit
+
+    def input_shape(self, config: ExperimentConfig) -> list[int]:
+        """model.input_shape when the config does not set it (or a ConfigError saying to set it)."""
+
+    def describe(self, config: ExperimentConfig) -> str:
+        """The header line's middle part: sites, rounds, pretext, privacy."""
+
+    def summary_fields(self) -> dict:
+        """Extra facts for summary.json (e.g. ``deployment``, ``registered_sites``)."""
+
+    def start(self, config: ExperimentConfig, run_dir: Path) -> Federation:
+        """Start the federated run of a prepared run directory; returns at once."""
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: bool = False, evaluate: bool = True,
+                 echo: Echo = say) -> Path:
+    """Run ``config`` through ``launcher`` from the checks to the report; returns the run directory."""
+    from fedssl.pretext import check_config
+
+    started = time.perf_counter()
+    check_config(config)  # the pretext registry's part of the config, at the edge
+    if not config.model.input_shape:
+        config.model.input_shape = list(launcher.input_shape(config))
+    run_dir = prepare_run_dir(config, overwrite=overwrite)
+    from fedssl.warmstart.pretrain import prepare_warm_start
+
+    # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
+    prepare_warm_start(config, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
+    echo(f"fedssl: run {config.run.name}: {launcher.describe(config)} -> {run_dir}")
+    federation = launcher.start(config, run_dir)
+    try:
+        seconds = federation.wait_for_results(launcher.results_timeout)
+    except BaseException:
+        federation.abort()
+        raise
+    write_summary(run_dir, run_name=config.run.name, federation_seconds=seconds, **launcher.summary_fields())
+    try:
+        # The evaluation reads only the finished run's files: it overlaps Flower's shutdown.
+        if evaluate and config.evaluation.enabled:
+            evaluate_run_dir(run_dir, echo, optional=launcher.evaluation_optional)
+    finally:
+        outcome = federation.finish()
+    write_summary(run_dir, flwr_exit_seconds=outcome.flwr_exit_seconds, wall_seconds=time.perf_counter() - started)
+    report(run_dir, echo)
+    return run_dir
+
+
+def prepare_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:
+    """A fresh run directory holding the resolved config (model.input_shape filled in)."""
+    run_dir = config.run_dir().resolve()
+    if run_dir.exists():
+        if not overwrite:
+            raise FedSSLError(
+                f"run dir {run_dir} exists; pick another run.name (--set run.name=...) or pass --overwrite to replace it"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    save_config(config, RunDir(run_dir).config)
+    return run_dir
+
+
+def write_summary(run_dir: Path, **fields) -> None:
+    """Merge ``fields`` into the run's summary.json."""
+    path = RunDir(run_dir).summary
+    current = json.loads(path.read_text()) if path.exists() else {}
+    current.update(fields)
+    path.write_text(json.dumps(current, indent=1))
+
+
+def evaluate_run_dir(run_dir: Path, echo: Echo = say, *, optional: bool = False) -> None:
+    """Central evaluation on consented labels; ``optional``: without them, say so and go on."""
+    from fedssl.evaluation.central import evaluate_run
+
+    echo("fedssl: central evaluation on consented labels ...")
+    try:
+        evaluate_run(run_dir, progress=lambda message: echo(f"fedssl: {message}"))
+    except ConfigError as err:
+        if not optional:
+            raise
+        echo(f"fedssl: evaluation skipped: {err}")
+
+
+def report(run_dir: Path, echo: Echo = say) -> Path:
+    """Write report.md and print the terminal summary."""
+    from fedssl.reporting import terminal_summary, write_report
+
+    path = write_report(run_dir)
+    echo(terminal_summary(run_dir))
+    echo(f"fedssl: report written to {path}")
+    return path

@@ -1,0 +1,170 @@
+"""The simulation launcher: a whole federation on one machine through Flower's Simulation Engine.
+
+The simulation is the real Flower path — ServerApp, ClientApps in Ray workers, records on
+the wire — driven offline (fedssl.run.flower_runtime): a private FLWR_HOME, telemetry, update
+checks and runtime dependency installation off, and a private in-memory SuperLink on free ports,
+stopped when the run ends. The pipeline (fedssl.run.pipeline) drives it like any launcher.
+
+`flwr run` is pointed at a staged copy of the app (:func:`stage_app`): the same files Flower would
+put in the FAB, without the checkout's .venv, runs/ and .git, which `flwr run` would otherwise walk
+file by file before filtering them out (~47k files: 3-6 s of every run's start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+from fedssl.config import ExperimentConfig
+from fedssl.errors import FedSSLError
+from fedssl.layout import RunDir
+from fedssl.phases import mark
+from fedssl.run.flower_runtime import (
+    PROJECT_ROOT, FlwrRun, RunOutcome, alive, command_lines, flower_bin, flower_env, free_port, run_config, signal_pid,
+)
+from fedssl.run.pipeline import say
+
+# The Flower app `flwr run` stages and runs, and what its workers import first; tests point it at a recording app.
+APP_DIR = PROJECT_ROOT
+CONNECTION = "fedssl-sim"
+APP_STAGE_DIR = "app-source"  # under the run's private FLWR_HOME; removed once the run ends
+# Never part of a FAB: Flower's own exclusions (.venv, .flwr, __pycache__) and git's internals.
+NEVER_IN_FAB = frozenset({".venv", ".flwr", "__pycache__", ".git"})
+
+
+class SimulationError(FedSSLError):
+    """The federated run did not complete."""
+
+
+class Simulation:
+    """The launcher of `fedssl simulate` (see fedssl.run.pipeline.Launcher)."""
+
+    evaluation_optional = False  # the simulated data carries the consented labels: no evaluation is an error
+    results_timeout = None
+
+    def __init__(self, *, stream: bool = True, echo=say) -> None:
+        self.stream, self.echo = stream, echo
+
+    def input_shape(self, config: ExperimentConfig) -> list[int]:
+        from fedssl.experiment import central_data_for  # loads the data: only when the config does not say
+
+        return list(central_data_for(config).train.input_shape)
+
+    def describe(self, config: ExperimentConfig) -> str:
+        p = config.privacy
+        privacy = f"DP eps<={p.target_epsilon:g}, delta={p.delta:g} per site" if p.enabled else "NO differential privacy"
+        return f"{config.federation.num_sites} sites x {config.federation.rounds} rounds, pretext {config.pretext.name}, {privacy}"
+
+    def summary_fields(self) -> dict:
+        return {}
+
+    def start(self, config: ExperimentConfig, run_dir: Path) -> FlwrRun:
+        """Start `flwr run` against a private local simulation SuperLink; returns at once."""
+        flwr = flower_bin("flwr")
+        flwr_home = RunDir(run_dir).flower_home
+        flwr_home.mkdir(exist_ok=True)
+        # A private, in-memory simulation SuperLink on free ports: runs never collide with each
+        # other (or with a SuperLink another checkout left behind), and it is stopped afterwards.
+        (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = ":local-in-memory:"\n')
+        # Workers must import fedssl, clients/ and server/ from this checkout.
+        env = flower_env(flwr_home, pythonpath=[APP_DIR], superexec_poll=None)
+        fleet_port, control_port = free_port(), free_port()
+        env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(fleet_port)
+        env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
+        sim = config.simulation
+        federation = (
+            f"num-supernodes={config.federation.num_sites} "
+            f"client-resources-num-cpus={_toml_number(sim.client_cpus)} "
+            f"client-resources-num-gpus=0"
+        )
+        mark("driver_start")
+        app_dir = stage_app(APP_DIR, flwr_home / APP_STAGE_DIR)
+
+        def clean_up() -> None:
+            stop_local_superlink(control_port)
+            shutil.rmtree(app_dir, ignore_errors=True)
+
+        cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config(run_dir), "--federation-config", federation]
+        return FlwrRun(cmd, run_dir=run_dir, env=env, cwd=APP_DIR, stream=self.stream, echo=self.echo, on_exit=clean_up,
+                       error=SimulationError)
+
+
+def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True) -> RunOutcome:
+    """Run the simulated federation of a prepared run directory until Flower has fully exited
+    (no evaluation, no report: for tests and benchmarks; `fedssl simulate` is fedssl.run.pipeline)."""
+    run = Simulation(stream=stream).start(config, run_dir)
+    try:
+        run.wait_for_results()
+    except BaseException:
+        run.abort()
+        raise
+    return run.finish()
+
+
+def stage_app(project: Path, dest: Path) -> Path:
+    """Copy the Flower app at ``project`` to ``dest``, minus what can never be in its FAB.
+
+    Skipped: directories git ignores (.gitignore at the top, e.g. .venv/ and runs/) and
+    :data:`NEVER_IN_FAB`. Everything else is copied as is and `flwr run` applies all of its own
+    rules to the copy, so the FAB (and its hash) is the one `flwr run <project>` builds; only the
+    walk over the ignored trees is saved. Without a readable .gitignore, only NEVER_IN_FAB is skipped.
+    """
+    project = project.resolve()
+    ignored = _gitignore_matcher(project / ".gitignore")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for dirpath, dirnames, filenames in os.walk(project, followlinks=False):
+        here = Path(dirpath)
+        rel_dir = here.relative_to(project)
+        dirnames[:] = [
+            d for d in dirnames
+            if d not in NEVER_IN_FAB and not (here / d).is_symlink() and not ignored((rel_dir / d).as_posix() + "/")
+        ]
+        for name in filenames:
+            source = here / name
+            rel = (rel_dir / name).as_posix()
+            if source.is_symlink() or ignored(rel):  # `flwr run` skips symlinks too
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return dest
+
+
+def _gitignore_matcher(path: Path):
+    try:
+        import warnings
+
+        import pathspec  # a dependency of flwr; the same matcher (and pattern style) its FAB builder uses
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            spec = pathspec.PathSpec.from_lines("gitwildmatch", path.read_text().splitlines())
+    except (ImportError, OSError, ValueError):
+        return lambda rel: False
+    return spec.match_file
+
+
+
+def stop_local_superlink(control_port: int, grace_seconds: float = 5.0) -> None:
+    """Stop the SuperLink `flwr run` started in the background (and its SuperExec child), and wait
+    until they are gone (SIGKILL after ``grace_seconds``): a finished run leaves no process behind."""
+    marker = f"127.0.0.1:{control_port}"
+    pids = [pid for pid, cmdline in command_lines() if "flower-superlink" in cmdline and marker in cmdline]
+    for pid in pids:
+        signal_pid(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    while pids and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pids = [pid for pid in pids if alive(pid)]
+    for pid in pids:
+        signal_pid(pid, signal.SIGKILL)
+
+
+def _toml_number(value: float) -> int | float:
+    # Flower's federation config wants whole CPU counts as TOML integers.
+    return int(value) if float(value).is_integer() else value
