@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.typed_yaml import build_section, check, read_yaml_mapping, resolve_path
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
 from fedssl.run.flower_runtime import PROJECT_ROOT, FlwrRun, failure_reason, flower_bin, flower_env, run_config
 from fedssl.run.pipeline import run_pipeline, say
+from fedssl.typed_yaml import check, load_config_file, resolve_path
 
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
@@ -96,13 +96,9 @@ class ServerConfig:
 
 
 def load_server_config(path: str | Path) -> ServerConfig:
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"server config {path} does not exist; write one from configs/deploy/server.yaml")
-    raw = read_yaml_mapping(path, "experiment, listen, tls, sites, state_dir, ...")
-    config: ServerConfig = build_section(ServerConfig, raw)
-    config.validate()
-    base = path.parent
+    """Read and validate server.yaml; relative paths are taken relative to the file."""
+    config, base = load_config_file(ServerConfig, path, what="server config", example="configs/deploy/server.yaml",
+                                    sections="experiment, listen, tls, sites, state_dir, ...")
 
     def resolve(value: str) -> str:
         return resolve_path(base, value)
