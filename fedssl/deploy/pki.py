@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedssl.errors import ConfigError
+from fedssl.privacy.keys import write_key_file
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -43,34 +43,6 @@ EXPIRY_WARNING_DAYS = 14
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
-
-
-def write_private(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write a secret file with mode 0600 via a private temp file; refuse to replace one."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} already exists; keep it, or pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
-def write_public(path: Path, data: bytes, *, overwrite: bool = False) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise ConfigError(f"{path} already exists; keep it, or pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -108,8 +80,8 @@ def init_ca(out_dir: Path, *, name: str = "fedssl federation CA", days: int = CA
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    write_private(out_dir / CA_KEY, _key_pem(key), overwrite=overwrite)
-    write_public(out_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
+    write_key_file(out_dir / CA_KEY, _key_pem(key), mode=0o600, overwrite=overwrite)
+    write_key_file(out_dir / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
     return out_dir / CA_CERT
 
 
@@ -158,8 +130,8 @@ def server_cert(ca_dir: Path, hosts: list[str], out_dir: Path, *, days: int = SE
         .sign(ca_key, hashes.SHA256())
     )
     out_dir = Path(out_dir)
-    write_private(out_dir / SERVER_KEY, _key_pem(key), overwrite=overwrite)
-    write_public(out_dir / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM), overwrite=overwrite)
+    write_key_file(out_dir / SERVER_KEY, _key_pem(key), mode=0o600, overwrite=overwrite)
+    write_key_file(out_dir / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM), mode=0o644, overwrite=overwrite)
     return out_dir / SERVER_CERT
 
 
@@ -182,8 +154,8 @@ def init_node_key(key_dir: Path, site_name: str, *, overwrite: bool = False) -> 
     key = ec.generate_private_key(ec.SECP256R1())
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    write_private(private_path, private, overwrite=overwrite)
-    write_public(public_path, public + f" fedssl-node:{site_name}\n".encode(), overwrite=overwrite)
+    write_key_file(private_path, private, mode=0o600, overwrite=overwrite)
+    write_key_file(public_path, public + f" fedssl-node:{site_name}\n".encode(), mode=0o644, overwrite=overwrite)
     return private_path
 
 

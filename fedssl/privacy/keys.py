@@ -50,13 +50,19 @@ def init_site_key(key_dir: Path, site_name: str, *, overwrite: bool = False) -> 
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_new(private_path, private_pem, mode=0o600)
-    _write_new(public_path, public_pem, mode=0o644)
+    write_key_file(private_path, private_pem, mode=0o600, overwrite=overwrite)
+    write_key_file(public_path, public_pem, mode=0o644, overwrite=overwrite)
     return private_path
 
 
-def _write_new(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via a private temp file so the key is never readable by others, even briefly."""
+def write_key_file(path: Path, data: bytes, *, mode: int, overwrite: bool = False) -> None:
+    """Write a key or certificate with exactly ``mode``, durably, refusing to replace one unless ``overwrite``.
+
+    Written via a temp file created with that mode, so a private key is never readable by others, even briefly."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{path} already exists; keep it, or pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
