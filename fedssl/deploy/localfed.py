@@ -47,45 +47,57 @@ def make_local_federation(
     from fedssl.deploy.site.pinning import app_hash
 
     root = Path(root)
-    port = free_port()
     certs = root / "coordinator" / "certs"
     pki.init_ca(certs)
     pki.server_cert(certs, ["127.0.0.1", "localhost"], certs)
     digits, _ = load_digits_labeled()
     hashes = allowed_hashes if allowed_hashes is not None else [app_hash(PROJECT_ROOT)]
-    fed = LocalFederation(root=root, port=port, server_yaml=root / "coordinator" / "server.yaml")
+    fed = LocalFederation(root=root, port=free_port(), server_yaml=root / "coordinator" / "server.yaml")
     for index, name in enumerate(sites):
-        site_dir = root / name
-        keys = site_dir / "keys"
-        init_site_key(keys, name)
-        pki.init_node_key(keys, name)
-        rows = slice(index * samples_per_site, (index + 1) * samples_per_site)
-        (site_dir / "data").mkdir(parents=True)
-        np.save(site_dir / "data" / f"{name}.npy", digits.inputs[rows].numpy())
-        site = {
-            "site": {"name": name, "id": index},
-            "data": {"path": f"data/{name}.npy"},
-            "state_dir": "state",
-            "privacy": {"enabled": True, "target_epsilon": target_epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
-            "coordinator": {"address": f"127.0.0.1:{port}", "root_certificates": str(certs / pki.CA_CERT)},
-            "keys": {"node_key": f"keys/{name}{pki.NODE_SUFFIX}", "ledger_key": str(private_key_path(keys, name).relative_to(site_dir))},
-            "apps": {"allowed_hashes": list(hashes)},
-            "device": "cpu",
-            "supernode": {"port": 0, "isolation": "process", "connect_timeout": 30, "rejoin_timeout": 180},
-        }
-        path = site_dir / "site.yaml"
-        path.write_text(yaml.safe_dump(site, sort_keys=False))
-        fed.site_yamls[name] = path
+        rows = digits.inputs[index * samples_per_site : (index + 1) * samples_per_site].numpy()
+        fed.site_yamls[name] = _write_site(fed, name, index, rows, certs / pki.CA_CERT, target_epsilon, hashes)
     listed = sites if registered is None else registered
-    experiment = PROJECT_ROOT / "configs" / "deploy" / "experiment.yaml"
+    overrides = [f"federation.rounds={rounds}", f"training.local_steps={local_steps}", *(experiment_overrides or [])]
+    _write_server(fed, listed, overrides)
+    return fed
+
+
+def _write_site(fed: LocalFederation, name: str, index: int, rows: np.ndarray, ca_cert: Path, target_epsilon: float,
+                hashes: list[str]) -> Path:
+    """One site's keys, data file and site.yaml, as `fedssl keys init-site` and an operator would make them."""
+    site_dir = fed.site_dir(name)
+    keys = site_dir / "keys"
+    init_site_key(keys, name)
+    pki.init_node_key(keys, name)
+    (site_dir / "data").mkdir(parents=True)
+    np.save(site_dir / "data" / f"{name}.npy", rows)
+    site = {
+        "site": {"name": name, "id": index},
+        "data": {"path": f"data/{name}.npy"},
+        "state_dir": "state",
+        "privacy": {"enabled": True, "target_epsilon": target_epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
+        "coordinator": {"address": f"127.0.0.1:{fed.port}", "root_certificates": str(ca_cert)},
+        "keys": {"node_key": f"keys/{name}{pki.NODE_SUFFIX}", "ledger_key": str(private_key_path(keys, name).relative_to(site_dir))},
+        "apps": {"allowed_hashes": list(hashes)},
+        "device": "cpu",
+        "supernode": {"port": 0, "isolation": "process", "connect_timeout": 30, "rejoin_timeout": 180},
+    }
+    path = site_dir / "site.yaml"
+    path.write_text(yaml.safe_dump(site, sort_keys=False))
+    return path
+
+
+def _write_server(fed: LocalFederation, listed: list[str], overrides: list[str]) -> None:
+    """The coordinator's server.yaml, registering the ``listed`` sites' node keys."""
+    root = fed.root
     server = {
-        "experiment": str(experiment),
+        "experiment": str(PROJECT_ROOT / "configs" / "deploy" / "experiment.yaml"),
         "set": [
-            f"run.name=deploy-{root.name}", f"run.output_dir={root / 'runs'}", f"federation.rounds={rounds}",
+            f"run.name=deploy-{root.name}", f"run.output_dir={root / 'runs'}",
             f"federation.num_sites={len(listed)}", f"federation.min_sites={min(2, len(listed))}",
-            f"training.local_steps={local_steps}", "federation.round_timeout=90", *(experiment_overrides or []),
+            "federation.round_timeout=90", *overrides,
         ],
-        "listen": {"host": "127.0.0.1", "port": port},
+        "listen": {"host": "127.0.0.1", "port": fed.port},
         "tls": {"ca_cert": "certs/ca.crt", "server_cert": "certs/server.pem", "server_key": "certs/server.key"},
         "sites": [{"name": n, "public_key": str(root / n / "keys" / f"{n}{pki.NODE_PUB_SUFFIX}")} for n in listed],
         "state_dir": "state",
@@ -93,4 +105,3 @@ def make_local_federation(
         "run_timeout": 900,
     }
     fed.server_yaml.write_text(yaml.safe_dump(server, sort_keys=False))
-    return fed
