@@ -7,7 +7,7 @@ SecAggPlusWorkflow(...))`` drives a legacy ``Strategy`` inside a ``LegacyContext
 ``secure_aggregation.enabled``; plan, per-site records (server/strategy.py's RoundRecorder), server
 ledger and checkpoints are shared.
 
-What the server receives from each site in a round (tests/test_secagg.py inspects it):
+What the server receives from each site in a round (tests/apps/test_secagg.py inspects it):
 - setup / share keys: the site's two public keys, then key shares encrypted for its neighbours;
 - collect: its quantized, weight-scaled encoder weights *plus* pairwise and private masks, mod
   ``modulus_range`` (the mod empties the site's ArrayRecord) — and, in the clear, the FitRes

@@ -282,7 +282,7 @@ def _finished_run(tmp_path, name: str, warm_start: str):
                  "warm_start.num_samples=40", "warm_start.steps=2", "warm_start.batch_size=8",
                  "evaluation.label_seeds=[0,1]", "evaluation.methods=[linear_probe,finetune]",
                  "evaluation.finetune_epochs=1"]  # fmt: skip
-    config = load_config(Path(__file__).resolve().parents[1] / "configs/experiments/digits-tiny.yaml", overrides)
+    config = load_config(Path(__file__).resolve().parents[2] / "configs/experiments/digits-tiny.yaml", overrides)
     config.model.input_shape = [1, 8, 8]
     run_dir = tmp_path / name
     run_dir.mkdir()

@@ -117,7 +117,7 @@ def test_the_pipeline_aborts_a_run_that_fails_before_its_results(tmp_path):
             calls.append("start")
             return Federation()
 
-    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "experiments" / "digits-tiny.yaml", [f"run.output_dir={tmp_path}", "warm_start.source=none"])
+    config = load_config(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "digits-tiny.yaml", [f"run.output_dir={tmp_path}", "warm_start.source=none"])
     said = []
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(config, Launcher(), echo=said.append)

@@ -33,7 +33,7 @@ from fedssl.layout import RunDir
 from fedssl.runlog import read_metrics
 from server.strategy import FedSSLAvg, RoundRecorder, aggregate_site_metrics
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 CANARY = np.float32(0.31415927)
 NUM_ROWS = 300

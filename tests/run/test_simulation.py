@@ -16,7 +16,7 @@ from fedssl.privacy.analysis import epsilon_of
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 TARGET_EPSILON = 8.0  # digits-tiny includes privacy/eps8.yaml
 
