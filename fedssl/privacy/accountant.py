@@ -61,7 +61,7 @@ def load_accountant(state_dir: Path) -> AccountantState | None:
     except (ValueError, KeyError, TypeError) as err:
         raise PrivacyError(
             f"{path}: privacy state is unreadable ({err}); refusing to train. "
-            "Restore it from backup or run `fedssl site recover --state-dir` to rebuild it from the signed ledger"
+            f"Restore it from backup, or move it aside: the site then rebuilds it from its signed ledger ({path.parent / 'ledger.jsonl'})"
         ) from None
 
 

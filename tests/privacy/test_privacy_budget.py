@@ -203,8 +203,13 @@ def test_accountant_ahead_of_the_ledger_is_refused(trained_site, state_copy):
 def test_unreadable_accountant_is_refused(trained_site, state_copy):
     state_dir = state_copy(trained_site.after_round2)
     (state_dir / "accountant.json").write_text('{"version": 1, "mechanism": ')
-    with pytest.raises(PrivacyError, match="unreadable"):
+    with pytest.raises(PrivacyError, match="unreadable") as refused:
         SiteBudget.open(state_dir, SPEC)
+    # The fix it names works: moved aside, the file is rebuilt from the signed ledger, not restarted at 0.
+    assert "move it aside" in str(refused.value)
+    spent = SiteBudget.open(state_copy(trained_site.after_round2), SPEC).epsilon_spent
+    (state_dir / "accountant.json").rename(state_dir / "accountant.json.bad")
+    assert SiteBudget.open(state_dir, SPEC).epsilon_spent == pytest.approx(spent, rel=1e-12)
 
 
 # ------------------------------------------------------------------ crashes
