@@ -158,7 +158,7 @@ class FedSSLAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained: list[Message] = []
+        trained: list[tuple[int, int, Message]] = []
         reports: list[SiteReport] = []
         for msg in replies:
             node_id = msg.metadata.src_node_id
@@ -170,8 +170,11 @@ class FedSSLAvg(FedAvg):
                 continue
             reports.append(report)
             if report.status == keys.STATUS_TRAINED and keys.ARRAYS in msg.content:
-                trained.append(msg)
-        arrays = self.average(server_round, trained) if trained else None
+                trained.append((report.site_id, node_id, msg))
+        # Sum in site order, not arrival order: float addition is not associative, and a run with the
+        # same seeds (and no DP noise) should give the same encoder however the replies raced.
+        ordered = [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))]
+        arrays = self.average(server_round, ordered) if ordered else None
         self.recorder.finish_round(server_round, reports)
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 

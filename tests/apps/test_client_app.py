@@ -240,22 +240,43 @@ def test_a_site_without_dp_makes_the_aggregate_epsilon_infinite():
     assert aggregate_site_metrics(no_dp, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
 
 
-def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
+def site_reply(node: int, metrics: MetricRecord, fill: float | torch.Tensor | None) -> Message:
+    """A site's reply to a round-1 train instruction, as the strategy receives it."""
+    content = RecordDict({keys.CONFIG: ConfigRecord({"server-round": 1})})
+    instruction = Message(content=content, metadata=Metadata(
+        run_id=7, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE, dst_node_id=node, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=3600.0, message_type="train"))
+    records = {keys.METRICS: metrics}
+    if fill is not None:
+        records[keys.ARRAYS] = ArrayRecord({"w": fill if isinstance(fill, torch.Tensor) else torch.full((3,), fill)})
+    return Message(content=RecordDict(records), reply_to=instruction)
+
+
+def _strategy(path: Path) -> FedSSLAvg:
     from fedssl.privacy.ledger import ServerLedger
     from fedssl.runlog import RunLog
 
-    def reply(node: int, metrics: MetricRecord, fill: float | None) -> Message:
-        content = RecordDict({keys.CONFIG: ConfigRecord({"server-round": 1})})
-        instruction = Message(content=content, metadata=Metadata(
-            run_id=7, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE, dst_node_id=node, reply_to_message_id="",
-            group_id="1", created_at=time.time(), ttl=3600.0, message_type="train"))
-        records = {keys.METRICS: metrics}
-        if fill is not None:
-            records[keys.ARRAYS] = ArrayRecord({"w": torch.full((3,), fill)})
-        return Message(content=RecordDict(records), reply_to=instruction)
+    return FedSSLAvg(recorder=RoundRecorder(run_log=RunLog(path), server_ledger=ServerLedger(RunDir(path).server_ledger), num_rounds=1))
 
-    recorder = RoundRecorder(run_log=RunLog(tmp_path), server_ledger=ServerLedger(RunDir(tmp_path).server_ledger), num_rounds=1)
-    strategy = FedSSLAvg(recorder=recorder)
+
+def test_the_average_does_not_depend_on_the_order_replies_arrive(tmp_path):
+    # Float addition is not associative: summed in arrival order, the same seeds gave a different
+    # encoder run to run. Summed in site order, any arrival order gives the same bits.
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1000, generator=generator) * 10.0 ** e for e in range(-3, 4)]
+    replies = [(node, metrics_record(1.0, 10 + 7 * node, 1.0), w) for node, w in enumerate(weights, start=1)]
+    results = []
+    for order in (replies, replies[::-1], replies[3:] + replies[:3]):
+        arrays, _ = _strategy(tmp_path / str(len(results))).aggregate_train(1, [site_reply(*r) for r in order])
+        results.append(arrays.to_torch_state_dict()["w"])
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
+def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
+    reply = site_reply
+
+    strategy = _strategy(tmp_path)
+    recorder = strategy.recorder
     replies = [
         reply(1, metrics_record(1.0, 10, 1.0), 1.0),
         reply(2, metrics_record(7.0, 30, 3.0), 3.0),
