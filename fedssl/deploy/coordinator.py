@@ -22,14 +22,13 @@ from fedssl.config import ExperimentConfig, load_config
 from fedssl.deploy.pki import check_server_certificate, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
-from fedssl.run.flower_runtime import PROJECT_ROOT, FlwrRun, failure_reason, flower_bin, flower_env, run_config
+from fedssl.run.flower_runtime import PROJECT_ROOT, STATE_FLOWER_HOME, FlwrRun, failure_reason, flower_bin, flower_env, run_config
 from fedssl.run.pipeline import run_pipeline, say
 from fedssl.typed_yaml import check, load_config_file, resolve_path
 
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
 SUPERLINK_PID = "superlink.pid"
-FLOWER_HOME = "flower"
 
 
 @dataclass
@@ -193,7 +192,7 @@ class SuperLink:
     def __init__(self, config: ServerConfig, echo=say) -> None:
         self.config = config
         self.state = Path(config.state_dir)
-        self.home = self.state / FLOWER_HOME
+        self.home = self.state / STATE_FLOWER_HOME
         self.home.mkdir(parents=True, exist_ok=True)
         self.env = flower_env(self.home, pythonpath=[PROJECT_ROOT])
         self.echo = echo

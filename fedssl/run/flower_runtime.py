@@ -32,6 +32,8 @@ RESULTS_POLL_SECONDS = 0.05
 # How often Flower's SuperExec looks for new ClientApp/ServerApp tasks (default 1 s).
 # A supported setting: FLWR_SUPEREXEC_TASK_POLL_INTERVAL, bounds 0.01..60 s.
 SUPEREXEC_POLL_SECONDS = "0.1"
+# A deployment process's private FLWR_HOME, inside its own state dir (the coordinator's, each site's).
+STATE_FLOWER_HOME = "flower"
 FAILURE_REASON_CHARS = 400
 # A line that says what went wrong, in Flower's, Ray's, gRPC's or Python's words.
 _ERROR_MARKERS = ("ERROR", "Error", "error", "Exception", "exception", "Failed", "failed")

@@ -18,7 +18,6 @@ from fedssl.errors import FedSSLError
 
 SUPERNODE_LOG = "supernode.log"
 SUPEREXEC_LOG = "superexec.log"
-FLOWER_HOME = "flower"
 
 
 class SiteStartError(FedSSLError):
@@ -65,14 +64,14 @@ def start_site(config_path: str | Path, *, echo=print) -> int:
 
     Returns the exit code. Blocks; SIGTERM/SIGINT stop the SuperNode cleanly.
     """
-    from fedssl.run.flower_runtime import flower_env
+    from fedssl.run.flower_runtime import STATE_FLOWER_HOME, flower_env
 
     config_path = Path(config_path).expanduser().resolve()
     config = load_site_config(config_path)
     _preflight_or_refuse(config, echo)
     state = config.state_path
-    env = flower_env(state / FLOWER_HOME)
-    (state / FLOWER_HOME).mkdir(parents=True, exist_ok=True)
+    env = flower_env(state / STATE_FLOWER_HOME)
+    (state / STATE_FLOWER_HOME).mkdir(parents=True, exist_ok=True)
     stopping = {"now": False}
     rejoining = previous_session_unclean(config)
     if rejoining:
