@@ -12,7 +12,10 @@ A round that does not fit is refused: a ``refusal`` ledger record and a
 
 from __future__ import annotations
 
+import fcntl
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +27,8 @@ from fedssl.privacy.ledger import Ledger
 from fedssl.privacy.records import BUDGET, DP_EVENT, RECOVERY, REFUSAL, DPEvent, Event, Mechanism, bodies, dp_events
 
 log = logging.getLogger(__name__)
+
+BUDGET_LOCK = "budget.lock"  # in the site's state dir: held from re-reading the spend to recording a charge
 
 # ε comparisons tolerate float noise from the accountants' numerical optimisation only.
 EPSILON_SLACK = 1e-9
@@ -53,27 +58,33 @@ class SiteBudget:
     def open(cls, state_dir: Path, spec: PrivacyConfig, key_path: Path | None = None) -> SiteBudget:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        ledger = Ledger.open(state_dir, key_path=key_path)
-        ledger_history = [e.event for e in dp_events(ledger.records())]
-        state = load_accountant(state_dir)
+        budget = cls(state_dir, spec, None, Ledger.open(state_dir, key_path=key_path))
+        with exclusive(state_dir):
+            budget._reload()
+        return budget
+
+    def _reload(self) -> None:
+        """The spend as it is on disk now (called under :func:`exclusive`): another run on this state
+        dir may have charged since this one last looked, and a stale history would let both overspend."""
+        ledger_history = [e.event for e in dp_events(self.ledger.records())]
+        state = load_accountant(self.state_dir)
         if state is None and ledger_history:
             # The accountant file is gone but the signed write-ahead ledger is not: rebuild
             # from it rather than start again at ε = 0.
-            mechanism = _ledger_mechanism(ledger)
+            mechanism = _ledger_mechanism(self.ledger)
             if mechanism is None:
                 raise PrivacyError(
-                    f"{state_dir}: ledger has DP events but no budget record; refusing to train. Restore accountant.json from backup"
+                    f"{self.state_dir}: ledger has DP events but no budget record; refusing to train. Restore accountant.json from backup"
                 )
             state = AccountantState(mechanism=mechanism, history=list(ledger_history))
-            save_accountant(state_dir, state)
-            ledger.append(RECOVERY, {"reason": "accountant.json missing; rebuilt from ledger", "steps": state.steps})
-            log.warning("%s: accountant.json was missing; rebuilt %d steps from the ledger", state_dir, state.steps)
+            save_accountant(self.state_dir, state)
+            self.ledger.append(RECOVERY, {"reason": "accountant.json missing; rebuilt from ledger", "steps": state.steps})
+            log.warning("%s: accountant.json was missing; rebuilt %d steps from the ledger", self.state_dir, state.steps)
         elif state is not None:
-            state = _reconcile(state_dir, state, ledger_history, ledger)
-        budget = cls(state_dir, spec, state, ledger)
+            state = _reconcile(self.state_dir, state, ledger_history, self.ledger)
+        self.state = state
         if state is not None:
-            budget._check_spec_compatible()
-        return budget
+            self._check_spec_compatible()
 
     def _check_spec_compatible(self) -> None:
         assert self.state is not None
@@ -111,9 +122,12 @@ class SiteBudget:
     # ------------------------------------------------------------------ charging
 
     def calibrate(self, sample_rate: float, planned_steps: int) -> Mechanism:
-        """Fix σ for the whole planned run the first time this site trains."""
-        if self.state is not None:
-            return self.state.mechanism
+        """Fix σ for the whole planned run the first time this site trains (by any run: under the lock)."""
+        with exclusive(self.state_dir):
+            self._reload()
+            return self.state.mechanism if self.state is not None else self._first_mechanism(sample_rate, planned_steps)
+
+    def _first_mechanism(self, sample_rate: float, planned_steps: int) -> Mechanism:
         sigma = noise_for_budget(self.spec.target_epsilon, self.spec.delta, sample_rate, planned_steps, self.spec.accountant)
         mechanism = Mechanism(
             noise_multiplier=sigma,
@@ -130,7 +144,15 @@ class SiteBudget:
         return mechanism
 
     def charge(self, *, run_id: str, server_round: int, sample_rate: float, steps: int) -> Charge:
-        """Record the round's steps before training; refuse (loudly) if they don't fit."""
+        """Record the round's steps before training; refuse (loudly) if they don't fit.
+
+        Checked against the spend on disk, re-read under the site's exclusive budget lock: two runs
+        training on one state dir at once take turns, and the second sees the first one's charge."""
+        with exclusive(self.state_dir):
+            self._reload()
+            return self._charge(run_id=run_id, server_round=server_round, sample_rate=sample_rate, steps=steps)
+
+    def _charge(self, *, run_id: str, server_round: int, sample_rate: float, steps: int) -> Charge:
         if self.state is None:
             raise PrivacyError("charge() before calibrate(): the site has no mechanism yet")
         mech = self.state.mechanism
@@ -166,6 +188,17 @@ class SiteBudget:
         self.state.history.append(event.event)
         save_accountant(self.state_dir, self.state)
         return Charge(mech.noise_multiplier, float(sample_rate), int(steps), after, int(record["seq"]))
+
+
+@contextmanager
+def exclusive(state_dir: Path) -> Iterator[None]:
+    """The site's budget lock: one process at a time reads, checks and changes this state dir's spend."""
+    with open(Path(state_dir) / BUDGET_LOCK, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _ledger_mechanism(ledger: Ledger) -> Mechanism | None:
