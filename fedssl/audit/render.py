@@ -63,7 +63,8 @@ def acceptance_rule(tolerance: float) -> str:
     return (
         f"a claim is accepted when claimed ε ≥ (1 - {tolerance:g}) x recomputed ε (dp-accounting RDP for "
         "rdp-accounted sites, PLD for prv/gdp; where dp-accounting's RDP dropped orders, a claim ≥ the PLD ε "
-        "is also accepted); claiming more is conservative"
+        "is also accepted); claiming more is conservative. The budget has no tolerance: max(claimed, recomputed ε) "
+        "≤ target, or else the independent PLD ε ≤ target, stated as the reason"
     )
 
 
