@@ -78,11 +78,7 @@ def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: boo
     prepare_warm_start(config, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
     echo(f"fedssl: run {config.run.name}: {launcher.describe(config)} -> {run_dir}")
     federation = launcher.start(config, run_dir)
-    try:
-        seconds = federation.wait_for_results(launcher.results_timeout)
-    except BaseException:
-        federation.abort()
-        raise
+    seconds = wait_or_abort(federation, launcher.results_timeout)
     write_summary(run_dir, run_name=config.run.name, federation_seconds=seconds, **launcher.summary_fields())
     try:
         # The evaluation reads only the finished run's files: it overlaps Flower's shutdown.
@@ -93,6 +89,15 @@ def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: boo
     write_summary(run_dir, flwr_exit_seconds=outcome.flwr_exit_seconds, wall_seconds=time.perf_counter() - started)
     report(run_dir, echo)
     return run_dir
+
+
+def wait_or_abort(federation: Federation, timeout: float | None = None) -> float:
+    """Seconds until the run's results; a run that fails or is interrupted before them is aborted."""
+    try:
+        return federation.wait_for_results(timeout)
+    except BaseException:
+        federation.abort()
+        raise
 
 
 def prepare_run_dir(config: ExperimentConfig, overwrite: bool) -> Path:

@@ -25,7 +25,7 @@ from fedssl.phases import mark
 from fedssl.run.flower_runtime import (
     PROJECT_ROOT, FlwrRun, RunOutcome, alive, command_lines, flower_bin, flower_env, free_port, run_config, signal_pid,
 )
-from fedssl.run.pipeline import say
+from fedssl.run.pipeline import say, wait_or_abort
 
 # The Flower app `flwr run` stages and runs, and what its workers import first; tests point it at a recording app.
 APP_DIR = PROJECT_ROOT
@@ -96,11 +96,7 @@ def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True)
     """Run the simulated federation of a prepared run directory until Flower has fully exited
     (no evaluation, no report: for tests and benchmarks; `fedssl simulate` is fedssl.run.pipeline)."""
     run = Simulation(stream=stream).start(config, run_dir)
-    try:
-        run.wait_for_results()
-    except BaseException:
-        run.abort()
-        raise
+    wait_or_abort(run)
     return run.finish()
 
 
