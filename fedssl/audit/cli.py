@@ -138,13 +138,13 @@ def _run_ledgers(path: Path, options: dict[str, Any], *, as_json: bool) -> int:
 def _run_empirical(config_path: str, options: dict[str, Any], *, as_json: bool) -> int:
     """Exit 1 if a lower bound exceeds the claimed ε, or (with --with-baseline) if the no-DP bound is vacuous."""
     from fedssl.audit.empirical import VACUOUS_BOUND, run_empirical_audit
-    from fedssl.config import load_config
+    from fedssl.experiment import load_experiment
 
     overrides, baseline = options.pop("set", []), options.pop("with_baseline", False)
     try:
-        variants = [load_config(config_path, overrides)]
+        variants = [load_experiment(config_path, overrides)]
         if baseline:
-            variants.append(load_config(config_path, [*overrides, "privacy.enabled=false"]))
+            variants.append(load_experiment(config_path, [*overrides, "privacy.enabled=false"]))
         results = [run_empirical_audit(c, **options, progress=lambda m: print(m, file=sys.stderr)) for c in variants]
     except FedSSLError as err:
         return _usage_error(str(err))

@@ -162,3 +162,10 @@ def test_unknown_attack_is_a_one_line_error():
     config = load_config("configs/experiments/digits-demo.yaml")
     with pytest.raises(ConfigError, match="--attack: unknown attack 'shadow'; choose one of gradient, loss"):
         run_empirical_audit(config, attack="shadow")
+
+
+def test_the_empirical_audit_checks_its_config_at_the_edge(capsys):
+    # SimCLR couples samples, so it has no DP claim to audit: refused in one line before any training.
+    code = cli_main(["audit", "--empirical", "configs/experiments/digits-tiny.yaml", "--set", "pretext.name=simclr"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("fedssl audit: pretext.name:") and "\n" not in err
