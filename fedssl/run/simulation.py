@@ -15,7 +15,9 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig
@@ -33,6 +35,7 @@ CONNECTION = "fedssl-sim"
 APP_STAGE_DIR = "app-source"  # under the run's private FLWR_HOME; removed once the run ends
 # Never part of a FAB: Flower's own exclusions (.venv, .flwr, __pycache__) and git's internals.
 NEVER_IN_FAB = frozenset({".venv", ".flwr", "__pycache__", ".git"})
+SUPERLINK_START_SECONDS = 120.0  # generous: a loaded 2-core CI machine can take tens of seconds to import Flower
 
 
 class SimulationError(FedSSLError):
@@ -82,6 +85,9 @@ class Simulation:
         )
         mark("driver_start")
         app_dir = stage_app(APP_DIR, flwr_home / APP_STAGE_DIR)
+        # Started here rather than by `flwr run`, whose own start gives a SuperLink 15 s (hard-coded)
+        # to answer: too little on a loaded 2-core machine. `flwr run` then finds it up and uses it.
+        start_local_superlink(env, flwr_home, fleet_port, control_port)
 
         def clean_up() -> None:
             stop_local_superlink(control_port)
@@ -144,6 +150,37 @@ def _gitignore_matcher(path: Path):
         return lambda rel: False
     return spec.match_file
 
+
+
+def start_local_superlink(env: dict[str, str], flwr_home: Path, http_port: int, control_port: int,
+                          timeout: float = SUPERLINK_START_SECONDS) -> None:
+    """Start the in-memory simulation SuperLink `flwr run` would start for a ``:local-in-memory:``
+    connection (Flower's own command line, loopback only), and wait until its health endpoint answers."""
+    log_file = flwr_home / "local-superlink" / "superlink.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        flower_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+        "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1", "--port", str(http_port),
+        "--log-file", str(log_file),
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SimulationError(f"the simulation's SuperLink exited with code {process.returncode} at start; see {log_file}")
+        if _healthy(f"http://127.0.0.1:{http_port}/health"):
+            return
+        time.sleep(0.2)
+    process.kill()
+    raise SimulationError(f"the simulation's SuperLink did not answer within {timeout:.0f} s; see {log_file}")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as response:
+            return 200 <= response.status < 300
+    except (OSError, ValueError):
+        return False
 
 
 def stop_local_superlink(control_port: int, grace_seconds: float = 5.0) -> None:
