@@ -141,11 +141,11 @@ def test_csv_source_custom_columns(tmp_path: Path) -> None:
     assert label_source_from_csv(path, id_column="sample", label_column="diagnosis")("x") == 2
 
 
-def test_demo_manifest_consents_fraction_of_train_plus_all_test() -> None:
-    train, test = IDS[:30], IDS[30:]
-    manifest = make_demo_manifest(train, test, consented_fraction=0.5, seed=0)
-    assert len(manifest.ids & set(train)) == 15 and set(test) <= manifest.ids and len(manifest) == 25
-    assert make_demo_manifest(train, test, 0.5, seed=0).ids == manifest.ids
-    assert make_demo_manifest(train, test, 0.5, seed=1).ids != manifest.ids
+def test_demo_manifest_consents_enough_for_the_test_set_plus_a_fraction_of_the_rest() -> None:
+    ids = IDS[:40]  # a test set of 10 (0.25) and half of the other 30
+    manifest = make_demo_manifest(ids, test_fraction=0.25, consented_fraction=0.5, seed=0)
+    assert len(manifest) == 10 + 15 and manifest.ids <= set(ids)
+    assert make_demo_manifest(ids, 0.25, 0.5, seed=0).ids == manifest.ids
+    assert make_demo_manifest(ids, 0.25, 0.5, seed=1).ids != manifest.ids
     with pytest.raises(ConfigError, match="evaluation.consented_fraction"):
-        make_demo_manifest(train, test, 1.5, seed=0)
+        make_demo_manifest(ids, 0.25, 1.5, seed=0)
