@@ -112,11 +112,14 @@ def load_data(invert: bool = False, source: str = "digits", side: int = 8) -> Da
         return load_mnist5k(side=side)
     from fedssl.experiment import central_data
 
-    central = central_data("digits", "auto", 0.3, 0)
+    # Every digits label is public: the whole set is consented, and read through the consent door as in fedssl.
+    central = central_data("digits", "auto", 0.3, 0, consented_fraction=1.0)
+    assert central.labels is not None
     train_x, test_x = central.train.inputs, central.test.inputs
     if invert:
         train_x, test_x = 1.0 - train_x, 1.0 - test_x
-    return Data(train_x, np.asarray(central.train_labels), test_x, np.asarray(central.test_labels))
+    train_y, test_y = central.labels.labels_for(central.train.sample_ids), central.labels.labels_for(central.test.sample_ids)
+    return Data(train_x, train_y, test_x, test_y)
 
 
 def mnist5k_arrays(side: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +155,7 @@ def _size_normalised(image: np.ndarray) -> np.ndarray:
 
 def stratified_split(labels: np.ndarray, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices, stratified by class exactly as fedssl splits its central data."""
-    from fedssl.experiment import stratified_split as split
+    from fedssl.data.sampling import stratified_split as split
 
     return split(labels, test_fraction, np.random.default_rng(seed))
 
@@ -265,7 +268,7 @@ def labels_needed(fraction: float, pool: int, classes: int) -> int:
 def evaluate(state: dict[str, torch.Tensor] | None, setup: Setup, data: Data, seed: int, methods: tuple[str, ...]) -> dict:
     """Probe and/or fine-tune accuracy per label fraction; ``state=None`` means raw pixels (probe only)."""
     from fedssl.evaluation.probes import encode, finetune_accuracy, flatten_inputs, linear_probe_accuracy
-    from fedssl.evaluation.sampling import stratified_subset
+    from fedssl.data.sampling import stratified_subset
 
     out: dict[str, dict[str, float]] = {}
     classes = len(np.unique(data.train_y))

@@ -7,15 +7,18 @@ these functions, so a site in a Ray worker rebuilds exactly the partition the pi
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fedssl.config import ExperimentConfig, load_config
+from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
 from fedssl.data.dataset import SiteDataset
 from fedssl.data.loaders import load_digits_labeled, load_site_data
-from fedssl.data.partition import make_site_dataset, partition
+from fedssl.data.partition import UNLABELLED, make_site_dataset, partition
+from fedssl.data.sampling import stratified_subset
 from fedssl.errors import ConfigError
 from fedssl.layout import RunDir
 from fedssl.training.local import SiteSettings
@@ -32,63 +35,77 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
 
 @dataclass(frozen=True)
 class CentralData:
-    """The pool sites pretrain on (``train``) and the held-out ``test`` set.
+    """The pool sites pretrain on (``train``), the held-out ``test`` set and the only door to labels.
 
-    ``labels`` exist only for simulation bookkeeping: the partitioner may use them to
-    shape label skew, and evaluation reads them only through the consent manifest.
+    ``labels`` (None for an unlabelled source) reads a label only for an id in its consent manifest,
+    which is fixed from the ids alone before any label is read: the test split, the label-skew
+    partition and the evaluation all see consented labels only, so an unconsented label shapes nothing.
     """
 
     train: SiteDataset
     test: SiteDataset
-    train_labels: np.ndarray | None
-    test_labels: np.ndarray | None
+    labels: ConsentedLabels | None
+
+    def train_partition_labels(self) -> np.ndarray:
+        """The training pool's consented labels, UNLABELLED where there is no consent (for label skew)."""
+        if self.labels is None:
+            return np.full(len(self.train), UNLABELLED, dtype=np.int64)
+        ids = self.train.sample_ids
+        consented = [i for i, sample_id in enumerate(ids) if sample_id in self.labels.manifest]
+        out = np.full(len(ids), UNLABELLED, dtype=np.int64)
+        out[consented] = self.labels.labels_for(ids[i] for i in consented)
+        return out
 
 
 @functools.lru_cache(maxsize=4)
-def central_data(source: str, kind: str, test_fraction: float, seed: int) -> CentralData:
-    if source == "digits":
-        full, labels = load_digits_labeled()
-    else:
-        full, labels = load_site_data(source, kind), None
+def central_data(source: str, kind: str, test_fraction: float, seed: int,
+                 consent_manifest: str | None = None, consented_fraction: float = 1.0) -> CentralData:
+    """The central split; ``consent_manifest`` (a file) or else a seeded demo consent of
+    ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent)."""
     rng = np.random.default_rng(seed)
-    train_idx, test_idx = _split(len(full), labels, test_fraction, rng)
-    return CentralData(
-        train=make_site_dataset(full, train_idx),
-        test=make_site_dataset(full, test_idx),
-        train_labels=None if labels is None else labels[train_idx],
-        test_labels=None if labels is None else labels[test_idx],
-    )
+    if source != "digits":
+        full = load_site_data(source, kind)
+        order = rng.permutation(len(full))
+        cut = int(round(len(full) * (1 - test_fraction)))
+        return CentralData(make_site_dataset(full, np.sort(order[:cut])), make_site_dataset(full, np.sort(order[cut:])), None)
+    full, all_labels = load_digits_labeled()
+    ids = full.sample_ids
+    manifest = (ConsentManifest.load(consent_manifest) if consent_manifest
+                else make_demo_manifest(ids, test_fraction, consented_fraction, seed))
+    labels = ConsentedLabels(manifest, label_source_from_array(ids, all_labels))
+    train_idx, test_idx = consented_split(ids, labels, test_fraction, rng)
+    return CentralData(make_site_dataset(full, train_idx), make_site_dataset(full, test_idx), labels)
 
 
 def central_data_for(config: ExperimentConfig) -> CentralData:
-    return central_data(config.data.source, config.data.kind, config.data.test_fraction, config.run.seed)
+    ev = config.evaluation
+    return central_data(config.data.source, config.data.kind, config.data.test_fraction, config.run.seed,
+                        ev.consent_manifest, ev.consented_fraction)
 
 
-def _split(n: int, labels: np.ndarray | None, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified by label when labels exist, so small label fractions still see every class."""
-    if labels is None:
-        order = rng.permutation(n)
-        cut = int(round(n * (1 - test_fraction)))
-        return np.sort(order[:cut]), np.sort(order[cut:])
-    return stratified_split(labels, test_fraction, rng)
-
-
-def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(train, test) indices with ``test_fraction`` of every class in test."""
-    train, test = [], []
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        cut = int(round(len(members) * (1 - test_fraction)))
-        train.append(members[:cut])
-        test.append(members[cut:])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: float,
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices: a test set of ``test_fraction`` of all records, drawn from the consented
+    ones and stratified by their labels; every other record, unconsented or not drawn, is training data."""
+    consented = np.array([i for i, sample_id in enumerate(ids) if sample_id in labels.manifest], dtype=np.int64)
+    num_test = int(round(len(ids) * test_fraction))
+    if num_test > len(consented):
+        raise ConfigError(
+            f"evaluation.consent_manifest: the test set ({num_test} records, data.test_fraction={test_fraction:g}) "
+            f"is drawn from consented records but only {len(consented)} of {len(ids)} are consented; "
+            "consent more records or lower data.test_fraction"
+        )
+    test = consented[stratified_subset(labels.labels_for(ids[i] for i in consented), num_test, rng)]
+    train = np.setdiff1d(np.arange(len(ids)), test)
+    return train, np.sort(test)
 
 
 def site_partitions(config: ExperimentConfig) -> list[np.ndarray]:
     data = central_data_for(config)
-    if data.train_labels is None and config.data.partition == "dirichlet":
-        raise ConfigError("data.partition: dirichlet label skew needs labels; use iid or quantity_skew for unlabelled data")
-    labels = data.train_labels if data.train_labels is not None else np.zeros(len(data.train), dtype=int)
+    labels = data.train_partition_labels()
+    if config.data.partition == "dirichlet" and not (labels != UNLABELLED).any():
+        raise ConfigError("data.partition: dirichlet label skew needs consented labels in the training pool; "
+                          "use iid or quantity_skew, or consent some training records")
     return partition(
         config.data.partition,
         labels=labels,

@@ -170,15 +170,16 @@ class CsvLabelSource:
         return cells
 
 
-def make_demo_manifest(
-    train_ids: Sequence[str], test_ids: Sequence[str], consented_fraction: float, seed: int
-) -> ConsentManifest:
-    """Consent a seeded ``consented_fraction`` of the training ids plus every test id."""
+def make_demo_manifest(sample_ids: Sequence[str], test_fraction: float, consented_fraction: float, seed: int) -> ConsentManifest:
+    """A demo's consent, fixed from the ids alone before any label is read: a seeded choice of
+    enough ids for the test set (``test_fraction`` of all, drawn later from the consented) plus
+    ``consented_fraction`` of the rest, the training pool."""
     if not 0 <= consented_fraction <= 1:
         raise ConfigError(f"evaluation.consented_fraction must be in [0, 1], got {consented_fraction}")
-    count = round(consented_fraction * len(train_ids))
-    chosen = np.random.default_rng(seed).choice(len(train_ids), size=count, replace=False)
-    return ConsentManifest(frozenset(train_ids[i] for i in chosen.tolist()) | frozenset(test_ids))
+    num_test = round(test_fraction * len(sample_ids))
+    count = num_test + round(consented_fraction * (len(sample_ids) - num_test))
+    chosen = np.random.default_rng(seed).choice(len(sample_ids), size=count, replace=False)
+    return ConsentManifest(frozenset(sample_ids[i] for i in chosen.tolist()))
 
 
 def _parse_lines(text: str) -> list[str]:

@@ -1,8 +1,9 @@
 """Split one data set into simulated sites.
 
 Every partitioner is seeded and deterministic and returns, per site, a sorted array of
-sample indices. The sites are disjoint, cover every sample and are never empty. Labels may
-shape a partition (label skew) but only indices come out, so labels never reach site code.
+sample indices. The sites are disjoint, cover every sample and are never empty. Consented labels
+may shape a partition (label skew; every other record is marked UNLABELLED and dealt at random),
+but only indices come out, so labels never reach site code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.errors import ConfigError
 
 Partition = list[np.ndarray]
+# The label of a record whose label may not be read (no consent): label skew never looks at it.
+UNLABELLED = -1
 
 
 def iid(num_samples: int, num_sites: int, seed: int) -> Partition:
@@ -26,22 +29,35 @@ def iid(num_samples: int, num_sites: int, seed: int) -> Partition:
 
 def dirichlet(labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_size: int = 1) -> Partition:
     """Label skew after Hsu, Qi & Brown (2019), "Measuring the effects of non-identical data
-    distribution for federated visual classification".
+    distribution for federated visual classification", over the records whose label may be read.
 
-    Each site draws its class mix q ~ Dir(alpha * p), where p is the overall class
-    distribution, and fills an equal share of the samples by drawing classes from q without
+    Each site draws its class mix q ~ Dir(alpha * p), where p is the class distribution of the
+    labelled records, and fills an equal share of them by drawing classes from q without
     replacement; when a class runs out, the site's remaining draws follow q renormalised
     over the classes still available. alpha -> 0 gives one-class sites, alpha -> inf IID.
 
-    Site sizes are equal, so label skew is not confounded with quantity skew (that is
-    ``quantity_skew``), and no resampling is needed to keep every site non-empty, which
-    keeps it exact for a thousand sites. Sites are filled in order, so the last sites take
-    what is left and may deviate most from their drawn mix.
+    Records labelled :data:`UNLABELLED` (no consent to read their label) are dealt out at random,
+    after the skew, so the partition depends on consented labels only; with none, it is the
+    original algorithm exactly. Site sizes are equal (within one record), so label skew is not
+    confounded with quantity skew (that is ``quantity_skew``), and no resampling is needed to keep
+    every site non-empty, which keeps it exact for a thousand sites. Sites are filled in order, so
+    the last sites take what is left and may deviate most from their drawn mix.
     """
     labels = _check_labels(labels)
     _check_alpha(alpha)
     _check_sites(len(labels), num_sites, min_size)
     rng = np.random.default_rng(seed)
+    labelled, unlabelled = np.flatnonzero(labels != UNLABELLED), np.flatnonzero(labels == UNLABELLED)
+    skewed = _label_skew(labels[labelled], num_sites, alpha, rng)
+    # Reversed: the sites that took one labelled record more take one unlabelled record fewer.
+    dealt = np.array_split(rng.permutation(unlabelled), num_sites)[::-1]
+    return _sorted_parts([np.concatenate([labelled[part], extra]) for part, extra in zip(skewed, dealt)])
+
+
+def _label_skew(labels: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator) -> Partition:
+    """Positions in ``labels`` per site, following each site's Dirichlet class mix (see :func:`dirichlet`)."""
+    if len(labels) == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(num_sites)]
     classes, class_of = np.unique(labels, return_inverse=True)
     pools = [rng.permutation(np.flatnonzero(class_of == c)) for c in range(len(classes))]
     remaining = np.array([len(pool) for pool in pools])
@@ -51,7 +67,7 @@ def dirichlet(labels: np.ndarray, num_sites: int, alpha: float, seed: int, min_s
         counts = _draw_class_counts(size, mix, remaining, rng)
         parts.append(np.concatenate([pools[c][remaining[c] - counts[c] : remaining[c]] for c in range(len(pools))]))
         remaining = remaining - counts
-    return _sorted_parts(parts)
+    return parts
 
 
 def quantity_skew(num_samples: int, num_sites: int, seed: int, alpha: float, min_size: int = 1) -> Partition:

@@ -1,7 +1,7 @@
 """Central evaluation of a finished run: the coordinator's consented labels only.
 
 Loads the run's resolved config and final encoder (and, when the run used one, the warm
-start the federation began from), builds (or loads) the consent manifest, and writes
+start the federation began from), the central data with its consent manifest, and writes
 ``evaluation.json`` beside the run's other outputs.
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from fedssl.config import load_config
-from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
 from fedssl.errors import ConfigError
 from fedssl.evaluation.label_efficiency import evaluate_label_efficiency
 from fedssl.evaluation.results import EvalResults
@@ -30,18 +29,10 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
     encoder_path = layout.final_encoder
     if not encoder_path.exists():
         raise ConfigError(f"{encoder_path} missing: the federated run did not finish; rerun `fedssl simulate`")
-    data = central_data_for(config)
-    if data.train_labels is None or data.test_labels is None:
+    data = central_data_for(config)  # the consent manifest is fixed there, before any label is read
+    if data.labels is None:
         raise ConfigError("evaluation.enabled: this data source has no labels; set evaluation.enabled=false")
-    ev = config.evaluation
-    if ev.consent_manifest:
-        manifest = ConsentManifest.load(ev.consent_manifest)
-    else:
-        manifest = make_demo_manifest(list(data.train.sample_ids), list(data.test.sample_ids), ev.consented_fraction, config.run.seed)
-    manifest.save(layout.consent)
-    all_ids = list(data.train.sample_ids) + list(data.test.sample_ids)
-    all_labels = list(data.train_labels) + list(data.test_labels)
-    labels = ConsentedLabels(manifest, label_source_from_array(all_ids, all_labels))
+    data.labels.manifest.save(layout.consent)
     m = config.model
 
     def encoder_factory(seed: int | None):
@@ -55,8 +46,8 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         warm_start_state=warm_start_state,
         train=data.train,
         test=data.test,
-        labels=labels,
-        plan=ev,
+        labels=data.labels,
+        plan=config.evaluation,
         progress=progress,
     )
     layout.evaluation.write_text(json.dumps(results.to_dict(), indent=1))

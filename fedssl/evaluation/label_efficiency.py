@@ -36,7 +36,7 @@ from fedssl.evaluation.results import (
     SeedRun,
     format_fraction,
 )
-from fedssl.evaluation.sampling import stratified_subset
+from fedssl.data.sampling import stratified_subset
 from fedssl.models.encoders import Encoder
 
 if TYPE_CHECKING:  # annotations only: results and reporting stay importable without the data layer

@@ -47,6 +47,14 @@ OFFLINE_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "PYTHONWARNINGS": "ignore",
 }
+# Ray (the simulation engine) binds its GCS, raylet and workers to all interfaces and its agents to the
+# node's IP (the interface routing to the internet), all without authentication. With "cluster mode" off
+# Ray takes 127.0.0.1 as the node IP and every one of its listeners follows it onto loopback.
+# Flower's backend config cannot pass Ray's `_node_ip_address` (only num_cpus/num_gpus/logging), so the
+# environment is the one supported switch. Forced, not a default: a simulation is never a cluster.
+LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# An inherited cluster address would send the simulation (data, models) to another Ray cluster or GCS store.
+RAY_CLUSTER_ADDRESS_VARS = ("RAY_ADDRESS", "RAY_REDIS_ADDRESS")
 
 
 class FlowerNotInstalled(FedSSLError):
@@ -55,14 +63,16 @@ class FlowerNotInstalled(FedSSLError):
 
 def flower_env(flwr_home: Path, *, pythonpath: Sequence[Path] = (),
                superexec_poll: str | None = SUPEREXEC_POLL_SECONDS) -> dict[str, str]:
-    """The environment of a Flower command: offline, its own FLWR_HOME, this venv's executables first.
+    """The environment of a Flower command: offline, its own FLWR_HOME, this venv's executables first,
+    and Ray (if the command starts it) on loopback only, never joining an inherited cluster.
 
     ``pythonpath`` goes before any inherited PYTHONPATH (the simulation's workers and the coordinator's
     ServerApp import fedssl from this checkout). ``superexec_poll`` is a default for
     FLWR_SUPEREXEC_TASK_POLL_INTERVAL that the caller's own environment overrides; None leaves it unset.
     """
-    env = dict(os.environ)
+    env = {name: value for name, value in os.environ.items() if name not in RAY_CLUSTER_ADDRESS_VARS}
     env.update(OFFLINE_ENV)
+    env.update(LOOPBACK_RAY_ENV)
     env["FLWR_HOME"] = str(flwr_home)
     # Flower starts its own commands (flower-superlink, flower-superexec, flwr-clientapp, flwr-serverapp)
     # by name: they must resolve to this environment's, even when the venv is not activated.

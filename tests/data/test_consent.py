@@ -141,11 +141,38 @@ def test_csv_source_custom_columns(tmp_path: Path) -> None:
     assert label_source_from_csv(path, id_column="sample", label_column="diagnosis")("x") == 2
 
 
-def test_demo_manifest_consents_fraction_of_train_plus_all_test() -> None:
-    train, test = IDS[:30], IDS[30:]
-    manifest = make_demo_manifest(train, test, consented_fraction=0.5, seed=0)
-    assert len(manifest.ids & set(train)) == 15 and set(test) <= manifest.ids and len(manifest) == 25
-    assert make_demo_manifest(train, test, 0.5, seed=0).ids == manifest.ids
-    assert make_demo_manifest(train, test, 0.5, seed=1).ids != manifest.ids
+def test_demo_manifest_consents_enough_for_the_test_set_plus_a_fraction_of_the_rest() -> None:
+    ids = IDS[:40]  # a test set of 10 (0.25) and half of the other 30
+    manifest = make_demo_manifest(ids, test_fraction=0.25, consented_fraction=0.5, seed=0)
+    assert len(manifest) == 10 + 15 and manifest.ids <= set(ids)
+    assert make_demo_manifest(ids, 0.25, 0.5, seed=0).ids == manifest.ids
+    assert make_demo_manifest(ids, 0.25, 0.5, seed=1).ids != manifest.ids
     with pytest.raises(ConfigError, match="evaluation.consented_fraction"):
-        make_demo_manifest(train, test, 1.5, seed=0)
+        make_demo_manifest(ids, 0.25, 1.5, seed=0)
+
+
+def test_too_few_consented_records_for_the_test_set_is_one_line_naming_the_fix(tmp_path: Path) -> None:
+    from fedssl.experiment import central_data
+
+    manifest = tmp_path / "consent.txt"
+    ConsentManifest(frozenset(f"digits-{i}" for i in range(100))).save(manifest)
+    with pytest.raises(ConfigError) as error:
+        central_data("digits", "auto", 0.3, 0, str(manifest))
+    message = str(error.value)
+    assert "\n" not in message and "evaluation.consent_manifest" in message and "data.test_fraction" in message
+
+
+def test_label_skew_without_consented_training_labels_is_refused(tmp_path: Path) -> None:
+    from fedssl.experiment import central_data, load_experiment, site_partitions
+
+    root = Path(__file__).resolve().parents[2]
+    manifest = tmp_path / "consent.txt"
+    ids = [f"digits-{i}" for i in range(1797)]
+    ConsentManifest(frozenset(ids[: round(0.3 * 1797)])).save(manifest)  # just enough for the test set
+    config = load_experiment(root / "configs" / "experiments" / "digits-tiny.yaml",
+                             [f"evaluation.consent_manifest={manifest}", "data.partition=dirichlet"])
+    try:
+        with pytest.raises(ConfigError, match="data.partition: dirichlet label skew needs consented labels"):
+            site_partitions(config)
+    finally:
+        central_data.cache_clear()

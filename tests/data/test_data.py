@@ -21,6 +21,7 @@ from fedssl.data import (
     partition,
     quantity_skew,
 )
+from fedssl.data.partition import UNLABELLED
 from fedssl.errors import ConfigError, DataError
 
 # --- helpers --------------------------------------------------------------------------------
@@ -285,6 +286,17 @@ def test_dirichlet_small_alpha_is_more_label_skewed(digits: tuple[SiteDataset, n
 def test_dirichlet_scales_to_a_thousand_sites(digits: tuple[SiteDataset, np.ndarray]) -> None:
     parts = dirichlet(digits[1], 1000, alpha=0.1, seed=0)
     assert min(len(p) for p in parts) == 1 and sum(len(p) for p in parts) == 1797
+
+
+def test_dirichlet_skews_consented_records_only_and_deals_the_rest_evenly(digits: tuple[SiteDataset, np.ndarray]) -> None:
+    labels = digits[1].copy()
+    labels[1::3] = UNLABELLED  # a third of the records have no label consent
+    parts = dirichlet(labels, 10, alpha=0.1, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))  # disjoint, complete
+    assert {len(p) for p in parts} == {179, 180}  # still equal shares, not quantity skew
+    unlabelled = [int((labels[p] == UNLABELLED).sum()) for p in parts]
+    assert max(unlabelled) - min(unlabelled) <= 1  # dealt evenly, not by (unreadable) label
+    assert _mean_label_entropy([p[labels[p] != UNLABELLED] for p in parts], labels) < 0.6  # the skew stays
 
 
 def test_quantity_skew_small_alpha_is_more_unequal() -> None:

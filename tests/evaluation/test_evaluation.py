@@ -28,7 +28,7 @@ from fedssl.evaluation import (
     SeedRun,
     evaluate_label_efficiency,
 )
-from fedssl.evaluation.sampling import stratified_subset
+from fedssl.data.sampling import stratified_subset
 from fedssl.models.encoders import Encoder, build_encoder
 
 NUM_TRAIN, NUM_TEST = 500, 200

@@ -1,4 +1,9 @@
-"""Stratified label subsets: the same seed gives the same subset to every row of the table."""
+"""Seeded, stratified draws by label: the central test split and the evaluation's label subsets.
+
+Callers pass labels they were allowed to read, i.e. consented labels only (fedssl.data.consent);
+the draws depend on nothing else, so labels outside the manifest cannot shape them.
+The same seed gives the same subset to every row of the evaluation table.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ def _class_quotas(counts: np.ndarray, size: int) -> np.ndarray:
     return take
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+def stratified_subset(labels: np.ndarray, size: int, seed: int | np.random.Generator) -> np.ndarray:
     """Sorted indices of `size` examples whose class mix follows `labels`."""
     classes, counts = np.unique(labels, return_counts=True)
     if size > len(labels):
@@ -40,3 +45,14 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
         for cls, k in zip(classes, _class_quotas(counts, size))
     ]
     return np.sort(np.concatenate(chosen))
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) indices with ``test_fraction`` of every class in test (for a fully labelled set)."""
+    train, test = [], []
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        cut = int(round(len(members) * (1 - test_fraction)))
+        train.append(members[:cut])
+        test.append(members[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
