@@ -4,7 +4,8 @@
 (federation, model, pretext, training — never any site's privacy budget or data location: those
 are each site's own) and runs it through the same pipeline as a simulation (fedssl.run.pipeline:
 run directory, warm start, run, evaluation, report). :class:`Coordinator` is its launcher: it starts
-``flower-superlink`` with TLS and ``--enable-supernode-auth``, registers the public node key of every
+``flower-superlink`` with TLS and ``--enable-supernode-auth`` on 127.0.0.1 only, puts the Fleet
+gateway (fedssl.deploy.gateway: the Fleet API and nothing else) on ``listen.host:listen.port``, registers the public node key of every
 site listed in server.yaml (``flwr supernode register``) and submits the run (``flwr run``) with
 ``config-path``/``run-dir`` pointing at the coordinator's own files; the SuperLink stops when the
 run ends, on failure and on SIGTERM too.
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.deploy.pki import check_server_certificate, load_node_public_key
+from fedssl.deploy.gateway import FleetGateway
+from fedssl.deploy.pki import LOOPBACK, check_server_certificate, covers_ip, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
 from fedssl.run.flower_runtime import PROJECT_ROOT, STATE_FLOWER_HOME, FlwrRun, failure_reason, flower_bin, flower_env, run_config
@@ -29,16 +31,25 @@ from fedssl.typed_yaml import check, load_config_file, resolve_path
 CONNECTION = "fedssl-deploy"
 SUPERLINK_LOG = "superlink.log"
 SUPERLINK_PID = "superlink.pid"
+GATEWAY_LOG = "gateway.log"
 
 
 @dataclass
 class ListenConfig:
-    host: str = "0.0.0.0"
-    port: int = 9092
-    public_address: str = ""  # how the coordinator itself reaches the SuperLink; default 127.0.0.1:<port>
+    """What listens where: only the Fleet gateway is public; the SuperLink (Fleet, Control and
+    ServerApp runtime APIs on one port in Flower 1.42) binds 127.0.0.1 only."""
+
+    host: str = "0.0.0.0"  # the Fleet gateway's interface: the sites connect here
+    port: int = 9092  # the Fleet gateway's port: the sites' coordinator.address
+    superlink_port: int = 9093  # the SuperLink's own port, on 127.0.0.1 only
+    max_request_mb: float = 64.0  # the largest Fleet request body the gateway accepts
 
     def validate(self) -> None:
+        check(bool(self.host), "listen.host", "must name an interface, e.g. 0.0.0.0 or the public IP", self.host)
         check(1 <= self.port <= 65535, "listen.port", "must be a port number", self.port)
+        check(1 <= self.superlink_port <= 65535, "listen.superlink_port", "must be a port number", self.superlink_port)
+        check(self.superlink_port != self.port, "listen.superlink_port", "must differ from listen.port (the public gateway's)", self.superlink_port)
+        check(self.max_request_mb > 0, "listen.max_request_mb", "must be > 0", self.max_request_mb)
 
 
 @dataclass
@@ -91,7 +102,8 @@ class ServerConfig:
 
     @property
     def address(self) -> str:
-        return self.listen.public_address or f"127.0.0.1:{self.listen.port}"
+        """Where the coordinator's own `flwr` commands reach the SuperLink: loopback only."""
+        return f"{LOOPBACK}:{self.listen.superlink_port}"
 
 
 def load_server_config(path: str | Path) -> ServerConfig:
@@ -197,6 +209,7 @@ class SuperLink:
         self.env = flower_env(self.home, pythonpath=[PROJECT_ROOT])
         self.echo = echo
         self.process: ManagedProcess | None = None
+        self.gateway: FleetGateway | None = None
         self._write_connection()
 
     def _write_connection(self) -> None:
@@ -206,21 +219,30 @@ class SuperLink:
         )
 
     def start(self, timeout: float = 60.0) -> None:
-        tls = self.config.tls
+        """The SuperLink on loopback, then the public Fleet gateway in front of it."""
+        tls, listen = self.config.tls, self.config.listen
         check = check_server_certificate(Path(tls.server_cert), Path(tls.ca_cert))
         if not check.ok:
             raise DeployError(f"tls.server_cert: {check.detail}")
+        if not covers_ip(Path(tls.server_cert), LOOPBACK):
+            raise DeployError(f"tls.server_cert: {tls.server_cert} does not list {LOOPBACK}, where the coordinator reaches its own "
+                              "SuperLink; reissue it with `fedssl keys server-cert` (which always adds it)")
         cmd = [
             flower_bin("flower-superlink"),
             "--ssl-ca-certfile", tls.ca_cert, "--ssl-certfile", tls.server_cert, "--ssl-keyfile", tls.server_key,
             "--enable-supernode-auth", "--disable-runtime-dependency-installation",
-            "--host", self.config.listen.host, "--port", str(self.config.listen.port),
+            "--host", LOOPBACK, "--port", str(listen.superlink_port),  # Control API: never on the network
         ]
         self.process = ManagedProcess("SuperLink", cmd, self.state / SUPERLINK_LOG, self.env)
         # Its own process group: if this coordinator process is SIGKILLed, the pid file says what to stop.
         (self.state / SUPERLINK_PID).write_text(f"{self.process.pid}\n")
         self.process.wait_for(lambda: tls_probe(self.config.address, Path(tls.ca_cert), timeout=2)[0], timeout, "accepting TLS connections")
-        self.echo(f"fedssl: SuperLink up on {self.config.listen.host}:{self.config.listen.port} (TLS, node authentication on; log {self.state / SUPERLINK_LOG})")
+        self.gateway = FleetGateway(listen.host, listen.port, listen.superlink_port, cert=Path(tls.server_cert),
+                                    key=Path(tls.server_key), ca=Path(tls.ca_cert),
+                                    max_bytes=int(listen.max_request_mb * 2**20), log_path=self.state / GATEWAY_LOG)
+        self.gateway.start()
+        self.echo(f"fedssl: SuperLink up on {self.config.address} (TLS, node authentication on; log {self.state / SUPERLINK_LOG}); "
+                  f"Fleet API gateway on {listen.host}:{listen.port} (log {self.state / GATEWAY_LOG})")
 
     def register(self, entries: list[SiteEntry]) -> None:
         """Register every listed site's node key; only these sites can connect."""
@@ -244,6 +266,9 @@ class SuperLink:
         return FlwrRun(cmd, run_dir=run_dir, env=self.env, cwd=app, stream=stream, echo=self.echo, on_exit=on_exit, error=DeployError)
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
         if self.process is not None:
             self.process.stop()
             self.process = None

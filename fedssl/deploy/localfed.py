@@ -97,7 +97,7 @@ def _write_server(fed: LocalFederation, listed: list[str], overrides: list[str])
             f"federation.num_sites={len(listed)}", f"federation.min_sites={min(2, len(listed))}",
             "federation.round_timeout=90", *overrides,
         ],
-        "listen": {"host": "127.0.0.1", "port": fed.port},
+        "listen": {"host": "127.0.0.1", "port": fed.port, "superlink_port": free_port()},
         "tls": {"ca_cert": "certs/ca.crt", "server_cert": "certs/server.pem", "server_key": "certs/server.key"},
         "sites": [{"name": n, "public_key": str(root / n / "keys" / f"{n}{pki.NODE_PUB_SUFFIX}")} for n in listed],
         "state_dir": "state",

@@ -6,7 +6,8 @@ silently):
 - ``fedssl keys init-ca --out DIR``: ``ca.key`` + ``ca.crt`` (self-signed, ECDSA P-256).
   ``ca.crt`` goes to every site; ``ca.key`` stays with whoever issues certificates.
 - ``fedssl keys server-cert --ca DIR --host H [--host H2] --out DIR``: ``server.key`` +
-  ``server.pem`` signed by the CA, with every host as a SAN (IP or DNS name).
+  ``server.pem`` signed by the CA, with every host as a SAN (IP or DNS name), and always
+  127.0.0.1: the coordinator reaches its loopback-only SuperLink there over TLS.
 - ``fedssl keys init-site NAME --out DIR`` writes, besides the Ed25519 ledger key,
   ``NAME.node`` (ECDSA P-256 private key, OpenSSH format) and ``NAME.node.pub`` (one line
   ``ecdsa-sha2-nistp256 AAAA... fedssl-node:NAME``): the form ``flower-supernode
@@ -39,6 +40,7 @@ NODE_PUB_SUFFIX = ".node.pub"
 CA_DAYS = 3650
 SERVER_DAYS = 825
 EXPIRY_WARNING_DAYS = 14
+LOOPBACK = "127.0.0.1"
 
 
 def _now() -> dt.datetime:
@@ -110,6 +112,8 @@ def server_cert(ca_dir: Path, hosts: list[str], out_dir: Path, *, days: int = SE
     """Issue the SuperLink's TLS certificate (``server.pem`` + ``server.key``) for ``hosts``."""
     if not hosts:
         raise ConfigError("--host: give at least one address the sites will connect to (an IP or DNS name)")
+    # The coordinator reaches its own SuperLink (bound to loopback only) over TLS at 127.0.0.1.
+    hosts = list(dict.fromkeys([*hosts, LOOPBACK]))
     ca_key, ca_cert = _load_ca(ca_dir)
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
@@ -241,6 +245,16 @@ def check_server_certificate(cert_path: Path, ca_path: Path, *, warn_days: int =
     if not verify_signed_by(cert, ca):
         return CertCheck(False, f"{cert_path}: not signed by {ca_path}; issue it with `fedssl keys server-cert --ca <dir of {ca_path.name}>`")
     return _validity(cert, Path(cert_path), warn_days)
+
+
+def covers_ip(cert_path: Path, ip: str) -> bool:
+    """Whether the certificate's SAN lists ``ip`` (what TLS hostname checking against an IP requires)."""
+    cert = load_certificate(cert_path)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return ipaddress.ip_address(ip) in san.get_values_for_type(x509.IPAddress)
 
 
 def verify_signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
