@@ -28,7 +28,16 @@ from fedssl.config import PrivacyConfig
 from fedssl.errors import BudgetExhaustedError, PrivacyError, RefusedError
 from fedssl.privacy.accountant import AccountantState, load_accountant, save_accountant
 from fedssl.privacy.analysis import epsilon_of, noise_for_budget
-from fedssl.privacy.highwater import HighWaterMark, highwater_path, mark_of, read_mark, rollback_problem, write_mark
+from fedssl.privacy.highwater import (
+    HighWaterMark,
+    highwater_path,
+    mark_of,
+    missing_mark_message,
+    read_mark,
+    rollback_problem,
+    rolled_back_message,
+    write_mark,
+)
 from fedssl.privacy.ledger import LEDGER_FILE, Ledger, site_key_path
 from fedssl.privacy.policy import Refusal, RoundRequest, check_noise, check_request, check_run_epsilon
 from fedssl.privacy.records import BUDGET, DP_EVENT, RECOVERY, REFUSAL, DPEvent, Event, Mechanism, bodies, dp_events
@@ -122,11 +131,7 @@ class SiteBudget:
         mark = read_mark(self.mark_path, self.ledger.signing_key.public_key())
         if mark is None:
             if dp_events(records):
-                raise PrivacyError(
-                    f"{self.state_dir}: the ledger records DP training but its high-water mark {self.mark_path} is missing "
-                    "(deleted or moved, or the state dir was copied here from elsewhere); refusing to train. Put the mark back "
-                    "beside the ledger key, or restore the key, mark and state dir together from one backup"
-                )
+                raise PrivacyError(missing_mark_message(self.state_dir, self.mark_path))
             return None
         if problem := rollback_problem(mark, records, None, EPSILON_SLACK):
             raise _rolled_back(self.state_dir, self.mark_path, problem)
@@ -280,11 +285,7 @@ class SiteBudget:
 
 
 def _rolled_back(state_dir: Path, mark_path: Path, problem: str | None) -> PrivacyError:
-    return PrivacyError(
-        f"{state_dir}: {problem} ({mark_path}): the state dir was deleted, replaced or restored from an older copy, and "
-        "training on it would spend budget already spent; refusing to train. Restore the site's latest state dir; if it is "
-        "lost for good, this site's data has spent what the mark says: retire it, or tell the coordinator before starting anew"
-    )
+    return PrivacyError(rolled_back_message(state_dir, mark_path, problem or "behind its high-water mark"))
 
 
 @contextmanager

@@ -108,3 +108,42 @@ def rollback_problem(mark: HighWaterMark, records: list[dict[str, Any]], epsilon
     if epsilon is not None and epsilon < mark.epsilon * (1 - slack):
         return f"the state dir's epsilon {epsilon:.3f} is below the {mark.epsilon:.3f} the high-water mark recorded"
     return None
+
+
+def rolled_back_message(state_dir: Path, mark_path: Path, problem: str) -> str:
+    """One line: what happened to the state dir, and what the operator may do."""
+    return (
+        f"{state_dir}: {problem} ({mark_path}): the state dir was deleted, replaced or restored from an older copy, and "
+        "training on it would spend budget already spent; refusing to train. Restore the site's latest state dir; if it is "
+        "lost for good, this site's data has spent what the mark says: retire it, or tell the coordinator before starting anew"
+    )
+
+
+def missing_mark_message(state_dir: Path, mark_path: Path) -> str:
+    return (
+        f"{state_dir}: the ledger records DP training but its high-water mark {mark_path} is missing (deleted or moved, "
+        "or the state dir was copied here from elsewhere); refusing to train. Put the mark back beside the ledger key, "
+        "or restore the key, the mark and the state dir together from one backup"
+    )
+
+
+def state_dir_problem(state_dir: Path, key_path: Path | None, mark_path: Path | None, slack: float) -> str | None:
+    """Read-only (for preflight): why the budget would refuse this state dir against its mark, or None."""
+    from fedssl.privacy.analysis import epsilon_of
+    from fedssl.privacy.keys import load_signing_key
+    from fedssl.privacy.ledger import LEDGER_FILE, Ledger, site_key_path
+    from fedssl.privacy.records import dp_events
+
+    state_dir = Path(state_dir)
+    mark_path = Path(mark_path) if mark_path is not None else highwater_path(site_key_path(state_dir, key_path))
+    records = Ledger(state_dir).records() if (state_dir / LEDGER_FILE).exists() else []
+    events = dp_events(records)
+    if not mark_path.exists():
+        return missing_mark_message(state_dir, mark_path) if events else None
+    if not records:
+        return rolled_back_message(state_dir, mark_path, "the ledger is gone, but a high-water mark says this site trained")
+    mark = read_mark(mark_path, load_signing_key(site_key_path(state_dir, key_path)).public_key())
+    assert mark is not None
+    epsilon = epsilon_of([e.event for e in events], events[0].delta, events[0].accountant) if events else 0.0
+    problem = rollback_problem(mark, records, epsilon, slack)
+    return rolled_back_message(state_dir, mark_path, problem) if problem else None
