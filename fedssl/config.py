@@ -140,9 +140,8 @@ class PrivacyConfig:
     # One of CLIPPING_ENGINES. bookkeeping: fedssl.training.bookkeeping, one backward pass without
     # ordinary weight gradients (faster: benchmarks/README.md section 1); opacus: Opacus' hooks mode.
     clipping: str = "bookkeeping"
-    # The site's policy on what a coordinator's plan may ask (fedssl.privacy.policy): a plan outside
-    # it is refused before anything is charged. Without it the coordinator picks the noise: σ is
-    # calibrated from its first plan, and a one-step full-batch plan spends the whole budget at once.
+    # What a coordinator's plan may ask (fedssl.privacy.policy); outside it the round is refused. Else the
+    # coordinator picks σ through its first plan: one full-batch step would spend the whole budget at once.
     min_noise_multiplier: float = 0.8  # σ below this is refused, whatever budget the plan would fit
     max_sample_rate: float = 0.5  # Poisson rate batch_size / site size; 1 = every row in every step
     max_local_steps: int = 1000  # DP-SGD steps in one round
@@ -164,8 +163,8 @@ class PrivacyConfig:
         check(0 < self.min_noise_multiplier < math.inf, "privacy.min_noise_multiplier",
               "must be a finite number > 0 (the smallest σ this site accepts; 0.8 by default)", self.min_noise_multiplier)
         check(0 < self.max_sample_rate <= 1, "privacy.max_sample_rate", "must be in (0, 1] (0.5 by default)", self.max_sample_rate)
-        check(self.max_local_steps >= 1, "privacy.max_local_steps", "must be an integer >= 1", self.max_local_steps)
-        check(self.max_rounds_per_run >= 1, "privacy.max_rounds_per_run", "must be an integer >= 1", self.max_rounds_per_run)
+        for key in ("max_local_steps", "max_rounds_per_run"):
+            check(getattr(self, key) >= 1, f"privacy.{key}", "must be an integer >= 1", getattr(self, key))
         check(self.max_epsilon_per_run is None or 0 < self.max_epsilon_per_run < math.inf, "privacy.max_epsilon_per_run",
               "must be a finite number > 0, or null for no per-run cap", self.max_epsilon_per_run)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedssl.errors import PrivacyError
 from fedssl.layout import HIGHWATER_SUFFIX
 from fedssl.privacy.chain import canonical_json, verify_sig
+from fedssl.privacy.durable import replace_durably
 from fedssl.privacy.keys import public_key_fingerprint
 
 # Domain separation: a ledger record or head signature can never pass as a mark's, nor the reverse.
@@ -53,17 +53,7 @@ def write_mark(path: Path, key: Ed25519PrivateKey, mark: HighWaterMark) -> None:
     path = Path(path)
     signature = base64.b64encode(key.sign(mark.message())).decode("ascii")
     data = {"seq": mark.seq, "epsilon": mark.epsilon, "hash": mark.hash, "signer": public_key_fingerprint(key.public_key()), "sig": signature}
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as handle:
-        handle.write(canonical_json(data))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(path, canonical_json(data))
 
 
 def read_mark(path: Path, public_key: Ed25519PublicKey) -> HighWaterMark | None:
