@@ -113,7 +113,8 @@ def missing_mark_message(state_dir: Path, mark_path: Path) -> str:
     return (
         f"{state_dir}: the ledger records DP training but its high-water mark {mark_path} is missing (deleted or moved, "
         "or the state dir was copied here from elsewhere); refusing to train. Put the mark back beside the ledger key, "
-        "or restore the key, the mark and the state dir together from one backup"
+        "or restore the key, the mark and the state dir together from one backup. Only for a state dir that predates "
+        "high-water marks and is certainly the latest: `fedssl site seal --config site.yaml`, once"
     )
 
 
@@ -137,3 +138,25 @@ def state_dir_problem(state_dir: Path, key_path: Path | None, mark_path: Path | 
     epsilon = epsilon_of([e.event for e in events], events[0].delta, events[0].accountant) if events else 0.0
     problem = rollback_problem(mark, records, epsilon, slack)
     return rolled_back_message(state_dir, mark_path, problem) if problem else None
+
+
+def seal(state_dir: Path, key_path: Path | None, mark_path: Path | None) -> HighWaterMark:
+    """Sign a first mark for a state dir that predates marks (``fedssl site seal``); never replaces one."""
+    from fedssl.privacy.analysis import epsilon_of
+    from fedssl.privacy.ledger import LEDGER_FILE, Ledger, site_key_path
+    from fedssl.privacy.records import dp_events
+
+    state_dir = Path(state_dir)
+    mark_path = Path(mark_path) if mark_path is not None else highwater_path(site_key_path(state_dir, key_path))
+    if mark_path.exists():
+        raise PrivacyError(f"{mark_path}: this site already has a high-water mark; a mark is raised by training, never re-sealed by hand")
+    if not (state_dir / LEDGER_FILE).exists():
+        raise PrivacyError(f"{state_dir}: no ledger to seal; a site that never trained needs no seal")
+    ledger = Ledger.open(state_dir, key_path=key_path)  # refuses a ledger that does not verify against the key
+    records = ledger.records()
+    events = dp_events(records)
+    epsilon = epsilon_of([e.event for e in events], events[0].delta, events[0].accountant) if events else 0.0
+    mark = mark_of(records, epsilon)
+    assert mark is not None
+    write_mark(mark_path, ledger.signing_key, mark)
+    return mark

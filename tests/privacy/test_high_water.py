@@ -123,3 +123,27 @@ def test_policy_defaults():
     spec = PrivacyConfig()
     assert (spec.min_noise_multiplier, spec.max_sample_rate, spec.max_local_steps, spec.max_rounds_per_run, spec.max_epsilon_per_run) == (
         0.8, 0.5, 1000, 100, None)
+
+
+def test_a_state_dir_from_before_marks_is_refused_until_sealed_once(trained_site, state_copy, tmp_path, capsys):
+    import yaml
+
+    from fedssl.cli import main as cli_main
+    from fedssl.privacy.budget import SiteBudget
+
+    state_dir = state_copy(trained_site.after_round2)
+    (state_dir / "site.ed25519.highwater").unlink()  # as a site upgraded from before high-water marks has it
+    spec = PrivacyConfig(target_epsilon=10.0, delta=DELTA)
+    with pytest.raises(PrivacyError, match="fedssl site seal"):
+        SiteBudget.open(state_dir, spec)
+    site_yaml = tmp_path / "site.yaml"
+    site_yaml.write_text(yaml.safe_dump({
+        "site": {"name": "site-a", "id": 0}, "data": {"path": "d.npy"}, "state_dir": str(state_dir),
+        "coordinator": {"address": "127.0.0.1:1", "root_certificates": "ca.crt"}, "keys": {"node_key": "n"},
+    }))
+    assert cli_main(["site", "seal", "--config", str(site_yaml)]) == 0
+    assert "sealed" in capsys.readouterr().out
+    budget = SiteBudget.open(state_dir, spec)
+    assert read_mark(budget.mark_path, budget.ledger.signing_key.public_key()).epsilon == pytest.approx(budget.epsilon_spent, rel=1e-12)
+    assert cli_main(["site", "seal", "--config", str(site_yaml)]) == 2  # never re-sealed by hand
+    assert "never re-sealed" in capsys.readouterr().err
