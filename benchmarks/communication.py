@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import BENCH_SITE_POLICY, machine_info, quiet_warnings, write_result  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -69,7 +69,7 @@ def measure(encoder: str, input_shape: tuple[int, ...], width: int, depth: int, 
     plan = TrainPlan(run_id="comm", server_round=1, planned_rounds=1, pretext=pretext, encoder=encoder, width=width,
                      depth=depth, local_steps=1, batch_size=16, lr=0.05)
     data = SiteDataset(torch.rand(64, *input_shape), tuple(f"s{i}" for i in range(64)), "image" if len(input_shape) == 3 else "vector")
-    site = SiteSettings(site_id=0, state_dir=state_root / f"{encoder}-{width}-{depth}-{int(dp)}", privacy=PrivacyConfig(enabled=dp))
+    site = SiteSettings(site_id=0, state_dir=state_root / f"{encoder}-{width}-{depth}-{int(dp)}", privacy=PrivacyConfig(enabled=dp, **BENCH_SITE_POLICY))
     result = train_round(data, state, plan, site)
     instruction = _instruction(state, plan)
     reply = Message(content=RecordDict(site_reply_records(result, 0, dp)), reply_to=instruction)

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 TINY = PROJECT_ROOT / "configs" / "experiments" / "digits-tiny.yaml"
@@ -49,7 +49,7 @@ def _config(path: Path, sites: int, rounds: int, out_dir: Path, name: str):
     from fedssl.experiment import central_data_for
 
     config = load_config(path, [f"federation.num_sites={sites}", f"federation.rounds={rounds}", f"federation.min_sites={sites}",
-                                f"run.output_dir={out_dir}", f"run.name={name}"])
+                                f"run.output_dir={out_dir}", f"run.name={name}", *BENCH_POLICY_OVERRIDES])
     if not config.model.input_shape:
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     return config

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine_info, mean_std, quiet_warnings, write_result  # noqa: E402
+from _common import BENCH_SITE_POLICY, machine_info, mean_std, quiet_warnings, write_result  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -235,7 +235,8 @@ def federated_state(setup: Setup, data: Data, parts: list[np.ndarray], init: dic
     from fedssl.fl.plan import TrainPlan
 
     dp = math.isfinite(epsilon)
-    privacy = PrivacyConfig(enabled=dp, target_epsilon=epsilon if dp else 8.0, delta=setup.delta, max_grad_norm=setup.clip)
+    privacy = PrivacyConfig(enabled=dp, target_epsilon=epsilon if dp else 8.0, delta=setup.delta, max_grad_norm=setup.clip,
+                            **BENCH_SITE_POLICY)
     plan = TrainPlan(run_id=f"learning-{seed}", server_round=1, planned_rounds=setup.rounds, pretext=setup.pretext,
                      pretext_params=dict(setup.pretext_params), encoder="cnn", width=setup.width, depth=setup.depth,
                      local_steps=setup.local_steps, batch_size=setup.batch_size,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 SAMPLED = 10
@@ -123,7 +123,7 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
 
     config = load_config(DEMO, [f"federation.num_sites={num_sites}", f"federation.rounds={rounds}",
                                 f"federation.fraction_train={SAMPLED / num_sites}", f"federation.min_sites={SAMPLED}",
-                                f"run.output_dir={tmp / 'runs'}", f"run.name=scale-{num_sites}"])
+                                f"run.output_dir={tmp / 'runs'}", f"run.name=scale-{num_sites}", *BENCH_POLICY_OVERRIDES])
     config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=True)
     sampler = MemorySampler()

@@ -38,7 +38,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROJECT_ROOT, machine_info, paired_ratio, quiet_warnings, write_result  # noqa: E402
+from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, paired_ratio, quiet_warnings, write_result  # noqa: E402
 
 NAME = "secagg_cost"
 BASE = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
@@ -185,7 +185,7 @@ def federation_run(sites: int, rounds: int, shares: dict | None, common: list[st
 
     secagg = [] if shares is None else ["secure_aggregation.enabled=true", *(f"secure_aggregation.{k}={v}" for k, v in shares.items())]
     config = load_config(BASE, [f"federation.num_sites={sites}", f"federation.rounds={rounds}", "federation.min_sites=2",
-                                f"run.output_dir={out_dir}", f"run.name={name}", *common, *secagg])
+                                f"run.output_dir={out_dir}", f"run.name={name}", *common, *secagg, *BENCH_POLICY_OVERRIDES])
     config.model.input_shape = list(central_data_for(config).train.input_shape)
     run_dir = prepare_run_dir(config, overwrite=True)
     run_federation(config, run_dir, stream=False)

@@ -6,7 +6,7 @@
     fedssl audit PATH [--json] [--trusted-keys DIR] | audit --empirical CONFIG [--with-baseline]
     fedssl keys init-site NAME --out DIR      (ledger key + SuperNode node key)
     fedssl keys init-ca --out DIR | keys server-cert --ca DIR --host H --out DIR
-    fedssl site preflight|start|status --config site.yaml | site app-hash PATH
+    fedssl site preflight|start|status|seal --config site.yaml | site app-hash PATH
     fedssl server start --config server.yaml
 
 Every user-facing failure is one line on stderr and exit code 2 (1 for a failed audit):
@@ -102,6 +102,12 @@ def _cmd_site(args: argparse.Namespace) -> int:
     from fedssl.deploy.site.status import status_text
 
     config = load_site_config(args.config)
+    if args.site_command == "seal":
+        from fedssl.privacy.highwater import seal
+
+        mark = seal(config.state_path, config.ledger_key_path, config.highwater_path)
+        print(f"fedssl: sealed {config.state_dir} at ledger seq {mark.seq}, epsilon {mark.epsilon:.3f}")
+        return 0
     if args.site_command == "status":
         print(status_text(config, last=args.last))
         return 0
@@ -173,7 +179,8 @@ def _add_deployment_parsers(sub: argparse._SubParsersAction) -> None:
     site_sub = site.add_subparsers(dest="site_command", required=True)
     for name, text in (("preflight", "check data, keys, certificates, budget and the coordinator; change nothing"),
                        ("start", "preflight, then join the federation until stopped"),
-                       ("status", "privacy budget spent/left and the last rounds, from this site's own ledger")):
+                       ("status", "privacy budget spent/left and the last rounds, from this site's own ledger"),
+                       ("seal", "once, for a state dir from before high-water marks: sign its mark as it is now")):
         cmd = site_sub.add_parser(name, help=text)
         cmd.add_argument("--config", required=True, help="this site's site.yaml")
         if name == "status":

@@ -140,16 +140,33 @@ class PrivacyConfig:
     # One of CLIPPING_ENGINES. bookkeeping: fedssl.training.bookkeeping, one backward pass without
     # ordinary weight gradients (faster: benchmarks/README.md section 1); opacus: Opacus' hooks mode.
     clipping: str = "bookkeeping"
+    # What a coordinator's plan may ask (fedssl.privacy.policy); outside it the round is refused. Else the
+    # coordinator picks σ through its first plan: one full-batch step would spend the whole budget at once.
+    min_noise_multiplier: float = 0.8  # σ below this is refused, whatever budget the plan would fit
+    max_sample_rate: float = 0.5  # Poisson rate batch_size / site size; 1 = every row in every step
+    max_local_steps: int = 1000  # DP-SGD steps in one round
+    max_rounds_per_run: int = 100  # rounds one run (run id) may train here
+    max_epsilon_per_run: float | None = None  # ε one run may spend of the lifetime target_epsilon; null = no cap
 
     def validate(self) -> None:
         if not self.enabled:
             return
+        self._validate_policy()
         check(0 < self.target_epsilon < math.inf, "privacy.target_epsilon",
               "must be a finite number > 0 (for no DP set privacy.enabled=false)", self.target_epsilon)
         check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1), typically below 1/num_samples", self.delta)
         check(self.max_grad_norm > 0, "privacy.max_grad_norm", "must be > 0", self.max_grad_norm)
         check(self.accountant in ACCOUNTANTS, "privacy.accountant", f"valid choices: {', '.join(sorted(ACCOUNTANTS))}", self.accountant)
         check(self.clipping in CLIPPING_ENGINES, "privacy.clipping", f"valid choices: {', '.join(CLIPPING_ENGINES)}", self.clipping)
+
+    def _validate_policy(self) -> None:
+        check(0 < self.min_noise_multiplier < math.inf, "privacy.min_noise_multiplier",
+              "must be a finite number > 0 (the smallest σ this site accepts; 0.8 by default)", self.min_noise_multiplier)
+        check(0 < self.max_sample_rate <= 1, "privacy.max_sample_rate", "must be in (0, 1] (0.5 by default)", self.max_sample_rate)
+        for key in ("max_local_steps", "max_rounds_per_run"):
+            check(getattr(self, key) >= 1, f"privacy.{key}", "must be an integer >= 1", getattr(self, key))
+        check(self.max_epsilon_per_run is None or 0 < self.max_epsilon_per_run < math.inf, "privacy.max_epsilon_per_run",
+              "must be a finite number > 0, or null for no per-run cap", self.max_epsilon_per_run)
 
 
 LINEAR_PROBE = "linear_probe"

@@ -24,8 +24,21 @@ class PrivacyError(FedSSLError):
     """A privacy guarantee would be violated or cannot be established."""
 
 
-class BudgetExhaustedError(PrivacyError):
+class RefusedError(PrivacyError):
+    """The site refuses to train the round it was asked for; ``rule`` names the setting that refused it.
+
+    The site answers with a refused reply (never with an update trained under less noise)."""
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+
+class BudgetExhaustedError(RefusedError):
     """Another round would spend more privacy budget than the site allows."""
+
+    def __init__(self, message: str, rule: str = "privacy.target_epsilon") -> None:
+        super().__init__(message, rule)
 
 
 class ConsentError(FedSSLError):

@@ -127,6 +127,7 @@ def site_settings(config: ExperimentConfig, run_dir: Path, site_id: int) -> Site
         state_dir=RunDir(run_dir).site_state(site_id),
         privacy=config.privacy,
         device=config.run.device,
+        highwater_path=RunDir(run_dir).site_highwater(site_id),
     )
 
 

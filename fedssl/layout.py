@@ -36,6 +36,7 @@ WARM_START_INFO = "warm_start.json"  # provenance only
 SITE_LEVEL_STATE = "site_level_accountant.json"  # the server's site-level DP accountant
 SITES_DIR = "sites"  # each simulated site's state dir: sites/site-XXX/
 FLOWER_HOME = ".flwr"  # the simulation's private FLWR_HOME
+HIGHWATER_SUFFIX = ".highwater"  # a site's signed high-water mark (fedssl.privacy.highwater)
 
 
 @dataclass(frozen=True)
@@ -117,3 +118,8 @@ class RunDir:
     def site_state(self, site_id: int) -> Path:
         """A simulated site's own state dir (accountant, ledger, pretext head)."""
         return self.sites / f"site-{site_id:03d}"
+
+    def site_highwater(self, site_id: int) -> Path:
+        """A simulated site's signed high-water mark: beside its state dir, not in it, so a deleted or
+        rolled-back state dir is caught (its ledger key lives in the state dir in simulation)."""
+        return self.sites / f"site-{site_id:03d}{HIGHWATER_SUFFIX}"

@@ -201,7 +201,7 @@ def _train_and_score(config: ExperimentConfig, attack: str, train_set: SiteDatas
                      canaries: torch.Tensor, state_dir: Path, score_repeats: int, say) -> np.ndarray:
     """All planned rounds of the site's real training code; returns each canary's score,
     lower meaning "more likely a member" for both attacks."""
-    settings = replace(settings, state_dir=state_dir)
+    settings = replace(settings, state_dir=state_dir, highwater_path=None)  # its mark with its throwaway state, not the run's
     m = config.model
     encoder = build_encoder(m.encoder, train_set.input_shape, width=m.width, depth=m.depth, seed=config.run.seed)
     plan = plan_from_config(config, run_id="empirical-audit")

@@ -75,7 +75,8 @@ def _write_site(fed: LocalFederation, name: str, index: int, rows: np.ndarray, c
         "site": {"name": name, "id": index},
         "data": {"path": f"data/{name}.npy"},
         "state_dir": "state",
-        "privacy": {"enabled": True, "target_epsilon": target_epsilon, "delta": 1e-5, "max_grad_norm": 1.0},
+        # The test plans are a few steps long, which calibrates σ below the default floor of 0.8.
+        "privacy": {"enabled": True, "target_epsilon": target_epsilon, "delta": 1e-5, "max_grad_norm": 1.0, "min_noise_multiplier": 0.3},
         "coordinator": {"address": f"127.0.0.1:{fed.port}", "root_certificates": str(ca_cert)},
         "keys": {"node_key": f"keys/{name}{pki.NODE_SUFFIX}", "ledger_key": str(private_key_path(keys, name).relative_to(site_dir))},
         "apps": {"allowed_hashes": list(hashes)},

@@ -9,14 +9,13 @@ across rounds, restarts and crashes, and a crash can only over-count.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedssl.errors import PrivacyError
 from fedssl.privacy.analysis import epsilon_of
+from fedssl.privacy.durable import replace_durably
 from fedssl.privacy.records import Event, Mechanism
 
 ACCOUNTANT_FILE = "accountant.json"
@@ -67,16 +66,4 @@ def load_accountant(state_dir: Path) -> AccountantState | None:
 
 def save_accountant(state_dir: Path, state: AccountantState) -> None:
     """Write atomically and durably: a torn file must never read as a smaller ε."""
-    path = accountant_path(state_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".accountant-", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(state.state_dict(), handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_durably(accountant_path(state_dir), json.dumps(state.state_dict(), indent=1))

@@ -239,6 +239,12 @@ class Ledger(ChainedLog):
     def _init_body(self) -> dict[str, Any]:
         return {"site_id": self.site_id, **super()._init_body()}
 
+    @property
+    def signing_key(self) -> Ed25519PrivateKey:
+        """The site's ledger key (Ledger.open always has one): it also signs the high-water mark."""
+        assert self._key is not None
+        return self._key
+
     @classmethod
     def open(cls, state_dir: Path, *, key_path: Path | None = None, site_id: str | None = None) -> Ledger:
         """Open a site's ledger for writing; refuse if it does not verify against the site's key.
@@ -271,10 +277,15 @@ class Ledger(ChainedLog):
         return ledger
 
 
+def site_key_path(state_dir: Path, key_path: Path | None) -> Path:
+    """The key that signs the ledger in ``state_dir``: the configured one, else the default in the state dir."""
+    return Path(key_path) if key_path is not None else private_key_path(Path(state_dir), DEFAULT_SITE_KEY)
+
+
 def _site_signing_key(state_dir: Path, key_path: Path | None) -> Ed25519PrivateKey:
     if key_path is not None:
         return load_signing_key(key_path)
-    default = private_key_path(state_dir, DEFAULT_SITE_KEY)
+    default = site_key_path(state_dir, None)
     if not default.exists():
         init_site_key(state_dir, DEFAULT_SITE_KEY)
         log.info("%s: created a ledger signing key next to the ledger (no key path configured)", default)

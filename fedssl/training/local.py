@@ -27,13 +27,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedssl.config import CLIPPING_ENGINES, PrivacyConfig
 from fedssl.data.dataset import SiteDataset
-from fedssl.errors import BudgetExhaustedError, DataError
+from fedssl.errors import DataError, RefusedError
 from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
 from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
 from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel, get_pretext, require_dp_compatible
 from fedssl.privacy.budget import SiteBudget
+from fedssl.privacy.policy import RoundRequest
 from fedssl.training.device import resolve_device
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class SiteSettings:
     privacy: PrivacyConfig
     device: str = "auto"
     key_path: Path | None = None
+    # The signed high-water mark (fedssl.privacy.highwater); None: beside the ledger key.
+    highwater_path: Path | None = None
 
 
 @dataclass
@@ -122,22 +125,28 @@ def train_plain_round(dataset: SiteDataset, plan: TrainPlan, parts: _Round) -> R
 
 def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSettings, parts: _Round) -> RoundResult:
     """A DP-SGD round, charged to the site's budget before the first step; refused if it does not fit."""
-    budget = SiteBudget.open(site.state_dir, site.privacy, key_path=site.key_path)
-    sample_rate = poisson_sample_rate(len(dataset), plan.batch_size)
-    mechanism = budget.calibrate(sample_rate, planned_steps=plan.planned_rounds * plan.local_steps)
+    budget = SiteBudget.open(site.state_dir, site.privacy, key_path=site.key_path, mark_path=site.highwater_path)
+    request = RoundRequest(
+        run_id=plan.run_id,
+        server_round=plan.server_round,
+        planned_rounds=plan.planned_rounds,
+        sample_rate=poisson_sample_rate(len(dataset), plan.batch_size),
+        steps=plan.local_steps,
+    )
     try:
-        charge = budget.charge(run_id=plan.run_id, server_round=plan.server_round, sample_rate=sample_rate, steps=plan.local_steps)
-    except BudgetExhaustedError as err:
+        charge = budget.admit(request)
+    except RefusedError as err:  # the site's policy or its budget: a refused reply, never a weaker update
         log.error("site %s: %s", site.site_id, err)
         return RoundResult(
             status=STATUS_REFUSED,
             encoder_state=None,
             num_examples=len(dataset),
             epsilon=budget.epsilon_spent,
-            target_epsilon=mechanism.target_epsilon,
-            delta=mechanism.delta,
+            target_epsilon=budget.state.mechanism.target_epsilon if budget.state is not None else site.privacy.target_epsilon,
+            delta=site.privacy.delta,
             reason=str(err),
         )
+    mechanism = charge.mechanism
 
     from opacus import PrivacyEngine
 

@@ -116,6 +116,13 @@ class SiteConfig:
     def ledger_key_path(self) -> Path | None:
         return Path(self.keys.ledger_key) if self.keys.ledger_key else None
 
+    @property
+    def highwater_path(self) -> Path | None:
+        """``<ledger key>.highwater``: outside the state dir, so losing or rolling back that is caught."""
+        from fedssl.privacy.highwater import highwater_path
+
+        return highwater_path(self.ledger_key_path) if self.ledger_key_path else None
+
     def settings(self) -> SiteSettings:
         return SiteSettings(
             site_id=self.site.id,
@@ -123,6 +130,7 @@ class SiteConfig:
             privacy=self.privacy,
             device=self.device,
             key_path=self.ledger_key_path,
+            highwater_path=self.highwater_path,
         )
 
 

@@ -51,6 +51,8 @@ def preflight(config: SiteConfig, *, check_coordinator: bool = True) -> list[Che
     checks.append(Check("leaves the site", True, egress_description(), blocking=False))
     checks.append(_check_state_dir(config.state_path))
     checks.append(_check_budget(config))
+    if config.privacy.enabled:
+        checks.append(_check_high_water(config))
     checks.append(_check_ledger_key(config))
     checks.append(_check_node_key(Path(config.keys.node_key)))
     ca = Path(config.coordinator.root_certificates)
@@ -101,6 +103,20 @@ def _check_budget(config: SiteConfig) -> Check:
             "The site refuses to train; raising privacy.target_epsilon is the operator's decision alone",
         )
     return Check("privacy budget", True, f"eps spent {b.spent:.3f} of {b.target_epsilon:g} (delta {b.delta:g}), {b.left:.3f} left")
+
+
+def _check_high_water(config: SiteConfig) -> Check:
+    """The state dir against the site's signed high-water mark: lost or rolled back, the site would refuse."""
+    from fedssl.privacy.budget import EPSILON_SLACK
+    from fedssl.privacy.highwater import state_dir_problem
+
+    try:
+        problem = state_dir_problem(config.state_path, config.ledger_key_path, config.highwater_path, EPSILON_SLACK)
+    except (PrivacyError, ConfigError) as err:
+        problem = str(err)
+    if problem:
+        return Check("high-water mark", False, problem)
+    return Check("high-water mark", True, "the state dir is not behind the site's signed high-water mark")
 
 
 def _check_ledger_key(config: SiteConfig) -> Check:
