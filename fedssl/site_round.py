@@ -25,7 +25,7 @@ from fedssl.fl.egress import check_egress
 from fedssl.fl.keys import NODE_PARTITION_ID, NODE_SITE_CONFIG, RUN_CONFIG_PATH, RUN_DIR, STATUS_TRAINED
 from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
-from fedssl.fl.site_reply import site_reply_records
+from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.training.local import SiteSettings, train_round
 
@@ -70,8 +70,11 @@ def run_site_round(
     shapes = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
     state = _as_state_dict(global_encoder, shapes)
     result = train_round(dataset, state, plan, site)
-    records = site_reply_records(result, site.site_id, site.privacy.enabled)
-    check_egress(records, shapes, arrays_required=result.status == STATUS_TRAINED)
+    dp = site.privacy.enabled
+    records = site_reply_records(result, site.site_id, dp, plan)
+    # The guard's DP weight comes from the plan, not from the reply: a data-dependent count is refused.
+    dp_weight = released_num_examples(result, plan, dp) if dp else None
+    check_egress(records, shapes, arrays_required=result.status == STATUS_TRAINED, dp_num_examples=dp_weight)
     return SiteRoundReply(records=records, result=result, site=site, plan=plan, encoder_shapes=shapes)
 
 

@@ -142,7 +142,9 @@ def test_metrics_are_whitelisted_scalars(setup):
     assert set(metrics) <= keys.ALLOWED_METRICS
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics[keys.STATUS] == keys.STATUS_CODES["trained"]
-    assert metrics[keys.NUM_EXAMPLES] == len(setup.site_data)
+    # Under DP the weight is the plan's (batch size x local steps), never the site's exact count.
+    assert metrics[keys.NUM_EXAMPLES] == setup.plan.batch_size * setup.plan.local_steps != len(setup.site_data)
+    assert keys.PRETEXT_LOSS not in metrics and keys.TRAIN_SECONDS not in metrics
     assert metrics[keys.SITE_ID] == 0 and metrics[keys.DP_ENABLED] == 1
     assert metrics[keys.STEPS] == setup.config.training.local_steps
     assert 0 < metrics[keys.EPSILON] < metrics[keys.TARGET_EPSILON] == 1.0
@@ -190,7 +192,7 @@ def test_refusing_site_replies_without_arrays(setup, tmp_path):
     metrics = reply.content[keys.METRICS]
     assert metrics[keys.STATUS] == keys.STATUS_CODES["refused"]
     assert metrics[keys.EPSILON] == pytest.approx(eps1, rel=1e-12)
-    assert math.isnan(metrics[keys.PRETEXT_LOSS])
+    assert keys.PRETEXT_LOSS not in metrics
 
 
 def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
@@ -200,8 +202,8 @@ def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
 
     real = site_round.site_reply_records
 
-    def leaky(result, site_id, dp_enabled):
-        records = real(result, site_id, dp_enabled)
+    def leaky(*args, **kwargs):
+        records = real(*args, **kwargs)
         state = records[keys.ARRAYS].to_torch_state_dict()
         state["head.weight"] = torch.zeros(4, 32)
         records[keys.ARRAYS] = ArrayRecord(state)
