@@ -12,6 +12,7 @@ the operator's own site.yaml — the server can neither pick another file nor ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,8 @@ from fedssl.fl.records import RoundResult
 from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.training.local import SiteSettings, train_round
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ def run_site_round(
     # The guard's DP weight comes from the plan, not from the reply: a data-dependent count is refused.
     dp_weight = released_num_examples(result, plan, dp) if dp else None
     check_egress(records, shapes, arrays_required=result.status == STATUS_TRAINED, dp_num_examples=dp_weight)
+    # What a DP site does not release is still its operator's to see, in the site's own log.
+    log.info("site %d, round %d: %s, %d examples, pretext loss %.4f, %.2f s", site.site_id, plan.server_round,
+             result.status, result.num_examples, result.pretext_loss, result.train_seconds)
     return SiteRoundReply(records=records, result=result, site=site, plan=plan, encoder_shapes=shapes)
 
 
