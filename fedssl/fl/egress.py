@@ -89,7 +89,8 @@ def _check_dp_metrics(metrics: Mapping[str, object], dp_num_examples: int) -> No
             f"outside the guarantee; only {', '.join(sorted(keys.DP_RELEASED_METRICS))} may leave"
         )
     if metrics.get(keys.NUM_EXAMPLES) != dp_num_examples:
+        # Flower sends a ClientApp's exception text to the coordinator: name the rule, never the value.
         raise EgressError(
             f"egress refused: under DP {keys.NUM_EXAMPLES!r} must be the plan's data-independent weight "
-            f"{dp_num_examples} (batch size x local steps), got {metrics.get(keys.NUM_EXAMPLES)!r}"
+            f"{dp_num_examples} (batch size x local steps), not a count of the site's records"
         )

@@ -175,8 +175,17 @@ def test_under_dp_a_metric_computed_from_the_data_is_refused(reply, expected, na
 
 
 def test_under_dp_the_exact_example_count_is_refused(reply, expected):
-    with pytest.raises(EgressError, match="num-examples.*48.*got 40"):
+    with pytest.raises(EgressError, match="num-examples.*48") as refused:
         check_egress(replace_metrics(reply, **{keys.NUM_EXAMPLES: 40}), expected, arrays_required=True, dp_num_examples=DP_WEIGHT)
+    # Flower sends a ClientApp's exception text to the server: the refusal must not carry the count itself.
+    assert "40" not in str(refused.value)
+
+
+@pytest.mark.parametrize("name", [keys.PRETEXT_LOSS, keys.TRAIN_SECONDS])
+def test_under_dp_a_refusal_names_the_metric_never_its_value(reply, expected, name):
+    with pytest.raises(EgressError) as refused:
+        check_egress(replace_metrics(reply, **{name: 1.23456}), expected, arrays_required=True, dp_num_examples=DP_WEIGHT)
+    assert name in str(refused.value) and "1.23456" not in str(refused.value)
 
 
 def test_the_dp_flag_must_say_what_the_site_does(reply, encoder, expected):
