@@ -21,7 +21,7 @@ class RoundResult:
 
     status: str
     encoder_state: dict[str, torch.Tensor] | None
-    num_examples: int
+    num_examples: int  # exact; under DP it stays at the site (fl.site_reply.released_num_examples)
     steps: int = 0
     pretext_loss: float = math.nan
     epsilon: float = math.inf
