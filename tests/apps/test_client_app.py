@@ -242,6 +242,28 @@ def test_a_site_without_dp_makes_the_aggregate_epsilon_infinite():
     assert aggregate_site_metrics(no_dp, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
 
 
+def test_dp_replies_without_loss_or_exact_count_average_uniformly(tmp_path):
+    """What DP sites now send (no loss, no time, the plan's weight): the server still averages and
+    records them, weighting sites with 40 and 400 records alike, and logs their loss as unknown."""
+    from fedssl.fl.records import RoundResult
+    from fedssl.fl.site_reply import site_reply_records
+
+    plan = TrainPlan(run_id="7", server_round=1, planned_rounds=2, pretext="rotation", encoder="cnn", width=8, depth=2,
+                     local_steps=3, batch_size=16, lr=0.1)
+
+    def released(site: int, examples: int) -> MetricRecord:
+        result = RoundResult(status="trained", encoder_state=None, num_examples=examples, steps=3, pretext_loss=1.0,
+                             epsilon=0.5, target_epsilon=8.0, delta=1e-5, train_seconds=0.2, ledger_seq=1)
+        return site_reply_records(result, site, dp_enabled=True, plan=plan)[keys.METRICS]
+
+    arrays, metrics = _strategy(tmp_path).aggregate_train(1, [site_reply(1, released(0, 40), 1.0), site_reply(2, released(1, 400), 3.0)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.0))  # not 400:40 weighted (2.82)
+    assert metrics[keys.NUM_EXAMPLES] == 2 * 16 * 3 and math.isnan(metrics[keys.PRETEXT_LOSS])
+    sites, (round_record,) = read_metrics(RunDir(tmp_path).metrics)
+    assert all(math.isnan(r.pretext_loss) and math.isnan(r.train_seconds) and r.num_examples == 48 for r in sites)
+    assert math.isnan(round_record.mean_pretext_loss) and round_record.num_trained == 2
+
+
 def site_reply(node: int, metrics: MetricRecord, fill: float | torch.Tensor | None) -> Message:
     """A site's reply to a round-1 train instruction, as the strategy receives it."""
     content = RecordDict({keys.CONFIG: ConfigRecord({"server-round": 1})})
