@@ -178,7 +178,9 @@ def flower_run(config, tmp: Path) -> dict:
     sites = [r for r in records if r.get("kind") == "site_round"]
     server = json.loads((run_dir / "server_done.json").read_text())
     round_seconds = [float(r["seconds"]) for r in rounds]
-    site_train = [float(r.get("train_seconds", 0.0)) for r in sites]
+    # A DP site no longer reports its training time to the server (docs/privacy.md): take it from the
+    # sites' own phase marks, written on this machine, for every site round.
+    site_train = [float(m.get("train_s", 0.0)) for m in phases.read(phase_log) if m["phase"] == "site_done"]
     return {
         "wall_s": outcome.seconds,
         # SERVER_DONE seen: the results are complete and `fedssl simulate` starts evaluating (Flower and

@@ -9,7 +9,8 @@ guard are exactly the plain path's: both call fedssl.site_round.run_site_round.
 
 What leaves the site (see server/secagg_app.py for the server's view): the encoder weights, scaled
 by the site's weight and masked by ``secaggplus_mod``; the weight itself (in the clear, as FitRes
-``num_examples``, and masked inside the vector); the whitelisted scalar metrics, in the clear.
+``num_examples``, and masked inside the vector: under DP the plan's data-independent weight, as in
+the metrics); the whitelisted scalar metrics, in the clear.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from clients.site_dp_mods import legacy_site_update_clipping_mod
 from fedssl.errors import ConfigError
 from fedssl.fl import keys
-from fedssl.fl.records import RoundResult
 from fedssl.site_round import run_site_round
 
 log = logging.getLogger(__name__)
@@ -38,24 +38,28 @@ def is_secagg_message(msg: Message) -> bool:
     return msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records
 
 
-def secagg_weight(result: RoundResult, weighting: str, max_weight: float) -> int:
-    """The FedAvg weight SecAgg+ multiplies into the masked update: 0 for a refused site."""
-    if result.status != keys.STATUS_TRAINED:
+def secagg_weight(metrics: Mapping[str, int | float], weighting: str, max_weight: float) -> int:
+    """The FedAvg weight SecAgg+ multiplies into the masked update: 0 for a refused site.
+
+    Taken from the site's released (egress-checked) metrics, never from its RoundResult: the
+    weight also travels in the clear, so under DP it must be the data-independent released one."""
+    if int(metrics[keys.STATUS]) != keys.STATUS_CODES[keys.STATUS_TRAINED]:
         return 0
     if weighting == "uniform":
         return 1
     if weighting != "examples":
         raise ConfigError(f"train config: {keys.SECAGG_WEIGHTING}={weighting!r}; expected one of {keys.SECAGG_WEIGHTINGS}")
-    if result.num_examples > max_weight:
-        log.warning("site weight %d capped at secure_aggregation.max_weight=%g", result.num_examples, max_weight)
-    return int(min(result.num_examples, int(max_weight)))
+    examples = int(metrics[keys.NUM_EXAMPLES])
+    if examples > max_weight:
+        log.warning("site weight %d capped at secure_aggregation.max_weight=%g", examples, max_weight)
+    return int(min(examples, int(max_weight)))
 
 
 def site_fit(parameters: Sequence[np.ndarray], config: Mapping[str, object], context: Context) -> tuple[list[np.ndarray], int, dict]:
     """One SecAgg+ round at this site: (weights to mask, weight, whitelisted metrics)."""
     reply = run_site_round(context.node_config, context.run_config, config, parameters)
     metrics = dict(reply.records[keys.METRICS].items())
-    weight = secagg_weight(reply.result, str(config.get(keys.SECAGG_WEIGHTING, "examples")),
+    weight = secagg_weight(metrics, str(config.get(keys.SECAGG_WEIGHTING, "examples")),
                            float(config.get(keys.SECAGG_MAX_WEIGHT, 1000.0)))
     if weight == 0:
         # Refused: hand back the global weights with weight 0. SecAgg+ multiplies them by 0 before

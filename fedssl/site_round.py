@@ -12,6 +12,7 @@ the operator's own site.yaml — the server can neither pick another file nor ch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,9 +26,11 @@ from fedssl.fl.egress import check_egress
 from fedssl.fl.keys import NODE_PARTITION_ID, NODE_SITE_CONFIG, RUN_CONFIG_PATH, RUN_DIR, STATUS_TRAINED
 from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
-from fedssl.fl.site_reply import site_reply_records
+from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.training.local import SiteSettings, train_round
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,14 @@ def run_site_round(
     shapes = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
     state = _as_state_dict(global_encoder, shapes)
     result = train_round(dataset, state, plan, site)
-    records = site_reply_records(result, site.site_id, site.privacy.enabled)
-    check_egress(records, shapes, arrays_required=result.status == STATUS_TRAINED)
+    dp = site.privacy.enabled
+    records = site_reply_records(result, site.site_id, dp, plan)
+    # The guard's DP weight comes from the plan, not from the reply: a data-dependent count is refused.
+    dp_weight = released_num_examples(result, plan, dp) if dp else None
+    check_egress(records, shapes, arrays_required=result.status == STATUS_TRAINED, dp_num_examples=dp_weight)
+    # What a DP site does not release is still its operator's to see, in the site's own log.
+    log.info("site %d, round %d: %s, %d examples, pretext loss %.4f, %.2f s", site.site_id, plan.server_round,
+             result.status, result.num_examples, result.pretext_loss, result.train_seconds)
     return SiteRoundReply(records=records, result=result, site=site, plan=plan, encoder_shapes=shapes)
 
 

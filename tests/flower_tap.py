@@ -142,6 +142,7 @@ import fedssl.site_round as site_round
 from clients.client_app import app as production_app
 from fedssl.fl.keys import STATUS_REFUSED
 from fedssl.fl.records import RoundResult
+from fedssl.fl.site_reply import released_num_examples
 
 TAP_DIR = Path({tap_dir!r})
 DROP = {drop!r}  # {{(round, site_id)}}: crash after training, before anything is sent
@@ -158,7 +159,9 @@ def _tapped(dataset, global_encoder, plan, site):
         result = _real_train_round(dataset, global_encoder, plan, site)
     TAP_DIR.mkdir(parents=True, exist_ok=True)
     record = {{
-        "round": plan.server_round, "site": site.site_id, "status": result.status, "num_examples": result.num_examples,
+        "round": plan.server_round, "site": site.site_id, "status": result.status,
+        # the weight the site releases (under DP the plan's batch size x steps, not its exact count)
+        "num_examples": released_num_examples(result, plan, site.privacy.enabled),
         "global": {{k: v.numpy().copy() for k, v in global_encoder.items()}},
         "trained": None if result.encoder_state is None else {{k: v.numpy().copy() for k, v in result.encoder_state.items()}},
         "dropped": key in DROP,

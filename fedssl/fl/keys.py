@@ -25,7 +25,7 @@ SECAGG_MAX_WEIGHT = "secagg-max-weight"
 SECAGG_WEIGHTINGS = ("examples", "uniform")
 
 # Metric names (site -> server). Scalars only; none is per-sample.
-NUM_EXAMPLES = "num-examples"  # FedAvg weighting
+NUM_EXAMPLES = "num-examples"  # FedAvg weighting: the exact count without DP, data-independent under DP
 EPSILON = "epsilon"
 TARGET_EPSILON = "target-epsilon"
 DELTA = "delta"
@@ -40,6 +40,12 @@ DP_ENABLED = "dp-enabled"
 ALLOWED_METRICS = frozenset(
     {NUM_EXAMPLES, EPSILON, TARGET_EPSILON, DELTA, PRETEXT_LOSS, STEPS, STATUS, SITE_ID, TRAIN_SECONDS, LEDGER_SEQ, DP_ENABLED}
 )
+# Under DP a site releases the noised encoder plus only these: each is fixed by the site's own
+# policy (ε target, δ, id, the DP flag), by the plan (steps, and num-examples, which becomes the
+# plan's batch size x local steps) or by the site's charge history (ε spent, ledger seq, status).
+# The pretext loss (an exact average over the sampled records), the training time and the exact
+# example count are computed from the data without noise, so under DP they never leave the site.
+DP_RELEASED_METRICS = frozenset({NUM_EXAMPLES, EPSILON, TARGET_EPSILON, DELTA, STEPS, STATUS, SITE_ID, LEDGER_SEQ, DP_ENABLED})
 
 # A site's round ends trained or refused (budget spent); a refused site still answers (so the
 # server can record the refusal) but sends no arrays. A reply the server cannot use is "failed".

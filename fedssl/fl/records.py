@@ -21,7 +21,7 @@ class RoundResult:
 
     status: str
     encoder_state: dict[str, torch.Tensor] | None
-    num_examples: int
+    num_examples: int  # exact; under DP it stays at the site (fl.site_reply.released_num_examples)
     steps: int = 0
     pretext_loss: float = math.nan
     epsilon: float = math.inf
@@ -39,13 +39,13 @@ class SiteReport:
     node_id: int
     site_id: int
     status: str
-    num_examples: int
+    num_examples: int  # the FedAvg weight: exact without DP, the plan's batch size x steps under DP
     steps: int
     epsilon: float  # math.inf when the site trains without DP
     target_epsilon: float
     delta: float
-    pretext_loss: float
-    train_seconds: float
+    pretext_loss: float  # NaN when not released (under DP, or a refused round)
+    train_seconds: float  # NaN when not released (under DP)
     ledger_seq: int
 
     @classmethod
@@ -60,7 +60,8 @@ class SiteReport:
             epsilon=float(metrics[keys.EPSILON]) if dp else math.inf,
             target_epsilon=float(metrics[keys.TARGET_EPSILON]) if dp else math.inf,
             delta=float(metrics[keys.DELTA]),
-            pretext_loss=float(metrics[keys.PRETEXT_LOSS]),
-            train_seconds=float(metrics[keys.TRAIN_SECONDS]),
+            # A DP site does not release these (keys.DP_RELEASED_METRICS): NaN, as for a refused round.
+            pretext_loss=float(metrics.get(keys.PRETEXT_LOSS, math.nan)),
+            train_seconds=float(metrics.get(keys.TRAIN_SECONDS, math.nan)),
             ledger_seq=int(metrics[keys.LEDGER_SEQ]),
         )

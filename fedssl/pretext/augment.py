@@ -1,7 +1,8 @@
 """Batched, torch-only augmentations for the two-view methods (BYOL, SimSiam, SimCLR).
 
 Every random draw has a shape fixed by the batch size alone, one draw per sample, taken from
-the global torch RNG: each sample gets independent randomness, a seeded run repeats exactly, and
+the global torch RNG: each sample gets independent randomness, a seeded run repeats exactly (without
+DP: under DP the site reseeds that RNG from OS entropy, fedssl.training.local.train_round), and
 sample i's view never depends on another sample's values (which keeps the losses per-sample).
 
 Images (B, C, H, W) get a random crop-and-resize with small rotation and shift (one affine

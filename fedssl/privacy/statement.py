@@ -9,6 +9,27 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedssl.fl import keys
+
+# Everything a DP site releases besides its noised encoder weights (keys.DP_RELEASED_METRICS, which
+# the egress guard enforces), in plain words; a test holds the two together, so the statement
+# cannot describe fewer values than actually leave a site.
+RELEASED_UNDER_DP = {
+    keys.EPSILON: "the ε it has spent so far",
+    keys.TARGET_EPSILON: "its ε budget",
+    keys.DELTA: "its δ",
+    keys.SITE_ID: "its site number",
+    keys.DP_ENABLED: "that it trains with DP",
+    keys.STATUS: "whether it trained or refused the round",
+    keys.STEPS: "the number of steps the plan asked for",
+    keys.LEDGER_SEQ: "its ledger's sequence number",
+    keys.NUM_EXAMPLES: "as its averaging weight the plan's batch size × local steps (not its number of examples)",
+}
+KEPT_AT_SITE = (
+    "Its pretext loss, its training time and its exact number of examples never leave it: they are "
+    "computed from the data without noise."
+)
+
 OPACUS_SECURE_RNG_CAVEAT = (
     "Noise is drawn with PyTorch's standard pseudo-random generator: Opacus's secure_mode "
     "(a cryptographically secure generator) is off because torchcsprng cannot be installed here. "
@@ -25,6 +46,15 @@ def _site_line(site: Mapping[str, Any]) -> str:
     return f"- {site['site_id']}: {spent}{accountant}"
 
 
+def _released_line() -> str:
+    return (
+        "**What a site releases.** Its noised encoder weights, and besides them only values fixed by its own "
+        "settings, the plan and its charge history, never computed from its records: " + "; ".join(RELEASED_UNDER_DP.values()) + ". " + KEPT_AT_SITE + " Its Poisson sampling, its "
+        "noise and its augmentations are drawn from its operating system's entropy, so the coordinator, who "
+        "chooses the plan and its seed, cannot reproduce them."
+    )
+
+
 def _secure_aggregation_line(secure_aggregation: bool | None) -> str:
     if secure_aggregation is None:
         return "Whether secure aggregation was used is not recorded in the ledgers; the guarantee above does not depend on it."
@@ -34,7 +64,7 @@ def _secure_aggregation_line(secure_aggregation: bool | None) -> str:
             "only masked vectors and unmasked their sum. That holds against a server that follows the protocol "
             "(honest-but-curious) and colludes with fewer sites than the reconstruction threshold; it is "
             "confidentiality, not an additional differential-privacy guarantee. Each site's "
-            "scalar report (ε, status, example count or weight, loss, step count) still reached the server in the clear."
+            "scalar report (ε, status, its data-independent weight, step count) still reached the server in the clear."
         )
     return "Without secure aggregation the server sees each site's (noised) update individually; the guarantee above holds against it too."
 
@@ -53,8 +83,10 @@ def _not_covered(site_level: Mapping[str, Any] | None, secure_aggregation: bool 
         "so their combined exposure is up to the sum of those sites' ε.",
         "- Labels used for evaluation: they are used centrally, only for examples whose owners consented, "
         "and they are not protected by differential privacy.",
-        "- Side channels: timing, the number of examples and the metrics a site reports "
-        "(loss, step count, ε itself) are sent without noise.",
+        "- Timing: how long a site takes to answer is visible on the network (it is not in the reply).",
+        "- The number of records at a site, to within the plan's batch size b: the Poisson sample rate is "
+        "1 / ⌈n / b⌉ for n records, so the ε a site reports (and the round it refuses) moves only when adding "
+        "or removing a record crosses a multiple of b.",
         "- " + _secure_aggregation_line(secure_aggregation),
     ]
 
@@ -81,12 +113,14 @@ def privacy_statement(
         "**What is guaranteed.** Each site's training examples are protected by sample-level "
         "(ε, δ)-differential privacy, computed separately for every site: whatever one example "
         "contributes, the probability of anything the site ever sent (the encoder weights of every "
-        "round, over all runs and restarts recorded in its ledger) changes by at most a factor e^ε, "
+        "round and the values below, over all runs and restarts recorded in its ledger) changes by at most a factor e^ε, "
         "except with probability δ. This comes from DP-SGD at the site: Poisson sampling of each "
         "batch, every example's gradient clipped to norm C, Gaussian noise of standard deviation "
         "σ·C added to the sum, composed over all steps the site ever charged." + worst,
         "",
         *(_site_line(site) for site in sample_level),
+        "",
+        _released_line(),
         "",
         "Guarantees are per site and are not averaged: an example is protected at its own site's ε.",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -214,6 +215,18 @@ def _evaluation_section(run: RunFiles) -> list[str]:
     return lines
 
 
+def _pretext_loss_note(run: RunFiles) -> list[str]:
+    """Say why the loss plot is empty when the sites trained under DP: they keep their loss."""
+    trained = [r for r in run.site_rounds if r.status == "trained"]
+    if not trained or any(math.isfinite(r.pretext_loss) for r in trained):
+        return []
+    return [
+        "",
+        "No site released a pretext loss: under differential privacy a site keeps it, because it is an exact "
+        "average over the site's records, computed without noise (docs/privacy.md, \"What a site releases\").",
+    ]
+
+
 def write_report(run_dir: Path) -> Path:
     """Write report.md and its PNG plots into `run_dir`; returns the report path."""
     run = load_run(Path(run_dir))
@@ -236,6 +249,7 @@ def write_report(run_dir: Path) -> Path:
         "## Pretext training",
         "",
         f"![pretext loss]({PRETEXT_PLOT})",
+        *_pretext_loss_note(run),
         "",
         "## Label efficiency",
         "",

@@ -104,6 +104,13 @@ def train_round(
     device = resolve_device(site.device)
     model = build_pretext_model(plan, dataset.input_shape, global_encoder)
     restore_site_parts(model, site.state_dir)
+    if site.privacy.enabled:
+        # The plan's seed may fix the head's initial weights (public, data-independent: DP-SGD holds
+        # for any initial model), but not the augmentations (views, rotations, masks): they are drawn
+        # per batch position, so a server that knew them would know how removing one record shifts
+        # every later record's augmentation, and one record's influence would no longer be one clipped
+        # gradient. Drawn from OS entropy, each record's augmentation is independent of the others'.
+        torch.manual_seed(secrets.randbits(63))
     model.to(device)
     trained = canaries.wrap(model) if canaries is not None else model
     parts = _Round(model, trained, _make_optimizer(plan, model), device)

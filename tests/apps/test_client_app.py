@@ -142,7 +142,9 @@ def test_metrics_are_whitelisted_scalars(setup):
     assert set(metrics) <= keys.ALLOWED_METRICS
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics[keys.STATUS] == keys.STATUS_CODES["trained"]
-    assert metrics[keys.NUM_EXAMPLES] == len(setup.site_data)
+    # Under DP the weight is the plan's (batch size x local steps), never the site's exact count.
+    assert metrics[keys.NUM_EXAMPLES] == setup.plan.batch_size * setup.plan.local_steps != len(setup.site_data)
+    assert keys.PRETEXT_LOSS not in metrics and keys.TRAIN_SECONDS not in metrics
     assert metrics[keys.SITE_ID] == 0 and metrics[keys.DP_ENABLED] == 1
     assert metrics[keys.STEPS] == setup.config.training.local_steps
     assert 0 < metrics[keys.EPSILON] < metrics[keys.TARGET_EPSILON] == 1.0
@@ -190,7 +192,7 @@ def test_refusing_site_replies_without_arrays(setup, tmp_path):
     metrics = reply.content[keys.METRICS]
     assert metrics[keys.STATUS] == keys.STATUS_CODES["refused"]
     assert metrics[keys.EPSILON] == pytest.approx(eps1, rel=1e-12)
-    assert math.isnan(metrics[keys.PRETEXT_LOSS])
+    assert keys.PRETEXT_LOSS not in metrics
 
 
 def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
@@ -200,8 +202,8 @@ def test_client_app_runs_the_egress_guard(setup, tmp_path, monkeypatch):
 
     real = site_round.site_reply_records
 
-    def leaky(result, site_id, dp_enabled):
-        records = real(result, site_id, dp_enabled)
+    def leaky(*args, **kwargs):
+        records = real(*args, **kwargs)
         state = records[keys.ARRAYS].to_torch_state_dict()
         state["head.weight"] = torch.zeros(4, 32)
         records[keys.ARRAYS] = ArrayRecord(state)
@@ -238,6 +240,28 @@ def test_a_site_without_dp_makes_the_aggregate_epsilon_infinite():
     assert aggregate_site_metrics(mixed, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
     no_dp = [RecordDict({keys.METRICS: metrics_record(-1.0, 30, 1.0, dp=False)})]
     assert aggregate_site_metrics(no_dp, keys.NUM_EXAMPLES)[keys.EPSILON] == math.inf
+
+
+def test_dp_replies_without_loss_or_exact_count_average_uniformly(tmp_path):
+    """What DP sites now send (no loss, no time, the plan's weight): the server still averages and
+    records them, weighting sites with 40 and 400 records alike, and logs their loss as unknown."""
+    from fedssl.fl.records import RoundResult
+    from fedssl.fl.site_reply import site_reply_records
+
+    plan = TrainPlan(run_id="7", server_round=1, planned_rounds=2, pretext="rotation", encoder="cnn", width=8, depth=2,
+                     local_steps=3, batch_size=16, lr=0.1)
+
+    def released(site: int, examples: int) -> MetricRecord:
+        result = RoundResult(status="trained", encoder_state=None, num_examples=examples, steps=3, pretext_loss=1.0,
+                             epsilon=0.5, target_epsilon=8.0, delta=1e-5, train_seconds=0.2, ledger_seq=1)
+        return site_reply_records(result, site, dp_enabled=True, plan=plan)[keys.METRICS]
+
+    arrays, metrics = _strategy(tmp_path).aggregate_train(1, [site_reply(1, released(0, 40), 1.0), site_reply(2, released(1, 400), 3.0)])
+    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((3,), 2.0))  # not 400:40 weighted (2.82)
+    assert metrics[keys.NUM_EXAMPLES] == 2 * 16 * 3 and math.isnan(metrics[keys.PRETEXT_LOSS])
+    sites, (round_record,) = read_metrics(RunDir(tmp_path).metrics)
+    assert all(math.isnan(r.pretext_loss) and math.isnan(r.train_seconds) and r.num_examples == 48 for r in sites)
+    assert math.isnan(round_record.mean_pretext_loss) and round_record.num_trained == 2
 
 
 def site_reply(node: int, metrics: MetricRecord, fill: float | torch.Tensor | None) -> Message:

@@ -55,16 +55,29 @@ def test_secagg_configs_load() -> None:
 
 
 def test_weight_policy() -> None:
+    """The weight travels in the clear (FitRes num_examples), so it is the released one: under DP the
+    plan's batch size x local steps, never the site's exact count."""
     from clients.secagg_app import secagg_weight
     from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
+    from fedssl.fl.plan import TrainPlan
     from fedssl.fl.records import RoundResult
+    from fedssl.fl.site_reply import site_reply_records
 
-    trained = RoundResult(status=STATUS_TRAINED, encoder_state={}, num_examples=420)
-    assert secagg_weight(trained, "examples", 1000) == 420
-    assert secagg_weight(trained, "examples", 300) == 300  # capped at max_weight
-    assert secagg_weight(trained, "uniform", 1) == 1
-    refused = RoundResult(status=STATUS_REFUSED, encoder_state=None, num_examples=420)
-    assert secagg_weight(refused, "examples", 1000) == 0 and secagg_weight(refused, "uniform", 1) == 0
+    plan = TrainPlan(run_id="t", server_round=1, planned_rounds=2, pretext="rotation", encoder="cnn", width=8, depth=2,
+                     local_steps=5, batch_size=32, lr=0.1)
+
+    def released(status: str, dp: bool) -> dict:
+        result = RoundResult(status=status, encoder_state=None, num_examples=420)
+        return dict(site_reply_records(result, site_id=0, dp_enabled=dp, plan=plan)[keys.METRICS])
+
+    plain, private = released(STATUS_TRAINED, dp=False), released(STATUS_TRAINED, dp=True)
+    assert secagg_weight(plain, "examples", 1000) == 420
+    assert secagg_weight(plain, "examples", 300) == 300  # capped at max_weight
+    assert secagg_weight(private, "examples", 1000) == 160  # 32 x 5, whatever the site holds
+    assert secagg_weight(private, "uniform", 1) == secagg_weight(plain, "uniform", 1) == 1
+    for dp in (False, True):
+        refused = released(STATUS_REFUSED, dp)
+        assert secagg_weight(refused, "examples", 1000) == 0 and secagg_weight(refused, "uniform", 1) == 0
 
 
 def test_refused_site_sends_a_data_independent_vector() -> None:

@@ -404,7 +404,20 @@ def test_privacy_statement_says_what_is_and_is_not_covered() -> None:
     for phrase in ("sample-level", "site-000: ε = 2.500, δ = 1e-05 (rdp accountant)", "site-001: no DP training recorded",
                    "weakest protection of any site is ε = 2.500", "Poisson", "torchcsprng", "secure_mode",
                    "no site-level", "several sites", "Labels", "not protected by differential privacy",
-                   "timing", "number of examples", "not an additional differential-privacy guarantee", "ImageNet-1k"):
+                   "Timing", "number of examples", "not an additional differential-privacy guarantee", "ImageNet-1k"):
         assert phrase in text, phrase
     with_site_level = privacy_statement(sample_level=[], site_level={"epsilon": 3.0, "delta": 1e-3, "mechanism": "DP-FedAvg"})
     assert "site-level guarantee of ε = 3.000" in with_site_level
+
+
+def test_privacy_statement_names_exactly_what_a_dp_site_releases() -> None:
+    """Every scalar the egress guard lets out under DP is named, and what it keeps back is said to stay."""
+    from fedssl.fl import keys
+    from fedssl.privacy.statement import RELEASED_UNDER_DP
+
+    assert set(RELEASED_UNDER_DP) == keys.DP_RELEASED_METRICS
+    text = privacy_statement(sample_level=[{"site_id": "site-000", "epsilon": 2.5, "delta": 1e-5, "accountant": "rdp"}])
+    for phrase in (*RELEASED_UNDER_DP.values(), "pretext loss, its training time and its exact number of examples never leave",
+                   "operating system's entropy", "1 / ⌈n / b⌉"):
+        assert phrase in text, phrase
+    assert "Side channels" not in text and "loss, step count" not in text

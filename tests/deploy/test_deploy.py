@@ -250,6 +250,9 @@ def test_preflight_passes_offline_checks_and_lists_egress(site_dir):
     by = checks_by_name(checks)
     assert "64 samples" in by["data"].detail
     assert "encoder weights only" in by["leaves the site"].detail and "epsilon" in by["leaves the site"].detail
+    # the site trains with DP: the line names only what its egress guard lets out under DP
+    assert "pretext-loss" not in by["leaves the site"].detail and "train-seconds" not in by["leaves the site"].detail
+    assert "batch size x local steps" in by["leaves the site"].detail
 
 
 def test_preflight_failures(site_dir):

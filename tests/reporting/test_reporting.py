@@ -127,6 +127,17 @@ def test_report_has_plots_and_the_input_numbers(run_dir: Path) -> None:
     assert "| raw_input | 0.520 ± 0.020 | 0.710 ± 0.010 |" in report
 
 
+def test_report_says_why_dp_sites_show_no_pretext_loss(run_dir: Path) -> None:
+    assert "No site released a pretext loss" not in write_report(run_dir).read_text()
+    # As the server records DP sites' replies: they carry no loss (fedssl.fl.keys.DP_RELEASED_METRICS).
+    lines = [site_round(*record[:4], float("nan")) | {"train_seconds": None} for record in SITE_ROUNDS]
+    lines += [round_record(r) | {"mean_pretext_loss": None} for r in (1, 2, 3)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = write_report(run_dir).read_text()
+    assert "No site released a pretext loss" in report and "without noise" in report
+    assert (run_dir / "pretext_loss.png").is_file()
+
+
 def test_report_credits_pretraining_only_beyond_the_random_init_spread(run_dir: Path) -> None:
     report = write_report(run_dir).read_text()
     assert "At 1% labels, pretrained_probe 0.620 vs random_init_probe 0.610: difference +0.010, " \

@@ -24,12 +24,17 @@ class Check:
     blocking: bool = True
 
 
-def egress_description() -> str:
+def egress_description(dp_enabled: bool) -> str:
     from fedssl.fl import keys
 
+    released = keys.DP_RELEASED_METRICS if dp_enabled else keys.ALLOWED_METRICS
+    under_dp = (
+        f"; under DP {keys.NUM_EXAMPLES} is the plan's batch size x local steps, and the pretext loss, training "
+        "time and exact example count stay here" if dp_enabled else ""
+    )
     return (
         f"encoder weights only (record {keys.ARRAYS!r}: exactly the encoder's parameter names and shapes) and the scalar "
-        f"metrics {', '.join(sorted(keys.ALLOWED_METRICS))} (record {keys.METRICS!r}). Never raw data, labels, sample ids, "
+        f"metrics {', '.join(sorted(released))} (record {keys.METRICS!r}){under_dp}. Never raw data, labels, sample ids, "
         "pretext heads or per-sample values (enforced by the egress guard)"
     )
 
@@ -48,7 +53,7 @@ def preflight(config: SiteConfig, *, check_coordinator: bool = True) -> list[Che
         checks.append(Check("data", True, f"{config.data.path}: {len(dataset)} samples, {dataset.modality}, shape {list(dataset.input_shape)}"))
     except (DataError, ConfigError, ValueError) as err:
         checks.append(Check("data", False, f"data.path: {err}"))
-    checks.append(Check("leaves the site", True, egress_description(), blocking=False))
+    checks.append(Check("leaves the site", True, egress_description(config.privacy.enabled), blocking=False))
     checks.append(_check_state_dir(config.state_path))
     checks.append(_check_budget(config))
     if config.privacy.enabled:
