@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR
 from fedssl.fl.plan import TrainPlan, plan_from_config
 from fedssl.layout import RunDir
 from fedssl.models import build_encoder
@@ -28,6 +29,7 @@ from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
+from server.guard import WATERMARKS_FILE, SiteWatermarks
 from server.site_dp import SiteLevelBook, message_strategy
 from server.strategy import AGGREGATION_FEDAVG, RoundRecorder
 
@@ -47,9 +49,13 @@ def main(grid: Grid, context: Context) -> None:
         load_warm_start(run_dir.warm_start, encoder)
     plan = plan_from_config(config, run_id=str(context.run_id))
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
+    # The coordinator's state dir outlives runs: its ledger key and each site's last (seq, ε) live there.
+    state = Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path))
     recorder = RoundRecorder(
         run_log=RunLog(run_dir.path),
-        server_ledger=ServerLedger(run_dir.server_ledger),
+        server_ledger=ServerLedger.open(run_dir.server_ledger, state),
+        watermarks=SiteWatermarks(state / WATERMARKS_FILE),
+        max_num_examples=config.federation.max_num_examples,
         num_rounds=config.federation.rounds,
         aggregation=AGGREGATION_SECAGG if config.secure_aggregation.enabled else AGGREGATION_FEDAVG,
         report_fields=book.fields if book is not None else lambda server_round: {},

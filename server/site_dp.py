@@ -29,7 +29,7 @@ from fedssl.errors import BudgetExhaustedError
 from fedssl.fl import keys
 from fedssl.layout import RunDir
 from fedssl.privacy.site_level import SiteLevelAccountant, mechanism_from_config
-from server.strategy import FedSSLAvg, RoundRecorder
+from server.strategy import FedSSLAvg, RoundRecorder, strategy_class, strategy_options
 
 ERROR = logging.ERROR
 INFO = logging.INFO
@@ -113,10 +113,11 @@ class SiteDPAvg(FedSSLAvg):
 
 
 def message_strategy(config: ExperimentConfig, book: SiteLevelBook | None, *, recorder: RoundRecorder, **kwargs):
-    """The plain (Message API) path's strategy: FedSSLAvg, or (with a site-level ``book``) Flower's DP
-    wrapper around SiteDPAvg."""
+    """The plain (Message API) path's strategy: federation.strategy's (FedSSLAvg, FedSSLMedian, FedSSLTrimmedAvg),
+    or (with a site-level ``book``) Flower's DP wrapper around SiteDPAvg."""
+    kwargs = {**strategy_options(config.federation), **kwargs}
     if book is None:
-        return FedSSLAvg(recorder=recorder, **kwargs)
+        return strategy_class(config.federation.strategy)(recorder=recorder, **kwargs)
     from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
 
     inner = SiteDPAvg(book=book, recorder=recorder, **kwargs)

@@ -56,11 +56,12 @@ class SiteReport:
             site_id=int(metrics[keys.SITE_ID]),
             status=keys.STATUS_NAMES.get(int(metrics[keys.STATUS]), "unknown"),
             num_examples=int(metrics[keys.NUM_EXAMPLES]),
-            steps=int(metrics[keys.STEPS]),
+            # What a site may withhold (fedssl.fl.validation.REQUIRED_METRICS is the rest) has a "not released" default.
+            steps=int(metrics.get(keys.STEPS, 0)),
             epsilon=float(metrics[keys.EPSILON]) if dp else math.inf,
-            target_epsilon=float(metrics[keys.TARGET_EPSILON]) if dp else math.inf,
-            delta=float(metrics[keys.DELTA]),
-            pretext_loss=float(metrics[keys.PRETEXT_LOSS]),
-            train_seconds=float(metrics[keys.TRAIN_SECONDS]),
+            target_epsilon=float(metrics.get(keys.TARGET_EPSILON, math.inf)) if dp else math.inf,
+            delta=float(metrics.get(keys.DELTA, 0.0)),
+            pretext_loss=float(metrics.get(keys.PRETEXT_LOSS, math.nan)),
+            train_seconds=float(metrics.get(keys.TRAIN_SECONDS, math.nan)),
             ledger_seq=int(metrics[keys.LEDGER_SEQ]),
         )
