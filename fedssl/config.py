@@ -57,14 +57,10 @@ class FederationConfig:
     min_sites: int = 2
     strategy: str = "fedavg"  # fedavg | fedmedian | fedtrimmedavg (Flower's robust strategies; server/strategy.py)
     trim_fraction: float = 0.2  # fedtrimmedavg: the fraction cut off each tail, per coordinate (Flower's beta)
-    # Reply validation (fedssl.fl.validation). A site's update may be at most this multiple of the
-    # global model's L2 norm (of 1, for a model near zero): an honest round moves the weights by a
-    # fraction of their norm, even with DP noise, so 10x bounds only gross scaling (1e30, a flipped
-    # sign times a huge factor); robust aggregation handles subtler poisoning. null: no bound.
+    # Reply validation (fedssl.fl.validation): an update may be at most this multiple of the global model's norm (null: no
+    # bound). Honest rounds, DP noise included, move it by a fraction of its norm: 10x stops gross scaling, not subtle poison.
     max_update_norm: float | None = 10.0
-    # Largest num-examples (a trained site's FedAvg weight) the server accepts: one site claiming
-    # 1e9 examples would otherwise own the average. Raise it for sites with more records.
-    max_num_examples: int = 1_000_000
+    max_num_examples: int = 1_000_000  # largest FedAvg weight accepted: one site claiming 1e9 would own the average
     # How long the server waits for a round's replies. A site killed mid-round that rejoins
     # under the same node id never answers the lost message, so without a bound the round
     # (and the run) would wait for the full default hour.
@@ -367,12 +363,9 @@ class ExperimentConfig:
             check(sa.reconstruction_threshold <= 1 or sa.reconstruction_threshold <= sampled,
               "secure_aggregation.reconstruction_threshold", f"must be at most the {sampled} sites sampled per round",
               sa.reconstruction_threshold)
-        robust = self.federation.strategy in ROBUST_STRATEGIES
-        check(not (robust and sa.enabled), "federation.strategy",
-              "must be fedavg when secure_aggregation.enabled (the server sees only the masked sum, no update to take a median of)",
+        check(self.federation.strategy not in ROBUST_STRATEGIES or not (sa.enabled or self.site_dp.enabled), "federation.strategy",
+              "must be fedavg with secure_aggregation (the server sees only the masked sum) or site_dp (its noise assumes the mean)",
               self.federation.strategy)
-        check(not (robust and self.site_dp.enabled), "federation.strategy",
-              "must be fedavg when site_dp.enabled (its noise is calibrated to the fixed-denominator mean)", self.federation.strategy)
         if self.site_dp.enabled and sa.enabled:
             check(self.site_dp.side == "client", "site_dp.side",
               "must be client when secure_aggregation.enabled (the server cannot clip updates it never sees)", self.site_dp.side)

@@ -238,6 +238,19 @@ class FedSSLAvg(FedAvg):
         self.recorder.finish_round(server_round, reports)
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 
+    def without_bad_arrays(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies whose arrays (if any) fit the global model; the others dropped and recorded.
+
+        For a wrapper that computes on the arrays before this strategy sees them (Flower's server-side clipping).
+        """
+        kept = []
+        for msg in replies:
+            if msg.has_content() and msg.content.array_records and (problem := self._arrays_problem(msg)) is not None:
+                self.recorder.drop(server_round, msg.metadata.src_node_id, problem)
+            else:
+                kept.append(msg)
+        return kept
+
     def _arrays_problem(self, msg: Message) -> str | None:
         """Why a trained reply's arrays are unusable: not exactly one encoder ArrayRecord, or not like the global model."""
         records = msg.content.array_records

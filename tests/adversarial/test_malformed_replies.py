@@ -176,3 +176,51 @@ def test_too_few_valid_replies_fail_the_round_and_keep_the_model(tmp_path: Path)
     assert arrays is None and metrics is None  # Flower keeps the previous global model
     sites, _ = read_metrics(RunDir(tmp_path).metrics)
     assert any(r.status == "failed" and "min_sites" in r.reason for r in sites)
+
+
+@pytest.mark.parametrize("attack", ["broadcast_shape_1", "missing_key", "nan"])
+def test_server_side_site_dp_drops_malformed_arrays_before_flowers_clipping_touches_them(tmp_path: Path, attack: str) -> None:
+    """Flower's server-side clipping wrapper computes on every reply's arrays before fedssl's strategy sees them."""
+    from fedssl.config import load_config
+    from server.site_dp import SiteLevelBook, message_strategy
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "configs" / "experiments" / "digits-tiny.yaml", [
+        "federation.num_sites=4", "site_dp.enabled=true", "site_dp.side=server", "site_dp.noise_multiplier=0.01", "site_dp.clipping_norm=1.0"])
+    recorder = RoundRecorder(run_log=RunLog(tmp_path), server_ledger=ServerLedger(RunDir(tmp_path).server_ledger), num_rounds=1)
+    strategy = message_strategy(config, SiteLevelBook(config, tmp_path), recorder=recorder, fraction_train=1.0, fraction_evaluate=0.0,
+                                min_train_nodes=2, min_available_nodes=2)
+    arrays, _ = run_round(strategy, global_model(), 1, ATTACKS[attack])  # must not raise
+    assert arrays is not None and all(np.all(np.isfinite(a.numpy())) for a in arrays.values())
+    sites, _ = read_metrics(RunDir(tmp_path).metrics)
+    assert [r.node_id for r in sites if r.status == "failed"] == [MALICIOUS]
+
+
+# ----------------------------------------------------------------- slow: a real federation with one malicious ClientApp
+
+
+@pytest.mark.slow
+def test_a_malicious_client_app_in_a_real_federation_is_dropped_and_the_run_completes(tmp_path: Path, monkeypatch) -> None:
+    """`flwr run` of the production apps, 3 sites, DP on; site 2's ClientApp replaces its round-2 weights with 1e30."""
+    from flower_tap import Tap, run_tapped, weighted_mean
+
+    from fedssl.config import load_config
+
+    root = Path(__file__).resolve().parents[2]
+    config = load_config(root / "configs" / "experiments" / "digits-tiny.yaml", ["federation.num_sites=3", "run.name=poisoned"])
+    run_dir, tap_dir = run_tapped(config, tmp_path, monkeypatch, poison={(2, 2): 1e30})
+    tap = Tap.load(tap_dir)
+
+    final = {k: v.numpy() for k, v in torch.load(RunDir(run_dir).final_encoder).items()}
+    assert all(np.all(np.isfinite(v)) for v in final.values())
+    honest = [tap.sites[(2, s)] for s in (0, 1)]
+    expected = weighted_mean([s["trained"] for s in honest], [s["num_examples"] for s in honest])
+    for name, value in expected.items():
+        np.testing.assert_allclose(final[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
+
+    sites, rounds = read_metrics(RunDir(run_dir).metrics)
+    dropped = [r for r in sites if r.status == "failed"]
+    assert [(r.round, r.last_site_id) for r in dropped] == [(2, 2)] and "update norm" in dropped[0].reason
+    assert [r.num_trained for r in rounds] == [3, 2]
+    ledger = ServerLedger(RunDir(run_dir).server_ledger).records()
+    assert [(r["body"]["round"]) for r in ledger if r["kind"] == "reply_dropped"] == [2]
