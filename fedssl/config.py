@@ -45,13 +45,22 @@ class DataConfig:
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
 
 
+STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg")
+
+
 @dataclass
 class FederationConfig:
     num_sites: int = 5
     rounds: int = 5
     fraction_train: float = 1.0
     min_sites: int = 2
-    strategy: str = "fedavg"
+    strategy: str = "fedavg"  # fedavg | fedmedian | fedtrimmedavg (Flower's robust strategies; server/strategy.py)
+    trim_fraction: float = 0.2  # fedtrimmedavg: the fraction cut off each tail, per coordinate (Flower's beta)
+    # Reply validation (fedssl.fl.validation): an update may be at most this multiple of the global model's norm (null: no
+    # bound). Honest rounds, DP noise included, move it by a fraction of its norm: 10x stops gross scaling, not subtle poison.
+    max_update_norm: float | None = 10.0
+    max_num_examples: int = 1_000_000  # largest FedAvg weight accepted: one site claiming 1e9 would own the average
     # How long the server waits for a round's replies. A site killed mid-round that rejoins
     # under the same node id never answers the lost message, so without a bound the round
     # (and the run) would wait for the full default hour.
@@ -63,7 +72,11 @@ class FederationConfig:
         check(0 < self.fraction_train <= 1, "federation.fraction_train", "must be in (0, 1]", self.fraction_train)
         check(1 <= self.min_sites <= self.num_sites, "federation.min_sites",
               f"must be between 1 and federation.num_sites ({self.num_sites})", self.min_sites)
-        check(self.strategy in ("fedavg",), "federation.strategy", "valid choices: fedavg", self.strategy)
+        check(self.strategy in STRATEGIES, "federation.strategy", f"valid choices: {', '.join(STRATEGIES)}", self.strategy)
+        check(0 <= self.trim_fraction < 0.5, "federation.trim_fraction", "must be in [0, 0.5)", self.trim_fraction)
+        check(self.max_update_norm is None or 0 < self.max_update_norm < math.inf, "federation.max_update_norm",
+              "must be a finite number > 0 (a multiple of the global model's norm), or null for no bound", self.max_update_norm)
+        check(self.max_num_examples >= 1, "federation.max_num_examples", "must be an integer >= 1", self.max_num_examples)
         check(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds", self.round_timeout)
 
 
@@ -367,6 +380,9 @@ class ExperimentConfig:
             check(sa.reconstruction_threshold <= 1 or sa.reconstruction_threshold <= sampled,
               "secure_aggregation.reconstruction_threshold", f"must be at most the {sampled} sites sampled per round",
               sa.reconstruction_threshold)
+        check(self.federation.strategy not in ROBUST_STRATEGIES or not (sa.enabled or self.site_dp.enabled), "federation.strategy",
+              "must be fedavg with secure_aggregation (the server sees only the masked sum) or site_dp (its noise assumes the mean)",
+              self.federation.strategy)
         if self.site_dp.enabled and sa.enabled:
             check(self.site_dp.side == "client", "site_dp.side",
               "must be client when secure_aggregation.enabled (the server cannot clip updates it never sees)", self.site_dp.side)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR
 from fedssl.fl.plan import TrainPlan, plan_from_config
 from fedssl.layout import RunDir
 from fedssl.models import build_encoder
@@ -28,8 +29,9 @@ from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
+from server.guard import WATERMARKS_FILE, SiteWatermarks
 from server.site_dp import SiteLevelBook, message_strategy
-from server.strategy import AGGREGATION_FEDAVG, RoundRecorder
+from server.strategy import RoundRecorder
 
 app = ServerApp()
 
@@ -47,19 +49,27 @@ def main(grid: Grid, context: Context) -> None:
         load_warm_start(run_dir.warm_start, encoder)
     plan = plan_from_config(config, run_id=str(context.run_id))
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
-    recorder = RoundRecorder(
-        run_log=RunLog(run_dir.path),
-        server_ledger=ServerLedger(run_dir.server_ledger),
-        num_rounds=config.federation.rounds,
-        aggregation=AGGREGATION_SECAGG if config.secure_aggregation.enabled else AGGREGATION_FEDAVG,
-        report_fields=book.fields if book is not None else lambda server_round: {},
-    )
+    recorder = round_recorder(config, run_dir, Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path)), book)
     final = _run_rounds(grid, context, config, plan, encoder.state_dict(), recorder, book, run_dir)
     torch.save(final, run_dir.final_encoder)
     mark("server_done")
     done = run_dir.server_done.with_suffix(".tmp")
     done.write_text(json.dumps({"run_id": context.run_id, "rounds": config.federation.rounds, "seconds": time.time() - started}))
     done.replace(run_dir.server_done)  # atomic: the driver starts on the results the moment this name appears
+
+
+def round_recorder(config: ExperimentConfig, run_dir: RunDir, state_dir: Path, book: SiteLevelBook | None = None) -> RoundRecorder:
+    """The run's recorder. ``state_dir`` outlives runs (the coordinator's, in a deployment): it holds the
+    server ledger's signing key and each site's last (ledger seq, ε), so a site rolled back between runs is refused."""
+    return RoundRecorder(
+        run_log=RunLog(run_dir.path),
+        server_ledger=ServerLedger.open(run_dir.server_ledger, state_dir),
+        watermarks=SiteWatermarks(state_dir / WATERMARKS_FILE),
+        max_num_examples=config.federation.max_num_examples,
+        num_rounds=config.federation.rounds,
+        aggregation=AGGREGATION_SECAGG if config.secure_aggregation.enabled else config.federation.strategy,
+        report_fields=book.fields if book is not None else lambda server_round: {},
+    )
 
 
 def _run_rounds(grid: Grid, context: Context, config: ExperimentConfig, plan: TrainPlan, initial: dict[str, torch.Tensor],

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.common.logger import log as flwr_log
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
 
 from fedssl.config import ExperimentConfig
 from fedssl.errors import BudgetExhaustedError
 from fedssl.fl import keys
 from fedssl.layout import RunDir
 from fedssl.privacy.site_level import SiteLevelAccountant, mechanism_from_config
-from server.strategy import FedSSLAvg, RoundRecorder
+from server.strategy import FedSSLAvg, RoundRecorder, strategy_class, strategy_options
 
 ERROR = logging.ERROR
 INFO = logging.INFO
@@ -112,15 +113,22 @@ class SiteDPAvg(FedSSLAvg):
         return ArrayRecord({name: Array(arr) for name, arr in zip(names, mean)})
 
 
-def message_strategy(config: ExperimentConfig, book: SiteLevelBook | None, *, recorder: RoundRecorder, **kwargs):
-    """The plain (Message API) path's strategy: FedSSLAvg, or (with a site-level ``book``) Flower's DP
-    wrapper around SiteDPAvg."""
-    if book is None:
-        return FedSSLAvg(recorder=recorder, **kwargs)
-    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
+class GuardedServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side clipping, after dropping malformed arrays: it computes on every reply's arrays before
+    the inner strategy validates them, and one broadcastable or missing array would raise there and abort the run."""
 
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        return super().aggregate_train(server_round, self.strategy.without_bad_arrays(server_round, list(replies)))
+
+
+def message_strategy(config: ExperimentConfig, book: SiteLevelBook | None, *, recorder: RoundRecorder, **kwargs):
+    """The plain (Message API) path's strategy: federation.strategy's (FedSSLAvg, FedSSLMedian, FedSSLTrimmedAvg),
+    or (with a site-level ``book``) Flower's DP wrapper around SiteDPAvg."""
+    kwargs = {**strategy_options(config.federation), **kwargs}
+    if book is None:
+        return strategy_class(config.federation.strategy)(recorder=recorder, **kwargs)
     inner = SiteDPAvg(book=book, recorder=recorder, **kwargs)
-    wrapper = DifferentialPrivacyClientSideFixedClipping if config.site_dp.side == "client" else DifferentialPrivacyServerSideFixedClipping
+    wrapper = DifferentialPrivacyClientSideFixedClipping if config.site_dp.side == "client" else GuardedServerSideClipping
     return wrapper(inner, book.mechanism.noise_multiplier, book.mechanism.clipping_norm, book.sites_per_round)
 
 

@@ -8,7 +8,13 @@ strategies) and on the SecAgg+ path (server/secagg_app.py):
 - ε is aggregated with max over the sites that reported, never averaged (:func:`round_metrics`):
   the federation is only as private as its least private site, and a refused site still counts
   with what it has already spent;
-- every site's report lands in metrics.jsonl and the server's own hash-chained ledger.
+- every site's report lands in metrics.jsonl and the server's own hash-chained ledger;
+- every reply is validated before it counts (fedssl.fl.validation, server/guard.py): a bad one is
+  dropped with its reason in the log, metrics.jsonl and the server ledger, and the round goes on
+  unless fewer than ``min_train_nodes`` valid replies remain.
+
+``federation.strategy`` picks the combination rule: FedAvg, or Flower's FedMedian / FedTrimmedAvg
+(robust to a minority of poisoned updates), each composed with the same validation and recorder.
 """
 
 from __future__ import annotations
@@ -17,18 +23,23 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
+from fedssl.config import FederationConfig
 from fedssl.fl import keys
 from fedssl.fl.records import SiteReport
+from fedssl.fl.validation import arrays_problem, metrics_problem
 from fedssl.privacy.ledger import ServerLedger
-from fedssl.privacy.records import ROUND_REPORT
+from fedssl.privacy.records import REPLY_DROPPED, ROUND_REPORT
 from fedssl.runlog import FAILED, KIND_ROUND, KIND_SITE_ROUND, RunLog
+from server.guard import SiteBindings, SiteWatermarks
 
 INFO = 20
 AGGREGATION_FEDAVG = "fedavg"
+_DEFAULTS = FederationConfig()
 
 
 def round_epsilon(reports: list[SiteReport]) -> float:
@@ -57,7 +68,11 @@ class RoundRecorder:
     """Records every site's reply and every round: metrics.jsonl, the server ledger and the log."""
 
     def __init__(self, *, run_log: RunLog, server_ledger: ServerLedger, num_rounds: int, aggregation: str = AGGREGATION_FEDAVG,
-                 report_fields: Callable[[int], dict] = lambda server_round: {}) -> None:
+                 report_fields: Callable[[int], dict] = lambda server_round: {},
+                 max_num_examples: int = _DEFAULTS.max_num_examples, watermarks: SiteWatermarks | None = None) -> None:
+        self.max_num_examples = max_num_examples
+        self.bindings = SiteBindings()
+        self.watermarks = watermarks if watermarks is not None else SiteWatermarks()
         self.run_log = run_log
         self.server_ledger = server_ledger
         self.num_rounds = num_rounds
@@ -71,16 +86,41 @@ class RoundRecorder:
         self._round_started = time.perf_counter()
 
     def report(self, server_round: int, node_id: int, metrics: Mapping[str, float | int] | None) -> SiteReport | None:
-        """The site's report, recorded; None (and a recorded failure) when its metrics are unusable."""
-        try:
-            if metrics is None:
-                raise KeyError(keys.METRICS)
-            report = SiteReport.from_metrics(node_id, metrics)
-        except (KeyError, ValueError, TypeError) as err:
-            self.failure(server_round, node_id, f"malformed reply: {err}")
-            return None
-        self._record_site(server_round, report)
+        """One reply's report, screened and recorded; None (and a recorded drop) when it is unusable."""
+        report = self.screen(server_round, [(node_id, metrics)]).get(node_id)
+        if report is not None:
+            self.accept(server_round, report)
         return report
+
+    def screen(self, server_round: int, replies: list[tuple[int, Mapping[str, float | int] | None]]) -> dict[int, SiteReport]:
+        """node id -> report for the replies whose metrics, site id and budget claims hold; the rest dropped.
+
+        Nothing is recorded as the site's until :meth:`accept` (the caller may still drop it for its arrays).
+        """
+        parsed: dict[int, SiteReport] = {}
+        for node_id, metrics in replies:
+            if (problem := metrics_problem(metrics, max_num_examples=self.max_num_examples)) is not None:
+                self.drop(server_round, node_id, problem)
+            else:
+                parsed[node_id] = SiteReport.from_metrics(node_id, metrics)
+        refused = self.bindings.problems([(node_id, r.site_id) for node_id, r in parsed.items()])
+        screened: dict[int, SiteReport] = {}
+        for node_id, report in parsed.items():
+            if (problem := refused.get(node_id) or self.watermarks.problem(report)) is not None:
+                self.drop(server_round, node_id, f"site {report.site_id}: {problem}")
+            else:
+                screened[node_id] = report
+        return screened
+
+    def accept(self, server_round: int, report: SiteReport) -> None:
+        """Record a valid report as the site's: metrics.jsonl, the server ledger, its budget watermark."""
+        self.watermarks.advance(report)
+        self._record_site(server_round, report)
+
+    def drop(self, server_round: int, node_id: int, reason: str) -> None:
+        """A reply the server will not use: the reason in the log, metrics.jsonl and the server ledger."""
+        self.server_ledger.append(REPLY_DROPPED, {"round": server_round, "node_id": node_id, "reason": reason})
+        self.failure(server_round, node_id, f"reply dropped: {reason}")
 
     def _record_site(self, server_round: int, report: SiteReport) -> None:
         self._site_of_node[report.node_id] = report.site_id
@@ -144,41 +184,119 @@ class RoundRecorder:
         )
 
 
-class FedSSLAvg(FedAvg):
-    """Flower's FedAvg over the trained sites' encoders; every reply recorded by ``recorder``."""
+def _no_flower_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """The round's figures come from the accepted reports (:func:`round_metrics`), not from Flower's pass over replies."""
+    return MetricRecord()
 
-    def __init__(self, *, recorder: RoundRecorder, **kwargs) -> None:
-        super().__init__(train_metrics_aggr_fn=aggregate_site_metrics, **kwargs)
+
+class FedSSLAvg(FedAvg):
+    """Flower's FedAvg over the trained sites' encoders, after validation; every reply recorded by ``recorder``.
+
+    Combined with Flower's FedMedian or FedTrimmedAvg (:class:`FedSSLMedian`, :class:`FedSSLTrimmedAvg`),
+    :meth:`average` runs their rule instead: the next class in the MRO after this one.
+    """
+
+    def __init__(self, *, recorder: RoundRecorder, max_update_norm: float | None = _DEFAULTS.max_update_norm, **kwargs) -> None:
+        super().__init__(train_metrics_aggr_fn=_no_flower_metrics, **kwargs)
         self.recorder = recorder
+        self.max_update_norm = max_update_norm
+        self._global: dict[str, np.ndarray] | None = None  # the arrays this round's replies must match
 
     def configure_train(self, server_round, arrays, config, grid):
         self.recorder.start_round()
+        self._global = {name: arr.numpy() for name, arr in arrays.items()}
         return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        trained: list[tuple[int, int, Message]] = []
-        reports: list[SiteReport] = []
+        replies = list(replies)
         for msg in replies:
-            node_id = msg.metadata.src_node_id
             if msg.has_error():
-                self.recorder.failure(server_round, node_id, msg.error.reason)
-                continue
-            report = self.recorder.report(server_round, node_id, msg.content.metric_records.get(keys.METRICS))
-            if report is None:
-                continue
+                self.recorder.failure(server_round, msg.metadata.src_node_id, msg.error.reason)
+        content = {msg.metadata.src_node_id: msg for msg in replies if not msg.has_error()}
+        screened = self.recorder.screen(server_round, [(node, msg.content.metric_records.get(keys.METRICS)) for node, msg in content.items()])
+        reports: list[SiteReport] = []
+        trained: list[tuple[int, int, Message]] = []
+        for node_id, report in screened.items():
+            msg = content[node_id]
+            if report.status == keys.STATUS_TRAINED:
+                if (problem := self._arrays_problem(msg)) is not None:
+                    self.recorder.drop(server_round, node_id, f"site {report.site_id}: {problem}")
+                    continue
+                trained.append((report.site_id, node_id, _for_aggregation(msg, report)))
+            self.recorder.accept(server_round, report)
             reports.append(report)
-            if report.status == keys.STATUS_TRAINED and keys.ARRAYS in msg.content:
-                trained.append((report.site_id, node_id, msg))
-        # Sum in site order, not arrival order: float addition is not associative, and a run with the
-        # same seeds (and no DP noise) should give the same encoder however the replies raced.
-        ordered = [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))]
-        arrays = self.average(server_round, ordered) if ordered else None
+        arrays = None
+        if len(reports) < self.min_train_nodes:
+            self.recorder.failure(server_round, -1, f"round failed: {len(reports)} valid repl(ies), federation.min_sites "
+                                  f"needs {self.min_train_nodes}; the global encoder is unchanged")
+        elif trained:
+            # Sum in site order, not arrival order: float addition is not associative, and a run with the
+            # same seeds (and no DP noise) should give the same encoder however the replies raced.
+            arrays = self.average(server_round, [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))])
         self.recorder.finish_round(server_round, reports)
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 
+    def without_bad_arrays(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """The replies whose arrays (if any) fit the global model; the others dropped and recorded.
+
+        For a wrapper that computes on the arrays before this strategy sees them (Flower's server-side clipping).
+        """
+        kept = []
+        for msg in replies:
+            if msg.has_content() and msg.content.array_records and (problem := self._arrays_problem(msg)) is not None:
+                self.recorder.drop(server_round, msg.metadata.src_node_id, problem)
+            else:
+                kept.append(msg)
+        return kept
+
+    def _arrays_problem(self, msg: Message) -> str | None:
+        """Why a trained reply's arrays are unusable: not exactly one encoder ArrayRecord, or not like the global model."""
+        records = msg.content.array_records
+        if set(records) != {keys.ARRAYS}:
+            return f"array records {sorted(records)}, expected exactly [{keys.ARRAYS!r}]"
+        arrays = {name: arr.numpy() for name, arr in records[keys.ARRAYS].items()}
+        # Before configure_train (a strategy driven by hand in a unit test) the first reply is the reference.
+        reference = self._global if self._global is not None else arrays
+        return arrays_problem(arrays, reference, max_update_norm=self.max_update_norm if self._global is not None else None)
+
     def average(self, server_round: int, trained: list[Message]) -> ArrayRecord | None:
-        """Combine the trained replies: example-weighted FedAvg (server/site_dp.py overrides it)."""
+        """Combine the trained replies: the parent strategy's rule (server/site_dp.py overrides it)."""
         arrays, _ = super().aggregate_train(server_round, trained)
         return arrays
+
+
+def _for_aggregation(msg: Message, report: SiteReport) -> Message:
+    """The reply as Flower's aggregation needs it: the validated arrays and the weight, nothing else.
+
+    Flower insists that every reply carry the same metric names; a site may withhold some (the pretext loss under DP).
+    """
+    content = RecordDict({keys.ARRAYS: msg.content[keys.ARRAYS], keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: report.num_examples})})
+    return Message(content=content, metadata=msg.metadata)
+
+
+class FedSSLMedian(FedSSLAvg, FedMedian):
+    """Coordinate-wise median of the validated updates (Flower's FedMedian): one poisoned site of three cannot move it."""
+
+
+class FedSSLTrimmedAvg(FedSSLAvg, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean of the validated updates (Flower's FedTrimmedAvg, ``beta`` = federation.trim_fraction)."""
+
+
+STRATEGY_CLASSES: dict[str, type[FedSSLAvg]] = {"fedavg": FedSSLAvg, "fedmedian": FedSSLMedian, "fedtrimmedavg": FedSSLTrimmedAvg}
+
+
+def strategy_class(name: str) -> type[FedSSLAvg]:
+    try:
+        return STRATEGY_CLASSES[name]
+    except KeyError:
+        raise ValueError(f"federation.strategy: {name!r} is not a strategy; valid choices: {', '.join(STRATEGY_CLASSES)}") from None
+
+
+def strategy_options(federation: FederationConfig) -> dict:
+    """The validation and combination settings a message strategy takes from ``federation``."""
+    options: dict = {"max_update_norm": federation.max_update_norm}
+    if federation.strategy == "fedtrimmedavg":
+        options["beta"] = federation.trim_fraction
+    return options

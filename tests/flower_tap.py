@@ -5,7 +5,8 @@ A throw-away Flower app directory holds a pyproject whose components are two thi
   message the ServerApp sends and every reply it receives (picklable numpy/python copies);
 - the client wrapper loads the production ``clients.client_app.app`` unchanged and only patches
   ``fedssl.site_round.train_round`` (which both paths call) to keep each site's true (unmasked) result, and to make chosen
-  sites drop out (raise after training) or refuse (budget-spent reply) in chosen rounds.
+  sites drop out (raise after training) or refuse (budget-spent reply) in chosen rounds; its handler can make a
+  chosen site malicious (poison the reply after the production app built it).
 (The Simulation Engine pickles the ClientApp into its Ray workers; the wrapper's handler lives in
 the wrapper module so that each worker imports it, and the patch, first.) Everything else is the real path: `flwr run`, the Simulation Engine, SecAgg+, Opacus, ledgers.
 """
@@ -147,6 +148,7 @@ from fedssl.fl.site_reply import released_num_examples
 TAP_DIR = Path({tap_dir!r})
 DROP = {drop!r}  # {{(round, site_id)}}: crash after training, before anything is sent
 REFUSE = {refuse!r}  # {{(round, site_id)}}: reply as a site whose budget is spent
+POISON = {poison!r}  # {{(round, site_id): value}}: a malicious site sets every weight of its reply to value
 _real_train_round = site_round.train_round
 
 
@@ -183,21 +185,30 @@ app = ClientApp()
 
 @app.train()
 def train(msg, context):
-    return production_app(msg, context)  # the component Flower loads: the production ClientApp, unchanged
+    reply = production_app(msg, context)  # the component Flower loads: the production ClientApp, unchanged
+    if reply.has_content() and "arrays" in reply.content:
+        key = (int(msg.content["config"]["server-round"]), int(reply.content["metrics"]["site-id"]))
+        if key in POISON:  # after the site's egress guard: what a malicious site's own code would send
+            import numpy as np
+            from flwr.app import Array, ArrayRecord
+            reply.content["arrays"] = ArrayRecord(
+                {{k: Array(np.full_like(a.numpy(), POISON[key])) for k, a in reply.content["arrays"].items()}})
+    return reply
 '''
 
 
-def write_tap_app(app_dir: Path, tap_dir: Path, drop: set[tuple[int, int]] = frozenset(), refuse: set[tuple[int, int]] = frozenset()) -> Path:
+def write_tap_app(app_dir: Path, tap_dir: Path, drop: set[tuple[int, int]] = frozenset(), refuse: set[tuple[int, int]] = frozenset(),
+                  poison: dict[tuple[int, int], float] | None = None) -> Path:
     app_dir.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(PYPROJECT.format(server=SERVER_TAP, client=CLIENT_TAP))
     (app_dir / f"{SERVER_TAP}.py").write_text(SERVER_SOURCE.format(tap_dir=str(tap_dir)))
     (app_dir / f"{CLIENT_TAP}.py").write_text(
-        CLIENT_SOURCE.format(tap_dir=str(tap_dir), drop=set(map(tuple, drop)), refuse=set(map(tuple, refuse)))
+        CLIENT_SOURCE.format(tap_dir=str(tap_dir), drop=set(map(tuple, drop)), refuse=set(map(tuple, refuse)), poison=dict(poison or {}))
     )
     return app_dir
 
 
-def run_tapped(config, tmp_path: Path, monkeypatch, drop=frozenset(), refuse=frozenset()) -> tuple[Path, Path]:
+def run_tapped(config, tmp_path: Path, monkeypatch, drop=frozenset(), refuse=frozenset(), poison=None) -> tuple[Path, Path]:
     """Run ``config`` through `flwr run` with the recording apps; returns (run_dir, tap_dir)."""
     from fedssl.experiment import central_data_for
     from fedssl.run import simulation
@@ -207,7 +218,7 @@ def run_tapped(config, tmp_path: Path, monkeypatch, drop=frozenset(), refuse=fro
         config.model.input_shape = list(central_data_for(config).train.input_shape)
     config.run.output_dir = str(tmp_path / "runs")
     tap_dir = tmp_path / "tap"
-    app_dir = write_tap_app(tmp_path / "app", tap_dir, drop, refuse)
+    app_dir = write_tap_app(tmp_path / "app", tap_dir, drop, refuse, poison)
     monkeypatch.setattr(simulation, "APP_DIR", app_dir)  # the app the launcher stages and runs
     # `flwr run` starts `flower-superlink` from PATH: make sure it is this venv's.
     monkeypatch.setenv("PATH", os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))

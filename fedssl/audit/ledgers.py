@@ -59,6 +59,7 @@ OVER_BUDGET = "over_budget"
 SERVER_MISMATCH = "server_mismatch"
 MISSING_RECORD = "missing_record"
 INVALID_MECHANISM = "invalid_mechanism"
+UNSIGNED_SERVER_LEDGER = "unsigned_server_ledger"
 
 
 @dataclass(frozen=True)
@@ -296,7 +297,9 @@ def audit_server(path: Path, *, trusted: Mapping[str, Ed25519PublicKey] | None) 
     report = _verify(log, key, audit.findings, audit.notes)
     audit.trust = report.trust
     if report.trust == chain.UNSIGNED:
-        audit.notes.append("the server record is chained but unsigned: it detects accidental damage, not a forger with write access")
+        # fedssl's ServerApp always signs it (ServerLedger.open): an unsigned one was not written by it, or was rewritten.
+        audit.findings.append(Finding(UNSIGNED_SERVER_LEDGER, "the server ledger is unsigned; the coordinator signs every record "
+                                      "with <state_dir>/server.ed25519, so this record cannot witness any site's epsilon"))
     audit.reports = bodies(report.records, ROUND_REPORT, with_seq=True)
     return audit
 

@@ -262,7 +262,7 @@ class SuperLink:
     def submit(self, run_dir: Path, *, stream: bool, on_exit) -> FlwrRun:
         """Submit the federated run (`flwr run`); returns at once, streaming progress."""
         app = Path(self.config.app or PROJECT_ROOT)
-        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config(run_dir)]
+        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config(run_dir, self.state)]
         return FlwrRun(cmd, run_dir=run_dir, env=self.env, cwd=app, stream=stream, echo=self.echo, on_exit=on_exit, error=DeployError)
 
     def stop(self) -> None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 # Run config (pyproject's [tool.flwr.app.config]): set by fedssl's launchers, read by both apps.
 RUN_CONFIG_PATH = "config-path"  # the resolved experiment config (config.yaml in the run dir)
 RUN_DIR = "run-dir"
+# The coordinator's state dir (deployment): its ledger key and each site's last (ledger seq, ε), across runs.
+# Empty in a simulation: the run dir holds both, as it holds the simulated sites' state.
+RUN_COORDINATOR_DIR = "coordinator-dir"
 
 # Node config: which site a ClientApp process is.
 NODE_PARTITION_ID = "partition-id"  # simulation: the simulated site's index (Flower sets it)

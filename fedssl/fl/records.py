@@ -56,10 +56,11 @@ class SiteReport:
             site_id=int(metrics[keys.SITE_ID]),
             status=keys.STATUS_NAMES.get(int(metrics[keys.STATUS]), "unknown"),
             num_examples=int(metrics[keys.NUM_EXAMPLES]),
-            steps=int(metrics[keys.STEPS]),
+            # What a site may withhold (fedssl.fl.validation.REQUIRED_METRICS is the rest) has a "not released" default.
+            steps=int(metrics.get(keys.STEPS, 0)),
             epsilon=float(metrics[keys.EPSILON]) if dp else math.inf,
-            target_epsilon=float(metrics[keys.TARGET_EPSILON]) if dp else math.inf,
-            delta=float(metrics[keys.DELTA]),
+            target_epsilon=float(metrics.get(keys.TARGET_EPSILON, math.inf)) if dp else math.inf,
+            delta=float(metrics.get(keys.DELTA, 0.0)),
             # A DP site does not release these (keys.DP_RELEASED_METRICS): NaN, as for a refused round.
             pretext_loss=float(metrics.get(keys.PRETEXT_LOSS, math.nan)),
             train_seconds=float(metrics.get(keys.TRAIN_SECONDS, math.nan)),

@@ -292,16 +292,33 @@ def _site_signing_key(state_dir: Path, key_path: Path | None) -> Ed25519PrivateK
     return load_signing_key(default)
 
 
+SERVER_KEY = "server"  # the coordinator's ledger key: <key_dir>/server.ed25519 (+ .pub for auditors)
+
+
 class ServerLedger(ChainedLog):
     """The server's record of what each site reported per round (``server_ledger.jsonl`` of a run).
 
-    Signed when the server has a key; otherwise chained but unsigned, which still catches
-    accidental damage and gives the audit each site's reported ε and ledger seq per round.
+    The ServerApp always signs it (:meth:`open`): its round reports are the external witness of each
+    site's ε and ledger seq, and `fedssl audit` fails an unsigned one. Without a key (a reader, or an
+    old run) it is chained but unsigned, which still catches accidental damage.
     """
 
     schema = SERVER_SCHEMA
     init_kind = SERVER_INIT
     requires_key = False
+
+    @classmethod
+    def open(cls, path: Path, key_dir: Path) -> ServerLedger:
+        """The run's server ledger, signed with ``<key_dir>/server.ed25519``, created on first use.
+
+        ``key_dir`` is the coordinator's state dir in a deployment (one key across runs, its .pub
+        handed to auditors for ``--trusted-keys``), the run dir in a simulation.
+        """
+        key_path = private_key_path(Path(key_dir), SERVER_KEY)
+        if not key_path.exists():
+            init_site_key(Path(key_dir), SERVER_KEY)
+            log.info("%s: created the coordinator's ledger signing key", key_path)
+        return cls(path, load_signing_key(key_path))
 
     def round_reports(self) -> list[dict[str, Any]]:
         """Every ``round_report`` body, unverified (the audit verifies first)."""

@@ -26,6 +26,7 @@ REFUSAL = "refusal"
 RECOVERY = "recovery"
 SERVER_INIT = "server_init"
 ROUND_REPORT = "round_report"
+REPLY_DROPPED = "reply_dropped"  # a reply the server refused to use (fedssl.fl.validation, server/guard.py)
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))
@@ -150,4 +151,5 @@ SERVER_SCHEMA: Schema = {
         "status": (str,),
         "aggregation": (str,),
     },
+    REPLY_DROPPED: {"round": (int,), "node_id": (int, str), "reason": (str,)},
 }

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedssl.errors import FedSSLError
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_DIR
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR
 from fedssl.layout import RunDir
 from fedssl.phases import mark
 
@@ -98,9 +98,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def run_config(run_dir: Path) -> str:
-    """`flwr run --run-config`: where both apps find the run's resolved config and its directory."""
-    return f"{RUN_CONFIG_PATH}='{RunDir(run_dir).config}' {RUN_DIR}='{run_dir}'"
+def run_config(run_dir: Path, coordinator_dir: Path | None = None) -> str:
+    """`flwr run --run-config`: where both apps find the run's resolved config and its directory
+    (and the ServerApp the coordinator's state dir, in a deployment)."""
+    extra = f" {RUN_COORDINATOR_DIR}='{coordinator_dir}'" if coordinator_dir is not None else ""
+    return f"{RUN_CONFIG_PATH}='{RunDir(run_dir).config}' {RUN_DIR}='{run_dir}'{extra}"
 
 
 def failure_reason(text: str) -> str:

@@ -77,7 +77,7 @@ HISTORY: list[Event] = [(1.1, 0.05, 10)] * 4
 def run_dir(tmp_path: Path) -> Path:
     """A two-site run with registered keys and the server's record: what a clean demo leaves behind."""
     run = tmp_path / "run"
-    server = ServerLedger(RunDir(run).server_ledger)
+    server = ServerLedger.open(RunDir(run).server_ledger, tmp_path / "coordinator")
     for k in range(2):
         key = init_site_key(tmp_path / "keys", f"site-{k:03d}")
         write_site(run / "sites" / f"site-{k:03d}", key, HISTORY, server=server, site_number=k)
@@ -325,7 +325,7 @@ def test_rollback_of_ledger_and_head_is_caught_by_the_server_record(run_dir: Pat
         shutil.copy(path, backup)
     event = (1.1, 0.05, 10)
     record = ledger.append("dp_event", dp_event(5, event, 1e-5, opacus_epsilon(HISTORY + [event], 1e-5), 8.0))
-    ServerLedger(RunDir(run_dir).server_ledger).append("round_report", {"round": 5, "node_id": 1000, "site_id": 0, "epsilon": record["body"]["epsilon_after"],
+    ServerLedger.open(RunDir(run_dir).server_ledger, run_dir.parent / "coordinator").append("round_report", {"round": 5, "node_id": 1000, "site_id": 0, "epsilon": record["body"]["epsilon_after"],
                                                   "ledger_seq": record["seq"], "status": "trained", "aggregation": "fedavg"})
     # roll both files back to the earlier, validly signed state: locally consistent
     for path in (ledger.path, ledger.head_path):
@@ -340,7 +340,7 @@ def test_rollback_of_ledger_and_head_is_caught_by_the_server_record(run_dir: Pat
 
 
 def test_server_and_site_disagreeing_on_epsilon_is_a_mismatch(run_dir: Path) -> None:
-    server = ServerLedger(RunDir(run_dir).server_ledger)
+    server = ServerLedger.open(RunDir(run_dir).server_ledger, run_dir.parent / "coordinator")
     server.append("round_report", {"round": 2, "node_id": 1000, "site_id": 0, "epsilon": 0.1, "ledger_seq": 3,
                                    "status": "trained", "aggregation": "fedavg"})
     report = audit_path(run_dir)
