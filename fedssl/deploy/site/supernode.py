@@ -143,7 +143,7 @@ def _run_session(config: SiteConfig, config_path: Path, env, stopping: dict, ech
     try:
         runner = ManagedProcess("site runner", [*runner_cmd, "--parent-pid", str(node.pid)], state / RUNNER_LOG, env,
                                 new_group=False)
-        return _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid))
+        return _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid), runner)
     finally:
         node.stop()
         if runner is not None:
@@ -163,8 +163,8 @@ def _sleep_unless(seconds: float, stopping: dict) -> None:
         time.sleep(0.2)
 
 
-def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int | None, str]:
-    """Follow the SuperNode's log until it exits or we are asked to stop."""
+def _watch(node, log_start: int, stopping: dict, echo, on_joined, runner=None) -> tuple[int | None, str]:
+    """Follow the SuperNode's log until it or the site runner exits, or we are asked to stop."""
     from fedssl.run.flower_runtime import failure_reason
 
     seen, joined = log_start, False
@@ -178,6 +178,9 @@ def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int |
             message = _progress(line)
             if message:
                 echo(message)
+        if runner is not None and not runner.alive() and node.alive():
+            # without its runner the SuperNode would hold every task until it expires: stop the site
+            return runner.proc.returncode, f"the site runner exited (code {runner.proc.returncode}); see {runner.log_path}"
         if not node.alive():
             tail = _read_from(node.log_path, log_start)
             if joined:
