@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=DEFAULT_POLL_SECONDS, help="seconds between task checks")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per task poll otherwise (10 a second)
     if args.parent_pid is not None:
         from flwr.supercore.app_utils import start_parent_process_monitor
 
