@@ -105,35 +105,6 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
             start(f"{name}-superexec", superexec, site_env)
 
     started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", statement], env=env, check=True, capture_output=True, cwd=PROJECT_ROOT)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
-    import yaml
-
-    from fedssl.deploy.localfed import make_local_federation
-
-    fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    if variant == "stock":
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"  # Flower's default
-        for path in fed.site_yamls.values():
-            data = yaml.safe_load(path.read_text())
-            data["supernode"]["isolation"] = "subprocess"
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
-    procs: list[subprocess.Popen] = []
-    logs = root / "logs"
-    logs.mkdir()
-
-    def start(name: str, args: list[str]) -> subprocess.Popen:
-        with open(logs / f"{name}.log", "wb") as handle:
-            proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    started = time.perf_counter()
     try:
         server = start("server", [FEDSSL, "server", "start", "--config", str(fed.server_yaml)])
         # sites start once the SuperLink is up: their preflight checks that it is reachable
