@@ -5,20 +5,22 @@ authentication) and two `fedssl site start` agents — runs a few rounds of the 
 and reads, per round, the server's wall time and each site's training time from the run's
 metrics.jsonl. Overhead = round wall time − the slower site's training time.
 
-    python benchmarks/deployment_overhead.py                      # fedssl's settings, 6 rounds
-    python benchmarks/deployment_overhead.py --variant stock      # Flower defaults for comparison
+    python benchmarks/deployment_overhead.py                      # the three variants, 6 rounds each
+    python benchmarks/deployment_overhead.py --variant fedssl     # one variant
     python benchmarks/deployment_overhead.py --quick              # 2 rounds, smoke only
 
-Variants (every setting is a supported Flower flag or environment variable):
-- ``fedssl``: what `fedssl site start` uses — SuperNode ``--isolation process`` with a
-  long-lived ``flower-superexec`` next to it, SuperExec task poll 0.1 s
-  (FLWR_SUPEREXEC_TASK_POLL_INTERVAL), evaluation round trips off (fraction_evaluate=0);
-- ``stock``: SuperNode ``--isolation subprocess`` (Flower starts its SuperExec) and the
-  default 1 s SuperExec poll; also without evaluation round trips.
-
-A third variant, ``responsive`` (the ServerApp polling for replies every 0.2 s through a
-Grid wrapper, ``server/coordinator.py:ResponsiveGrid``), was removed together with that
-wrapper: it measured no gain (11.4 s against 9.3 s per round; see docs/deployment.md).
+Variants, run interleaved in one invocation (every Flower setting is a supported flag or variable):
+- ``fedssl``: what `fedssl site start` runs — SuperNode ``--isolation process`` and the fedssl
+  site runner next to it (fedssl/deploy/site/runner.py): it checks each task's app bundle and
+  runs the site's own ClientApp in one long-lived process (torch and Opacus stay loaded),
+  polling the SuperNode for tasks every 0.1 s;
+- ``flower-process``: the path before the site runner — SuperNode ``--isolation process`` with a
+  long-lived ``flower-superexec`` (task poll 0.1 s) that starts a new ClientApp process per
+  message and runs the bundle the coordinator sent (started here with raw Flower commands,
+  since `fedssl site start` no longer does this);
+- ``stock``: Flower's defaults — SuperNode ``--isolation subprocess`` and the default 1 s
+  SuperExec poll, also running the bundle.
+All three without evaluation round trips (fraction_evaluate=0).
 
 It also times the two parts of a ClientApp cold start that every round pays (a new process
 per message): importing Flower's ClientApp runtime, and importing fedssl's ClientApp.
@@ -55,28 +57,52 @@ def import_seconds(statement: str, reps: int) -> list[float]:
     return times
 
 
-def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
-    import yaml
+FLOWER_VARIANTS = {"flower-process": ("process", "0.1"), "stock": ("subprocess", "1.0")}  # isolation, SuperExec poll
 
+
+def flower_site_commands(site_yaml: Path, isolation: str) -> tuple[list[str], list[str] | None, dict]:
+    """A site as Flower alone runs it (the bundle's ClientApp): SuperNode (+ flower-superexec), env."""
+    from fedssl.deploy.site.config import load_site_config
+    from fedssl.deploy.site.supernode import supernode_commands
+    from fedssl.run.flower_runtime import STATE_FLOWER_HOME, flower_bin, flower_env, free_port
+
+    config = load_site_config(site_yaml)
+    port = free_port()
+    supernode, _ = supernode_commands(config, site_yaml, port)
+    supernode[supernode.index("--isolation") + 1] = isolation
+    (config.state_path / STATE_FLOWER_HOME).mkdir(parents=True, exist_ok=True)
+    env = flower_env(config.state_path / STATE_FLOWER_HOME, superexec_poll=None)
+    if isolation == "subprocess":
+        return supernode, None, env
+    return supernode, [flower_bin("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"], env
+
+
+def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
     from fedssl.deploy.localfed import make_local_federation
 
     fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3)
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    if variant == "stock":
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"  # Flower's default
-        for path in fed.site_yamls.values():
-            data = yaml.safe_load(path.read_text())
-            data["supernode"]["isolation"] = "subprocess"
-            path.write_text(yaml.safe_dump(data, sort_keys=False))
     procs: list[subprocess.Popen] = []
     logs = root / "logs"
     logs.mkdir()
 
-    def start(name: str, args: list[str]) -> subprocess.Popen:
+    def start(name: str, args: list[str], extra_env: dict | None = None) -> subprocess.Popen:
         with open(logs / f"{name}.log", "wb") as handle:
-            proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+            proc = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**env, **(extra_env or {})}, start_new_session=True)
         procs.append(proc)
         return proc
+
+    def start_site(name: str, path: Path) -> None:
+        if variant not in FLOWER_VARIANTS:
+            start(name, [FEDSSL, "site", "start", "--config", str(path)])
+            return
+        isolation, poll = FLOWER_VARIANTS[variant]
+        supernode, superexec, site_env = flower_site_commands(path, isolation)
+        site_env = {**site_env, "PYTHONWARNINGS": "ignore", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll}
+        start(f"{name}-supernode", supernode, site_env)
+        if superexec is not None:
+            start(f"{name}-superexec", superexec, site_env)
 
     started = time.perf_counter()
     try:
@@ -88,7 +114,7 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
                 raise SystemExit(f"the SuperLink did not come up; see {logs / 'server.log'}")
             time.sleep(0.5)
         for name, path in fed.site_yamls.items():
-            start(name, [FEDSSL, "site", "start", "--config", str(path)])
+            start_site(name, path)
         code = server.wait(timeout=timeout)
     finally:
         for proc in procs:
@@ -132,12 +158,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds, one variant: a smoke run")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--variant", action="append", choices=["fedssl", "stock"], help="repeatable; default: fedssl")
+    parser.add_argument("--variant", action="append", choices=["fedssl", *FLOWER_VARIANTS], help="repeatable; default: all three")
     parser.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times (the machine's load drifts)")
     parser.add_argument("--timeout", type=float, default=1800)
     args = parser.parse_args()
     rounds = 2 if args.quick else args.rounds
-    variants = args.variant or ["fedssl"]
+    variants = args.variant or (["fedssl"] if args.quick else ["fedssl", *FLOWER_VARIANTS])
     repeats = 1 if args.quick else args.repeats
     load_before = list(os.getloadavg())
     reps = 1 if args.quick else 3
@@ -171,8 +197,8 @@ def main() -> None:
         "variants": results,
         "where_a_round_goes": [
             "SuperNode pickup: an idle SuperNode polls the SuperLink every 3 s (fixed in Flower 1.42): 0-3 s, ~1.5 s on average",
-            "SuperExec pickup: FLWR_SUPEREXEC_TASK_POLL_INTERVAL (0.1 s here, 1 s by default)",
-            "ClientApp cold start, every message: a new Python process imports Flower's runtime and fedssl's ClientApp (torch, opacus, scipy); see clientapp_cold_start",
+            "task pickup at the site: the fedssl site runner polls every 0.1 s; Flower's SuperExec: FLWR_SUPEREXEC_TASK_POLL_INTERVAL (0.1 s in flower-process, 1 s stock)",
+            "ClientApp cold start, every message (flower-process, stock only): a new Python process installs the bundle and imports Flower's runtime and fedssl's ClientApp (torch, opacus, scipy); see clientapp_cold_start. The fedssl site runner keeps them loaded",
             "reply: the SuperNode checks for the ClientApp's reply every 0.5 s, then pushes it over TLS",
             "ServerApp pickup: Grid.send_and_receive polls for replies every 3 s (fixed in Flower 1.42): the round ends on the next multiple of 3 s after the last reply",
         ],

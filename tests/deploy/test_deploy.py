@@ -3,9 +3,7 @@ the site's own settings, app pinning, preflight, status, server.yaml."""
 
 from __future__ import annotations
 
-import shutil
 import stat
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -193,38 +191,7 @@ def test_deployed_site_caches_and_reloads(site_dir):
 # ---------------------------------------------------------------------------- app pinning
 
 
-def test_app_hash_is_the_same_for_checkout_and_fab(tmp_path):
-    from fedssl.deploy.site.pinning import app_hash
-
-    project = tmp_path / "app"
-    for name in ("fedssl", "clients"):
-        shutil.copytree(PROJECT_ROOT / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(PROJECT_ROOT / "pyproject.toml", project / "pyproject.toml")
-    fab = tmp_path / "app.fab"
-    with zipfile.ZipFile(fab, "w") as bundle:
-        for path in sorted(project.rglob("*")):
-            if path.is_file():
-                bundle.write(path, path.relative_to(project).as_posix())
-    assert app_hash(project) == app_hash(fab) == app_hash(PROJECT_ROOT)
-    # `flwr build` rewrites pyproject.toml's layout: only the components count
-    (project / "pyproject.toml").write_text((PROJECT_ROOT / "pyproject.toml").read_text().replace('["fedssl*", "clients*", "server*"]', '[\n "fedssl*",\n "clients*",\n "server*",\n]'))
-    assert app_hash(project) == app_hash(PROJECT_ROOT)
-    # any change to the code, or to which ClientApp runs, is a different app
-    (project / "clients" / "client_app.py").write_text((project / "clients" / "client_app.py").read_text() + "\n# changed\n")
-    assert app_hash(project) != app_hash(PROJECT_ROOT)
-
-
-def test_unapproved_app_is_refused_and_logged(site_dir):
-    from fedssl.deploy.site.config import deployed_site, load_site_config
-    from fedssl.deploy.site.events import read_events
-    from fedssl.deploy.site.pinning import AppNotApprovedError
-
-    path = write_site(site_dir, **{"apps.allowed_hashes": ["sha256:" + "1" * 64]})
-    with pytest.raises(AppNotApprovedError, match="not in apps.allowed_hashes"):
-        deployed_site(str(path))
-    events = read_events(load_site_config(path))
-    assert events[-1]["kind"] == "app_refused" and events[-1]["app_hash"].startswith("sha256:")
-    assert not (site_dir / "state" / "ledger.jsonl").exists()  # refused before any privacy state is touched
+# The app hash of a bundle and the refusal: tests/deploy/test_site_runner.py.
 
 
 def test_cli_app_hash(capsys):
@@ -330,13 +297,14 @@ def test_supernode_command_is_tls_and_authenticated(site_dir):
     from fedssl.deploy.site.supernode import supernode_commands
 
     config = load_site_config(site_dir / "site.yaml")
-    supernode, superexec = supernode_commands(config, site_dir / "site.yaml", 9999)
+    supernode, runner = supernode_commands(config, site_dir / "site.yaml", 9999)
     assert "--insecure" not in supernode
     assert supernode[supernode.index("--root-certificates") + 1] == str(site_dir / "certs" / "ca.crt")
     assert supernode[supernode.index("--auth-supernode-private-key") + 1] == str(site_dir / "keys" / "site-a.node")
     assert supernode[supernode.index("--node-config") + 1] == f"site-config='{site_dir / 'site.yaml'}'"
     assert supernode[supernode.index("--host") + 1] == "127.0.0.1"  # the runtime API stays local
-    assert superexec is not None and f"127.0.0.1:9999" in superexec
+    assert supernode[supernode.index("--isolation") + 1] == "process"  # the SuperNode only holds tasks
+    assert runner[1:4] == ["-P", "-m", "fedssl.deploy.site.runner"] and "127.0.0.1:9999" in runner
 
 
 def test_a_crashed_session_is_told_apart_from_a_clean_stop(site_dir):

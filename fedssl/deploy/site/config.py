@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fedssl.config import PrivacyConfig, check_device
 from fedssl.data.dataset import SiteDataset
-from fedssl.deploy.site.pinning import check_app_approved, is_app_hash
+from fedssl.deploy.site.pinning import is_app_hash
 from fedssl.errors import ConfigError
 from fedssl.training.local import SiteSettings
 from fedssl.typed_yaml import check, load_config_file, resolve_path, validate_sections
@@ -77,13 +77,17 @@ class AppsConfig:
 @dataclass
 class SupernodeConfig:
     port: int = 0  # the SuperNode's local Runtime API port (127.0.0.1 only); 0 = any free port
+    # Always "process": the SuperNode holds each task for the fedssl site runner (runner.py), which
+    # checks the app bundle and runs the site's own ClientApp. "subprocess" would let Flower
+    # install and run the coordinator's bundle itself.
     isolation: str = "process"
     connect_timeout: float = 60.0  # give up if the coordinator is unreachable this long
     rejoin_timeout: float = 180.0  # after a crash the coordinator needs up to ~60 s to release the node
 
     def validate(self) -> None:
         check(0 <= self.port <= 65535, "supernode.port", "must be a port number (0 = pick a free one)", self.port)
-        check(self.isolation in ("process", "subprocess"), "supernode.isolation", "valid choices: process, subprocess", self.isolation)
+        check(self.isolation == "process", "supernode.isolation",
+              "valid choices: process (the fedssl site runner executes the site's own app)", self.isolation)
         check(self.connect_timeout > 0, "supernode.connect_timeout", "must be > 0 seconds", self.connect_timeout)
         check(self.rejoin_timeout >= 0, "supernode.rejoin_timeout", "must be >= 0 seconds", self.rejoin_timeout)
 
@@ -152,15 +156,19 @@ def load_site_config(path: str | Path) -> SiteConfig:
 def deployed_site(path: str) -> tuple[SiteDataset, SiteSettings]:
     """What the ClientApp trains with in a deployment: data and settings from site.yaml only.
 
-    Refuses (``AppNotApprovedError``, logged) before anything else when the running app is
-    not in the site's allowlist. Config and data are cached per process and reloaded when
-    the files change.
+    Which app may run was decided before this, by the site runner on the bundle's bytes
+    (pinning.py, runner.py). Config and data are cached per process and reloaded when the
+    files change.
     """
-    config = _cached_config(*_file_key(Path(path)))
-    check_app_approved(config)
+    config = current_site_config(path)
     data_key = _file_key(Path(config.data.path)) if Path(config.data.path).exists() else (config.data.path, 0, 0)
     dataset = _cached_dataset(*data_key, config.data.kind)
     return dataset, config.settings()
+
+
+def current_site_config(path: str | Path) -> SiteConfig:
+    """site.yaml as it is on disk now (cached while the file is unchanged)."""
+    return _cached_config(*_file_key(Path(path)))
 
 
 def _file_key(path: Path) -> tuple[str, int, int]:

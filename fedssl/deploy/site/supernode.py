@@ -1,4 +1,9 @@
-"""Running a site: preflight, then the Flower SuperNode (and its SuperExec) until stopped.
+"""Running a site: preflight, then the Flower SuperNode and the fedssl site runner until stopped.
+
+The SuperNode (``--isolation process``) only holds tasks; the site runner (runner.py) takes
+them from its local Runtime API, checks the app bundle against the site's allowlist and runs
+the site's own installed ClientApp. Flower's SuperExec, which would install and run the
+coordinator's bundle, is never started.
 
 ``fedssl site start`` blocks here. The agent follows the SuperNode's log to report progress
 and to tell why it exited; after a crash it rejoins while the coordinator still holds the
@@ -17,7 +22,7 @@ from fedssl.deploy.site.preflight import format_checklist, preflight, preflight_
 from fedssl.errors import FedSSLError
 
 SUPERNODE_LOG = "supernode.log"
-SUPEREXEC_LOG = "superexec.log"
+RUNNER_LOG = "runner.log"
 
 
 class SiteStartError(FedSSLError):
@@ -39,7 +44,9 @@ def previous_session_unclean(config: SiteConfig) -> bool:
     return bool(lifecycle) and lifecycle[-1] == "supernode_joined"
 
 
-def supernode_commands(config: SiteConfig, config_path: Path, runtime_port: int) -> tuple[list[str], list[str] | None]:
+def supernode_commands(config: SiteConfig, config_path: Path, runtime_port: int) -> tuple[list[str], list[str]]:
+    """The SuperNode's command and the site runner's (which serves the SuperNode's Runtime API port)."""
+    from fedssl.deploy.site.runner import runner_command
     from fedssl.run.flower_runtime import flower_bin
 
     node_config = f"site-config='{config_path}'"
@@ -53,10 +60,7 @@ def supernode_commands(config: SiteConfig, config_path: Path, runtime_port: int)
         "--max-wait-time", str(config.supernode.connect_timeout),
         "--node-config", node_config,
     ]
-    if config.supernode.isolation != "process":
-        return supernode, None
-    superexec = [flower_bin("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{runtime_port}"]
-    return supernode, superexec
+    return supernode, runner_command(config_path, runtime_port)
 
 
 def start_site(config_path: str | Path, *, echo=print) -> int:
@@ -124,27 +128,26 @@ def _supervise(config: SiteConfig, config_path: Path, env, stopping: dict, rejoi
 
 
 def _run_session(config: SiteConfig, config_path: Path, env, stopping: dict, echo) -> tuple[int | None, str]:
-    """Start one SuperNode (and its SuperExec), follow it until it exits or we stop, then stop both."""
+    """Start one SuperNode and its site runner, follow it until it exits or we stop, then stop both."""
     from fedssl.deploy.processes import ManagedProcess
     from fedssl.run.flower_runtime import free_port
 
     state = config.state_path
     port = config.supernode.port or free_port()
-    supernode_cmd, superexec_cmd = supernode_commands(config, config_path, port)
+    supernode_cmd, runner_cmd = supernode_commands(config, config_path, port)
     log_start = _log_size(state / SUPERNODE_LOG)
     node = ManagedProcess("SuperNode", supernode_cmd, state / SUPERNODE_LOG, env, new_group=False)
-    execu = None
+    runner = None
     record_event(config, "supernode_start", pid=node.pid, coordinator=config.coordinator.address)
     echo(f"fedssl: SuperNode started (pid {node.pid}), connecting to {config.coordinator.address}; log {state / SUPERNODE_LOG}")
     try:
-        if superexec_cmd is not None:
-            execu = ManagedProcess("SuperExec", [*superexec_cmd, "--parent-pid", str(node.pid)], state / SUPEREXEC_LOG, env,
-                                   new_group=False)
-        return _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid))
+        runner = ManagedProcess("site runner", [*runner_cmd, "--parent-pid", str(node.pid)], state / RUNNER_LOG, env,
+                                new_group=False)
+        return _watch(node, log_start, stopping, echo, lambda: record_event(config, "supernode_joined", pid=node.pid), runner)
     finally:
         node.stop()
-        if execu is not None:
-            execu.stop()
+        if runner is not None:
+            runner.stop()
 
 
 def _log_size(path: Path) -> int:
@@ -160,8 +163,8 @@ def _sleep_unless(seconds: float, stopping: dict) -> None:
         time.sleep(0.2)
 
 
-def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int | None, str]:
-    """Follow the SuperNode's log until it exits or we are asked to stop."""
+def _watch(node, log_start: int, stopping: dict, echo, on_joined, runner=None) -> tuple[int | None, str]:
+    """Follow the SuperNode's log until it or the site runner exits, or we are asked to stop."""
     from fedssl.run.flower_runtime import failure_reason
 
     seen, joined = log_start, False
@@ -175,6 +178,9 @@ def _watch(node, log_start: int, stopping: dict, echo, on_joined) -> tuple[int |
             message = _progress(line)
             if message:
                 echo(message)
+        if runner is not None and not runner.alive() and node.alive():
+            # without its runner the SuperNode would hold every task until it expires: stop the site
+            return runner.proc.returncode, f"the site runner exited (code {runner.proc.returncode}); see {runner.log_path}"
         if not node.alive():
             tail = _read_from(node.log_path, log_start)
             if joined:
