@@ -165,12 +165,15 @@ class _GatewayServer(ThreadingHTTPServer):
     def log(self, line: str) -> None:
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         with self._log_lock:
-            self._log.write(f"{stamp} {line}\n")
-            self._log.flush()
+            # Handler threads still finishing after stop() may log; after close they cannot.
+            if not self._log.closed:
+                self._log.write(f"{stamp} {line}\n")
+                self._log.flush()
 
     def server_close(self) -> None:
         super().server_close()
-        self._log.close()
+        with self._log_lock:
+            self._log.close()
 
 
 class FleetGateway:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import ssl
 import threading
+import time
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -249,3 +250,25 @@ def test_listen_config_rules():
     with pytest.raises(ConfigError, match="^listen.max_request_mb"):
         ListenConfig(max_request_mb=0).validate()
     assert ListenConfig().superlink_port == 9093 and ListenConfig().max_request_mb == 64
+
+
+def test_calls_in_flight_when_the_gateway_stops_end_quietly(certs, tmp_path, capfd):
+    # The coordinator stops the SuperLink and then the gateway while SuperNodes still poll.
+    upstream = Upstream(certs)
+    port = upstream.port
+    upstream.close()
+    gw = FleetGateway("127.0.0.1", 0, port, cert=certs / pki.SERVER_CERT, key=certs / pki.SERVER_KEY,
+                      ca=certs / pki.CA_CERT, max_bytes=MAX, log_path=tmp_path / "gateway.log")
+    gw.start()
+    ctx = ssl.create_default_context(cafile=str(certs / pki.CA_CERT))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as sock, ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        tls.sendall(post("/v1/fleet/get-run", b"y" * 10)[:-5])  # the body is not complete yet
+        gw.stop()
+        tls.sendall(b"y" * 5)  # now its handler forwards, fails, and logs after the log is closed
+        tls.settimeout(5)
+        try:
+            assert b" 502 " in tls.recv(65536)
+        except (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError):
+            pass
+    time.sleep(1)
+    assert "Traceback" not in capfd.readouterr().err
