@@ -34,8 +34,9 @@ from fedssl.fl.records import SiteReport
 from fedssl.fl.validation import arrays_problem, metrics_problem
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.records import REPLY_DROPPED, ROUND_REPORT
+from fedssl.privacy.watermarks import SiteWatermarks
 from fedssl.runlog import FAILED, KIND_ROUND, KIND_SITE_ROUND, RunLog
-from server.guard import SiteBindings, SiteWatermarks
+from server.guard import SiteBindings
 
 INFO = 20
 AGGREGATION_FEDAVG = "fedavg"
