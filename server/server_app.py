@@ -27,9 +27,9 @@ from fedssl.models import build_encoder
 from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
+from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
-from server.guard import WATERMARKS_FILE, SiteWatermarks
 from server.site_dp import SiteLevelBook, message_strategy
 from server.strategy import RoundRecorder
 

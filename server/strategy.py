@@ -34,8 +34,9 @@ from fedssl.fl.records import SiteReport
 from fedssl.fl.validation import arrays_problem, metrics_problem
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.records import REPLY_DROPPED, ROUND_REPORT
+from fedssl.privacy.watermarks import SiteWatermarks
 from fedssl.runlog import FAILED, KIND_ROUND, KIND_SITE_ROUND, RunLog
-from server.guard import SiteBindings, SiteWatermarks
+from server.guard import SiteBindings
 
 INFO = 20
 AGGREGATION_FEDAVG = "fedavg"
@@ -229,8 +230,9 @@ class FedSSLAvg(FedAvg):
             reports.append(report)
         arrays = None
         if len(reports) < self.min_train_nodes:
-            self.recorder.failure(server_round, -1, f"round failed: {len(reports)} valid repl(ies), federation.min_sites "
-                                  f"needs {self.min_train_nodes}; the global encoder is unchanged")
+            # Logged, not a site record: no site failed (the report counts failed site replies).
+            log(INFO, "fedssl: round %d failed: %d valid repl(ies), federation.min_sites needs %d; the global encoder is unchanged",
+                server_round, len(reports), self.min_train_nodes)
         elif trained:
             # Sum in site order, not arrival order: float addition is not associative, and a run with the
             # same seeds (and no DP noise) should give the same encoder however the replies raced.

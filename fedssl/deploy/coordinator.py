@@ -24,6 +24,7 @@ from fedssl.deploy.gateway import FleetGateway
 from fedssl.deploy.pki import LOOPBACK, check_server_certificate, covers_ip, load_node_public_key
 from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
+from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
 from fedssl.run.flower_runtime import PROJECT_ROOT, STATE_FLOWER_HOME, FlwrRun, failure_reason, flower_bin, flower_env, run_config
 from fedssl.run.pipeline import run_pipeline, say
 from fedssl.typed_yaml import check, load_config_file, resolve_path
@@ -139,6 +140,7 @@ def start_server(config_path: str | Path, *, overrides: list[str] | None = None,
     config = load_server_config(config_path)
     experiment = experiment_for(config, overrides)
     coordinator = Coordinator(config, stream=stream, echo=echo)
+    SiteWatermarks(Path(config.state_dir) / WATERMARKS_FILE)  # an unreadable record of site budgets: one line, before Flower
     if experiment.federation.min_sites > len(coordinator.entries):
         raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(coordinator.entries)}")
     return run_pipeline(experiment, coordinator, overwrite=overwrite, evaluate=config.evaluate, echo=echo)

@@ -119,3 +119,24 @@ def test_the_coordinator_signs_its_ledger_with_one_key_across_runs_and_the_audit
                                                  "status": "trained", "aggregation": "fedavg"})
     report = audit_path(forged.parent, server_ledger=forged)
     assert UNSIGNED_SERVER_LEDGER in {f.kind for f in report.server.findings}
+
+
+def test_a_damaged_record_of_site_budgets_stops_the_coordinator_instead_of_forgetting(tmp_path: Path) -> None:
+    """Starting over on a damaged file would accept every rolled-back site: refuse, in one line naming the file."""
+    from fedssl.errors import ConfigError
+    from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
+
+    state = tmp_path / "coordinator"
+    one_run(tmp_path, "run-1", state, {11: 0, 12: 1}, {0: (20, 1.0), 1: (21, 1.1)})
+    (state / WATERMARKS_FILE).write_text('{"sites": {"0": {"ledger_seq": "twenty"}}}')
+    with pytest.raises(ConfigError, match=f"{WATERMARKS_FILE}: unreadable coordinator record") as err:
+        SiteWatermarks(state / WATERMARKS_FILE)
+    assert "\n" not in str(err.value)
+
+
+def test_the_coordinator_hands_its_state_dir_to_the_server_app(tmp_path: Path) -> None:
+    from fedssl.fl.keys import RUN_COORDINATOR_DIR
+    from fedssl.run.flower_runtime import run_config
+
+    assert f"{RUN_COORDINATOR_DIR}='{tmp_path / 'state'}'" in run_config(tmp_path / "run", tmp_path / "state")
+    assert RUN_COORDINATOR_DIR not in run_config(tmp_path / "run")

@@ -169,13 +169,15 @@ def test_two_unbound_nodes_claiming_one_site_are_both_dropped(tmp_path: Path) ->
     assert sorted(r.node_id for r in sites if r.status == "trained") == [102, 103]
 
 
-def test_too_few_valid_replies_fail_the_round_and_keep_the_model(tmp_path: Path) -> None:
+def test_too_few_valid_replies_fail_the_round_and_keep_the_model(tmp_path: Path, caplog) -> None:
     strategy = FedSSLAvg(recorder=RoundRecorder(run_log=RunLog(tmp_path), server_ledger=ServerLedger(RunDir(tmp_path).server_ledger),
                                                 num_rounds=1), min_train_nodes=4, min_available_nodes=4)
-    arrays, metrics = run_round(strategy, global_model(), 1, ATTACKS["nan"])
+    with caplog.at_level("INFO", logger="flwr"):
+        arrays, metrics = run_round(strategy, global_model(), 1, ATTACKS["nan"])
     assert arrays is None and metrics is None  # Flower keeps the previous global model
-    sites, _ = read_metrics(RunDir(tmp_path).metrics)
-    assert any(r.status == "failed" and "min_sites" in r.reason for r in sites)
+    assert "round 1 failed: 3 valid repl(ies), federation.min_sites needs 4" in caplog.text
+    _, rounds = read_metrics(RunDir(tmp_path).metrics)
+    assert [(r.num_sites, r.num_trained) for r in rounds] == [(3, 3)]
 
 
 @pytest.mark.parametrize("attack", ["broadcast_shape_1", "missing_key", "nan"])
