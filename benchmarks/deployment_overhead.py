@@ -80,7 +80,10 @@ def flower_site_commands(site_yaml: Path, isolation: str) -> tuple[list[str], li
 def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
     from fedssl.deploy.localfed import make_local_federation
 
-    fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3)
+    # A round waits for both sites however long a cold start takes on a loaded machine, so every
+    # variant is measured round by round instead of timing out (90 s by default in localfed).
+    fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3,
+                                experiment_overrides=["federation.round_timeout=900"])
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     procs: list[subprocess.Popen] = []
     logs = root / "logs"

@@ -148,3 +148,19 @@ def test_the_runner_runs_the_sites_own_client_app():
     assert cmd[1:4] == ["-P", "-m", "fedssl.deploy.site.runner"] and "127.0.0.1:9999" in cmd
     with pytest.raises(TypeError, match="is not a flwr ClientApp"):
         load_site_client_app("fedssl.deploy.site.runner:CLIENT_APP_REF")
+
+
+def test_the_agent_stops_the_site_when_its_runner_dies(tmp_path):
+    import sys
+
+    from fedssl.deploy.processes import ManagedProcess
+    from fedssl.deploy.site.supernode import _watch
+
+    node = ManagedProcess("node", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "node.log", {}, new_group=False)
+    runner = ManagedProcess("runner", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "runner.log", {}, new_group=False)
+    try:
+        code, reason = _watch(node, 0, {"now": False}, lambda _: None, lambda: None, runner)
+    finally:
+        node.stop(grace=1)
+        runner.stop(grace=1)
+    assert code == 3 and reason.startswith("the site runner exited (code 3)")

@@ -147,8 +147,10 @@ def serve(config_path: Path, address: str, poll_seconds: float, should_stop=lamb
                 continue
             try:
                 connection.run_task(token, lambda task: handle_task(task, config_path, client_app))
-            except Exception as ex:  # noqa: BLE001 - one task's transport failure must not stop the site
-                log.error("fedssl site runner: task failed: %s", ex, exc_info=ex)
+            except (Exception, KeyboardInterrupt) as ex:  # noqa: BLE001 - one task must not stop the site
+                # KeyboardInterrupt too: on a revoked task token (HTTP 401, e.g. the run was stopped
+                # mid-task) Flower's retry invoker SIGINTs its own process, as flwr-clientapp exits then.
+                log.error("fedssl site runner: task failed: %r", ex)
     finally:
         connection.close()
 
