@@ -19,7 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from fedssl.config import load_config
 from fedssl.fl import keys
 from fedssl.fl.records import RoundResult
-from fedssl.fl.site_reply import site_reply_records
+from site_replies import dp_reply_records
 from fedssl.layout import RunDir
 from fedssl.runlog import read_metrics
 
@@ -52,7 +52,7 @@ def reply(instruction: Message, site: int, seq: int, epsilon: float, refused: bo
     trained = None if refused else {k: torch.from_numpy(v + 0.01 * (site + 1)) for k, v in current.items()}
     result = RoundResult(status=keys.STATUS_REFUSED if refused else keys.STATUS_TRAINED, encoder_state=trained, num_examples=50,
                          steps=3, epsilon=epsilon, target_epsilon=8.0, delta=1e-5, ledger_seq=-1 if refused else seq)
-    return Message(content=RecordDict(site_reply_records(result, site, dp_enabled=True)), reply_to=instruction)
+    return Message(content=RecordDict(dp_reply_records(result, site)), reply_to=instruction)
 
 
 def one_run(tmp_path: Path, name: str, state: Path, nodes: dict[int, int], claims: dict[int, tuple]):

@@ -22,7 +22,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedssl.fl import keys
 from fedssl.fl.records import RoundResult
-from fedssl.fl.site_reply import site_reply_records
+from site_replies import dp_reply_records
 from fedssl.layout import RunDir
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.runlog import RunLog, read_metrics
@@ -66,7 +66,7 @@ def honest_reply(instruction: Message, site: int, server_round: int) -> Message:
     result = RoundResult(status=keys.STATUS_TRAINED, encoder_state=trained, num_examples=EXAMPLES[site],
                          steps=4, pretext_loss=1.0, epsilon=0.5 * server_round, target_epsilon=8.0, delta=1e-5,
                          train_seconds=0.1, ledger_seq=10 * server_round)
-    return Message(content=RecordDict(site_reply_records(result, site, dp_enabled=True)), reply_to=instruction)
+    return Message(content=RecordDict(dp_reply_records(result, site)), reply_to=instruction)
 
 
 def _metrics(reply: Message, **changes) -> None:

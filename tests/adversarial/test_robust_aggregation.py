@@ -17,7 +17,7 @@ from fedssl.config import load_config
 from fedssl.errors import ConfigError
 from fedssl.fl import keys
 from fedssl.fl.records import RoundResult
-from fedssl.fl.site_reply import site_reply_records
+from site_replies import dp_reply_records
 from fedssl.layout import RunDir
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.runlog import RunLog
@@ -68,7 +68,7 @@ def aggregate(strat, states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarra
         site = instruction.metadata.dst_node_id - 1
         result = RoundResult(status=keys.STATUS_TRAINED, encoder_state={k: torch.from_numpy(v) for k, v in states[site].items()},
                              num_examples=10 * (site + 1), steps=2, epsilon=1.0, target_epsilon=8.0, delta=1e-5, ledger_seq=4)
-        replies.append(Message(content=RecordDict(site_reply_records(result, site, dp_enabled=True)), reply_to=instruction))
+        replies.append(Message(content=RecordDict(dp_reply_records(result, site)), reply_to=instruction))
     arrays, _ = strat.aggregate_train(1, replies)
     return {k: a.numpy() for k, a in arrays.items()}
 
