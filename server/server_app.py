@@ -30,6 +30,7 @@ from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
+from server.grid import PromptGrid
 from server.site_dp import SiteLevelBook, message_strategy
 from server.strategy import RoundRecorder
 
@@ -50,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     plan = plan_from_config(config, run_id=str(context.run_id))
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
     recorder = round_recorder(config, run_dir, Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path)), book)
-    final = _run_rounds(grid, context, config, plan, encoder.state_dict(), recorder, book, run_dir)
+    final = _run_rounds(PromptGrid(grid), context, config, plan, encoder.state_dict(), recorder, book, run_dir)
     torch.save(final, run_dir.final_encoder)
     mark("server_done")
     done = run_dir.server_done.with_suffix(".tmp")
