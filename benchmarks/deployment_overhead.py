@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
+from fedssl import phases  # noqa: E402
 
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
@@ -84,7 +85,10 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
     # variant is measured round by round instead of timing out (90 s by default in localfed).
     fed = make_local_federation(root, ["site-a", "site-b"], rounds=rounds, local_steps=3,
                                 experiment_overrides=["federation.round_timeout=900"])
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # A DP site no longer tells the server its training time (docs/privacy.md): every process of the run
+    # marks its phases (fedssl.phases) in one file on this machine, and the sites' site_done marks say it.
+    phase_log = root / "phases.jsonl"
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **{phases.ENV_VAR: str(phase_log)})
     procs: list[subprocess.Popen] = []
     logs = root / "logs"
     logs.mkdir()
@@ -133,9 +137,10 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
         raise SystemExit(f"deployment run failed (exit {code}); see {logs / 'server.log'}:\n{(logs / 'server.log').read_text()[-3000:]}")
     run_dir = root / "runs" / f"deploy-{root.name}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    site_done = [m for m in phases.read(phase_log) if m["phase"] == "site_done"]
     per_round = []
     for r in (r for r in records if r["kind"] == "round"):
-        train = [s["train_seconds"] for s in records if s["kind"] == "site_round" and s["round"] == r["round"] and s["status"] == "trained"]
+        train = [float(m["train_s"]) for m in site_done if m["round"] == r["round"]]
         if len(train) < 2:
             raise SystemExit(f"round {r['round']}: only {len(train)} site(s) trained; see {run_dir / 'metrics.jsonl'}")
         per_round.append({"round": r["round"], "seconds": r["seconds"], "max_train_seconds": max(train),
