@@ -72,7 +72,7 @@ def measure(encoder: str, input_shape: tuple[int, ...], width: int, depth: int, 
     site = SiteSettings(site_id=0, state_dir=state_root / f"{encoder}-{width}-{depth}-{int(dp)}", privacy=PrivacyConfig(enabled=dp, **BENCH_SITE_POLICY))
     result = train_round(data, state, plan, site)
     instruction = _instruction(state, plan)
-    reply = Message(content=RecordDict(site_reply_records(result, 0, dp)), reply_to=instruction)
+    reply = Message(content=RecordDict(site_reply_records(result, 0, dp, plan)), reply_to=instruction)
     up, up_objects = _message_bytes(reply)
     down, down_objects = _message_bytes(instruction)
     # For reference only: the same reply with the encoder packed into one flat array (one
@@ -81,7 +81,7 @@ def measure(encoder: str, input_shape: tuple[int, ...], width: int, depth: int, 
 
     from fedssl.fl import keys
 
-    packed = site_reply_records(result, 0, dp)
+    packed = site_reply_records(result, 0, dp, plan)
     packed[keys.ARRAYS] = ArrayRecord({"flat": torch.cat([t.flatten() for t in result.encoder_state.values()])})
     packed_up, _ = _message_bytes(Message(content=RecordDict(packed), reply_to=instruction))
     return {

@@ -49,7 +49,6 @@ run-dir = ""
 
 SERVER_SOURCE = '''\
 """Production ServerApp behind a Grid that records everything the server sends and receives."""
-import itertools
 import pickle
 from pathlib import Path
 
@@ -59,7 +58,6 @@ from flwr.serverapp import Grid, ServerApp
 from server.server_app import main as production_main
 
 TAP_DIR = Path({tap_dir!r})
-_counter = itertools.count()
 
 
 def _plain(value):
@@ -88,8 +86,12 @@ def _snapshot(msg, direction):
 
 
 class RecordingGrid(Grid):
+    """Records at push/pull: production wraps this Grid (PromptGrid), so its send_and_receive is not ours."""
+
     def __init__(self, inner):
         self._inner = inner
+        self._exchanges = []  # {{"sent": [...], "received": [...]}} per push, in order
+        self._exchange_of = {{}}  # pushed message id -> index into _exchanges
 
     def set_run(self, run):
         return self._inner.set_run(run)
@@ -108,20 +110,36 @@ class RecordingGrid(Grid):
         return self._inner.get_nodes()
 
     def push_messages(self, messages):
-        return self._inner.push_messages(messages)
+        messages = list(messages)
+        if not messages:
+            return self._inner.push_messages(messages)
+        index = len(self._exchanges)
+        self._exchanges.append({{"sent": [_snapshot(m, "request") for m in messages], "received": []}})
+        ids = list(self._inner.push_messages(messages))
+        for message_id in ids:
+            self._exchange_of[message_id] = index
+        self._save(index)
+        return ids
 
     def pull_messages(self, message_ids):
-        return self._inner.pull_messages(message_ids)
+        replies = list(self._inner.pull_messages(message_ids))
+        touched = set()
+        for reply in replies:
+            index = self._exchange_of.get(reply.metadata.reply_to_message_id)
+            if index is not None:
+                self._exchanges[index]["received"].append(_snapshot(reply, "reply"))
+                touched.add(index)
+        for index in touched:
+            self._save(index)
+        return replies
 
     def send_and_receive(self, messages, *args, **kwargs):
-        messages = list(messages)
-        sent = [_snapshot(m, "request") for m in messages]
-        replies = list(self._inner.send_and_receive(messages, *args, **kwargs))
-        received = [_snapshot(m, "reply") for m in replies]
+        return self._inner.send_and_receive(messages, *args, **kwargs)  # unused: PromptGrid pulls through us
+
+    def _save(self, index):
         TAP_DIR.mkdir(parents=True, exist_ok=True)
-        with (TAP_DIR / f"server-{{next(_counter):04d}}.pkl").open("wb") as handle:
-            pickle.dump({{"sent": sent, "received": received}}, handle)
-        return replies
+        with (TAP_DIR / f"server-{{index:04d}}.pkl").open("wb") as handle:
+            pickle.dump(self._exchanges[index], handle)
 
 
 app = ServerApp()
@@ -229,7 +247,7 @@ def run_tapped(config, tmp_path: Path, monkeypatch, drop=frozenset(), refuse=fro
 
 @dataclass
 class Tap:
-    exchanges: list[dict]  # one per send_and_receive: {"sent": [...], "received": [...]}
+    exchanges: list[dict]  # one per non-empty push: {"sent": [...], "received": [...]}
     sites: dict[tuple[int, int], dict]  # (round, site_id) -> the site's truth
 
     @classmethod
