@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from fedssl.config import ACCOUNTANTS
+from fedssl.privacy.settings import ACCOUNTANTS
 from fedssl.privacy.records import Event
 
 

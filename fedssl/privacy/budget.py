@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedssl.config import PrivacyConfig
+from fedssl.privacy.settings import PrivacyConfig
 from fedssl.errors import BudgetExhaustedError, PrivacyError, RefusedError
 from fedssl.privacy.accountant import AccountantState, load_accountant, save_accountant
 from fedssl.privacy.analysis import epsilon_of, noise_for_budget

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fedssl.config import PrivacyConfig
+from fedssl.privacy.settings import PrivacyConfig
 
 ROUND_ORDER = "round order"  # not a setting: a round this run already trained (replay) or one behind it
 

@@ -134,9 +134,7 @@ def noise_for_target(target_epsilon: float, delta: float, rounds: int, sample_si
 
 def mechanism_from_config(site_dp: Any, federation: Any) -> SiteLevelMechanism:
     """The run's mechanism from the ``site_dp`` and ``federation`` config sections."""
-    from fedssl.config import sites_per_round
-
-    sampled, population = sites_per_round(federation), int(federation.num_sites)
+    sampled, population = federation.sites_per_round, int(federation.num_sites)
     sigma = site_dp.noise_multiplier
     if sigma is None:
         sigma = noise_for_target(site_dp.target_epsilon, site_dp.delta, federation.rounds, sampled, population,

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedssl.config import CLIPPING_ENGINES, PrivacyConfig
+from fedssl.privacy.settings import CLIPPING_ENGINES, PrivacyConfig
 from fedssl.data.dataset import SiteDataset
 from fedssl.errors import DataError, RefusedError
 from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED

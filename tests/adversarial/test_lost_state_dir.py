@@ -15,12 +15,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 import fedssl.training.local as local_module
 from fedssl.errors import PrivacyError
 from fedssl.fl.keys import STATUS_TRAINED
 from fedssl.training.local import train_round
+from site_layout import write_site_yaml
 
 
 @pytest.fixture(autouse=True)
@@ -41,19 +41,8 @@ def no_training_after_damage(monkeypatch):
 def deployed(tmp_path):
     """A deployed site's config: ledger key (and so the mark) in keys/, state in state/."""
     from fedssl.deploy.site.config import load_site_config
-    from fedssl.privacy.keys import init_site_key
 
-    init_site_key(tmp_path / "keys", "site-a")
-    config = {
-        "site": {"name": "site-a", "id": 0},
-        "data": {"path": "data.npy"},
-        "state_dir": "state",
-        "privacy": {"enabled": True, "target_epsilon": 2.0, "delta": 1e-5},
-        "coordinator": {"address": "127.0.0.1:1", "root_certificates": "ca.crt"},
-        "keys": {"node_key": "keys/site-a.node", "ledger_key": "keys/site-a.ed25519"},
-    }
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
-    return load_site_config(tmp_path / "site.yaml")
+    return load_site_config(write_site_yaml(tmp_path, target_epsilon=2.0))
 
 
 @pytest.fixture

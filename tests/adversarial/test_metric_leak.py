@@ -24,6 +24,7 @@ import yaml
 from fedssl.fl import keys
 from fedssl.fl.plan import TrainPlan
 from fedssl.models import build_encoder
+from site_layout import write_site_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 NUM_ROWS, BATCH_SIZE = 64, 8  # D and D-1 share q = 1/8: only the record itself differs
@@ -58,22 +59,9 @@ def approved_hash() -> str:
 
 def make_site(root: Path, data: np.ndarray, approved_hash: str) -> Path:
     """A deployed site as its operator lays it out: data on disk, own ledger key, own budget."""
-    from fedssl.privacy.keys import init_site_key
-
     root.mkdir(parents=True)
-    init_site_key(root / "keys", "site-a")
     np.save(root / "data.npy", data)
-    config = {
-        "site": {"name": "site-a", "id": 0},
-        "data": {"path": "data.npy"},
-        "state_dir": "state",
-        "privacy": {"enabled": True, "target_epsilon": 1.0, "delta": 1e-5},
-        "coordinator": {"address": "127.0.0.1:1", "root_certificates": "ca.crt"},
-        "keys": {"node_key": "keys/site-a.node", "ledger_key": "keys/site-a.ed25519"},
-        "apps": {"allowed_hashes": [approved_hash]},
-    }
-    (root / "site.yaml").write_text(yaml.safe_dump(config))
-    return root / "site.yaml"
+    return write_site_yaml(root, target_epsilon=1.0, allowed_hashes=[approved_hash])
 
 
 @pytest.fixture(scope="module")
