@@ -237,7 +237,7 @@ def micro(config, with_subprocesses: bool) -> dict:
     if with_subprocesses:
         from flwr.cli.build import build_fab_from_disk
 
-        from fedssl.run.simulation import stage_app
+        from fedssl.run.app_stage import stage_app
 
         started = time.perf_counter()
         checkout_fab = build_fab_from_disk(PROJECT_ROOT)

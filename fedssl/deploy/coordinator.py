@@ -25,6 +25,7 @@ from fedssl.deploy.pki import LOOPBACK, check_server_certificate, covers_ip, loa
 from fedssl.deploy.processes import DeployError, ManagedProcess, tls_probe
 from fedssl.errors import ConfigError
 from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
+from fedssl.run.app_stage import APP_STAGE_DIR, stage_app
 from fedssl.run.flower_runtime import PROJECT_ROOT, STATE_FLOWER_HOME, FlwrRun, failure_reason, flower_bin, flower_env, run_config
 from fedssl.run.pipeline import run_pipeline, say
 from fedssl.typed_yaml import check, load_config_file, resolve_path
@@ -264,7 +265,9 @@ class SuperLink:
     def submit(self, run_dir: Path, *, stream: bool, on_exit) -> FlwrRun:
         """Submit the federated run (`flwr run`); returns at once, streaming progress."""
         app = Path(self.config.app or PROJECT_ROOT)
-        cmd = [flower_bin("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config", run_config(run_dir, self.state)]
+        # A directory is staged first (fedssl.run.app_stage): the same FAB, without walking .venv/ and runs/.
+        shipped = stage_app(app, self.state / APP_STAGE_DIR) if app.is_dir() else app
+        cmd = [flower_bin("flwr"), "run", str(shipped), CONNECTION, "--stream", "--run-config", run_config(run_dir, self.state)]
         return FlwrRun(cmd, run_dir=run_dir, env=self.env, cwd=app, stream=stream, echo=self.echo, on_exit=on_exit, error=DeployError)
 
     def stop(self) -> None:

@@ -5,14 +5,13 @@ the wire — driven offline (fedssl.run.flower_runtime): a private FLWR_HOME, te
 checks and runtime dependency installation off, and a private in-memory SuperLink on free ports,
 stopped when the run ends. The pipeline (fedssl.run.pipeline) drives it like any launcher.
 
-`flwr run` is pointed at a staged copy of the app (:func:`stage_app`): the same files Flower would
+`flwr run` is pointed at a staged copy of the app (fedssl.run.app_stage): the same files Flower would
 put in the FAB, without the checkout's .venv, runs/ and .git, which `flwr run` would otherwise walk
 file by file before filtering them out (~47k files: 3-6 s of every run's start-up).
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +23,7 @@ from fedssl.config import ExperimentConfig
 from fedssl.errors import FedSSLError
 from fedssl.layout import RunDir
 from fedssl.phases import mark
+from fedssl.run.app_stage import APP_STAGE_DIR, stage_app  # staged under the run's FLWR_HOME, removed at its end
 from fedssl.run.flower_runtime import (
     PROJECT_ROOT, FlwrRun, RunOutcome, alive, command_lines, flower_bin, flower_env, free_port, run_config, signal_pid,
 )
@@ -32,9 +32,6 @@ from fedssl.run.pipeline import say, wait_or_abort
 # The Flower app `flwr run` stages and runs, and what its workers import first; tests point it at a recording app.
 APP_DIR = PROJECT_ROOT
 CONNECTION = "fedssl-sim"
-APP_STAGE_DIR = "app-source"  # under the run's private FLWR_HOME; removed once the run ends
-# Never part of a FAB: Flower's own exclusions (.venv, .flwr, __pycache__) and git's internals.
-NEVER_IN_FAB = frozenset({".venv", ".flwr", "__pycache__", ".git"})
 SUPERLINK_START_SECONDS = 120.0  # generous: a loaded 2-core CI machine can take tens of seconds to import Flower
 
 
@@ -104,52 +101,6 @@ def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True)
     run = Simulation(stream=stream).start(config, run_dir)
     wait_or_abort(run)
     return run.finish()
-
-
-def stage_app(project: Path, dest: Path) -> Path:
-    """Copy the Flower app at ``project`` to ``dest``, minus what can never be in its FAB.
-
-    Skipped: directories git ignores (.gitignore at the top, e.g. .venv/ and runs/) and
-    :data:`NEVER_IN_FAB`. Everything else is copied as is and `flwr run` applies all of its own
-    rules to the copy, so the FAB (and its hash) is the one `flwr run <project>` builds; only the
-    walk over the ignored trees is saved. Without a readable .gitignore, only NEVER_IN_FAB is skipped.
-    """
-    project = project.resolve()
-    ignored = _gitignore_matcher(project / ".gitignore")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    for dirpath, dirnames, filenames in os.walk(project, followlinks=False):
-        here = Path(dirpath)
-        rel_dir = here.relative_to(project)
-        dirnames[:] = [
-            d for d in dirnames
-            if d not in NEVER_IN_FAB and not (here / d).is_symlink() and not ignored((rel_dir / d).as_posix() + "/")
-        ]
-        for name in filenames:
-            source = here / name
-            rel = (rel_dir / name).as_posix()
-            if source.is_symlink() or ignored(rel):  # `flwr run` skips symlinks too
-                continue
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-    return dest
-
-
-def _gitignore_matcher(path: Path):
-    try:
-        import warnings
-
-        import pathspec  # a dependency of flwr; the same matcher (and pattern style) its FAB builder uses
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            spec = pathspec.PathSpec.from_lines("gitwildmatch", path.read_text().splitlines())
-    except (ImportError, OSError, ValueError):
-        return lambda rel: False
-    return spec.match_file
-
 
 
 def start_local_superlink(env: dict[str, str], flwr_home: Path, http_port: int, control_port: int,

@@ -16,6 +16,7 @@ from fedssl.cli import main as cli_main
 from fedssl.deploy import pki
 from fedssl.errors import ConfigError
 from fedssl.run.flower_runtime import PROJECT_ROOT
+from site_layout import write_site_yaml
 
 
 def mode(path: Path) -> int:
@@ -81,25 +82,15 @@ def test_cli_keys_commands(tmp_path, capsys):
 def site_dir(tmp_path):
     """A site laid out as an operator would: keys, data, CA, site.yaml with relative paths."""
     from fedssl.data.loaders import load_digits_labeled
-    from fedssl.privacy.keys import init_site_key
     from fedssl.deploy.site.pinning import app_hash
 
     pki.init_ca(tmp_path / "certs")
-    init_site_key(tmp_path / "keys", "site-a")
     pki.init_node_key(tmp_path / "keys", "site-a")
     digits, _ = load_digits_labeled()
     (tmp_path / "data").mkdir()
     np.save(tmp_path / "data" / "a.npy", digits.inputs[:64].numpy())
-    config = {
-        "site": {"name": "site-a", "id": 3},
-        "data": {"path": "data/a.npy"},
-        "state_dir": "state",
-        "privacy": {"enabled": True, "target_epsilon": 1.0, "delta": 1e-5},
-        "coordinator": {"address": "127.0.0.1:1", "root_certificates": "certs/ca.crt"},
-        "keys": {"node_key": "keys/site-a.node", "ledger_key": "keys/site-a.ed25519"},
-        "apps": {"allowed_hashes": [app_hash(PROJECT_ROOT)]},
-    }
-    (tmp_path / "site.yaml").write_text(yaml.safe_dump(config))
+    write_site_yaml(tmp_path, target_epsilon=1.0, site_id=3, data_path="data/a.npy", root_certificates="certs/ca.crt",
+                    allowed_hashes=[app_hash(PROJECT_ROOT)])
     return tmp_path
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedssl.run.flower_runtime import PROJECT_ROOT
-from fedssl.run.simulation import stage_app
+from fedssl.run.app_stage import stage_app
 
 
 def _fab(path: Path) -> bytes:

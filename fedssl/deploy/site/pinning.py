@@ -82,10 +82,10 @@ def app_hash(path: str | Path) -> str:
 
 def _build_bundle(path: Path) -> bytes:
     """The bundle `flwr run <path>` ships: Flower's own builder, so the file selection cannot drift."""
-    from flwr.cli.build import build_fab_from_disk
+    from fedssl.run.app_stage import build_app_bundle
 
     try:
-        return build_fab_from_disk(path)
+        return build_app_bundle(path)
     except (ValueError, OSError) as err:
         raise ConfigError(f"{path}: cannot build its app bundle ({str(err).splitlines()[0]}); is pyproject.toml there?") from None
 
