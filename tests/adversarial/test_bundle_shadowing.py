@@ -18,7 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from deploy.test_deploy_integration import FEDSSL, Procs, ledger_records, stop_agent, text, wait_until
+
+from deploy_processes import FEDSSL, Procs, ledger_records, stop_agent, text, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -17,14 +17,12 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
-from test_deploy_integration import FEDSSL, Procs, stop_agent, text, wait_until  # noqa: E402
+from deploy_processes import FEDSSL, Procs, stop_agent, text, wait_until
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-from opacus.accountants import RDPAccountant
 
 import fedssl.privacy.budget as budget_module
 import fedssl.training.local as local_module
@@ -21,30 +20,13 @@ from fedssl.config import PrivacyConfig
 from fedssl.privacy.budget import SiteBudget
 from fedssl.privacy.ledger import Ledger
 from fedssl.training.local import STATUS_REFUSED, train_round
+from ledger_files import accountant_history, dp_events, ledger_records, opacus_epsilon
 
 SPEC = PrivacyConfig(target_epsilon=TARGET_EPSILON, delta=DELTA, max_grad_norm=1.0)
 
 
 class SimulatedCrash(BaseException):
     """The process dies here (BaseException: no `except Exception` on the way may swallow it)."""
-
-
-def ledger_records(state_dir) -> list[dict]:
-    return [json.loads(line) for line in (state_dir / "ledger.jsonl").read_text().splitlines() if line.strip()]
-
-
-def dp_events(state_dir) -> list[dict]:
-    return [r["body"] for r in ledger_records(state_dir) if r["kind"] == "dp_event"]
-
-
-def accountant_history(state_dir) -> list[list]:
-    return json.loads((state_dir / "accountant.json").read_text())["history"]
-
-
-def opacus_epsilon(history) -> float:
-    accountant = RDPAccountant()
-    accountant.history = [tuple(e) for e in history]
-    return float(accountant.get_epsilon(delta=DELTA))
 
 
 @pytest.fixture
@@ -212,55 +194,6 @@ def test_unreadable_accountant_is_refused(trained_site, state_copy):
     assert SiteBudget.open(state_dir, SPEC).epsilon_spent == pytest.approx(spent, rel=1e-12)
 
 
-# ------------------------------------------------------------------ concurrent runs
-
-
-def _tight_spec(trained_site) -> PrivacyConfig:
-    """A target with room for exactly one more round like round 2 (not two)."""
-    one_more = trained_site.round2.epsilon
-    history = accountant_history(trained_site.after_round1)
-    two_more = opacus_epsilon([*history, history[0], history[0]])
-    return PrivacyConfig(target_epsilon=(one_more + two_more) / 2, delta=DELTA, max_grad_norm=1.0)
-
-
-def test_two_runs_opened_together_cannot_both_spend_the_last_round(trained_site, state_copy):
-    """The attack: two trainings on one state dir open the budget before either charges. Each saw
-    room for one more round; charged against what it read at open, both would release, overspending."""
-    state_dir = state_copy(trained_site.after_round1)
-    spec = _tight_spec(trained_site)
-    first, second = SiteBudget.open(state_dir, spec), SiteBudget.open(state_dir, spec)
-    first.charge(run_id="run-a", server_round=2, sample_rate=SAMPLE_RATE, steps=LOCAL_STEPS)
-    with pytest.raises(BudgetExhaustedError):
-        second.charge(run_id="run-b", server_round=2, sample_rate=SAMPLE_RATE, steps=LOCAL_STEPS)
-    assert [e["run_id"] for e in dp_events(state_dir)][-1] == "run-a" and len(dp_events(state_dir)) == 2
-    assert SiteBudget.open(state_dir, spec).epsilon_spent <= spec.target_epsilon
-
-
-def test_two_processes_charging_at_once_never_overspend(trained_site, state_copy):
-    """The same race with real processes: both open, wait at a barrier, then charge at once."""
-    state_dir = state_copy(trained_site.after_round1)
-    spec = _tight_spec(trained_site)
-    barrier = state_dir.parent / "go"
-    code = (
-        "import sys, time\nfrom pathlib import Path\n"
-        "from fedssl.config import PrivacyConfig\nfrom fedssl.errors import BudgetExhaustedError\n"
-        "from fedssl.privacy.budget import SiteBudget\n"
-        f"b = SiteBudget.open(Path(sys.argv[1]), PrivacyConfig(target_epsilon={spec.target_epsilon!r}, delta={DELTA!r}, max_grad_norm=1.0))\n"
-        "print('open', flush=True)\n"
-        "while not Path(sys.argv[2]).exists(): time.sleep(0.01)\n"
-        f"try:\n    b.charge(run_id=sys.argv[3], server_round=2, sample_rate={SAMPLE_RATE!r}, steps={LOCAL_STEPS})\n    print('charged')\n"
-        "except BudgetExhaustedError:\n    print('refused')\n"
-    )
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(state_dir), str(barrier), f"run-{i}"], stdout=subprocess.PIPE, text=True)
-             for i in range(2)]
-    for proc in procs:
-        assert proc.stdout.readline().strip() == "open"
-    barrier.touch()
-    outcomes = sorted(proc.communicate(timeout=120)[0].strip() for proc in procs)
-    assert outcomes == ["charged", "refused"]
-    assert len(dp_events(state_dir)) == 2 and SiteBudget.open(state_dir, spec).epsilon_spent <= spec.target_epsilon
-
-
 # ------------------------------------------------------------------ crashes
 
 
@@ -312,13 +245,13 @@ def test_crash_between_the_two_writes_of_a_charge_never_under_counts(trained_sit
     restarted = SiteBudget.open(state_dir, spec)
     crashed_round = (accountant_history(trained_site.after_round1)[0][0], SAMPLE_RATE, LOCAL_STEPS)
     charged_so_far = [crashed_round, crashed_round]
-    assert restarted.epsilon_spent >= opacus_epsilon(charged_so_far) * (1 - 1e-12)
+    assert restarted.epsilon_spent >= opacus_epsilon(charged_so_far, DELTA) * (1 - 1e-12)
     restarted.charge(run_id="r", server_round=3, sample_rate=SAMPLE_RATE / 2, steps=LOCAL_STEPS)
     all_charges = charged_so_far + [(crashed_round[0], SAMPLE_RATE / 2, LOCAL_STEPS)]
 
     (state_dir / "accountant.json").unlink()
     rebuilt = SiteBudget.open(state_dir, spec)
-    assert rebuilt.epsilon_spent >= opacus_epsilon(all_charges) * (1 - 1e-12)
+    assert rebuilt.epsilon_spent >= opacus_epsilon(all_charges, DELTA) * (1 - 1e-12)
     assert len(dp_events(state_dir)) >= 3
 
 
@@ -334,5 +267,5 @@ def test_rdp_epsilon_is_bit_identical_to_opacus(history):
     """fedssl's cached per-(σ, q) RDP path (fedssl.privacy.analysis) changes no ε."""
     from fedssl.privacy.analysis import epsilon_of
 
-    assert epsilon_of(history, DELTA) == opacus_epsilon(history)
-    assert epsilon_of(history, DELTA) == opacus_epsilon(history)  # again, from the cache
+    assert epsilon_of(history, DELTA) == opacus_epsilon(history, DELTA)
+    assert epsilon_of(history, DELTA) == opacus_epsilon(history, DELTA)  # again, from the cache
