@@ -28,9 +28,9 @@ def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs)
     from fedssl.deploy.site.config import load_site_config
 
     root = tmp_path_factory.mktemp("fed2")
-    # Round 1 waits out the killed site's missing reply: 40 s, not the local default of 90, is still
-    # many times a round on a loaded 2-core machine (~5 s) and saves CI nearly a minute.
-    fed = make_local_federation(root, ["site-c", "site-d"], rounds=2, experiment_overrides=["federation.round_timeout=40"])
+    # Round 1 waits out the killed site's missing reply (the local default, 90 s): the restarted site
+    # must be back before round 2 is sampled, which on a loaded 2-core machine can take over 40 s.
+    fed = make_local_federation(root, ["site-c", "site-d"], rounds=2)
     set_site(fed.site_yamls["site-d"], **{"apps.allowed_hashes": ["sha256:" + "0" * 64]})
     c_config, d_config = load_site_config(fed.site_yamls["site-c"]), load_site_config(fed.site_yamls["site-d"])
 
