@@ -6,8 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 # Parallel test workers: the slow tests mostly wait on Flower processes (polls, timeouts, start-up), so
-# three workers on two cores finish sooner than two (10.4 vs 13.4 min for the suite, measured side by side
-# on this 2-core machine). `make test TEST_WORKERS=0` runs them serially.
+# three workers on two cores finish sooner than two (10.4 vs 13.4 min for the suite in two runs on this
+# 2-core machine, each beside other work, so a rough ratio). `make test TEST_WORKERS=0` runs them serially.
 TEST_WORKERS ?= 3
 
 .PHONY: setup demo test test-quick bench audit-demo clean
