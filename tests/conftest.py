@@ -119,3 +119,16 @@ def state_copy(tmp_path) -> Callable[[Path], Path]:
         return target
 
     return copy
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with real-process (slow) tests run first, each module's tests kept together and in order.
+
+    With pytest-xdist's --dist loadfile a module is the unit of work: a two-minute deployment module
+    handed out last is the run's tail, with the other workers idle (measured: ~3 of 10.5 minutes).
+    """
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    first_seen = {}
+    for index, item in enumerate(items):
+        first_seen.setdefault(item.module.__name__, index)
+    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, first_seen[item.module.__name__]))
