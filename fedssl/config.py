@@ -97,14 +97,14 @@ class ModelConfig:
     input_shape: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        from fedssl.models import ENCODERS
+        from fedssl.models import ENCODERS, IMAGE_ENCODERS
 
         check(all(d >= 1 for d in self.input_shape), "model.input_shape", "must be positive sizes, e.g. [1, 8, 8]", self.input_shape)
         check(self.encoder in ENCODERS, "model.encoder", f"valid choices: {', '.join(sorted(ENCODERS))}", self.encoder)
         check(
-            not self.input_shape or self.encoder != "cnn" or len(self.input_shape) == 3,
+            not self.input_shape or self.encoder not in IMAGE_ENCODERS or len(self.input_shape) == 3,
             "model.input_shape",
-            "the cnn encoder needs images shaped [channels, height, width]; use model.encoder=mlp for vectors",
+            f"the {self.encoder} encoder needs images shaped [channels, height, width]; use model.encoder=mlp for vectors",
             self.input_shape,
         )
         check(1 <= self.width <= 4096, "model.width", "must be in [1, 4096]", self.width)

@@ -121,7 +121,7 @@ def test_wrong_type(tmp_path, text, key):
         ("training:\n  lr: .nan\n", "training.lr"),
         ("model:\n  width: 0\n", "model.width"),
         ("federation:\n  num_sites: 2\n  min_sites: 3\n", "federation.min_sites"),
-        ("model:\n  encoder: resnet\n", "model.encoder"),
+        ("model:\n  encoder: vgg\n", "model.encoder"),
     ],
     ids=["eps-negative", "eps-inf", "delta", "test-fraction", "lr-zero", "lr-nan", "width", "min-sites", "encoder"],
 )

@@ -6,6 +6,7 @@ LayerNorm, never BatchNorm: BatchNorm mixes samples within a batch, which breaks
 per-sample gradients and so DP-SGD (Opacus rejects it).
 """
 
-from fedssl.models.encoders import ENCODERS, Encoder, build_encoder, encoder_state_keys
+from fedssl.models.encoders import Encoder
+from fedssl.models.registry import ENCODERS, IMAGE_ENCODERS, build_encoder, encoder_state_keys
 
-__all__ = ["ENCODERS", "Encoder", "build_encoder", "encoder_state_keys"]
+__all__ = ["ENCODERS", "IMAGE_ENCODERS", "Encoder", "build_encoder", "encoder_state_keys"]

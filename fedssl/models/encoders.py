@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ class Encoder(nn.Module):
     input_shape: tuple[int, ...]
 
 
-def _groups_for(channels: int) -> int:
+def groups_for(channels: int) -> int:
     # GroupNorm needs channels divisible by the group count; 8 groups where possible.
     for groups in (8, 4, 2):
         if channels % groups == 0:
@@ -43,7 +43,7 @@ class ConvEncoder(Encoder):
         for _ in range(depth):
             layers += [
                 nn.Conv2d(channels, width, kernel_size=3, padding=1),
-                nn.GroupNorm(_groups_for(width), width),
+                nn.GroupNorm(groups_for(width), width),
                 nn.ReLU(),
             ]
             channels = width
@@ -73,24 +73,3 @@ class MLPEncoder(Encoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder}
-
-
-def build_encoder(
-    kind: str, input_shape: Sequence[int], width: int = 64, depth: int = 3, seed: int | None = None
-) -> Encoder:
-    """Build an encoder by name; the same call on server and sites gives the same keys."""
-    if kind not in ENCODERS:
-        raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}")
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return ENCODERS[kind](input_shape, width=width, depth=depth)
-    return ENCODERS[kind](input_shape, width=width, depth=depth)
-
-
-def encoder_state_keys(encoder: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Parameter/buffer names and shapes of an encoder: the only arrays allowed to leave a site."""
-    return {name: tuple(t.shape) for name, t in encoder.state_dict().items()}

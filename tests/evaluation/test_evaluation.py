@@ -29,7 +29,7 @@ from fedssl.evaluation import (
     evaluate_label_efficiency,
 )
 from fedssl.data.sampling import stratified_subset
-from fedssl.models.encoders import Encoder, build_encoder
+from fedssl.models import Encoder, build_encoder
 
 NUM_TRAIN, NUM_TEST = 500, 200
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedssl.models import build_encoder
+from fedssl.models.resnet import ResNetGNEncoder
 from fedssl.pretext import get_pretext
 from fedssl.training.bookkeeping import BookkeepingEngine, make_private_bookkeeping, supported_types
 
@@ -123,6 +124,8 @@ LAYERS = {
     "linear_frozen_bias": lambda: nn.Sequential(nn.Flatten(), nn.Linear(3 * 6 * 6, 5)),
     "group_norm": lambda: nn.Sequential(nn.GroupNorm(1, 3)),
     "layer_norm": lambda: nn.Sequential(nn.LayerNorm([6, 6])),
+    # stride-2 convs, bias-free convs, 1x1 shortcuts, residual sums, GroupNorm on a 1x1 map
+    "resnet_gn": lambda: ResNetGNEncoder((3, 6, 6), width=4, depth=1),
     "conv_gn_relu_linear": lambda: nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 8), nn.LayerNorm(8)
     ),

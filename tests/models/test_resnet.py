@@ -1,0 +1,79 @@
+"""ResNet-GN: its shape is ResNet-18's, Opacus accepts it, and a 2-site DP round trains it end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from fedssl.models import IMAGE_ENCODERS, build_encoder, encoder_state_keys
+from fedssl.models.resnet import ResNetGNEncoder
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (1, 8, 8), (3, 32, 32)])
+def test_features_are_the_last_stage_pooled_to_2x2(shape):
+    encoder = build_encoder("resnet", shape, width=4, depth=1, seed=0)
+    out = encoder(torch.randn(2, *shape))
+    assert out.shape == (2, 4 * 8 * 4) == (2, encoder.out_dim)
+    # three stride-2 stages: the map before pooling is ceil(H / 8) on a side
+    feature_map = encoder.features(torch.randn(1, *shape))
+    assert feature_map.shape[-2:] == tuple(-(-s // 8) for s in shape[1:])
+
+
+def test_depth_2_is_resnet_18_shaped():
+    encoder = ResNetGNEncoder((3, 32, 32), width=64, depth=2)
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    # ResNet-18: the stem, 8 blocks x 2 convs, 3 downsampling shortcuts (its fc is the probe's job here)
+    assert len(convs) == 1 + 8 * 2 + 3
+    assert sorted({c.out_channels for c in convs}) == [64, 128, 256, 512]
+    assert [c.stride for c in convs if c.stride != (1, 1)] == [(2, 2)] * 6  # 3 stages x (first conv, shortcut)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in encoder.modules())
+    # ResNet-18's conv weights, counted directly: per stage one 3x3 conv from the previous width and three
+    # at its own width, the 3x3 stem from the 3 input channels, and the 1x1 shortcuts
+    stage_in_out = [(64, 64), (64, 128), (128, 256), (256, 512)]
+    blocks = sum(9 * c_in * c + 3 * 9 * c * c for c_in, c in stage_in_out)
+    stem, shortcuts = 9 * 3 * 64, 64 * 128 + 128 * 256 + 256 * 512
+    assert sum(c.weight.numel() for c in convs) == stem + blocks + shortcuts
+
+
+def test_opacus_accepts_it_and_server_and_site_build_the_same_keys():
+    encoder = build_encoder("resnet", (3, 28, 28), width=8, depth=2, seed=1)
+    assert ModuleValidator.validate(encoder, strict=False) == []
+    again = build_encoder("resnet", (3, 28, 28), width=8, depth=2, seed=1)
+    assert encoder_state_keys(encoder) == encoder_state_keys(again)
+    assert all(torch.equal(a, b) for a, b in zip(encoder.state_dict().values(), again.state_dict().values()))
+    assert "resnet" in IMAGE_ENCODERS
+
+
+def test_vector_inputs_are_refused_in_one_line():
+    with pytest.raises(ValueError, match="model.encoder=resnet needs image inputs.*use model.encoder=mlp"):
+        build_encoder("resnet", (64,), width=4, depth=1)
+
+
+@pytest.mark.slow
+def test_a_two_site_dp_round_trains_the_resnet(tmp_path):
+    """The real path: `fedssl simulate` with 2 DP sites, one round, the ResNet-GN on digits."""
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "fedssl"), "simulate", str(ROOT / "configs" / "experiments" / "digits-tiny.yaml"),
+         "--set", f"run.output_dir={tmp_path}", "--set", "run.name=resnet", "--set", "model.encoder=resnet",
+         "--set", "model.width=4", "--set", "model.depth=1", "--set", "federation.rounds=1", "--skip-evaluation", "--quiet"],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    run_dir = tmp_path / "resnet"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    sites = [r for r in records if r["kind"] == "site_round"]
+    assert sorted((r["site_id"], r["status"]) for r in sites) == [(0, "trained"), (1, "trained")]
+    assert all(0 < r["epsilon"] <= 8.0 for r in sites)
+    final = torch.load(run_dir / "encoder.pt")
+    initial = build_encoder("resnet", (1, 8, 8), width=4, depth=1, seed=0).state_dict()
+    assert set(final) == set(initial)
+    assert any(not torch.equal(final[k], initial[k]) for k in initial if initial[k].is_floating_point())
