@@ -98,9 +98,11 @@ class ModelConfig:
 
     def validate(self) -> None:
         from fedssl.models import ENCODERS, IMAGE_ENCODERS
+        from fedssl.models.custom import is_custom_spec
 
         check(all(d >= 1 for d in self.input_shape), "model.input_shape", "must be positive sizes, e.g. [1, 8, 8]", self.input_shape)
-        check(self.encoder in ENCODERS, "model.encoder", f"valid choices: {', '.join(sorted(ENCODERS))}", self.encoder)
+        check(self.encoder in ENCODERS or is_custom_spec(self.encoder), "model.encoder",
+              f"valid choices: {', '.join(sorted(ENCODERS))}, or your own as 'package.module:factory'", self.encoder)
         check(
             not self.input_shape or self.encoder not in IMAGE_ENCODERS or len(self.input_shape) == 3,
             "model.input_shape",

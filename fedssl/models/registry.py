@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from fedssl.models.custom import build_custom_encoder, is_custom_spec
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
 
@@ -18,14 +19,20 @@ IMAGE_ENCODERS = frozenset({"cnn", "resnet"})
 def build_encoder(
     kind: str, input_shape: Sequence[int], width: int = 64, depth: int = 3, seed: int | None = None
 ) -> Encoder:
-    """Build an encoder by name; the same call on server and sites gives the same keys."""
-    if kind not in ENCODERS:
-        raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}")
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+    """Build an encoder by name or ``package.module:factory`` spec; the same call on server and sites gives the same keys."""
+    if kind not in ENCODERS and not is_custom_spec(kind):
+        raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}, or 'package.module:factory'")
+
+    def build() -> Encoder:
+        if kind in ENCODERS:
             return ENCODERS[kind](input_shape, width=width, depth=depth)
-    return ENCODERS[kind](input_shape, width=width, depth=depth)
+        return build_custom_encoder(kind, input_shape, width, depth)
+
+    if seed is None:
+        return build()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
 
 
 def encoder_state_keys(encoder: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -65,12 +65,15 @@ def say(message: str) -> None:
 def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: bool = False, evaluate: bool = True,
                  echo: Echo = say) -> Path:
     """Run ``config`` through ``launcher`` from the checks to the report; returns the run directory."""
+    from fedssl.models.private import check_encoder
     from fedssl.pretext import check_config
 
     started = time.perf_counter()
     check_config(config)  # the pretext registry's part of the config, at the edge
     if not config.model.input_shape:
         config.model.input_shape = list(launcher.input_shape(config))
+    m = config.model
+    check_encoder(m.encoder, m.input_shape, m.width, m.depth)  # a brought-your-own encoder, before Flower starts
     run_dir = prepare_run_dir(config, overwrite=overwrite)
     from fedssl.warmstart.pretrain import prepare_warm_start
 
