@@ -18,6 +18,8 @@ in a simulation worker with ``client_cpus = 1``.
 
     python benchmarks/dp_overhead.py            # full: width 64 (the demo encoder), 40 reps
     python benchmarks/dp_overhead.py --quick    # smoke: width 16, 2 tasks, 4 reps
+    python benchmarks/dp_overhead.py --encoder resnet --input 1,28,28 --width 16 --depth 2 --tasks rotation --reps 10
+                                                # ResNet-18-GN on Fashion-MNIST-sized images: dp_overhead_resnet_28x28.json
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,6 +38,19 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 MODES = ("hooks", "functorch", "ew", "ghost", "bookkeeping")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The encoder under test: the registry name, one sample's shape, width and depth."""
+
+    encoder: str
+    shape: tuple[int, ...]
+    width: int
+    depth: int
+
+    def batch(self, size: int, seed: int) -> torch.Tensor:
+        return torch.rand(size, *self.shape, generator=torch.Generator().manual_seed(seed))
 OPACUS_PREFIX = "_module."
 EXACT_RTOL = 1e-4
 
@@ -63,23 +79,23 @@ def refused_tasks() -> list[str]:
     return sorted(name for name, cls in PRETEXT_TASKS.items() if not cls.dp_compatible)
 
 
-def build_model(task: str, width: int, depth: int, seed: int = 0):
+def build_model(task: str, spec: ModelSpec, seed: int = 0):
     from fedssl.models import build_encoder
     from fedssl.pretext import get_pretext
 
-    encoder = build_encoder("cnn", (1, 8, 8), width=width, depth=depth, seed=seed)
+    encoder = build_encoder(spec.encoder, spec.shape, width=spec.width, depth=spec.depth, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return get_pretext(task).build_model(encoder)
 
 
-def make_private(model, mode: str, batch: int, noise: float, lr: float, momentum: float):
+def make_private(model, mode: str, batch: int, noise: float, lr: float, momentum: float, shape: tuple[int, ...]):
     """Wrap like fedssl.training.local does (Poisson, flat clipping C = 1), in ``mode``."""
     from opacus import PrivacyEngine
 
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
     # 4 batches' worth of rows: sample rate 1/4, expected batch size exactly `batch`.
-    loader = DataLoader(TensorDataset(torch.zeros(4 * batch, 1, 8, 8)), batch_size=batch)
+    loader = DataLoader(TensorDataset(torch.zeros(4 * batch, *shape)), batch_size=batch)
     if mode == "bookkeeping":
         from fedssl.training.bookkeeping import make_private_bookkeeping
 
@@ -141,13 +157,13 @@ def reference_update(model, batch: torch.Tensor, seed: int, clip: float) -> dict
     return {n: t / len(batch) for n, t in total.items()}
 
 
-def exactness(task: str, mode: str, width: int, depth: int, batch: int, seed: int = 123) -> dict:
+def exactness(task: str, mode: str, spec: ModelSpec, batch: int, seed: int = 123) -> dict:
     """Max relative error of the mode's noise-free DP update against the reference."""
-    x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-    reference = reference_update(build_model(task, width, depth), x, seed, clip=1.0)
-    model = build_model(task, width, depth)
+    x = spec.batch(batch, seed)
+    reference = reference_update(build_model(task, spec), x, seed, clip=1.0)
+    model = build_model(task, spec)
     try:
-        private, optimizer, criterion = make_private(model, mode, batch, noise=0.0, lr=1.0, momentum=0.0)
+        private, optimizer, criterion = make_private(model, mode, batch, noise=0.0, lr=1.0, momentum=0.0, shape=spec.shape)
         torch.manual_seed(seed)
         step_fn(private, optimizer, criterion)(x)
     except Exception as err:  # noqa: BLE001 - a mode that cannot run this model is a result, not a crash
@@ -161,8 +177,8 @@ def exactness(task: str, mode: str, width: int, depth: int, batch: int, seed: in
         worst = max(worst, float((got - reference[key]).abs().max()))
         scale = max(scale, float(reference[key].abs().max()))
     rel = worst / scale if scale else math.inf
-    empty_ok, empty_err = empty_batch_ok(task, mode, width, depth, batch)
-    guarded_ok = empty_ok or empty_batch_ok(task, mode, width, depth, batch, guard=True)[0]
+    empty_ok, empty_err = empty_batch_ok(task, mode, spec, batch)
+    guarded_ok = empty_ok or empty_batch_ok(task, mode, spec, batch, guard=True)[0]
     return {
         "empty_batch_ok_with_guard": guarded_ok,
         "runs": True,
@@ -173,12 +189,12 @@ def exactness(task: str, mode: str, width: int, depth: int, batch: int, seed: in
     }
 
 
-def empty_batch_ok(task: str, mode: str, width: int, depth: int, batch: int, guard: bool = False) -> tuple[bool, str]:
-    model = build_model(task, width, depth)
+def empty_batch_ok(task: str, mode: str, spec: ModelSpec, batch: int, guard: bool = False) -> tuple[bool, str]:
+    model = build_model(task, spec)
     try:
-        private, optimizer, criterion = make_private(model, mode, batch, noise=1.0, lr=0.05, momentum=0.9)
+        private, optimizer, criterion = make_private(model, mode, batch, noise=1.0, lr=0.05, momentum=0.9, shape=spec.shape)
         before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-        step_fn(private, optimizer, criterion, guard_empty=guard)(torch.zeros(0, 1, 8, 8))
+        step_fn(private, optimizer, criterion, guard_empty=guard)(torch.zeros(0, *spec.shape))
         moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, [p for p in model.parameters() if p.requires_grad]))
         if not moved:
             return False, "no noise-only step was taken"
@@ -187,27 +203,32 @@ def empty_batch_ok(task: str, mode: str, width: int, depth: int, batch: int, gua
         return False, f"{type(err).__name__}: {str(err)[:160]}"
 
 
-def time_task(task: str, width: int, depth: int, batch: int, reps: int, modes: list[str], runnable: dict[str, bool]) -> dict:
-    x = torch.rand(batch, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-    plain = build_model(task, width, depth)
+def time_task(task: str, spec: ModelSpec, batch: int, reps: int, modes: list[str], runnable: dict[str, bool]) -> dict:
+    x = spec.batch(batch, 7)
+    plain = build_model(task, spec)
     plain_opt = torch.optim.SGD(plain.parameters(), lr=0.05, momentum=0.9)
     variants = {"plain": (lambda s=step_fn(plain, plain_opt): s(x))}
     for mode in modes:
         if not runnable.get(mode):
             continue
-        private, optimizer, criterion = make_private(build_model(task, width, depth), mode, batch, noise=1.0, lr=0.05, momentum=0.9)
+        private, optimizer, criterion = make_private(build_model(task, spec), mode, batch, noise=1.0, lr=0.05, momentum=0.9,
+                                                     shape=spec.shape)
         variants[mode] = lambda s=step_fn(private, optimizer, criterion): s(x)
     times = interleaved_times(variants, reps=reps, warmup=2)
-    out = {"plain_ms": median_ms(times["plain"])}
+    out = {"plain_ms": median_ms(times["plain"]), "plain_samples_per_s": batch / (median_ms(times["plain"]) / 1000)}
     for mode in modes:
         if mode in times:
-            out[mode] = {"ms": median_ms(times[mode]), "ratio_vs_plain": paired_ratio(times[mode], times["plain"])}
+            out[mode] = {"ms": median_ms(times[mode]), "samples_per_s": batch / (median_ms(times[mode]) / 1000),
+                         "ratio_vs_plain": paired_ratio(times[mode], times["plain"])}
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (checks for crashes, numbers meaningless)")
+    parser.add_argument("--encoder", default="cnn", help="registry name (cnn, resnet) or package.module:factory")
+    parser.add_argument("--input", default="1,8,8", help="one sample's shape C,H,W (default 1,8,8: digits)")
+    parser.add_argument("--tasks", default=None, help="comma-separated pretext tasks (default: every DP image task)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--depth", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
@@ -216,40 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_warnings()
     torch.set_num_threads(args.threads)
-    width = args.width or (16 if args.quick else 64)
+    spec = ModelSpec(args.encoder, tuple(int(d) for d in args.input.split(",")), args.width or (16 if args.quick else 64), args.depth)
     reps = args.reps or (4 if args.quick else 40)
     batch = 8 if args.quick else args.batch
-    tasks = image_tasks()[:2] if args.quick else image_tasks()
-    modes = list(MODES)
+    tasks = args.tasks.split(",") if args.tasks else image_tasks()[: 2 if args.quick else None]
     started = time.perf_counter()
     machine = machine_info()
-    results: dict[str, dict] = {}
-    for task in tasks:
-        checks = {mode: exactness(task, mode, width, args.depth, min(batch, 8)) for mode in modes}
-        timing = time_task(task, width, args.depth, batch, reps, modes, {m: c["runs"] for m, c in checks.items()})
-        modes_out = {}
-        for mode in modes:
-            modes_out[mode] = {**checks[mode], **timing.get(mode, {})}
-        # Eligible: exact clipping, and empty Poisson batches work as is or with the
-        # one-line guard of empty_batch_step (a change local.py would have to make).
-        eligible = [m for m in modes if modes_out[m].get("exact") and modes_out[m].get("empty_batch_ok_with_guard") and "ms" in modes_out[m]]
-        chosen = min(eligible, key=lambda m: modes_out[m]["ratio_vs_plain"]["median"]) if eligible else None
-        results[task] = {
-            "plain_ms": timing["plain_ms"],
-            "modes": modes_out,
-            "chosen": chosen,
-            "chosen_ratio": modes_out[chosen]["ratio_vs_plain"]["median"] if chosen else None,
-            "current_hooks_ratio": modes_out["hooks"].get("ratio_vs_plain", {}).get("median"),
-        }
-        line = "  ".join(
-            f"{m}={modes_out[m]['ratio_vs_plain']['median']:.2f}x{'' if modes_out[m].get('exact') else '(INEXACT)'}"
-            if "ratio_vs_plain" in modes_out[m] else f"{m}=n/a"
-            for m in modes
-        )
-        print(f"dp_overhead: {task:22s} plain {timing['plain_ms']:.1f} ms  {line}  -> {chosen}", flush=True)
+    results = {task: measure_task(task, spec, batch, reps) for task in tasks}
     payload = {
         "machine": machine,
-        "settings": {"encoder": "cnn", "width": width, "depth": args.depth, "batch": batch, "input": [1, 8, 8],
+        "settings": {"encoder": spec.encoder, "width": spec.width, "depth": spec.depth, "batch": batch, "input": list(spec.shape),
                      "reps": reps, "torch_threads": args.threads, "max_grad_norm": 1.0, "optimizer": "sgd(0.05, momentum 0.9)",
                      "exact_rtol": EXACT_RTOL},
         "target_ratio": 1.3,
@@ -258,9 +255,39 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": time.perf_counter() - started,
         "load_avg_end": list(__import__("os").getloadavg()),
     }
-    path = write_result("dp_overhead", payload, args.quick)
+    # The digits CNN keeps the historical name (benchmarks/summarize.py reads it); other settings get their own file.
+    default = spec.encoder == "cnn" and spec.shape == (1, 8, 8)
+    name = "dp_overhead" if default else f"dp_overhead_{spec.encoder.replace(':', '_').replace('.', '_')}_{spec.shape[1]}x{spec.shape[2]}"
+    path = write_result(name, payload, args.quick)
     print(f"dp_overhead: wrote {path}")
     return 0
+
+
+def measure_task(task: str, spec: ModelSpec, batch: int, reps: int) -> dict:
+    """Exactness and paired timing of every mode on one task; the fastest exact mode is ``chosen``."""
+    modes = list(MODES)
+    checks = {mode: exactness(task, mode, spec, min(batch, 8)) for mode in modes}
+    timing = time_task(task, spec, batch, reps, modes, {m: c["runs"] for m, c in checks.items()})
+    modes_out = {mode: {**checks[mode], **timing.get(mode, {})} for mode in modes}
+    # Eligible: exact clipping, and empty Poisson batches work as is or with the
+    # one-line guard of empty_batch_step (a change local.py would have to make).
+    eligible = [m for m in modes if modes_out[m].get("exact") and modes_out[m].get("empty_batch_ok_with_guard") and "ms" in modes_out[m]]
+    chosen = min(eligible, key=lambda m: modes_out[m]["ratio_vs_plain"]["median"]) if eligible else None
+    line = "  ".join(
+        f"{m}={modes_out[m]['ratio_vs_plain']['median']:.2f}x{'' if modes_out[m].get('exact') else '(INEXACT)'}"
+        if "ratio_vs_plain" in modes_out[m] else f"{m}=n/a"
+        for m in modes
+    )
+    print(f"dp_overhead: {task:22s} plain {timing['plain_ms']:.1f} ms ({timing['plain_samples_per_s']:.0f} samples/s)  {line}  -> {chosen}",
+          flush=True)
+    return {
+        "plain_ms": timing["plain_ms"],
+        "plain_samples_per_s": timing["plain_samples_per_s"],
+        "modes": modes_out,
+        "chosen": chosen,
+        "chosen_ratio": modes_out[chosen]["ratio_vs_plain"]["median"] if chosen else None,
+        "current_hooks_ratio": modes_out["hooks"].get("ratio_vs_plain", {}).get("median"),
+    }
 
 
 if __name__ == "__main__":
