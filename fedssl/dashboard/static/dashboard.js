@@ -76,7 +76,7 @@
         el("td", { text: site.name }), status,
         el("td", { class: "num", text: c.trained + " / " + c.refused + " / " + c.failed }),
         el("td", { class: "num eps", text: fmt(site.epsilon, 3) }),
-        el("td", { class: "num budget", text: fmt(site.target_epsilon, 3) }),
+        el("td", { class: "num target", text: fmt(site.target_epsilon, 3) }),
         el("td", {}, [budgetBar(site)]),
         el("td", { class: "num", text: fmt(site.epsilon_independent, 3) }),
         el("td", { class: "projection", text: projectionText(site) }),
