@@ -19,6 +19,7 @@ import ipaddress
 import json
 import secrets
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,21 +80,34 @@ class TokenGuard:
 
 
 class Watch:
-    """The run's current snapshot, rebuilt at most once per change of its files."""
+    """The run's current snapshot: after a change of its files, first the quick one (no ledger audit),
+    then, at the next poll, the audited one. Each is built once per change, however many pages are open."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._signature: tuple | None = None
         self._snapshot: dict[str, Any] | None = None
+        self._audited = False
         self._lock = anyio.Lock()
 
     async def current(self) -> tuple[tuple, dict[str, Any]]:
+        """(a key that changes with every new snapshot, the snapshot)."""
         async with self._lock:
             now = await anyio.to_thread.run_sync(signature, self.path)
-            if now != self._signature or self._snapshot is None:
+            if self._snapshot is not None and not self._audited:
+                # The quick one went out at the last poll: audit now, even if files keep changing (no starvation).
                 self._snapshot = await anyio.to_thread.run_sync(build_snapshot, self.path)
-                self._signature = now
-            return self._signature, self._snapshot
+                self._signature, self._audited = now, True
+            elif now != self._signature or self._snapshot is None:
+                self._snapshot = await anyio.to_thread.run_sync(partial(build_snapshot, self.path, audit=False))
+                self._signature, self._audited = now, not self._snapshot["audit"]["pending"]
+            return (self._signature, self._audited), self._snapshot
+
+    async def audited(self) -> dict[str, Any]:
+        while True:
+            (_, done), snapshot = await self.current()
+            if done:
+                return snapshot
 
 
 def _event(snapshot: dict[str, Any]) -> str:
@@ -123,7 +137,7 @@ def create_app(path: Path, *, token: str | None = None) -> Starlette:
         return HTMLResponse(page, headers={"Cache-Control": "no-store"})
 
     async def snapshot(request: Request) -> Response:
-        _, current = await watch.current()
+        current = await watch.audited()
         return JSONResponse(current, headers={"Cache-Control": "no-store"})
 
     async def events(request: Request) -> Response:

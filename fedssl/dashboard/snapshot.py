@@ -144,9 +144,9 @@ def _round_cell(record: SiteRound) -> dict[str, Any]:
             "pretext_loss": _number(record.pretext_loss)}
 
 
-def _ledger_view(audit: SiteAudit | None) -> dict[str, Any]:
+def _ledger_view(audit: SiteAudit | None, pending: bool = False) -> dict[str, Any]:
     if audit is None:
-        return {"ok": None, "status": "no ledger", "findings": [], "notes": [], "trust": None}
+        return {"ok": None, "status": "verifying…" if pending else "no ledger", "findings": [], "notes": [], "trust": None}
     return {"ok": audit.ok, "status": "verified" if audit.ok else audit.status,
             "findings": [str(f) for f in audit.findings], "notes": list(audit.notes), "trust": audit.trust}
 
@@ -160,7 +160,8 @@ def _ledger_rounds(audit: SiteAudit) -> list[dict[str, Any]]:
     return sorted(cells, key=lambda c: c["round"])
 
 
-def _site(name: str, records: list[SiteRound] | None, audit: SiteAudit | None, planned: int | None) -> dict[str, Any]:
+def _site(name: str, records: list[SiteRound] | None, audit: SiteAudit | None, planned: int | None,
+          pending: bool = False) -> dict[str, Any]:
     cells = [_round_cell(r) for r in records] if records is not None else (_ledger_rounds(audit) if audit else [])
     last = cells[-1] if cells else {}
     reported = [c["epsilon"] for c in cells if c["epsilon"] is not None]
@@ -183,11 +184,11 @@ def _site(name: str, records: list[SiteRound] | None, audit: SiteAudit | None, p
         "epsilon_series": [{"round": e.round, "epsilon": e.epsilon_after} for e in events]
         or [{"round": c["round"], "epsilon": c["epsilon"]} for c in cells if c["epsilon"] is not None],
         "projection": projection.to_dict() if projection is not None else None,
-        "ledger": _ledger_view(audit),
+        "ledger": _ledger_view(audit, pending),
     }
 
 
-def _sites(site_rounds: list[SiteRound], report: AuditReport | None, planned: int | None) -> list[dict[str, Any]]:
+def _sites(site_rounds: list[SiteRound], report: AuditReport | None, planned: int | None, pending: bool) -> list[dict[str, Any]]:
     by_id = group_by_site(site_rounds)
     audits = list(report.sites) if report is not None else []
     sites = []
@@ -195,7 +196,7 @@ def _sites(site_rounds: list[SiteRound], report: AuditReport | None, planned: in
         audit = next((a for a in audits if same_site(a.site_id, site_id)), None)
         if audit is not None:
             audits.remove(audit)
-        sites.append(_site(audit.site_id if audit is not None else f"site-{site_id:03d}", records, audit, planned))
+        sites.append(_site(audit.site_id if audit is not None else f"site-{site_id:03d}", records, audit, planned, pending))
     sites += [_site(a.site_id, None, a, planned) for a in audits]  # a ledger with no metrics (yet, or a state dir)
     return sites
 
@@ -248,16 +249,21 @@ def _statement(config: dict[str, Any], report: AuditReport | None) -> str:
     return report.statement.removeprefix("## Privacy statement").lstrip("\n") if report is not None else ""
 
 
-def build_snapshot(path: Path) -> dict[str, Any]:
-    """Everything the page shows, as plain JSON values. Raises NotARunError for a path that is neither."""
+def build_snapshot(path: Path, *, audit: bool = True) -> dict[str, Any]:
+    """Everything the page shows, as plain JSON values. Raises NotARunError for a path that is neither.
+
+    ``audit=False`` is the quick first look after a change (metrics, config, results: milliseconds): ledger
+    verification, the independent ε, the projection and the statement are left pending (``audit.pending``)
+    for the full snapshot, whose re-accounting takes seconds. A site state dir has only ledgers: always audited."""
     path = Path(path)
     kind = kind_of(path)
+    pending = not audit and kind == RUN
     layout, errors = RunDir(path), []
     config = _config(layout, errors)
     site_rounds, round_records = _metrics(layout, errors)
     planned = _section(config, "federation").get("rounds")
     planned = planned if isinstance(planned, int) else None
-    report = _audit(path, errors)
+    report = None if pending else _audit(path, errors)
     rounds = _rounds(round_records, planned, finished=layout.server_done.is_file())
     summary = _read_json(layout.summary, errors) or {}
     server = report.server if report is not None else None
@@ -269,9 +275,9 @@ def build_snapshot(path: Path) -> dict[str, Any]:
         "generated_at": time.time(),
         "state": _state(layout, kind, rounds),
         "rounds": rounds,
-        "sites": _sites(site_rounds, report, planned),
+        "sites": _sites(site_rounds, report, planned, pending),
         "unattributed_failures": _unattributed(site_rounds),
-        "audit": {"ok": report.ok if report is not None else None,
+        "audit": {"ok": report.ok if report is not None else None, "pending": pending,
                   "server": None if server is None else {"ok": server.ok, "trust": server.trust,
                                                           "findings": [str(f) for f in server.findings]}},
         "projection_rule": RULE,

@@ -62,6 +62,16 @@ def test_snapshot_of_a_finished_run_matches_metrics_ledgers_and_audit(tiny_run):
     assert "What is guaranteed" in snapshot["statement"] and report.statement.endswith(snapshot["statement"])
 
 
+def test_the_quick_snapshot_leaves_only_the_audit_pending(tiny_run):
+    quick, full = build_snapshot(tiny_run, audit=False), build_snapshot(tiny_run)
+    assert quick["audit"] == {"ok": None, "pending": True, "server": None} and full["audit"]["pending"] is False
+    for fast, audited in zip(quick["sites"], full["sites"], strict=True):
+        assert fast["name"] == audited["name"] and fast["ledger"]["status"] == "verifying…"
+        assert fast["epsilon"] == audited["epsilon"]  # the server's record of the ledger's claim
+        assert fast["rounds"] == audited["rounds"] and fast["counts"] == audited["counts"]
+    assert quick["rounds"] == full["rounds"] and quick["statement"] == ""
+
+
 def test_a_new_round_and_a_failed_site_land_in_the_next_snapshot(run_copy):
     before = signature(run_copy)
     log = RunLog(run_copy)
@@ -104,7 +114,9 @@ def _site_row(page, name: str):
 
 
 def _wait_for_sites(page, count: int) -> None:
-    page.wait_for_function(f"document.querySelectorAll('#sites tbody tr').length === {count}", timeout=60_000)
+    """Until the page shows ``count`` sites from an audited snapshot (the quick one leaves the ledgers pending)."""
+    page.wait_for_function(f"document.querySelectorAll('#sites tbody tr').length === {count} "
+                           "&& document.body.dataset.audited === 'true'", timeout=60_000)
 
 
 def test_page_shows_every_site_with_its_ledger_epsilon(tiny_run, start_dashboard, page):
@@ -130,7 +142,7 @@ def test_page_shows_every_site_with_its_ledger_epsilon(tiny_run, start_dashboard
 def test_page_updates_when_a_new_round_lands(run_copy, start_dashboard, page):
     dashboard = start_dashboard(run_copy)
     page.goto(dashboard.url())
-    page.wait_for_function("document.getElementById('rounds-done').dataset.done === '2'", timeout=60_000)
+    _wait_for_sites(page, 2)  # settled: the audited snapshot of the 2 rounds is on screen
     log = RunLog(run_copy)
     landed = time.monotonic()
     log.append(KIND_SITE_ROUND, round=3, site_id=0, node_id=11, status="refused", epsilon=7.9986, target_epsilon=8.0,

@@ -36,7 +36,7 @@
       (r.mean_seconds ? " (" + duration(r.mean_seconds) + "/round)" : "");
     const ok = s.audit.ok;
     const audit = $("audit-status");
-    audit.textContent = ok === null ? "no ledgers" : ok ? "all verified" : "verification FAILED";
+    audit.textContent = s.audit.pending ? "verifying…" : ok === null ? "no ledgers" : ok ? "all verified" : "verification FAILED";
     audit.className = "value " + (ok === null ? "" : ok ? "ok" : "bad");
     const errors = $("errors");
     errors.hidden = !s.errors.length;
@@ -173,10 +173,12 @@
     renderParticipation(s);
     renderCharts(s);
     renderEvaluation(s);
-    renderStatement(s.statement || "No ledgers yet: the statement appears once sites have recorded DP training.");
+    // A quick snapshot (audit pending) carries no statement: keep the last audited one on screen.
+    if (!s.audit.pending) renderStatement(s.statement || "No ledgers yet: the statement appears once sites have recorded DP training.");
     $("footer").textContent = s.path + " · snapshot of " + new Date(s.generated_at * 1000).toISOString() +
       (config.live ? "" : " · exported, static");
     document.body.dataset.generatedAt = s.generated_at;
+    document.body.dataset.audited = String(!s.audit.pending);
   }
 
   function setLive(state, text) {
