@@ -17,7 +17,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import logging
 import secrets
+import threading
+import time
 from collections.abc import AsyncIterator
 from functools import partial
 from pathlib import Path
@@ -34,6 +37,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from fedssl.dashboard.page import render_page
 from fedssl.dashboard.snapshot import build_snapshot, signature
 from fedssl.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.5
 KEEPALIVE_SECONDS = 15.0
@@ -80,34 +85,54 @@ class TokenGuard:
 
 
 class Watch:
-    """The run's current snapshot: after a change of its files, first the quick one (no ledger audit),
-    then, at the next poll, the audited one. Each is built once per change, however many pages are open."""
+    """The run's current snapshot. A change of its files is answered at once with the quick snapshot (no
+    ledger audit, milliseconds); a background thread audits the same files (seconds of re-accounting) and
+    its snapshot replaces the quick one while the files stay as they were. The quick path never waits for
+    an audit, and each snapshot is built once per change however many pages are open."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._signature: tuple | None = None
-        self._snapshot: dict[str, Any] | None = None
-        self._audited = False
+        self._quick: tuple[tuple | None, dict[str, Any] | None] = (None, None)
+        self._audited: tuple[tuple | None, dict[str, Any] | None] = (None, None)
         self._lock = anyio.Lock()
+        self._guard = threading.Lock()
+        self._auditor: threading.Thread | None = None
+
+    def _audit_forever(self) -> None:
+        while True:
+            try:
+                now = signature(self.path)
+                if now != self._audited[0]:
+                    snapshot = build_snapshot(self.path)
+                    with self._guard:
+                        self._audited = (now, snapshot)
+                    continue
+            except Exception as err:  # e.g. the run dir was removed: keep serving what the quick path reads
+                log.warning("dashboard audit of %s failed: %s", self.path, err)
+            time.sleep(POLL_SECONDS)
 
     async def current(self) -> tuple[tuple, dict[str, Any]]:
         """(a key that changes with every new snapshot, the snapshot)."""
+        if self._auditor is None:
+            self._auditor = threading.Thread(target=self._audit_forever, name="dashboard-audit", daemon=True)
+            self._auditor.start()
         async with self._lock:
             now = await anyio.to_thread.run_sync(signature, self.path)
-            if self._snapshot is not None and not self._audited:
-                # The quick one went out at the last poll: audit now, even if files keep changing (no starvation).
-                self._snapshot = await anyio.to_thread.run_sync(build_snapshot, self.path)
-                self._signature, self._audited = now, True
-            elif now != self._signature or self._snapshot is None:
-                self._snapshot = await anyio.to_thread.run_sync(partial(build_snapshot, self.path, audit=False))
-                self._signature, self._audited = now, not self._snapshot["audit"]["pending"]
-            return (self._signature, self._audited), self._snapshot
+            with self._guard:
+                audited = self._audited
+            if audited[0] == now:
+                return (now, True), audited[1]
+            if self._quick[0] != now:
+                self._quick = (now, await anyio.to_thread.run_sync(partial(build_snapshot, self.path, audit=False)))
+            done = not self._quick[1]["audit"]["pending"]  # a site state dir is always audited
+            return (now, done), self._quick[1]
 
     async def audited(self) -> dict[str, Any]:
         while True:
             (_, done), snapshot = await self.current()
             if done:
                 return snapshot
+            await anyio.sleep(POLL_SECONDS / 5)
 
 
 def _event(snapshot: dict[str, Any]) -> str:
