@@ -31,10 +31,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 IMAGE_SHAPE = (1, 8, 8)
 VECTOR_SHAPE = (12,)
-ALL = ["byol", "masked_reconstruction", "rotation", "simclr", "simsiam"]
-PER_SAMPLE = ["byol", "masked_reconstruction", "rotation", "simsiam"]
+ALL = ["byol", "jigsaw", "masked_reconstruction", "rotation", "simclr", "simsiam"]
+PER_SAMPLE = ["byol", "jigsaw", "masked_reconstruction", "rotation", "simsiam"]
+IMAGE_ONLY = {"jigsaw", "rotation"}
 # Every (method, modality) pair a method claims to support.
-CASES = [(name, "cnn") for name in ALL] + [(name, "mlp") for name in ALL if name != "rotation"]
+CASES = [(name, "cnn") for name in ALL] + [(name, "mlp") for name in ALL if name not in IMAGE_ONLY]
 NO_AUGMENT = {
     "crop_scale": 1.0,
     "max_rotation": 0.0,
