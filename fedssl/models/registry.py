@@ -10,10 +10,11 @@ from torch import nn
 from fedssl.models.custom import build_custom_encoder, is_custom_spec
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
+from fedssl.models.vit import ViTEncoder
 
-ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder, "resnet": ResNetGNEncoder}
+ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder, "resnet": ResNetGNEncoder, "vit": ViTEncoder}
 # Encoders that take (channels, height, width) images; the others take any shape, flattened.
-IMAGE_ENCODERS = frozenset({"cnn", "resnet"})
+IMAGE_ENCODERS = frozenset({"cnn", "resnet", "vit"})
 
 
 def build_encoder(
