@@ -196,6 +196,19 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     )
 
 
+@torch.no_grad()
+def ema_update(online: list[nn.Module], target: list[nn.Module], tau: float) -> None:
+    """``target <- tau * target + (1 - tau) * online`` for parameters; buffers copied (BYOL, MoCo).
+
+    Run after the optimizer step, from weights the DP optimizer already clipped and noised: post-processing,
+    no privacy cost."""
+    for o_module, t_module in zip(online, target, strict=True):
+        for o, t in zip(o_module.parameters(), t_module.parameters(), strict=True):
+            t.lerp_(o, 1 - tau)  # t + (1 - tau) (o - t) = tau t + (1 - tau) o
+        for o, t in zip(o_module.buffers(), t_module.buffers(), strict=True):
+            t.copy_(o)  # buffers are statistics or counters, not weights to average
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Row-wise cosine similarity, shape ``(B,)``; safe for zero vectors and empty batches."""
     return (nn.functional.normalize(a, dim=-1) * nn.functional.normalize(b, dim=-1)).sum(dim=-1)
