@@ -67,6 +67,10 @@ class FederationConfig:
     # under the same node id never answers the lost message, so without a bound the round
     # (and the run) would wait for the full default hour.
     round_timeout: float = 3600.0
+    # Where each site's local training starts: the global encoder, or FedEMA's divergence-aware mix with the
+    # site's own last encoder (Zhuang et al., ICLR 2022; fedssl/training/fedema.py), kept at the site.
+    local_update: str = "global"  # global | fedema
+    fedema_tau: float = 0.7  # FedEMA's autoscaler: the mix weight of the site's own encoder at its second round
 
     @property
     def sites_per_round(self) -> int:
@@ -85,6 +89,8 @@ class FederationConfig:
               "must be a finite number > 0 (a multiple of the global model's norm), or null for no bound", self.max_update_norm)
         check(self.max_num_examples >= 1, "federation.max_num_examples", "must be an integer >= 1", self.max_num_examples)
         check(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds", self.round_timeout)
+        check(self.local_update in ("global", "fedema"), "federation.local_update", "valid choices: global, fedema", self.local_update)
+        check(0 <= self.fedema_tau <= 1, "federation.fedema_tau", "must be in [0, 1]", self.fedema_tau)
 
 
 @dataclass
