@@ -1,0 +1,110 @@
+"""What each encoder and pretext task takes as input: the rules, without torch.
+
+One home for them so that the models (fedssl.models), the pretext tasks (fedssl.pretext) and the
+preflight check (fedssl.preflight) cannot disagree: preflight runs before torch is imported, so
+these rules may import nothing heavier than the standard library. Each ``*_problem`` function
+returns None when the input fits, else one line saying what does not fit and the fix.
+
+A sample's shape is ``(channels, height, width)`` for an image and anything else (flattened) for a
+vector, the same rule the data loaders and :func:`modality_of_shape` apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+IMAGE = "image"
+VECTOR = "vector"
+BOTH = frozenset({IMAGE, VECTOR})
+
+ENCODER_NAMES = ("cnn", "mlp", "resnet")  # fedssl.models.registry builds each (a test holds the two equal)
+IMAGE_ENCODERS = frozenset({"cnn", "resnet"})  # these take (channels, height, width); mlp flattens any shape
+CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # dotted.module.path:factory_name
+
+# The inputs each registered pretext task works on (fedssl.pretext reads its tasks' modalities from here).
+PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
+    "rotation": frozenset({IMAGE}),
+    "masked_reconstruction": BOTH,
+    "byol": BOTH,
+    "simsiam": BOTH,
+    "simclr": BOTH,
+}
+DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
+
+
+def is_custom_spec(kind: str) -> bool:
+    """True for a brought-your-own encoder, ``package.module:factory``."""
+    return bool(CUSTOM_SPEC.match(kind))
+
+
+def modality_of_shape(shape: Sequence[int]) -> str:
+    """``"image"`` for (channels, height, width), ``"vector"`` for anything else."""
+    return IMAGE if len(shape) == 3 else VECTOR
+
+
+def describe_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def encoder_input_problem(encoder: str, shape: Sequence[int]) -> str | None:
+    """Whether ``encoder`` can take samples of ``shape`` (a custom encoder says so itself when built)."""
+    if encoder in IMAGE_ENCODERS and len(shape) != 3:
+        return (f"the {encoder} encoder needs images shaped [channels, height, width], but the samples are "
+                f"{modality_of_shape(shape)}s shaped {list(shape)}; use model.encoder=mlp for vectors")
+    return None
+
+
+def modality_problem(pretext: str, shape: Sequence[int]) -> str | None:
+    """Whether ``pretext`` works on the modality of ``shape``; the message lists the tasks that do."""
+    modalities = PRETEXT_MODALITIES.get(pretext)
+    modality = modality_of_shape(shape)
+    if modalities is None or modality in modalities:
+        return None
+    fitting = sorted(name for name, kinds in PRETEXT_MODALITIES.items() if modality in kinds)
+    return (f"{pretext!r} works on {' and '.join(sorted(modalities))} inputs, but the encoder takes {modality} inputs "
+            f"shaped {tuple(int(d) for d in shape)}; valid choices for {modality} data: {', '.join(fitting)}")
+
+
+def rotation_problem(shape: Sequence[int]) -> str | None:
+    """Rotation turns images by quarter turns: a non-square image would change shape."""
+    _, height, width = shape
+    if height != width:
+        return (f"'rotation' needs square images, got {height}x{width}; "
+                "resize the data or choose masked_reconstruction, byol or simsiam")
+    return None
+
+
+def patch_problem(shape: Sequence[int], patch_size: int) -> str | None:
+    """Masked reconstruction hides whole patches of an image (single features of a vector): at least 2 units."""
+    if len(shape) == 3:
+        _, height, width = shape
+        if height % patch_size or width % patch_size:
+            return f"must divide the image size {height}x{width}, got {patch_size}"
+        units = (height // patch_size) * (width // patch_size)
+    else:
+        units = 1
+        for d in shape:
+            units *= int(d)
+    if units < 2:
+        return (f"the input splits into {units} unit; masking needs at least 2, "
+                f"got patch_size {patch_size} for input shape {tuple(int(d) for d in shape)}")
+    return None
+
+
+def pretext_input_problem(pretext: str, params: Mapping[str, Any], shape: Sequence[int]) -> tuple[str, str] | None:
+    """(config key, problem) when ``pretext`` with ``params`` cannot train on samples of ``shape``.
+
+    Only the input rules: the task's name and parameter types are the registry's to check.
+    """
+    if (problem := modality_problem(pretext, shape)) is not None:
+        return "pretext.name", problem
+    if pretext == "rotation" and (problem := rotation_problem(shape)) is not None:
+        return "pretext.name", problem
+    if pretext == "masked_reconstruction":
+        patch_size = params.get("patch_size", DEFAULT_PATCH_SIZE)
+        if isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size >= 1:
+            if (problem := patch_problem(shape, patch_size)) is not None:
+                return "pretext.params.patch_size", problem
+    return None
