@@ -178,3 +178,16 @@ def test_preflight_epsilon_is_the_sites_epsilon():
 
     for sigma, q, steps in [(0.3, 0.01, 200), (0.8, 1 / 8, 200), (1.2, 0.5, 6), (2.0, 1.0, 1)]:
         assert epsilon_at(sigma, q, steps, 1e-5) == pytest.approx(epsilon_of([(sigma, q, steps)], 1e-5), rel=1e-12)
+
+
+def test_simulate_stops_at_the_preflight_before_torch_flower_or_a_run_dir(data, tmp_path):
+    """The new user's case: the demo config on a folder of their own images answers in one go, nothing started."""
+    args = ["simulate", str(DEMO), "--set", f"data.source={data['square']}", "--set", f"run.output_dir={tmp_path}"]
+    code = ("import sys, json; from fedssl.cli import main; code = main(" + repr(args) + "); "
+            "print(json.dumps([code, sorted(m for m in ('torch', 'flwr', 'ray') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    code, heavy = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (code, heavy) == (2, []), out.stderr
+    keys = [line.removeprefix("fedssl: error: ").split(":")[0] for line in out.stderr.strip().splitlines()]
+    assert keys == ["data.partition", "evaluation.enabled", "training.batch_size"]
+    assert not any(tmp_path.iterdir())  # no run directory, no Flower home
