@@ -32,6 +32,9 @@ PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
     "simclr": BOTH,
 }
 DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
+# Tasks whose loss couples the samples of a batch, and how: refused under DP (fedssl.pretext.registry), since
+# per-sample clipping no longer bounds one sample's influence. Here so the preflight can say so without torch.
+COUPLED_PRETEXTS: dict[str, str] = {"simclr": "uses in-batch negatives (NT-Xent)"}
 
 
 def is_custom_spec(kind: str) -> bool:
@@ -91,6 +94,15 @@ def patch_problem(shape: Sequence[int], patch_size: int) -> str | None:
         return (f"the input splits into {units} unit; masking needs at least 2, "
                 f"got patch_size {patch_size} for input shape {tuple(int(d) for d in shape)}")
     return None
+
+
+def dp_problem(pretext: str) -> str | None:
+    """Whether ``pretext`` may train under DP-SGD: not when its loss couples samples."""
+    if pretext not in COUPLED_PRETEXTS:
+        return None
+    per_sample = ", ".join(sorted(name for name in PRETEXT_MODALITIES if name not in COUPLED_PRETEXTS))
+    return (f"{pretext!r} {COUPLED_PRETEXTS[pretext]}: one sample's presence changes every other sample's loss, so "
+            f"DP-SGD's guarantee is void; choose a per-sample pretext ({per_sample}) or set privacy.enabled=false")
 
 
 def pretext_input_problem(pretext: str, params: Mapping[str, Any], shape: Sequence[int]) -> tuple[str, str] | None:

@@ -16,7 +16,8 @@ problem, each one line naming the config key and the fix:
 
 Without torch, on purpose: a wrong config is answered in well under a second instead of after
 seconds of imports and a federation's worth of tracebacks. Only the rules of fedssl.inputs are
-used; a task's parameter types and its DP compatibility are the pretext registry's, checked next.
+used (including which tasks couple samples, so cannot run under DP); a task's parameter types are
+the pretext registry's, checked next.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 from fedssl.config import ExperimentConfig, load_config
 from fedssl.data.probe import DIGITS_COUNT, DataProbe, probe_data
 from fedssl.errors import ConfigError, DataError
-from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, encoder_input_problem, pretext_input_problem
+from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
 
 
@@ -112,7 +113,10 @@ def _pretext_name_problems(config: ExperimentConfig) -> list[Problem]:
     names = [("pretext.name", config.pretext.name)]
     if config.warm_start.source == "synthetic":
         names.append(("warm_start.pretext", config.warm_start.pretext))
-    return [Problem(key, f"unknown pretext {name!r}; valid choices: {valid}") for key, name in names if name not in PRETEXT_MODALITIES]
+    problems = [Problem(key, f"unknown pretext {name!r}; valid choices: {valid}") for key, name in names if name not in PRETEXT_MODALITIES]
+    if config.privacy.enabled and (problem := dp_problem(config.pretext.name)) is not None:
+        problems.append(Problem("pretext.name", problem))
+    return problems
 
 
 def _input_problems(config: ExperimentConfig, shape: tuple[int, ...], probe: DataProbe | None) -> list[Problem]:

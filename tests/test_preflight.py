@@ -58,6 +58,7 @@ CASES = [
     ("wide", ["pretext.name=rotation"], "pretext.name"),
     ("square", ["pretext.name=masked_reconstruction", "pretext.params.patch_size=5"], "pretext.params.patch_size"),
     ("square", ["pretext.name=jigsaw"], "pretext.name"),
+    ("square", ["pretext.name=simclr", "privacy.enabled=true"], "pretext.name"),
     ("square", ["model.input_shape=[1,8,8]"], "model.input_shape"),
     ("square", ["data.partition=dirichlet"], "data.partition"),
     ("table", ["model.encoder=mlp", "pretext.name=byol", "evaluation.enabled=true"], "evaluation.enabled"),
@@ -161,13 +162,14 @@ def test_the_torch_free_rules_match_the_registries():
 
     from fedssl.data.loaders import LOADERS
     from fedssl.data.probe import KINDS
-    from fedssl.inputs import ENCODER_NAMES, PRETEXT_MODALITIES
+    from fedssl.inputs import COUPLED_PRETEXTS, ENCODER_NAMES, PRETEXT_MODALITIES
     from fedssl.models import ENCODERS
     from fedssl.pretext import PRETEXT_TASKS
     from fedssl.privacy.feasibility import RDP_ORDERS
 
     assert set(ENCODER_NAMES) == set(ENCODERS)
     assert {name: task.modalities for name, task in PRETEXT_TASKS.items()} == PRETEXT_MODALITIES
+    assert {name: task.coupling for name, task in PRETEXT_TASKS.items() if not task.dp_compatible} == COUPLED_PRETEXTS
     assert tuple(sorted(LOADERS)) == KINDS
     assert list(RDP_ORDERS) == RDPAccountant.DEFAULT_ALPHAS
 

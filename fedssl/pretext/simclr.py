@@ -23,7 +23,7 @@ import dataclasses
 import torch
 from torch.nn import functional as F
 
-from fedssl.inputs import PRETEXT_MODALITIES
+from fedssl.inputs import COUPLED_PRETEXTS, PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
 from fedssl.pretext.base import PretextModel, PretextTask, mlp, param
@@ -68,7 +68,7 @@ class SimCLR(PretextTask):
     name = "simclr"
     paper = "Chen et al., ICML 2020, A Simple Framework for Contrastive Learning of Visual Representations"
     dp_compatible = False
-    coupling = "uses in-batch negatives (NT-Xent)"
+    coupling = COUPLED_PRETEXTS["simclr"]
     modalities = PRETEXT_MODALITIES["simclr"]  # fedssl.inputs
     Params = SimCLRParams
     params: SimCLRParams
