@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.data.probe import DIGITS_COUNT, DataProbe, probe_data
+from fedssl.data.probe import DIGITS_COUNT, KINDS, DataProbe, probe_data
 from fedssl.errors import ConfigError, DataError
 from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
@@ -100,11 +100,14 @@ def check_file(path: str | Path, overrides: list[str] | None = None, *, evaluate
 
 
 def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | None:
+    kind = config.data.kind
+    if kind != "auto" and kind not in KINDS:
+        problems.append(Problem("data.kind", f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}"))
+        return None
     try:
-        return probe_data(config.data.source, config.data.kind)
+        return probe_data(config.data.source, kind)
     except DataError as err:
-        key = "data.kind" if str(err).startswith("unknown data kind") else "data.source"
-        problems.append(Problem(key, str(err)))
+        problems.append(Problem("data.source", str(err)))
         return None
 
 
