@@ -4,7 +4,7 @@ Validated once, at the edge (with the pretext registry's own checks: fedssl.expe
 every later module may trust the values. Errors are one line naming the dotted key and the fix, e.g.
 ``privacy.target_epsilon: must be a finite number > 0 (...), got -1.0``. Files are read by
 fedssl.typed_yaml: ``include: [base.yaml, ...]`` merges others under a file, ``--set a.b=c`` comes last.
-Imports no training code, so the ServerApp may load a config.
+Imports no training code (nor torch), so the ServerApp and the preflight check (fedssl.preflight) may load a config.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fedssl.inputs import ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
 from fedssl.privacy.settings import ACCOUNTANTS, CLIPPING_ENGINES, PrivacyConfig, SecureAggregationConfig, SiteDPConfig  # noqa: F401
@@ -103,12 +105,9 @@ class ModelConfig:
     input_shape: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        from fedssl.models import ENCODERS, IMAGE_ENCODERS
-        from fedssl.models.custom import is_custom_spec
-
         check(all(d >= 1 for d in self.input_shape), "model.input_shape", "must be positive sizes, e.g. [1, 8, 8]", self.input_shape)
-        check(self.encoder in ENCODERS or is_custom_spec(self.encoder), "model.encoder",
-              f"valid choices: {', '.join(sorted(ENCODERS))}, or your own as 'package.module:factory'", self.encoder)
+        check(self.encoder in ENCODER_NAMES or is_custom_spec(self.encoder), "model.encoder",
+              f"valid choices: {', '.join(sorted(ENCODER_NAMES))}, or your own as 'package.module:factory'", self.encoder)
         check(
             not self.input_shape or self.encoder not in IMAGE_ENCODERS or len(self.input_shape) == 3,
             "model.input_shape",

@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import IMAGE, VECTOR, modality_of_shape, modality_problem  # noqa: F401 - IMAGE, VECTOR re-exported
 from fedssl.models.encoders import Encoder
-
-IMAGE = "image"
-VECTOR = "vector"
 
 
 def modality_of(encoder: Encoder) -> str:
     """``"image"`` for (channels, height, width) inputs, ``"vector"`` for anything flat."""
-    return IMAGE if len(encoder.input_shape) == 3 else VECTOR
+    return modality_of_shape(encoder.input_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,15 +165,10 @@ class PretextTask(abc.ABC):
 
     def build_model(self, encoder: Encoder) -> PretextModel:
         """Wrap ``encoder`` in this method's model; the encoder object is used, not copied."""
-        modality = modality_of(encoder)
-        if modality not in self.modalities:
-            fitting = sorted(name for name, task in REGISTERED_TASKS.items() if modality in task.modalities)
-            raise ConfigError(
-                f"pretext.name: {self.name!r} works on {' and '.join(sorted(self.modalities))} inputs, "
-                f"but the encoder takes {modality} inputs shaped {encoder.input_shape}; "
-                f"valid choices for {modality} data: {', '.join(fitting)}"
-            )
-        return self._build(encoder, modality)
+        # The rule (and its message) is fedssl.inputs', which the preflight check applies before torch loads.
+        if (problem := modality_problem(self.name, encoder.input_shape)) is not None:
+            raise ConfigError(f"pretext.name: {problem}")
+        return self._build(encoder, modality_of(encoder))
 
     @abc.abstractmethod
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:

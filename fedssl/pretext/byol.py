@@ -25,9 +25,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from fedssl.inputs import PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextTask, cosine, ema_update, mlp, param
+from fedssl.pretext.base import PretextModel, PretextTask, cosine, ema_update, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -82,7 +83,7 @@ class BYOL(PretextTask):
     name = "byol"
     paper = "Grill et al., NeurIPS 2020, Bootstrap Your Own Latent"
     dp_compatible = True
-    modalities = frozenset({IMAGE, VECTOR})
+    modalities = PRETEXT_MODALITIES["byol"]  # fedssl.inputs
     Params = BYOLParams
     params: BYOLParams
 

@@ -28,8 +28,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import DEFAULT_JIGSAW_GRID, PRETEXT_MODALITIES, jigsaw_grid_problem
 from fedssl.models.encoders import Encoder
-from fedssl.pretext.base import IMAGE, PretextModel, PretextParams, PretextTask, param
+from fedssl.pretext.base import PretextModel, PretextParams, PretextTask, param
 from fedssl.pretext.registry import register_pretext
 
 # The greedy selection starts from a seeded random permutation and scans this many candidates per
@@ -75,7 +76,7 @@ def jigsaw_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class JigsawParams(PretextParams):
     # 2 x 2 tiles fit the 8x8 digits (4 px tiles); use 3 (the paper's) for 24 px and larger images.
-    grid: int = param(2, ge=2, le=4)
+    grid: int = param(DEFAULT_JIGSAW_GRID, ge=2, le=4)
     # The paper found 100 a good trade-off for 3 x 3; a 2 x 2 grid has only 4! = 24.
     num_permutations: int = param(24, ge=2, le=1000)
 
@@ -101,18 +102,14 @@ class Jigsaw(PretextTask):
     name = "jigsaw"
     paper = "Noroozi & Favaro, ECCV 2016, Unsupervised Learning of Visual Representations by Solving Jigsaw Puzzles"
     dp_compatible = True
-    modalities = frozenset({IMAGE})
+    modalities = PRETEXT_MODALITIES["jigsaw"]  # fedssl.inputs: the rules preflight checks without torch
     Params = JigsawParams
     params: JigsawParams
 
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:
-        _, height, width = encoder.input_shape
         grid, count = self.params.grid, self.params.num_permutations
-        if height % grid or width % grid:
-            raise ConfigError(
-                f"pretext.params.grid: must divide the image size {height}x{width}, got {grid}; "
-                "choose a grid that divides both sides or resize the data"
-            )
+        if (problem := jigsaw_grid_problem(encoder.input_shape, grid)) is not None:
+            raise ConfigError(f"pretext.params.grid: {problem}")
         if count > math.factorial(grid * grid):
             raise ConfigError(
                 f"pretext.params.num_permutations: a {grid}x{grid} grid has only {math.factorial(grid * grid)} "

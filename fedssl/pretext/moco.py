@@ -38,9 +38,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedssl.inputs import COUPLED_PRETEXTS, PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextTask, ema_update, mlp, param
+from fedssl.pretext.base import PretextModel, PretextTask, ema_update, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -110,9 +111,8 @@ class MoCo(PretextTask):
     name = "moco"
     paper = "He et al., CVPR 2020, Momentum Contrast for Unsupervised Visual Representation Learning"
     dp_compatible = False
-    coupling = ("keeps a queue of earlier batches' keys as negatives (a sample seen in one step shapes the other "
-                "samples' losses in later steps, through a queue that is never noised)")
-    modalities = frozenset({IMAGE, VECTOR})
+    coupling = COUPLED_PRETEXTS["moco"]
+    modalities = PRETEXT_MODALITIES["moco"]  # fedssl.inputs
     Params = MoCoParams
     params: MoCoParams
 
@@ -125,7 +125,7 @@ class MoCoNoise(PretextTask):
     name = "moco_noise"
     paper = "He et al., CVPR 2020 (MoCo), with data-independent negatives: uniform-noise keys drawn each step"
     dp_compatible = True
-    modalities = frozenset({IMAGE, VECTOR})
+    modalities = PRETEXT_MODALITIES["moco_noise"]  # fedssl.inputs
     Params = MoCoParams
     params: MoCoParams
 
