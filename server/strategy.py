@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
@@ -50,6 +51,10 @@ _DEFAULTS = FederationConfig()
 # Message: <the site's message>'>", possibly after a Ray traceback; the site's own line is what follows "Message: ".
 _FLOWER_MESSAGE = re.compile(r"Message: (.*?)(?:'>)?$", re.MULTILINE)
 _SITE_PREFIX = re.compile(r"^site (\d+): ")  # simulated sites name themselves (clients/client_app.py)
+
+
+# Flower's error codes for a reply that never came from the site's code: the node is gone for now.
+UNREACHABLE_ERROR_CODES = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 
 
 class AllSitesFailed(Exception):
@@ -192,9 +197,13 @@ class RoundRecorder:
             lines.append((node_id, line))
         return lines
 
-    def stop_if_all_failed(self, server_round: int, errors: list[tuple[int, str]], sampled: int) -> None:
-        """Raise AllSitesFailed when each of the round's ``sampled`` replies was an error (:meth:`site_errors`)."""
-        if sampled and len(errors) == sampled:
+    def stop_if_all_failed(self, server_round: int, errors: list[tuple[int, str]], sampled: int, unreachable: int = 0) -> None:
+        """Raise AllSitesFailed when each of the round's ``sampled`` replies was an error (:meth:`site_errors`).
+
+        ``unreachable`` of those errors are a site that did not answer (crashed, restarting, network):
+        such a site may rejoin and train next round, so the run goes on; only a round whose every
+        reply is an error the sites themselves raised (config, data, refusal) would fail alike again."""
+        if sampled and len(errors) == sampled and not unreachable:
             _, who, line = min(self._attributed(node_id, line) for node_id, line in errors)
             raise AllSitesFailed(f"round {server_round}: all {sampled} sampled sites failed; first error ({who}): {line}")
 
@@ -284,7 +293,8 @@ class FedSSLAvg(FedAvg):
             # same seeds (and no DP noise) should give the same encoder however the replies raced.
             arrays = self.average(server_round, [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))])
         self.recorder.finish_round(server_round, reports)
-        self.recorder.stop_if_all_failed(server_round, errors, len(replies))  # the next round would fail alike
+        unreachable = sum(1 for m in replies if m.has_error() and m.error.code in UNREACHABLE_ERROR_CODES)
+        self.recorder.stop_if_all_failed(server_round, errors, len(replies), unreachable)  # the next round would fail alike
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 
     def without_bad_arrays(self, server_round: int, replies: list[Message]) -> list[Message]:

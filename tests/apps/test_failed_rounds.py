@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from fedssl.fl import keys
 from fedssl.layout import RunDir
@@ -31,7 +32,7 @@ def _instruction(node: int) -> Message:
 
 
 def failed(node: int, site: int) -> Message:
-    return Message(Error(code=3, reason=FLOWER_REASON.format(site=site)), reply_to=_instruction(node))
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FLOWER_REASON.format(site=site)), reply_to=_instruction(node))
 
 
 def trained(node: int, site: int) -> Message:
@@ -74,3 +75,17 @@ def test_a_round_with_some_failures_goes_on_and_names_each_failed_site(tmp_path)
     (failure,) = [r for r in site_rounds if r.status == "failed"]
     assert (failure.last_site_id, failure.node_id) == (2, 12)
     assert failure.reason.startswith("data.source: sample 'row-3'")
+
+
+def unreachable(node: int) -> Message:
+    """What the SuperLink puts in for a node that stopped heartbeating (e.g. killed, restarting)."""
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=_instruction(node))
+
+
+def test_a_round_where_a_failed_site_was_only_unreachable_goes_on(tmp_path):
+    # site 1 raised (e.g. refused the app) but node 30 just did not answer: it may rejoin next round
+    arrays, _ = _strategy(tmp_path).aggregate_train(1, [failed(node=20, site=1), unreachable(node=30)])
+    assert arrays is None
+    site_rounds, rounds = read_metrics(RunDir(tmp_path).metrics)
+    assert sorted(r.node_id for r in site_rounds if r.status == "failed") == [20, 30]
+    assert [(r.round, r.num_trained) for r in rounds] == [(1, 0)]

@@ -31,3 +31,11 @@ def test_a_secure_round_where_every_site_failed_stops_the_run(tmp_path):
 
 def test_a_secure_round_without_replies_is_not_a_failure(tmp_path):
     assert _strategy(tmp_path).aggregate_fit(1, [], []) == (None, {})  # e.g. the site-level DP book skipped the round
+
+
+def test_a_secure_round_with_an_unreachable_site_goes_on(tmp_path):
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    failures = [RuntimeError("site 1: app refused"), Exception(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Node Unavailable"))]
+    assert _strategy(tmp_path).aggregate_fit(1, [], failures) == (None, {})  # the unreachable site may rejoin
