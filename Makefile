@@ -30,7 +30,7 @@ demo: setup
 
 # pytest exits 5 when a filtered subset collects no tests: not a failure.
 test: setup
-	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 test-quick: setup
 	$(TEST_THREADS) $(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code

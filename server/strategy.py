@@ -13,7 +13,8 @@ strategies) and on the SecAgg+ path (server/secagg_app.py):
   dropped with its reason in the log, metrics.jsonl and the server ledger, and the round goes on
   unless fewer than ``min_train_nodes`` valid replies remain;
 - a round in which every sampled site failed (raised) stops the run (:class:`AllSitesFailed`): the
-  next round would fail the same way, and the first site's error is the one line the user needs.
+  next round would fail the same way, and the first site's error is the one line the user needs. A
+  site that did not answer at all (unreachable, restarting) does not count: it may rejoin.
 
 ``federation.strategy`` picks the combination rule: FedAvg, or Flower's FedMedian / FedTrimmedAvg
 (robust to a minority of poisoned updates), each composed with the same validation and recorder.
