@@ -25,7 +25,9 @@ class SiteDataset:
     ``eq=False`` keeps identity equality; field-wise ``==`` on tensors is not a bool.
     """
 
-    inputs: torch.Tensor  # float32; images N x C x H x W, vectors N x D
+    # float32; images N x C x H x W, vectors N x D. Images may instead be uint8 pixels (0..255), possibly
+    # memory-mapped, which training and evaluation turn into [0, 1] floats per batch (fedssl.data.pixels).
+    inputs: torch.Tensor
     sample_ids: tuple[str, ...]
     modality: str  # "image" | "vector"
 
@@ -37,6 +39,11 @@ class SiteDataset:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    @property
+    def is_pixels(self) -> bool:
+        """True when the inputs are uint8 pixels, converted to floats per batch."""
+        return self.inputs.dtype == torch.uint8
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -68,8 +75,8 @@ def _check_modality(modality: str) -> None:
 def _check_inputs(inputs: torch.Tensor, modality: str) -> None:
     if not isinstance(inputs, torch.Tensor):
         raise DataError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
-    if inputs.dtype != torch.float32:
-        raise DataError(f"inputs must be float32, got {inputs.dtype}; convert with .float()")
+    if inputs.dtype != torch.float32 and not (inputs.dtype == torch.uint8 and modality == "image"):
+        raise DataError(f"inputs must be float32 (or uint8 pixels for images), got {inputs.dtype}; convert with .float()")
     expected = SAMPLE_NDIM[modality] + 1
     if inputs.ndim != expected:
         layout = "N x C x H x W" if modality == "image" else "N x D"
@@ -97,6 +104,8 @@ def _first_duplicate(items: Sequence[str]) -> str:
 
 
 def _check_finite(inputs: torch.Tensor, sample_ids: tuple[str, ...]) -> None:
+    if not inputs.is_floating_point():
+        return  # integer pixels are always finite; scanning a memory-mapped file would read all of it
     finite_rows = torch.isfinite(inputs).flatten(1).all(dim=1)
     if not bool(finite_rows.all()):
         bad = int(torch.nonzero(~finite_rows)[0, 0])

@@ -18,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.idx import looks_like_idx, read_idx
+from fedssl.data.pixels import fit_images, to_nchw
 from fedssl.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -35,6 +37,7 @@ class _Loaded(NamedTuple):
     inputs: np.ndarray
     sample_ids: tuple[str, ...]
     modality: str
+    pixels: bool = False  # uint8 images kept as they are (possibly memory-mapped), scaled per batch
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,10 @@ def load_site_data(
 
     ``kind`` is one of ``LOADERS`` or "auto" (a directory is an image folder, otherwise the
     file suffix decides; the bare name "digits", matching ``data.source: digits``, means the
-    embedded set unless a file or folder of that name exists). ``image_size`` is
-    (height, width) and, like ``grayscale``, only affects image folders. ``path`` is ignored
-    for "digits".
+    embedded set unless a file or folder of that name exists; MNIST-style names such as
+    train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
+    folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
+    folders. ``path`` is ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
@@ -78,9 +82,13 @@ def load_digits_labeled() -> tuple[SiteDataset, np.ndarray]:
 
 
 def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
+    if loaded.pixels:
+        inputs = torch.from_numpy(loaded.inputs)  # no copy: a memory map stays one
+    else:
+        inputs = torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32))
     try:
         return SiteDataset(
-            inputs=torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32)),
+            inputs=inputs,
             sample_ids=loaded.sample_ids,
             modality=loaded.modality,
         )
@@ -100,7 +108,7 @@ def _existing_path(path: str | Path | None) -> Path:
     if path is None or not Path(path).exists():
         raise DataError(
             f"data dir {path} does not exist; set site.data_dir (or data.source) to an existing image folder, "
-            ".npy, .npz or .csv file"
+            ".npy, .npz, .csv or IDX file"
         )
     return Path(path)
 
@@ -110,11 +118,13 @@ def _resolve_kind(path: Path, kind: str) -> str:
         return kind
     if path.is_dir():
         return "image_folder"
+    if looks_like_idx(path):
+        return "idx"
     by_suffix = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
     if path.suffix.lower() not in by_suffix:
         raise DataError(
             f"cannot tell the data kind of {path} from its suffix; use a directory of images, "
-            f".npy, .npz or .csv, or set the kind explicitly ({_valid_kinds()})"
+            f".npy, .npz, .csv or IDX (*-idx3-ubyte[.gz], *.idx[.gz]), or set the kind explicitly ({_valid_kinds()})"
         )
     return by_suffix[path.suffix.lower()]
 
@@ -214,6 +224,22 @@ def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
     )
 
 
+# --- idx ------------------------------------------------------------------------------------
+
+
+def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
+    """N x H x W (greyscale) or N x H x W x C images, or N x D vectors; uint8 images stay uint8."""
+    array = read_idx(path)
+    if array.ndim == 1:
+        raise DataError(
+            f"{path} is 1-D ({len(array)} values), a label file; set data.source to the images file and data.labels to this one"
+        )
+    if array.ndim == 2:
+        return _Loaded(array, _row_ids(len(array)), "vector")
+    images = fit_images(to_nchw(array, path), options.image_size)
+    return _Loaded(images, _row_ids(len(images)), "image", pixels=images.dtype == np.uint8)
+
+
 # --- csv ------------------------------------------------------------------------------------
 
 
@@ -290,4 +316,5 @@ LOADERS: dict[str, _Loader] = {
     "npz": _load_npz,
     "csv": _load_csv,
     "digits": _load_digits,
+    "idx": _load_idx,
 }

@@ -229,7 +229,7 @@ def test_missing_path_names_the_setting(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_valid_kinds(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="valid choices: auto, csv, digits, image_folder, npy, npz"):
+    with pytest.raises(ValueError, match="valid choices: auto, csv, digits, idx, image_folder, npy, npz"):
         load_site_data(tmp_path, kind="parquet")
 
 
