@@ -2,8 +2,8 @@
 
 An IDX file is a 4-byte magic (two zero bytes, a type code, the number of dimensions), one
 big-endian uint32 per dimension, then the values in C order, big-endian. Uncompressed files are
-memory-mapped (a 100k-image site costs page cache, not a copy); gzipped ones are decompressed once.
-Every problem is one line naming the file and the fix.
+memory-mapped (a 100k-image site costs page cache, not a copy); gzipped ones are decompressed once,
+straight into the array. Every problem is one line naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import re
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,27 +60,24 @@ def read_idx(path: str | Path) -> np.ndarray:
     reaches the file.
     """
     path = Path(path)
-    raw = _gunzipped(path)
-    if raw is None:
+    if _is_gzip(path):
+        array, header = _read_gzip(path)
+    else:
         header = _parse_header(_read_prefix(path), path)
         _check_length(path.stat().st_size - header.offset, header, path)
         if header.data_bytes == 0:
             return np.zeros(header.shape, dtype=header.dtype.newbyteorder("="))
         array = np.memmap(path, dtype=header.dtype, mode="c", offset=header.offset, shape=header.shape)
-    else:
-        header = _parse_header(raw[: 4 + 4 * MAX_DIMS], path)
-        _check_length(len(raw) - header.offset, header, path)
-        # A bytearray, so the array is writable and torch can wrap it without a warning or a copy.
-        array = np.frombuffer(bytearray(raw), dtype=header.dtype, count=int(np.prod(header.shape)), offset=header.offset)
-        array = array.reshape(header.shape)
     # Multi-byte types are big-endian on disk; numpy reads them as they are and converts on use.
     return array if header.dtype.itemsize == 1 else array.astype(header.dtype.newbyteorder("="))
 
 
 def read_idx_header(path: str | Path) -> IdxHeader:
     path = Path(path)
-    raw = _gunzipped(path)
-    return _parse_header(raw if raw is not None else _read_prefix(path), path)
+    if _is_gzip(path):
+        with _gzip_errors(path), gzip.open(path, "rb") as handle:
+            return _parse_header(_read_header_bytes(handle), path)
+    return _parse_header(_read_prefix(path), path)
 
 
 def write_idx(path: str | Path, array: np.ndarray) -> Path:
@@ -127,16 +126,38 @@ class IdxLabelSource:
         return int(self._labels[self._row[sample_id]])
 
 
-def _gunzipped(path: Path) -> bytes | None:
-    """The decompressed bytes of a gzip file (by content, not name), or None for a plain file."""
+def _is_gzip(path: Path) -> bool:
+    """By content, not name: a renamed .gz is still read."""
     if not path.is_file():
         raise DataError(f"IDX file {path} does not exist; fix the path")
     with path.open("rb") as handle:
-        if handle.read(2) != GZIP_MAGIC:
-            return None
+        return handle.read(2) == GZIP_MAGIC
+
+
+def _read_gzip(path: Path) -> tuple[np.ndarray, IdxHeader]:
+    """Decompressed straight into the array (no second copy of the bytes)."""
+    with _gzip_errors(path), gzip.open(path, "rb") as handle:
+        header = _parse_header(_read_header_bytes(handle), path)
+        array = np.empty(header.shape, dtype=header.dtype)
+        target = memoryview(array.reshape(-1).view(np.uint8))
+        filled = 0
+        while filled < header.data_bytes and (count := handle.readinto(target[filled:])):
+            filled += count
+        _check_length(filled + len(handle.read(1 << 16)), header, path)
+    return array, header
+
+
+def _read_header_bytes(handle: gzip.GzipFile) -> bytes:
+    head = handle.read(4)
+    if len(head) == 4 and 1 <= head[3] <= MAX_DIMS:
+        head += handle.read(4 * head[3])
+    return head
+
+
+@contextmanager
+def _gzip_errors(path: Path) -> Iterator[None]:
     try:
-        with gzip.open(path, "rb") as handle:
-            return handle.read()
+        yield
     except (OSError, EOFError, zlib.error) as error:
         raise DataError(f"{path}: gzip data is damaged or truncated ({error}); download or copy it again") from None
 
