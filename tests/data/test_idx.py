@@ -276,3 +276,16 @@ def test_round_on_a_uint8_idx_site_trains_with_the_float_sample_rate(tmp_path: P
         histories = [json.loads((tmp_path / name / "accountant.json").read_text())["history"] for name in results]
         assert histories[0] == histories[1]
         assert histories[0][0][1] == 1 / len(DataLoader(TensorDataset(site.inputs), batch_size=8))
+
+
+def test_site_yaml_image_size_is_checked_and_applied(tmp_path: Path) -> None:
+    from fedssl.deploy.site.config import SiteData, _cached_dataset
+
+    with pytest.raises(ConfigError) as error:
+        SiteData(path="images.idx", image_size=[8]).validate()
+    assert _one_line(error).startswith("data.image_size: must be [height, width] in pixels")
+    images, _, _ = _fashion_like(tmp_path, count=3)
+    site = SiteData(path=str(images), kind="idx", image_size=[9, 7])
+    site.validate()
+    dataset = _cached_dataset(str(images), 0, 0, site.kind, site.image_hw)
+    assert dataset.is_pixels and dataset.inputs.shape == (3, 1, 9, 7)
