@@ -9,6 +9,10 @@ PYTEST_ARGS ?=
 # three workers on two cores finish sooner than two (10.4 vs 13.4 min for the suite in two runs on this
 # 2-core machine, each beside other work, so a rough ratio). `make test TEST_WORKERS=0` runs them serially.
 TEST_WORKERS ?= 3
+# One torch/OpenMP thread per test process: three workers plus the Flower processes they start share two
+# cores, and OpenMP's spinning threads then fight each other (a CPU-bound test: 18 s with one thread against
+# 37-46 s with two, paired runs at load 5). Tests that need more threads set them themselves.
+TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 .PHONY: setup demo test test-quick bench audit-demo clean
 
@@ -26,10 +30,10 @@ demo: setup
 
 # pytest exits 5 when a filtered subset collects no tests: not a failure.
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 test-quick: setup
-	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --quick

@@ -100,10 +100,10 @@ class SecAggFedSSL(LegacyFedAvg):
                 continue
             reports.append(report)
             contributing += int(report.status == keys.STATUS_TRAINED and fitres.num_examples > 0)
-        for failure in failures:
-            self.recorder.failure(server_round, *_failure(failure))
+        errors = self.recorder.site_errors(server_round, [_failure(failure) for failure in failures])
         aggregate = self._aggregate(server_round, results, contributing)
         self.recorder.finish_round(server_round, reports)
+        self.recorder.stop_if_all_failed(server_round, errors, len(results) + len(failures))  # as on the plain path
         if aggregate is None:
             return None, {}
         return ndarrays_to_parameters(aggregate), round_metrics(reports)

@@ -18,14 +18,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedssl.data.dataset import SiteDataset
-from fedssl.data.idx import looks_like_idx, read_idx
+from fedssl.data.idx import read_idx
 from fedssl.data.pixels import fit_images, to_nchw
+# Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
+from fedssl.data.probe import (
+    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, digits_id, existing_path, image_files, is_digits,
+    resolve_kind, row_id,
+)
 from fedssl.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-ID_COLUMN = "id"
-LABEL_COLUMNS = frozenset({"label", "target"})
-NPZ_INPUT_KEYS = ("x", "inputs")
 DIGITS_MAX_VALUE = 16.0  # sklearn's digits pixels are counts 0..16
 
 
@@ -68,10 +69,10 @@ def load_site_data(
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
     options = _ImageOptions(_check_image_size(image_size), grayscale)
-    if kind == "digits" or (kind == "auto" and str(path) == "digits" and not Path("digits").exists()):
+    if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
-    path = _existing_path(path)
-    loader = LOADERS[_resolve_kind(path, kind)]
+    path = existing_path(path)
+    loader = LOADERS[resolve_kind(path, kind)]
     return _to_dataset(loader(path, options), str(path))
 
 
@@ -104,31 +105,6 @@ def _check_image_size(image_size: tuple[int, int] | None) -> tuple[int, int] | N
     return (image_size[0], image_size[1])
 
 
-def _existing_path(path: str | Path | None) -> Path:
-    if path is None or not Path(path).exists():
-        raise DataError(
-            f"data dir {path} does not exist; set site.data_dir (or data.source) to an existing image folder, "
-            ".npy, .npz, .csv or IDX file"
-        )
-    return Path(path)
-
-
-def _resolve_kind(path: Path, kind: str) -> str:
-    if kind != "auto":
-        return kind
-    if path.is_dir():
-        return "image_folder"
-    if looks_like_idx(path):
-        return "idx"
-    by_suffix = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-    if path.suffix.lower() not in by_suffix:
-        raise DataError(
-            f"cannot tell the data kind of {path} from its suffix; use a directory of images, "
-            f".npy, .npz, .csv or IDX (*-idx3-ubyte[.gz], *.idx[.gz]), or set the kind explicitly ({_valid_kinds()})"
-        )
-    return by_suffix[path.suffix.lower()]
-
-
 def _valid_kinds() -> str:
     return ", ".join(sorted(LOADERS))
 
@@ -139,7 +115,7 @@ def _valid_kinds() -> str:
 def _load_image_folder(root: Path, options: _ImageOptions) -> _Loaded:
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; kind image_folder needs a folder of PNG/JPEG files")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
         raise DataError(f"{root} holds no .png/.jpg/.jpeg files (searched recursively); add images or fix the path")
     mode = "L" if options.grayscale else "RGB"
@@ -191,7 +167,7 @@ def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
 
 
 def _row_ids(count: int) -> tuple[str, ...]:
-    return tuple(f"row-{i}" for i in range(count))
+    return tuple(row_id(i) for i in range(count))
 
 
 def _read_numpy(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
@@ -255,7 +231,7 @@ def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
             LabelColumnDroppedWarning,
             stacklevel=3,  # point at the caller of load_site_data
         )
-    features = [i for i, name in enumerate(lowered) if i != id_index and name not in LABEL_COLUMNS]
+    features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
     values = np.array([[_csv_number(row, i, header, line, path) for i in features] for line, row in rows])
@@ -302,7 +278,7 @@ def _digits() -> tuple[_Loaded, np.ndarray]:
 
     digits = load_digits()
     images = digits.images[:, None] / DIGITS_MAX_VALUE  # N x 1 x 8 x 8 in [0, 1]
-    ids = tuple(f"digits-{i}" for i in range(len(images)))
+    ids = tuple(digits_id(i) for i in range(len(images)))
     return _Loaded(images, ids, "image"), digits.target.astype(np.int64)
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedssl.privacy.feasibility import poisson_sample_rate  # one rule for the sites and the preflight
 from fedssl.privacy.settings import CLIPPING_ENGINES, PrivacyConfig
 from fedssl.data.dataset import SiteDataset
 from fedssl.data.pixels import unit_float
@@ -240,11 +241,6 @@ def restore_site_parts(model: PretextModel, state_dir: Path) -> bool:
 def _entropy_generator(device: torch.device | str) -> torch.Generator:
     """A generator seeded from the OS's entropy pool, unknown to anyone outside this process."""
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
-
-
-def poisson_sample_rate(num_samples: int, batch_size: int) -> float:
-    """The rate Opacus derives from a loader of this batch size (1 / number of batches)."""
-    return 1.0 / math.ceil(num_samples / batch_size)
 
 
 def _make_optimizer(plan: TrainPlan, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -18,10 +18,9 @@ from fedssl.data import (
     load_digits_labeled,
     load_site_data,
     make_site_dataset,
-    partition,
     quantity_skew,
 )
-from fedssl.data.partition import UNLABELLED
+from fedssl.data.partition import UNLABELLED, partition
 from fedssl.errors import ConfigError, DataError
 
 # --- helpers --------------------------------------------------------------------------------
