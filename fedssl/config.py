@@ -36,10 +36,18 @@ class RunConfig:
         check_device("run.device", self.device)
 
 
+MAX_IMAGE_SIDE = 4096
+
+
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv
+    source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv / IDX images
     kind: str = "auto"
+    # IDX label file paired with an IDX images source (row i labels image i); read only through the
+    # consent manifest (evaluation.consent_manifest, or a seeded demo consent), like every label.
+    labels: str | None = None
+    # [height, width]: image folders and IDX images are resized and centre-cropped to it once, at load.
+    image_size: list[int] = field(default_factory=list)
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     test_fraction: float = 0.3
@@ -47,6 +55,21 @@ class DataConfig:
     def validate(self) -> None:
         check(self.alpha > 0, "data.alpha", "must be > 0 (smaller = more skewed)", self.alpha)
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
+        check_image_size("data.image_size", self.image_size)
+        check(self.labels is None or (bool(self.labels) and self.kind in ("auto", "idx")), "data.labels",
+              "must be the path of an IDX label file, used with IDX images (data.kind idx or auto), or null", self.labels)
+        check(self.labels is None or self.source != "digits", "data.labels",
+              "must be null for data.source digits (its labels are built in)", self.labels)
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (height, width), or None for the data's own size."""
+        return (self.image_size[0], self.image_size[1]) if self.image_size else None
+
+
+def check_image_size(key: str, size: list[int]) -> None:
+    check(not size or (len(size) == 2 and all(isinstance(d, int) and 1 <= d <= MAX_IMAGE_SIDE for d in size)), key,
+          f"must be [height, width] in pixels (1-{MAX_IMAGE_SIDE}), e.g. [64, 64], or [] for the data's own size", size)
 
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")

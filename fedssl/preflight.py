@@ -23,11 +23,11 @@ the pretext registry's, checked next.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.data.probe import DIGITS_COUNT, KINDS, DataProbe, probe_data
+from fedssl.data.probe import KINDS, DataProbe, probe_data, probe_idx_labels
 from fedssl.errors import ConfigError, DataError
 from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
@@ -105,10 +105,17 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         problems.append(Problem("data.kind", f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}"))
         return None
     try:
-        return probe_data(config.data.source, kind)
+        probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels)
     except DataError as err:
         problems.append(Problem("data.source", str(err)))
         return None
+    if probe.labelled and config.data.labels is not None:
+        try:
+            probe_idx_labels(config.data.labels, probe.count)
+        except DataError as err:
+            problems.append(Problem("data.labels", str(err)))
+            return replace(probe, labelled=False)
+    return probe
 
 
 def _pretext_name_problems(config: ExperimentConfig) -> list[Problem]:
@@ -154,12 +161,12 @@ def _label_problems(config: ExperimentConfig, probe: DataProbe, *, simulated_sit
     consented_train = _consented_training_records(config, probe, problems)
     if simulated_sites and config.data.partition == "dirichlet" and consented_train == 0:
         why = ("no record of the training pool is consented" if probe.labelled
-               else f"data.source {probe.source} has no labels (only the embedded digits carry labels, behind the consent manifest)")
+               else f"data.source {probe.source} has no labels (only the embedded digits and IDX images with data.labels carry labels, behind the consent manifest)")
         problems.append(Problem("data.partition", f"dirichlet label skew needs consented labels, but {why}; "
                                 "use data.partition=iid or quantity_skew"))
     if needs_labels and not probe.labelled:
         problems.append(Problem("evaluation.enabled", f"data.source {probe.source} has no labels to evaluate on (only the embedded "
-                                "digits carry labels, behind the consent manifest); set evaluation.enabled=false or pass --skip-evaluation"))
+                                "digits and IDX images with data.labels carry labels, behind the consent manifest); set evaluation.enabled=false or pass --skip-evaluation"))
     return problems
 
 
@@ -178,7 +185,7 @@ def _consented_training_records(config: ExperimentConfig, probe: DataProbe, prob
     except DataError as err:
         problems.append(Problem("evaluation.consent_manifest", str(err)))
         return 0
-    consented = sum(1 for i in range(DIGITS_COUNT) if f"digits-{i}" in manifest)
+    consented = sum(1 for i in range(probe.count) if probe.sample_id(i) in manifest)
     if consented < num_test:
         problems.append(Problem("evaluation.consent_manifest", f"the test set ({num_test} records, data.test_fraction="
                                 f"{config.data.test_fraction:g}) is drawn from consented records but only {consented} of "

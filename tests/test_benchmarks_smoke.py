@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
-OURS = ["communication", "dp_overhead", "federation_overhead", "scale", "learning"]
+OURS = ["communication", "dp_overhead", "federation_overhead", "scale", "learning", "data_scale"]
 
 
 def _run(args: list[str], out: Path, timeout: float = 240) -> subprocess.CompletedProcess:

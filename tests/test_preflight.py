@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from fedssl.config import load_config
+from fedssl.data.idx import write_idx
 from fedssl.preflight import PreflightError, preflight, require_preflight
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,12 @@ def data(tmp_path_factory) -> dict[str, Path]:
     np.save(root / "images.npy", rng.random((40, 8, 8)).astype(np.float32))
     np.save(root / "vectors.npy", rng.random((40, 6)).astype(np.float32))
     (root / "manifest.txt").write_text("digits-0\ndigits-1\n")
-    return {path.stem if path.is_file() else path.name: path for path in root.iterdir()}
+    sources = {path.stem if path.is_file() else path.name: path for path in root.iterdir()}
+    # IDX as Fashion-MNIST ships it (gzipped, MNIST names), but RGB channels-last, with its label file
+    sources["rgb"] = write_idx(root / "rgb-images-idx3-ubyte.gz", (rng.random((40, 10, 10, 3)) * 255).astype(np.uint8))
+    sources["rgb_labels"] = write_idx(root / "rgb-labels-idx1-ubyte.gz", (np.arange(40) % 4).astype(np.uint8))
+    sources["short_labels"] = write_idx(root / "short-labels-idx1-ubyte", (np.arange(39) % 4).astype(np.uint8))
+    return sources
 
 
 def _keys(source: Path | str, *overrides: str, config: Path = BASE, **options) -> list[str]:
@@ -124,12 +130,30 @@ def test_the_probe_reads_what_the_loaders_load(data):
     from fedssl.data.loaders import load_site_data
     from fedssl.data.probe import probe_data
 
-    for name in ("square", "wide", "table", "images", "vectors"):
+    for name in ("square", "wide", "table", "images", "vectors", "rgb"):
         probe, loaded = probe_data(str(data[name])), load_site_data(data[name])
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality), name
+    for name in ("square", "rgb"):  # data.image_size: the shape the sites train on is the resized one
+        probe, loaded = probe_data(str(data[name]), image_size=(6, 4)), load_site_data(data[name], image_size=(6, 4))
+        assert probe.sample_shape == loaded.input_shape == (loaded.input_shape[0], 6, 4), name
     digits = probe_data("digits")
     loaded = load_site_data("digits")
     assert (digits.sample_shape, digits.count, digits.labelled) == (loaded.input_shape, len(loaded), True)
+    # the labelled kinds: the ids a consent manifest lists are the loaders' ids
+    for probe, loaded in ((digits, loaded), (probe_data(str(data["rgb"])), load_site_data(data["rgb"]))):
+        assert [probe.sample_id(i) for i in range(len(loaded))] == list(loaded.sample_ids)
+
+
+def test_idx_labels_are_labels_only_when_they_pair_with_the_images(data):
+    skew = ["data.partition=dirichlet", "evaluation.enabled=true", "model.encoder=mlp", "pretext.name=byol"]
+    fits = [o for o in FITS if not o.startswith(("data.partition", "evaluation.enabled"))] + skew
+    assert _keys(data["rgb"], *fits) == ["data.partition", "evaluation.enabled"]  # no labels given
+    assert _keys(data["rgb"], *fits[:-2], f"data.labels={data['rgb_labels']}") == []
+    assert _keys(data["rgb"], *fits[:-2], f"data.labels={data['short_labels']}")[:1] == ["data.labels"]
+    # a label file given as the images is named as such
+    cfg = load_config(BASE, [f"data.source={data['rgb_labels']}", *FITS])
+    (problem,) = preflight(cfg).problems
+    assert problem.key == "data.source" and "a label file; set data.source to the images file" in problem.message
 
 
 def test_check_imports_neither_torch_nor_flower_and_is_quick():

@@ -18,9 +18,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.idx import read_idx
+from fedssl.data.pixels import fit_images, to_nchw
 # Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
 from fedssl.data.probe import (
-    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, existing_path, image_files, is_digits, resolve_kind,
+    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, digits_id, existing_path, image_files, is_digits,
+    resolve_kind, row_id,
 )
 from fedssl.errors import ConfigError, DataError
 
@@ -35,6 +38,7 @@ class _Loaded(NamedTuple):
     inputs: np.ndarray
     sample_ids: tuple[str, ...]
     modality: str
+    pixels: bool = False  # uint8 images kept as they are (possibly memory-mapped), scaled per batch
 
 
 @dataclass(frozen=True)
@@ -57,9 +61,10 @@ def load_site_data(
 
     ``kind`` is one of ``LOADERS`` or "auto" (a directory is an image folder, otherwise the
     file suffix decides; the bare name "digits", matching ``data.source: digits``, means the
-    embedded set unless a file or folder of that name exists). ``image_size`` is
-    (height, width) and, like ``grayscale``, only affects image folders. ``path`` is ignored
-    for "digits".
+    embedded set unless a file or folder of that name exists; MNIST-style names such as
+    train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
+    folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
+    folders. ``path`` is ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
@@ -78,9 +83,13 @@ def load_digits_labeled() -> tuple[SiteDataset, np.ndarray]:
 
 
 def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
+    if loaded.pixels:
+        inputs = torch.from_numpy(loaded.inputs)  # no copy: a memory map stays one
+    else:
+        inputs = torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32))
     try:
         return SiteDataset(
-            inputs=torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32)),
+            inputs=inputs,
             sample_ids=loaded.sample_ids,
             modality=loaded.modality,
         )
@@ -158,7 +167,7 @@ def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
 
 
 def _row_ids(count: int) -> tuple[str, ...]:
-    return tuple(f"row-{i}" for i in range(count))
+    return tuple(row_id(i) for i in range(count))
 
 
 def _read_numpy(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
@@ -189,6 +198,22 @@ def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
     raise DataError(
         f"{path}: array shape {array.shape} is not N x D (vectors), N x H x W or N x C x H x W (images); reshape it"
     )
+
+
+# --- idx ------------------------------------------------------------------------------------
+
+
+def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
+    """N x H x W (greyscale) or N x H x W x C images, or N x D vectors; uint8 images stay uint8."""
+    array = read_idx(path)
+    if array.ndim == 1:
+        raise DataError(
+            f"{path} is 1-D ({len(array)} values), a label file; set data.source to the images file and data.labels to this one"
+        )
+    if array.ndim == 2:
+        return _Loaded(array, _row_ids(len(array)), "vector")
+    images = fit_images(to_nchw(array, path), options.image_size)
+    return _Loaded(images, _row_ids(len(images)), "image", pixels=images.dtype == np.uint8)
 
 
 # --- csv ------------------------------------------------------------------------------------
@@ -253,7 +278,7 @@ def _digits() -> tuple[_Loaded, np.ndarray]:
 
     digits = load_digits()
     images = digits.images[:, None] / DIGITS_MAX_VALUE  # N x 1 x 8 x 8 in [0, 1]
-    ids = tuple(f"digits-{i}" for i in range(len(images)))
+    ids = tuple(digits_id(i) for i in range(len(images)))
     return _Loaded(images, ids, "image"), digits.target.astype(np.int64)
 
 
@@ -267,4 +292,5 @@ LOADERS: dict[str, _Loader] = {
     "npz": _load_npz,
     "csv": _load_csv,
     "digits": _load_digits,
+    "idx": _load_idx,
 }

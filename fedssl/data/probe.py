@@ -6,8 +6,9 @@ reads the source exactly as fedssl.data.loaders will (the kind resolution, the f
 column rules are shared from here), so the shape it reports is the shape the sites will train on.
 Values are not checked (a NaN in row 10 000 is the loader's to find).
 
-Labels: only the embedded digits carry any, and only through the consent manifest; every other
-source is unlabelled for fedssl (a CSV's label column is dropped at the door).
+Labels: only the embedded digits and IDX images paired with an IDX label file (``data.labels``) carry
+any, and only through the consent manifest; every other source is unlabelled for fedssl (a CSV's
+label column is dropped at the door).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedssl.data.idx import looks_like_idx, read_idx_header
 from fedssl.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -26,10 +28,11 @@ ID_COLUMN = "id"
 LABEL_COLUMNS = frozenset({"label", "target"})
 NPZ_INPUT_KEYS = ("x", "inputs")
 KINDS_BY_SUFFIX = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-KINDS = ("csv", "digits", "image_folder", "npy", "npz")  # fedssl.data.loaders.LOADERS (a test holds them equal)
+KINDS = ("csv", "digits", "idx", "image_folder", "npy", "npz")  # fedssl.data.loaders.LOADERS (a test holds them equal)
 DIGITS = "digits"
 DIGITS_SHAPE = (1, 8, 8)  # scikit-learn's digits, as fedssl.data.loaders shapes them
 DIGITS_COUNT = 1797
+IMAGE_CHANNELS = (1, 3)  # fedssl.data.pixels.CHANNELS: greyscale, RGB
 CSV_ROWS_READ = 5  # rows whose cells are checked to be numbers; the rest are only counted
 
 
@@ -42,8 +45,21 @@ class DataProbe:
     count: int  # samples in the whole source (before the test split)
     labelled: bool  # labels exist behind the consent manifest (the embedded digits only)
 
+    def sample_id(self, index: int) -> str:
+        """The id fedssl.data.loaders gives row ``index`` of a labelled source (digits, IDX): what a consent manifest lists."""
+        return digits_id(index) if self.kind == DIGITS else row_id(index)
+
     def describe(self) -> str:
         return f"{self.count} {self.modality}s shaped {list(self.sample_shape)}"
+
+
+def row_id(index: int) -> str:
+    """A row's sample id in a source without ids of its own (arrays, IDX, a CSV without an id column)."""
+    return f"row-{index}"
+
+
+def digits_id(index: int) -> str:
+    return f"digits-{index}"
 
 
 def is_digits(source: str | Path | None, kind: str) -> bool:
@@ -55,7 +71,7 @@ def existing_path(path: str | Path | None) -> Path:
     if path is None or not Path(path).exists():
         raise DataError(
             f"data dir {path} does not exist; set site.data_dir (or data.source) to an existing image folder, "
-            ".npy, .npz or .csv file"
+            ".npy, .npz, .csv or IDX file"
         )
     return Path(path)
 
@@ -66,10 +82,12 @@ def resolve_kind(path: Path, kind: str) -> str:
         return kind
     if path.is_dir():
         return "image_folder"
+    if looks_like_idx(path):
+        return "idx"
     if path.suffix.lower() not in KINDS_BY_SUFFIX:
         raise DataError(
-            f"cannot tell the data kind of {path} from its suffix; use a directory of images, "
-            f".npy, .npz or .csv, or set the kind explicitly ({', '.join(KINDS)})"
+            f"cannot tell the data kind of {path} from its suffix; use a directory of images, .npy, .npz, .csv "
+            f"or IDX (*-idx3-ubyte[.gz], *.idx[.gz]), or set the kind explicitly ({', '.join(KINDS)})"
         )
     return KINDS_BY_SUFFIX[path.suffix.lower()]
 
@@ -79,8 +97,13 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def probe_data(source: str, kind: str = "auto") -> DataProbe:
-    """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data."""
+def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
+               labels: str | None = None) -> DataProbe:
+    """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data.
+
+    ``image_size`` (height, width) is ``data.image_size``: image folders and IDX images are resized to
+    it at load, so that is the shape the sites train on. ``labels`` is ``data.labels``, the IDX label
+    file of IDX images (:func:`probe_idx_labels` checks it)."""
     if kind != "auto" and kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}")
     if is_digits(source, kind):
@@ -88,7 +111,10 @@ def probe_data(source: str, kind: str = "auto") -> DataProbe:
     path = existing_path(source)
     resolved = resolve_kind(path, kind)
     shape, count = _PROBES[resolved](path)
-    return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=False)
+    if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
+        shape = (shape[0], *image_size)
+    labelled = labels is not None and resolved == "idx"
+    return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled)
 
 
 def _probe_image_folder(root: Path) -> tuple[tuple[int, ...], int]:
@@ -191,4 +217,31 @@ def _check_csv_row(row: list[str], header: list[str], features: list[int], path:
             raise DataError(f"{path}: column {header[i]!r} is not numeric ({row[i]!r}); drop or numerically encode it") from None
 
 
-_PROBES = {"image_folder": _probe_image_folder, "npy": _probe_npy, "npz": _probe_npz, "csv": _probe_csv}
+def _probe_idx(path: Path) -> tuple[tuple[int, ...], int]:
+    """fedssl.data.loaders' IDX rule: N x D vectors, N x H x W greyscale, N x H x W x C or N x C x H x W images."""
+    shape = read_idx_header(path).shape
+    if len(shape) == 1:
+        raise DataError(f"{path} is 1-D ({shape[0]} values), a label file; set data.source to the images file and data.labels to this one")
+    if len(shape) == 2:
+        return (shape[1],), shape[0]
+    if len(shape) == 3:
+        return (1, shape[1], shape[2]), shape[0]
+    if len(shape) == 4 and shape[3] in IMAGE_CHANNELS:
+        return (shape[3], shape[1], shape[2]), shape[0]
+    if len(shape) == 4 and shape[1] in IMAGE_CHANNELS:
+        return tuple(shape[1:]), shape[0]
+    raise DataError(f"{path}: images shaped {shape} are not N x H x W (greyscale) or N x H x W x C / N x C x H x W "
+                    "with C = 1 or 3; convert the file")
+
+
+def probe_idx_labels(labels: str, count: int) -> None:
+    """A DataError (one line) unless ``labels`` is an IDX file of one label per image (``count``)."""
+    path = Path(labels)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; set it to the IDX label file of data.source, or null")
+    shape = read_idx_header(path).shape
+    if len(shape) != 1 or shape[0] != count:
+        raise DataError(f"{path} is shaped {list(shape)}, not one label per image ({count}); pair data.source with its own label file")
+
+
+_PROBES = {"idx": _probe_idx, "image_folder": _probe_image_folder, "npy": _probe_npy, "npz": _probe_npz, "csv": _probe_csv}
