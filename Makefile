@@ -12,6 +12,10 @@ TEST_WORKERS ?= 3
 # The dashboard's browser tests drive Debian's chromium through Playwright (no browser download at run time).
 # CI runs as root on a fresh Debian machine: `setup` installs it once; present, it is left alone.
 CHROMIUM ?= /usr/bin/chromium
+# One torch/OpenMP thread per test process: three workers plus the Flower processes they start share two
+# cores, and OpenMP's spinning threads then fight each other (a CPU-bound test: 18 s with one thread against
+# 37-46 s with two, paired runs at load 5). Tests that need more threads set them themselves.
+TEST_THREADS := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 .PHONY: setup demo test test-quick bench audit-demo clean
 
@@ -32,10 +36,10 @@ demo: setup
 
 # pytest exits 5 when a filtered subset collects no tests: not a failure.
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 test-quick: setup
-	$(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py --quick

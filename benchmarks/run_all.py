@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_DIR, PROJECT_ROOT, results_dir  # noqa: E402
 
 # Order: cheap first, so a quick run fails fast.
-SCRIPTS = ["communication", "dp_overhead", "federation_overhead", "scale", "learning", "secagg_cost", "deployment_overhead"]
+SCRIPTS = ["communication", "dp_overhead", "federation_overhead", "scale", "learning", "data_scale", "secagg_cost",
+           "deployment_overhead"]
 FULL_ARGS = {"learning": ["--part", "table", "--part", "payoff", "--part", "shift", "--part", "mnist",
                           "--part", "mnist_tune", "--part", "mnist_payoff"]}
 

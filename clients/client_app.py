@@ -19,6 +19,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.site_dp_mods import site_update_clipping_mod
+from fedssl.errors import FedSSLError
 from fedssl.fl import keys
 from fedssl.phases import mark
 
@@ -36,6 +37,15 @@ def _site_round_module():
     return sys.modules[SITE_ROUND_MODULE]
 
 
+def _name_the_site(err: FedSSLError, node_config) -> None:
+    """Prefix a simulated site's one-line error with its site id: the server sees a failed reply's node id only.
+
+    The message is changed in place (not re-raised as another type): callers and Flower see the same exception.
+    """
+    if keys.NODE_PARTITION_ID in node_config and len(err.args) == 1:
+        err.args = (f"site {int(node_config[keys.NODE_PARTITION_ID])}: {err.args[0]}",)
+
+
 @app.train(mods=[site_update_clipping_mod])  # a no-op unless the server asks for site-level DP clipping
 def train(msg: Message, context: Context) -> Message:
     from clients.secagg_app import app as secagg_app
@@ -45,8 +55,13 @@ def train(msg: Message, context: Context) -> Message:
         return secagg_app(msg, context)
     site_round = _site_round_module()
     mark("site_start")
-    reply = site_round.run_site_round(
-        context.node_config, context.run_config, msg.content[keys.CONFIG], msg.content[keys.ARRAYS].to_torch_state_dict()
-    )
+    try:
+        reply = site_round.run_site_round(
+            context.node_config, context.run_config, msg.content[keys.CONFIG], msg.content[keys.ARRAYS].to_torch_state_dict()
+        )
+    except FedSSLError as err:
+        _name_the_site(err, context.node_config)
+        raise
+
     mark("site_done", site=reply.site.site_id, round=reply.plan.server_round, train_s=reply.result.train_seconds)
     return Message(content=RecordDict(reply.records), reply_to=msg)

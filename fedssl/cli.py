@@ -1,6 +1,7 @@
 """The `fedssl` command: thin over the library.
 
     fedssl simulate CONFIG [--set key=value ...] [--overwrite]
+    fedssl check CONFIG [--set key=value ...] [--skip-evaluation]   (the preflight alone; no torch, no Flower)
     fedssl evaluate RUN_DIR
     fedssl report RUN_DIR
     fedssl audit PATH [--json] [--trusted-keys DIR] | audit --empirical CONFIG [--with-baseline]
@@ -10,8 +11,8 @@
     fedssl server start --config server.yaml
     fedssl dashboard RUN_DIR|STATE_DIR [--host H --port P --expose --token T] | dashboard RUN_DIR --export FILE
 
-Every user-facing failure is one line on stderr and exit code 2 (1 for a failed audit):
-no tracebacks for bad input.
+Every user-facing failure is one line on stderr (one per problem, when a check finds several) and
+exit code 2 (1 for a failed audit): no tracebacks for bad input.
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedssl.run.simulation import Simulation
 
     run_pipeline(config, Simulation(stream=not args.quiet), overwrite=args.overwrite, evaluate=not args.skip_evaluation)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from fedssl.preflight import check_file
+
+    result = check_file(args.config, args.set, evaluate=not args.skip_evaluation)
+    result.raise_for_problems()
+    data = f": data.source {result.probe.source} holds {result.probe.describe()}" if result.probe is not None else ""
+    print(f"fedssl: {args.config} fits its data{data}")
     return 0
 
 
@@ -155,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--quiet", action="store_true", help="do not stream round progress")
     sim.set_defaults(func=_cmd_simulate)
 
+    check = sub.add_parser("check", help="check a config against its data before running it (every problem, one line each)")
+    check.add_argument("config", help="experiment YAML, e.g. configs/experiments/digits-demo.yaml")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    check.add_argument("--skip-evaluation", action="store_true", help="as `simulate --skip-evaluation`: no labels needed")
+    check.set_defaults(func=_cmd_check)
+
     ev = sub.add_parser("evaluate", help="(re)run central evaluation of a finished run")
     ev.add_argument("run_dir")
     ev.set_defaults(func=_cmd_evaluate)
@@ -240,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FedSSLError as err:
-        print(f"fedssl: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:  # a check that found several problems: one line each
+            print(f"fedssl: error: {line}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedssl: interrupted", file=sys.stderr)

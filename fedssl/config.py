@@ -4,7 +4,7 @@ Validated once, at the edge (with the pretext registry's own checks: fedssl.expe
 every later module may trust the values. Errors are one line naming the dotted key and the fix, e.g.
 ``privacy.target_epsilon: must be a finite number > 0 (...), got -1.0``. Files are read by
 fedssl.typed_yaml: ``include: [base.yaml, ...]`` merges others under a file, ``--set a.b=c`` comes last.
-Imports no training code, so the ServerApp may load a config.
+Imports no training code (nor torch), so the ServerApp and the preflight check (fedssl.preflight) may load a config.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from fedssl.inputs import ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
 from fedssl.privacy.settings import ACCOUNTANTS, CLIPPING_ENGINES, PrivacyConfig, SecureAggregationConfig, SiteDPConfig  # noqa: F401
@@ -34,10 +36,18 @@ class RunConfig:
         check_device("run.device", self.device)
 
 
+MAX_IMAGE_SIDE = 4096
+
+
 @dataclass
 class DataConfig:
-    source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv
+    source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv / IDX images
     kind: str = "auto"
+    # IDX label file paired with an IDX images source (row i labels image i); read only through the
+    # consent manifest (evaluation.consent_manifest, or a seeded demo consent), like every label.
+    labels: str | None = None
+    # [height, width]: image folders and IDX images are resized and centre-cropped to it once, at load.
+    image_size: list[int] = field(default_factory=list)
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     test_fraction: float = 0.3
@@ -45,6 +55,21 @@ class DataConfig:
     def validate(self) -> None:
         check(self.alpha > 0, "data.alpha", "must be > 0 (smaller = more skewed)", self.alpha)
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
+        check_image_size("data.image_size", self.image_size)
+        check(self.labels is None or (bool(self.labels) and self.kind in ("auto", "idx")), "data.labels",
+              "must be the path of an IDX label file, used with IDX images (data.kind idx or auto), or null", self.labels)
+        check(self.labels is None or self.source != "digits", "data.labels",
+              "must be null for data.source digits (its labels are built in)", self.labels)
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        """``image_size`` as (height, width), or None for the data's own size."""
+        return (self.image_size[0], self.image_size[1]) if self.image_size else None
+
+
+def check_image_size(key: str, size: list[int]) -> None:
+    check(not size or (len(size) == 2 and all(isinstance(d, int) and 1 <= d <= MAX_IMAGE_SIDE for d in size)), key,
+          f"must be [height, width] in pixels (1-{MAX_IMAGE_SIDE}), e.g. [64, 64], or [] for the data's own size", size)
 
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")
@@ -67,6 +92,10 @@ class FederationConfig:
     # under the same node id never answers the lost message, so without a bound the round
     # (and the run) would wait for the full default hour.
     round_timeout: float = 3600.0
+    # Where each site's local training starts: the global encoder, or FedEMA's divergence-aware mix with the
+    # site's own last encoder (Zhuang et al., ICLR 2022; fedssl/training/fedema.py), kept at the site.
+    local_update: str = "global"  # global | fedema
+    fedema_tau: float = 0.7  # FedEMA's autoscaler: the mix weight of the site's own encoder at its second round
 
     @property
     def sites_per_round(self) -> int:
@@ -85,6 +114,8 @@ class FederationConfig:
               "must be a finite number > 0 (a multiple of the global model's norm), or null for no bound", self.max_update_norm)
         check(self.max_num_examples >= 1, "federation.max_num_examples", "must be an integer >= 1", self.max_num_examples)
         check(self.round_timeout > 0, "federation.round_timeout", "must be > 0 seconds", self.round_timeout)
+        check(self.local_update in ("global", "fedema"), "federation.local_update", "valid choices: global, fedema", self.local_update)
+        check(0 <= self.fedema_tau <= 1, "federation.fedema_tau", "must be in [0, 1]", self.fedema_tau)
 
 
 @dataclass
@@ -97,12 +128,9 @@ class ModelConfig:
     input_shape: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
-        from fedssl.models import ENCODERS, IMAGE_ENCODERS
-        from fedssl.models.custom import is_custom_spec
-
         check(all(d >= 1 for d in self.input_shape), "model.input_shape", "must be positive sizes, e.g. [1, 8, 8]", self.input_shape)
-        check(self.encoder in ENCODERS or is_custom_spec(self.encoder), "model.encoder",
-              f"valid choices: {', '.join(sorted(ENCODERS))}, or your own as 'package.module:factory'", self.encoder)
+        check(self.encoder in ENCODER_NAMES or is_custom_spec(self.encoder), "model.encoder",
+              f"valid choices: {', '.join(sorted(ENCODER_NAMES))}, or your own as 'package.module:factory'", self.encoder)
         check(
             not self.input_shape or self.encoder not in IMAGE_ENCODERS or len(self.input_shape) == 3,
             "model.input_shape",

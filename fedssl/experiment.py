@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
+from fedssl.data.consent import ConsentedLabels, ConsentManifest, LabelSource, label_source_from_array, make_demo_manifest
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.idx import IdxLabelSource
 from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import UNLABELLED, make_site_dataset, partition
 from fedssl.data.sampling import stratified_subset
@@ -59,28 +60,43 @@ class CentralData:
 
 @functools.lru_cache(maxsize=4)
 def central_data(source: str, kind: str, test_fraction: float, seed: int,
-                 consent_manifest: str | None = None, consented_fraction: float = 1.0) -> CentralData:
+                 consent_manifest: str | None = None, consented_fraction: float = 1.0,
+                 labels: str | None = None, image_size: tuple[int, int] | None = None) -> CentralData:
     """The central split; ``consent_manifest`` (a file) or else a seeded demo consent of
-    ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent)."""
+    ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent).
+    ``labels`` is an IDX label file for an IDX images ``source``; without labels (and not digits)
+    the split is a seeded random one and there is nothing to evaluate against."""
     rng = np.random.default_rng(seed)
-    if source != "digits":
-        full = load_site_data(source, kind)
+    full, label_source = _labelled_source(source, kind, labels, image_size)
+    if label_source is None:
         order = rng.permutation(len(full))
         cut = int(round(len(full) * (1 - test_fraction)))
         return CentralData(make_site_dataset(full, np.sort(order[:cut])), make_site_dataset(full, np.sort(order[cut:])), None)
-    full, all_labels = load_digits_labeled()
     ids = full.sample_ids
     manifest = (ConsentManifest.load(consent_manifest) if consent_manifest
                 else make_demo_manifest(ids, test_fraction, consented_fraction, seed))
-    labels = ConsentedLabels(manifest, label_source_from_array(ids, all_labels))
-    train_idx, test_idx = consented_split(ids, labels, test_fraction, rng)
-    return CentralData(make_site_dataset(full, train_idx), make_site_dataset(full, test_idx), labels)
+    consented = ConsentedLabels(manifest, label_source)
+    train_idx, test_idx = consented_split(ids, consented, test_fraction, rng)
+    return CentralData(make_site_dataset(full, train_idx), make_site_dataset(full, test_idx), consented)
+
+
+def _labelled_source(source: str, kind: str, labels: str | None,
+                     image_size: tuple[int, int] | None) -> tuple[SiteDataset, LabelSource | None]:
+    """The full data set and its label source (None: unlabelled). Labels are not read here: the
+    source reads one only when ConsentedLabels asks for a consented id."""
+    if source == "digits":
+        full, all_labels = load_digits_labeled()
+        return full, label_source_from_array(full.sample_ids, all_labels)
+    full = load_site_data(source, kind, image_size=image_size)
+    if labels is None:
+        return full, None
+    return full, IdxLabelSource(labels, full.sample_ids, source)
 
 
 def central_data_for(config: ExperimentConfig) -> CentralData:
-    ev = config.evaluation
-    return central_data(config.data.source, config.data.kind, config.data.test_fraction, config.run.seed,
-                        ev.consent_manifest, ev.consented_fraction)
+    ev, data = config.evaluation, config.data
+    return central_data(data.source, data.kind, data.test_fraction, config.run.seed,
+                        ev.consent_manifest, ev.consented_fraction, data.labels, data.image_hw)
 
 
 def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: float,

@@ -21,6 +21,9 @@ LATEST_ENCODER = "encoder_latest.pt"  # checkpoint after every round
 # The ServerApp's last write, once the final encoder is on disk: the run's results are complete
 # from the moment it exists (written atomically, so a reader never sees half of it).
 SERVER_DONE = "server_done.json"
+# Written instead of SERVER_DONE when the ServerApp stops the run itself (every sampled site failed a round):
+# {"reason": one line}. The driver raises that line rather than the last error of Flower's log.
+SERVER_FAILED = "server_failed.json"
 SUMMARY_FILE = "summary.json"  # timings and facts of the run as a whole
 EVALUATION_FILE = "evaluation.json"
 CONSENT_FILE = "consent.txt"  # the consent manifest the evaluation used
@@ -74,6 +77,10 @@ class RunDir:
     @property
     def server_done(self) -> Path:
         return self.path / SERVER_DONE
+
+    @property
+    def server_failed(self) -> Path:
+        return self.path / SERVER_FAILED
 
     @property
     def summary(self) -> Path:

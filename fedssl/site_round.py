@@ -28,6 +28,7 @@ from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
 from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
+from fedssl.training import fedema
 from fedssl.training.local import SiteSettings, train_round
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,10 @@ def run_site_round(
     dataset, site = resolve_site(node_config, run_config)
     plan = TrainPlan.from_wire(dict(plan_config))
     shapes = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
-    state = _as_state_dict(global_encoder, shapes)
+    state, fedema_scale = fedema.start_weights(_as_state_dict(global_encoder, shapes), site.state_dir, plan)
     result = train_round(dataset, state, plan, site)
+    if result.status == STATUS_TRAINED:
+        fedema.remember(result.encoder_state, site.state_dir, plan, fedema_scale)
     dp = site.privacy.enabled
     records = site_reply_records(result, site.site_id, dp, plan)
     # The guard's DP weight comes from the plan, not from the reply: a data-dependent count is refused.

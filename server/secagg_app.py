@@ -41,7 +41,7 @@ from fedssl.fl import keys
 from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import SiteReport
 from server.site_dp import SiteLevelBook, fixed_denominator_mean, legacy_dp_wrapper
-from server.strategy import RoundRecorder, round_metrics
+from server.strategy import UNREACHABLE_ERROR_CODES, RoundRecorder, round_metrics
 
 INFO = 20
 Checkpoint = Callable[[int, dict[str, torch.Tensor]], None]
@@ -100,10 +100,11 @@ class SecAggFedSSL(LegacyFedAvg):
                 continue
             reports.append(report)
             contributing += int(report.status == keys.STATUS_TRAINED and fitres.num_examples > 0)
-        for failure in failures:
-            self.recorder.failure(server_round, *_failure(failure))
+        errors = self.recorder.site_errors(server_round, [_failure(failure) for failure in failures])
         aggregate = self._aggregate(server_round, results, contributing)
         self.recorder.finish_round(server_round, reports)
+        unreachable = sum(1 for failure in failures if _unreachable(failure))
+        self.recorder.stop_if_all_failed(server_round, errors, len(results) + len(failures), unreachable)  # as on the plain path
         if aggregate is None:
             return None, {}
         return ndarrays_to_parameters(aggregate), round_metrics(reports)
@@ -140,6 +141,12 @@ def _failure(failure: object) -> tuple[int, str]:
         reason = getattr(getattr(res, "status", None), "message", "") or "site reported a failure"
         return int(getattr(proxy, "node_id", -1)), reason
     return -1, f"dropped out: {failure}"[:300]
+
+
+def _unreachable(failure: object) -> bool:
+    """Flower's SecAgg+ workflow wraps a failed reply's Error in an Exception: was it a node that did not answer?"""
+    error = failure.args[0] if isinstance(failure, BaseException) and failure.args else None
+    return getattr(error, "code", None) in UNREACHABLE_ERROR_CODES
 
 
 def _flower_count(value: float) -> int | float:

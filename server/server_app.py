@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import ExperimentConfig, load_config
@@ -32,8 +33,9 @@ from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
 from server.grid import PromptGrid
 from server.site_dp import SiteLevelBook, message_strategy
-from server.strategy import RoundRecorder
+from server.strategy import AllSitesFailed, RoundRecorder
 
+ERROR = 40  # logging.ERROR
 app = ServerApp()
 
 
@@ -51,12 +53,22 @@ def main(grid: Grid, context: Context) -> None:
     plan = plan_from_config(config, run_id=str(context.run_id))
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
     recorder = round_recorder(config, run_dir, Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path)), book)
-    final = _run_rounds(PromptGrid(grid), context, config, plan, encoder.state_dict(), recorder, book, run_dir)
+    try:
+        final = _run_rounds(PromptGrid(grid), context, config, plan, encoder.state_dict(), recorder, book, run_dir)
+    except AllSitesFailed as err:  # a clean stop: the driver raises this line (fedssl.run.flower_runtime)
+        log(ERROR, "fedssl: %s", err)
+        _write_atomically(run_dir.server_failed, {"run_id": context.run_id, "reason": str(err)})
+        return
     torch.save(final, run_dir.final_encoder)
     mark("server_done")
-    done = run_dir.server_done.with_suffix(".tmp")
-    done.write_text(json.dumps({"run_id": context.run_id, "rounds": config.federation.rounds, "seconds": time.time() - started}))
-    done.replace(run_dir.server_done)  # atomic: the driver starts on the results the moment this name appears
+    # Atomic: the driver starts on the results the moment this name appears.
+    _write_atomically(run_dir.server_done, {"run_id": context.run_id, "rounds": config.federation.rounds, "seconds": time.time() - started})
+
+
+def _write_atomically(path: Path, body: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
 
 
 def round_recorder(config: ExperimentConfig, run_dir: RunDir, state_dir: Path, book: SiteLevelBook | None = None) -> RoundRecorder:

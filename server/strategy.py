@@ -11,7 +11,10 @@ strategies) and on the SecAgg+ path (server/secagg_app.py):
 - every site's report lands in metrics.jsonl and the server's own hash-chained ledger;
 - every reply is validated before it counts (fedssl.fl.validation, server/guard.py): a bad one is
   dropped with its reason in the log, metrics.jsonl and the server ledger, and the round goes on
-  unless fewer than ``min_train_nodes`` valid replies remain.
+  unless fewer than ``min_train_nodes`` valid replies remain;
+- a round in which every sampled site failed (raised) stops the run (:class:`AllSitesFailed`): the
+  next round would fail the same way, and the first site's error is the one line the user needs. A
+  site that did not answer at all (unreachable, restarting) does not count: it may rejoin.
 
 ``federation.strategy`` picks the combination rule: FedAvg, or Flower's FedMedian / FedTrimmedAvg
 (robust to a minority of poisoned updates), each composed with the same validation and recorder.
@@ -20,11 +23,13 @@ strategies) and on the SecAgg+ path (server/secagg_app.py):
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg
 
@@ -41,6 +46,29 @@ from server.guard import SiteBindings
 INFO = 20
 AGGREGATION_FEDAVG = "fedavg"
 _DEFAULTS = FederationConfig()
+
+
+# Flower wraps a ClientApp's exception as "<class '...ClientAppException'>:<'\nException ClientAppException occurred.
+# Message: <the site's message>'>", possibly after a Ray traceback; the site's own line is what follows "Message: ".
+_FLOWER_MESSAGE = re.compile(r"Message: (.*?)(?:'>)?$", re.MULTILINE)
+_SITE_PREFIX = re.compile(r"^site (\d+): ")  # simulated sites name themselves (clients/client_app.py)
+
+
+# Flower's error codes for a reply that never came from the site's code: the node is gone for now.
+UNREACHABLE_ERROR_CODES = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+
+
+class AllSitesFailed(Exception):
+    """Every site sampled in a round failed: the run stops with the first site's error, in one line."""
+
+
+def error_line(reason: str) -> str:
+    """A failed reply's reason as one line: the site's own message when Flower wrapped it, else the last line."""
+    found = _FLOWER_MESSAGE.findall(reason)
+    if found and found[-1].strip():
+        return found[-1].strip()
+    lines = [line.strip() for line in reason.splitlines() if line.strip()]
+    return lines[-1] if lines else "no reason given"
 
 
 def round_epsilon(reports: list[SiteReport]) -> float:
@@ -156,6 +184,36 @@ class RoundRecorder:
             log(INFO, "fedssl: round %d: site %d REFUSED to train (privacy budget spent: eps=%.3f of %.3g)",
                 server_round, report.site_id, report.epsilon, report.target_epsilon)
 
+    def site_errors(self, server_round: int, errors: list[tuple[int, str]]) -> list[tuple[int, str]]:
+        """Record the replies that carry an error instead of a result: (node id, Flower's reason) each.
+
+        Returns (node id, the error in one line) each, for :meth:`stop_if_all_failed`."""
+        lines = []
+        for node_id, reason in errors:
+            line = error_line(reason)
+            if (prefix := _SITE_PREFIX.match(line)) is not None:  # the site named itself: attribute the failure to it
+                self._site_of_node[node_id] = int(prefix.group(1))
+                line = line[prefix.end():]
+            self.failure(server_round, node_id, line)
+            lines.append((node_id, line))
+        return lines
+
+    def stop_if_all_failed(self, server_round: int, errors: list[tuple[int, str]], sampled: int, unreachable: int = 0) -> None:
+        """Raise AllSitesFailed when each of the round's ``sampled`` replies was an error (:meth:`site_errors`).
+
+        ``unreachable`` of those errors are a site that did not answer (crashed, restarting, network):
+        such a site may rejoin and train next round, so the run goes on; only a round whose every
+        reply is an error the sites themselves raised (config, data, refusal) would fail alike again."""
+        if sampled and len(errors) == sampled and not unreachable:
+            _, who, line = min(self._attributed(node_id, line) for node_id, line in errors)
+            raise AllSitesFailed(f"round {server_round}: all {sampled} sampled sites failed; first error ({who}): {line}")
+
+    def _attributed(self, node_id: int, line: str) -> tuple[float, str, str]:
+        """(sort key, 'site-N' or 'node N', line) for one failed reply: the lowest site id is the 'first'."""
+        if (site := self._site_of_node.get(node_id)) is not None:
+            return site, f"site-{site}", line
+        return math.inf, f"node {node_id}", line
+
     def failure(self, server_round: int, node_id: int, reason: str) -> None:
         known = self._site_of_node.get(node_id)
         extra = {} if known is None else {"last_site_id": known}
@@ -212,9 +270,7 @@ class FedSSLAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        for msg in replies:
-            if msg.has_error():
-                self.recorder.failure(server_round, msg.metadata.src_node_id, msg.error.reason)
+        errors = self.recorder.site_errors(server_round, [(m.metadata.src_node_id, m.error.reason) for m in replies if m.has_error()])
         content = {msg.metadata.src_node_id: msg for msg in replies if not msg.has_error()}
         screened = self.recorder.screen(server_round, [(node, msg.content.metric_records.get(keys.METRICS)) for node, msg in content.items()])
         reports: list[SiteReport] = []
@@ -238,6 +294,8 @@ class FedSSLAvg(FedAvg):
             # same seeds (and no DP noise) should give the same encoder however the replies raced.
             arrays = self.average(server_round, [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))])
         self.recorder.finish_round(server_round, reports)
+        unreachable = sum(1 for m in replies if m.has_error() and m.error.code in UNREACHABLE_ERROR_CODES)
+        self.recorder.stop_if_all_failed(server_round, errors, len(replies), unreachable)  # the next round would fail alike
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 
     def without_bad_arrays(self, server_round: int, replies: list[Message]) -> list[Message]:

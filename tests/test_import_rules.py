@@ -185,13 +185,25 @@ def test_no_import_loops_between_folders():
     assert _cycles(units) == []
 
 
-@pytest.mark.parametrize("leaf", ["fedssl.layout", "fedssl.fl.keys", "fedssl.typed_yaml", "fedssl.errors"])
+@pytest.mark.parametrize("leaf", ["fedssl.layout", "fedssl.fl.keys", "fedssl.typed_yaml", "fedssl.errors", "fedssl.inputs"])
 def test_leaves_stay_leaves(leaf):
     # Everyone may import these (the ServerApp, the config loader, every layer): they import no
     # other project module but fedssl.errors (and their packages' docstring-only __init__).
     allowed = {"fedssl", "fedssl.errors", "fedssl.fl"}
     internal = {t for t in reachable(leaf) if t.split(".")[0] in PACKAGES} - {leaf}
     assert internal <= allowed, sorted(internal - allowed)
+
+
+# The preflight answers before torch loads (seconds): nothing it reaches may import the training stack.
+TORCH_FREE = ("fedssl.preflight", "fedssl.config", "fedssl.inputs", "fedssl.data.probe", "fedssl.privacy.feasibility")
+HEAVY = ("torch", "flwr", "ray", "opacus", "sklearn")
+
+
+@pytest.mark.parametrize("start", TORCH_FREE)
+def test_the_preflight_never_imports_the_training_stack(start):
+    seen = reachable(start)
+    bad = sorted(m for m in seen if m in HEAVY)
+    assert not bad, "\n".join(_chain(seen, m) for m in bad)
 
 
 def test_the_rules_see_function_level_imports(tmp_path):

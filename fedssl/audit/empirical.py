@@ -47,6 +47,7 @@ from sklearn.metrics import roc_auc_score
 
 from fedssl.config import ExperimentConfig
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.pixels import unit_float
 from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
 from fedssl.models import build_encoder
@@ -183,7 +184,7 @@ def run_empirical_audit(
     is_member[rng.permutation(num_canaries)[: num_canaries // 2]] = True
     ids = tuple(f"canary-{i}" for i in np.flatnonzero(is_member))
     train_set = SiteDataset(
-        inputs=torch.cat([dataset.inputs, canaries[torch.from_numpy(is_member)]]),
+        inputs=torch.cat([unit_float(dataset.inputs), canaries[torch.from_numpy(is_member)]]),
         sample_ids=dataset.sample_ids + ids,
         modality=dataset.modality,
     )

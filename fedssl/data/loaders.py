@@ -18,12 +18,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.idx import read_idx
+from fedssl.data.pixels import fit_images, to_nchw
+# Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
+from fedssl.data.probe import (
+    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, digits_id, existing_path, image_files, is_digits,
+    resolve_kind, row_id,
+)
 from fedssl.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
-ID_COLUMN = "id"
-LABEL_COLUMNS = frozenset({"label", "target"})
-NPZ_INPUT_KEYS = ("x", "inputs")
 DIGITS_MAX_VALUE = 16.0  # sklearn's digits pixels are counts 0..16
 
 
@@ -35,6 +38,7 @@ class _Loaded(NamedTuple):
     inputs: np.ndarray
     sample_ids: tuple[str, ...]
     modality: str
+    pixels: bool = False  # uint8 images kept as they are (possibly memory-mapped), scaled per batch
 
 
 @dataclass(frozen=True)
@@ -57,17 +61,18 @@ def load_site_data(
 
     ``kind`` is one of ``LOADERS`` or "auto" (a directory is an image folder, otherwise the
     file suffix decides; the bare name "digits", matching ``data.source: digits``, means the
-    embedded set unless a file or folder of that name exists). ``image_size`` is
-    (height, width) and, like ``grayscale``, only affects image folders. ``path`` is ignored
-    for "digits".
+    embedded set unless a file or folder of that name exists; MNIST-style names such as
+    train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
+    folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
+    folders. ``path`` is ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
     options = _ImageOptions(_check_image_size(image_size), grayscale)
-    if kind == "digits" or (kind == "auto" and str(path) == "digits" and not Path("digits").exists()):
+    if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
-    path = _existing_path(path)
-    loader = LOADERS[_resolve_kind(path, kind)]
+    path = existing_path(path)
+    loader = LOADERS[resolve_kind(path, kind)]
     return _to_dataset(loader(path, options), str(path))
 
 
@@ -78,9 +83,13 @@ def load_digits_labeled() -> tuple[SiteDataset, np.ndarray]:
 
 
 def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
+    if loaded.pixels:
+        inputs = torch.from_numpy(loaded.inputs)  # no copy: a memory map stays one
+    else:
+        inputs = torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32))
     try:
         return SiteDataset(
-            inputs=torch.from_numpy(np.ascontiguousarray(loaded.inputs, dtype=np.float32)),
+            inputs=inputs,
             sample_ids=loaded.sample_ids,
             modality=loaded.modality,
         )
@@ -96,29 +105,6 @@ def _check_image_size(image_size: tuple[int, int] | None) -> tuple[int, int] | N
     return (image_size[0], image_size[1])
 
 
-def _existing_path(path: str | Path | None) -> Path:
-    if path is None or not Path(path).exists():
-        raise DataError(
-            f"data dir {path} does not exist; set site.data_dir (or data.source) to an existing image folder, "
-            ".npy, .npz or .csv file"
-        )
-    return Path(path)
-
-
-def _resolve_kind(path: Path, kind: str) -> str:
-    if kind != "auto":
-        return kind
-    if path.is_dir():
-        return "image_folder"
-    by_suffix = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-    if path.suffix.lower() not in by_suffix:
-        raise DataError(
-            f"cannot tell the data kind of {path} from its suffix; use a directory of images, "
-            f".npy, .npz or .csv, or set the kind explicitly ({_valid_kinds()})"
-        )
-    return by_suffix[path.suffix.lower()]
-
-
 def _valid_kinds() -> str:
     return ", ".join(sorted(LOADERS))
 
@@ -129,7 +115,7 @@ def _valid_kinds() -> str:
 def _load_image_folder(root: Path, options: _ImageOptions) -> _Loaded:
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; kind image_folder needs a folder of PNG/JPEG files")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)
     if not files:
         raise DataError(f"{root} holds no .png/.jpg/.jpeg files (searched recursively); add images or fix the path")
     mode = "L" if options.grayscale else "RGB"
@@ -181,7 +167,7 @@ def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
 
 
 def _row_ids(count: int) -> tuple[str, ...]:
-    return tuple(f"row-{i}" for i in range(count))
+    return tuple(row_id(i) for i in range(count))
 
 
 def _read_numpy(path: Path) -> np.ndarray | np.lib.npyio.NpzFile:
@@ -214,6 +200,22 @@ def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
     )
 
 
+# --- idx ------------------------------------------------------------------------------------
+
+
+def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
+    """N x H x W (greyscale) or N x H x W x C images, or N x D vectors; uint8 images stay uint8."""
+    array = read_idx(path)
+    if array.ndim == 1:
+        raise DataError(
+            f"{path} is 1-D ({len(array)} values), a label file; set data.source to the images file and data.labels to this one"
+        )
+    if array.ndim == 2:
+        return _Loaded(array, _row_ids(len(array)), "vector")
+    images = fit_images(to_nchw(array, path), options.image_size)
+    return _Loaded(images, _row_ids(len(images)), "image", pixels=images.dtype == np.uint8)
+
+
 # --- csv ------------------------------------------------------------------------------------
 
 
@@ -229,7 +231,7 @@ def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
             LabelColumnDroppedWarning,
             stacklevel=3,  # point at the caller of load_site_data
         )
-    features = [i for i, name in enumerate(lowered) if i != id_index and name not in LABEL_COLUMNS]
+    features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
     values = np.array([[_csv_number(row, i, header, line, path) for i in features] for line, row in rows])
@@ -276,7 +278,7 @@ def _digits() -> tuple[_Loaded, np.ndarray]:
 
     digits = load_digits()
     images = digits.images[:, None] / DIGITS_MAX_VALUE  # N x 1 x 8 x 8 in [0, 1]
-    ids = tuple(f"digits-{i}" for i in range(len(images)))
+    ids = tuple(digits_id(i) for i in range(len(images)))
     return _Loaded(images, ids, "image"), digits.target.astype(np.int64)
 
 
@@ -290,4 +292,5 @@ LOADERS: dict[str, _Loader] = {
     "npz": _load_npz,
     "csv": _load_csv,
     "digits": _load_digits,
+    "idx": _load_idx,
 }

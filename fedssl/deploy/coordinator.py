@@ -151,6 +151,7 @@ class Coordinator:
     """The launcher of `fedssl server start` (see fedssl.run.pipeline.Launcher)."""
 
     evaluation_optional = True  # the coordinator may hold no consented labels: then the report has no evaluation
+    simulates_sites = False  # each site's data and budget are its own (site.yaml): the preflight checks the config only
 
     def __init__(self, config: ServerConfig, *, stream: bool = True, echo=say) -> None:
         self.config, self.stream, self.echo = config, stream, echo

@@ -36,6 +36,7 @@ from fedssl.evaluation.results import (
     SeedRun,
     format_fraction,
 )
+from fedssl.data.pixels import unit_float
 from fedssl.data.sampling import stratified_subset
 from fedssl.models.encoders import Encoder
 
@@ -76,7 +77,7 @@ def _consented_pool(train: SiteDataset, labels: ConsentedLabels) -> tuple[torch.
     consented = labels.consented_ids(train.sample_ids)
     position = {sample_id: i for i, sample_id in enumerate(train.sample_ids)}
     rows = torch.as_tensor([position[sample_id] for sample_id in consented], dtype=torch.long)
-    return train.inputs[rows], np.asarray(labels.labels_for(consented))
+    return unit_float(train.inputs[rows]), np.asarray(labels.labels_for(consented))
 
 
 def _probe_views(
@@ -119,8 +120,10 @@ def _build_bench(
     if warm_start_state is not None:
         warm_start = encoder_factory(None)
         warm_start.load_state_dict(warm_start_state)
-    views = _probe_views(pool_inputs, test.inputs, pretrained, random_inits, plan, warm_start)
-    return _Bench(pool_inputs, pool_labels, test.inputs, test_labels, pretrained, random_inits, views, warm_start)
+    # uint8 pixels become [0, 1] floats here, as in training: only the consented pool and the test set.
+    test_inputs = unit_float(test.inputs)
+    views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, warm_start)
+    return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start)
 
 
 def _runs_on_subset(

@@ -14,6 +14,11 @@ from typing import Any
 
 from fedssl.errors import ConfigError
 
+# Where a site's local training starts each round: the global encoder (FedAvg), or FedEMA's
+# divergence-aware mix of it with the site's own last encoder (fedssl/training/fedema.py).
+LOCAL_UPDATE_GLOBAL, LOCAL_UPDATE_FEDEMA = "global", "fedema"
+LOCAL_UPDATES = (LOCAL_UPDATE_GLOBAL, LOCAL_UPDATE_FEDEMA)
+
 
 @dataclass(frozen=True)
 class TrainPlan:
@@ -31,6 +36,8 @@ class TrainPlan:
     momentum: float = 0.9
     seed: int = 0
     pretext_params: dict[str, Any] = field(default_factory=dict)
+    local_update: str = LOCAL_UPDATE_GLOBAL
+    fedema_tau: float = 0.7
 
     def to_wire(self) -> dict[str, str | int | float]:
         flat: dict[str, str | int | float] = {}
@@ -65,6 +72,10 @@ class TrainPlan:
                 raise ConfigError(f"train config: {_wire_key(name)} must be an integer >= {low}, got {value!r}")
         if not self.lr > 0:
             raise ConfigError(f"train config: lr must be > 0, got {self.lr!r}")
+        if self.local_update not in LOCAL_UPDATES:
+            raise ConfigError(f"train config: local-update must be one of {', '.join(LOCAL_UPDATES)}, got {self.local_update!r}")
+        if not (isinstance(self.fedema_tau, (int, float)) and 0 <= self.fedema_tau <= 1):
+            raise ConfigError(f"train config: fedema-tau must be in [0, 1], got {self.fedema_tau!r}")
 
     def round_seed(self, site_id: int) -> int:
         """Distinct, reproducible randomness per (run seed, round, site)."""
@@ -91,6 +102,8 @@ def plan_from_config(config, run_id: str) -> TrainPlan:
         optimizer=config.training.optimizer,
         momentum=config.training.momentum,
         seed=config.run.seed,
+        local_update=config.federation.local_update,
+        fedema_tau=config.federation.fedema_tau,
     )
 
 

@@ -13,19 +13,13 @@ ServerApp builds encoders too and never imports Opacus), and again by each site'
 from __future__ import annotations
 
 import importlib
-import re
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from fedssl.errors import ConfigError
-
-# dotted.module.path:factory_name
-CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
-
-def is_custom_spec(kind: str) -> bool:
-    return bool(CUSTOM_SPEC.match(kind))
+from fedssl.inputs import is_custom_spec  # noqa: F401 - the rule is torch-free (fedssl.inputs); re-exported
 
 
 def load_factory(spec: str) -> Callable[..., nn.Module]:

@@ -7,13 +7,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fedssl.models.custom import build_custom_encoder, is_custom_spec
+from fedssl.inputs import IMAGE_ENCODERS, is_custom_spec  # noqa: F401 - IMAGE_ENCODERS re-exported
+from fedssl.models.custom import build_custom_encoder
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
+from fedssl.models.vit import ViTEncoder
 
-ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder, "resnet": ResNetGNEncoder}
-# Encoders that take (channels, height, width) images; the others take any shape, flattened.
-IMAGE_ENCODERS = frozenset({"cnn", "resnet"})
+# The names and which of them take images are fedssl.inputs' (torch-free, for the config and preflight).
+ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder, "resnet": ResNetGNEncoder, "vit": ViTEncoder}
 
 
 def build_encoder(

@@ -26,15 +26,13 @@ import torch
 from torch import nn
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import IMAGE, VECTOR, modality_of_shape, modality_problem  # noqa: F401 - IMAGE, VECTOR re-exported
 from fedssl.models.encoders import Encoder
-
-IMAGE = "image"
-VECTOR = "vector"
 
 
 def modality_of(encoder: Encoder) -> str:
     """``"image"`` for (channels, height, width) inputs, ``"vector"`` for anything flat."""
-    return IMAGE if len(encoder.input_shape) == 3 else VECTOR
+    return modality_of_shape(encoder.input_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,15 +165,10 @@ class PretextTask(abc.ABC):
 
     def build_model(self, encoder: Encoder) -> PretextModel:
         """Wrap ``encoder`` in this method's model; the encoder object is used, not copied."""
-        modality = modality_of(encoder)
-        if modality not in self.modalities:
-            fitting = sorted(name for name, task in REGISTERED_TASKS.items() if modality in task.modalities)
-            raise ConfigError(
-                f"pretext.name: {self.name!r} works on {' and '.join(sorted(self.modalities))} inputs, "
-                f"but the encoder takes {modality} inputs shaped {encoder.input_shape}; "
-                f"valid choices for {modality} data: {', '.join(fitting)}"
-            )
-        return self._build(encoder, modality)
+        # The rule (and its message) is fedssl.inputs', which the preflight check applies before torch loads.
+        if (problem := modality_problem(self.name, encoder.input_shape)) is not None:
+            raise ConfigError(f"pretext.name: {problem}")
+        return self._build(encoder, modality_of(encoder))
 
     @abc.abstractmethod
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:
@@ -194,6 +187,19 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(
         nn.Linear(in_dim, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, out_dim)
     )
+
+
+@torch.no_grad()
+def ema_update(online: list[nn.Module], target: list[nn.Module], tau: float) -> None:
+    """``target <- tau * target + (1 - tau) * online`` for parameters; buffers copied (BYOL, MoCo).
+
+    Run after the optimizer step, from weights the DP optimizer already clipped and noised: post-processing,
+    no privacy cost."""
+    for o_module, t_module in zip(online, target, strict=True):
+        for o, t in zip(o_module.parameters(), t_module.parameters(), strict=True):
+            t.lerp_(o, 1 - tau)  # t + (1 - tau) (o - t) = tau t + (1 - tau) o
+        for o, t in zip(o_module.buffers(), t_module.buffers(), strict=True):
+            t.copy_(o)  # buffers are statistics or counters, not weights to average
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,10 @@ import dataclasses
 import torch
 from torch import nn
 
+from fedssl.inputs import PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextTask, cosine, mlp, param
+from fedssl.pretext.base import PretextModel, PretextTask, cosine, ema_update, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -67,13 +68,8 @@ class BYOLModel(PretextModel):
         # Symmetrised as in the paper: each view's prediction of the other view's target.
         return byol_loss(p1, z2) + byol_loss(p2, z1)
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        for online, target in zip(self._online(), self._target()):
-            for o, t in zip(online.parameters(), target.parameters(), strict=True):
-                t.lerp_(o, 1 - self.tau)  # t + (1 - tau) (o - t) = tau t + (1 - tau) o
-            for o, t in zip(online.buffers(), target.buffers(), strict=True):
-                t.copy_(o)  # buffers are statistics or counters, not weights to average
+        ema_update(self._online(), self._target(), self.tau)
 
     @torch.no_grad()
     def sync_target(self) -> None:
@@ -87,7 +83,7 @@ class BYOL(PretextTask):
     name = "byol"
     paper = "Grill et al., NeurIPS 2020, Bootstrap Your Own Latent"
     dp_compatible = True
-    modalities = frozenset({IMAGE, VECTOR})
+    modalities = PRETEXT_MODALITIES["byol"]  # fedssl.inputs
     Params = BYOLParams
     params: BYOLParams
 

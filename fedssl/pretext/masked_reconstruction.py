@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import DEFAULT_PATCH_SIZE, PRETEXT_MODALITIES, patch_problem
 from fedssl.models.encoders import Encoder
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextParams, PretextTask, mlp, param
+from fedssl.pretext.base import IMAGE, PretextModel, PretextParams, PretextTask, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -47,7 +48,7 @@ def random_unit_mask(batch: int, units: int, masked: int, device: torch.device) 
 @dataclasses.dataclass(frozen=True)
 class MaskedReconstructionParams(PretextParams):
     mask_ratio: float = param(0.5, gt=0, lt=1)
-    patch_size: int = param(2, ge=1)  # images only; a vector masks single features
+    patch_size: int = param(DEFAULT_PATCH_SIZE, ge=1)  # images only; a vector masks single features
     decoder_hidden: int = param(0, ge=0)  # 0: linear decoder; >0: one hidden layer of this width
 
 
@@ -83,26 +84,19 @@ class MaskedReconstruction(PretextTask):
     name = "masked_reconstruction"
     paper = "He et al., CVPR 2022, Masked Autoencoders Are Scalable Vision Learners (+ Pathak et al., CVPR 2016)"
     dp_compatible = True
-    modalities = frozenset({IMAGE, VECTOR})
+    modalities = PRETEXT_MODALITIES["masked_reconstruction"]
     Params = MaskedReconstructionParams
     params: MaskedReconstructionParams
 
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:
         p = self.params
+        if (problem := patch_problem(encoder.input_shape, p.patch_size)) is not None:
+            raise ConfigError(f"pretext.params.patch_size: {problem}")
         if modality == IMAGE:
             _, height, width = encoder.input_shape
-            if height % p.patch_size or width % p.patch_size:
-                raise ConfigError(
-                    f"pretext.params.patch_size: must divide the image size {height}x{width}, got {p.patch_size}"
-                )
             units = (height // p.patch_size) * (width // p.patch_size)
         else:
             units = math.prod(encoder.input_shape)
-        if units < 2:
-            raise ConfigError(
-                f"pretext.params.patch_size: the input splits into {units} unit; masking needs at least 2, "
-                f"got patch_size {p.patch_size} for input shape {encoder.input_shape}"
-            )
         # At least one unit hidden (a loss to compute) and one shown (context to infer from).
         masked = min(units - 1, max(1, round(p.mask_ratio * units)))
         out_dim = math.prod(encoder.input_shape)

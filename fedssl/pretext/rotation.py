@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import PRETEXT_MODALITIES, rotation_problem
 from fedssl.models.encoders import Encoder
-from fedssl.pretext.base import IMAGE, PretextModel, PretextParams, PretextTask, param
+from fedssl.pretext.base import PretextModel, PretextParams, PretextTask, param
 from fedssl.pretext.registry import register_pretext
 
 NUM_ROTATIONS = 4
@@ -65,16 +66,11 @@ class Rotation(PretextTask):
     name = "rotation"
     paper = "Gidaris et al., ICLR 2018, Unsupervised Representation Learning by Predicting Image Rotations"
     dp_compatible = True
-    modalities = frozenset({IMAGE})
+    modalities = PRETEXT_MODALITIES["rotation"]  # fedssl.inputs: the rules preflight checks without torch
     Params = RotationParams
     params: RotationParams
 
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:
-        _, height, width = encoder.input_shape
-        if height != width:
-            # A quarter turn of a non-square image changes its shape; the encoder could not take it.
-            raise ConfigError(
-                f"pretext.name: 'rotation' needs square images, got {height}x{width}; "
-                "resize the data or choose masked_reconstruction, byol or simsiam"
-            )
+        if (problem := rotation_problem(encoder.input_shape)) is not None:
+            raise ConfigError(f"pretext.name: {problem}")
         return RotationModel(encoder, self.params.all_rotations)

@@ -23,9 +23,10 @@ import dataclasses
 import torch
 from torch.nn import functional as F
 
+from fedssl.inputs import COUPLED_PRETEXTS, PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextTask, mlp, param
+from fedssl.pretext.base import PretextModel, PretextTask, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -67,8 +68,8 @@ class SimCLR(PretextTask):
     name = "simclr"
     paper = "Chen et al., ICML 2020, A Simple Framework for Contrastive Learning of Visual Representations"
     dp_compatible = False
-    coupling = "uses in-batch negatives (NT-Xent)"
-    modalities = frozenset({IMAGE, VECTOR})
+    coupling = COUPLED_PRETEXTS["simclr"]
+    modalities = PRETEXT_MODALITIES["simclr"]  # fedssl.inputs
     Params = SimCLRParams
     params: SimCLRParams
 

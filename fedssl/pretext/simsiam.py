@@ -19,9 +19,10 @@ import dataclasses
 
 import torch
 
+from fedssl.inputs import PRETEXT_MODALITIES
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.augment import Augmenter, TwoViewParams
-from fedssl.pretext.base import IMAGE, VECTOR, PretextModel, PretextTask, cosine, mlp, param
+from fedssl.pretext.base import PretextModel, PretextTask, cosine, mlp, param
 from fedssl.pretext.registry import register_pretext
 
 
@@ -54,7 +55,7 @@ class SimSiam(PretextTask):
     name = "simsiam"
     paper = "Chen & He, CVPR 2021, Exploring Simple Siamese Representation Learning"
     dp_compatible = True
-    modalities = frozenset({IMAGE, VECTOR})
+    modalities = PRETEXT_MODALITIES["simsiam"]  # fedssl.inputs
     Params = SimSiamParams
     params: SimSiamParams
 

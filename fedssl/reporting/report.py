@@ -22,6 +22,7 @@ from fedssl.reporting.plots import plot_epsilon, plot_label_efficiency, plot_pre
 from fedssl.reporting.privacy import privacy_statement
 from fedssl.reporting.run_files import RunFiles, load_run
 from fedssl.reporting.site_spend import SiteSpend, format_optional, site_spends
+from fedssl.runlog import SiteRound
 
 
 # Each pretrained row is judged only against the row that differs from it by pretraining alone.
@@ -99,8 +100,14 @@ def _failure_lines(run: RunFiles) -> list[str]:
         "",
         f"{len(run.failures)} site replies failed and were left out of aggregation:",
         "",
-        *(f"- round {f.round}, node {f.node_id}: {f.reason or 'no reason recorded'}" for f in run.failures),
+        *(f"- round {f.round}, {failed_site(f)}: {f.reason or 'no reason recorded'}" for f in run.failures),
     ]
+
+
+def failed_site(record: SiteRound) -> str:
+    """Which site a failed reply came from, as far as the server could tell."""
+    site = record.site_id if record.site_id >= 0 else record.last_site_id
+    return f"site {site} (node {record.node_id})" if site >= 0 else f"node {record.node_id}"
 
 
 def describe_gain(results: EvalResults, gain: Gain) -> str:
@@ -304,7 +311,8 @@ def terminal_summary(run_dir: Path) -> str:
     ]
     lines += [_fixed_width([*_budget_cells(site), site.last_status]) for site in site_spends(run.site_rounds)]
     if run.failures:
-        lines.append(f"{len(run.failures)} failed site replies (see report.md)")
+        lines.append(f"{len(run.failures)} failed site replies, left out of aggregation:")
+        lines += [f"  round {f.round}, {failed_site(f)}: {f.reason or 'no reason recorded'}" for f in run.failures]
     if run.evaluation is not None:
         lines += _terminal_evaluation(run.evaluation)
     return "\n".join(lines)

@@ -10,6 +10,7 @@ exits 0 even when the run failed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -166,6 +167,14 @@ def _mark_milestone(line: str) -> None:
             return
 
 
+def _server_failure(path: Path) -> str:
+    """The one line the ServerApp left when it stopped the run itself (SERVER_FAILED)."""
+    try:
+        return str(json.loads(path.read_text())["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"the server stopped the run; see {path}"
+
+
 @dataclass(frozen=True)
 class RunOutcome:
     run_dir: Path
@@ -227,8 +236,8 @@ class FlwrRun:
         Raises (after cleaning up) if `flwr run` exits first or ``timeout`` seconds pass."""
         done = self._paths.server_done
         while not done.exists():
-            if self._proc.poll() is not None and not done.exists():
-                self.finish()  # raises: no SERVER_DONE
+            if self._paths.server_failed.exists() or (self._proc.poll() is not None and not done.exists()):
+                self.finish()  # raises: no SERVER_DONE (the ServerApp's own reason when it stopped the run)
             if timeout is not None and time.perf_counter() - self._started > timeout:
                 self.abort()
                 raise self._error(f"the run did not finish within {timeout:.0f} s; log: {self._paths.flwr_log}")
@@ -248,6 +257,8 @@ class FlwrRun:
         mark("driver_done")
         seconds = time.perf_counter() - self._started
         log = self._paths.flwr_log
+        if not self._paths.server_done.exists() and self._paths.server_failed.exists():
+            raise self._error(_server_failure(self._paths.server_failed))
         if not self._paths.server_done.exists():
             raise self._error(f"federated run failed (flwr exit {code}): {failure_reason(log.read_text(errors='replace'))}; full log: {log}")
         if code != 0:

@@ -1,13 +1,14 @@
 """The run pipeline: the one sequence `fedssl simulate` and `fedssl server start` both go through.
 
-    check the config → fill model.input_shape → run directory → warm start → header
+    preflight (the config against its data) → check the config → fill model.input_shape → run directory → warm start → header
     → start the federation (the launcher) → results (summary) → evaluation, overlapping
     Flower's shutdown → finish → final summary → report and terminal summary
 
 What differs between a simulation and a deployment is the launcher (:class:`Launcher`):
 fedssl.run.simulation.Simulation (a private in-memory SuperLink, simulated sites) and
 fedssl.deploy.coordinator.Coordinator (a TLS SuperLink, registered sites). Heavy imports (torch,
-Flower) happen inside the steps, so a caller can load and check a config first, cheaply.
+Flower) happen inside the steps, so a caller can load and check a config first, cheaply: the
+preflight (fedssl.preflight) lists every mismatch of the config with its data before torch is imported.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Protocol
 from fedssl.config import ExperimentConfig, save_config
 from fedssl.errors import ConfigError, FedSSLError
 from fedssl.layout import RunDir
+from fedssl.preflight import require_preflight
 
 Echo = Callable[[str], None]
 
@@ -43,6 +45,7 @@ class Launcher(Protocol):
     """What a way of running a federation supplies to the pipeline."""
 
     evaluation_optional: bool  # True: an evaluation without labels here is skipped with a message, not an error
+    simulates_sites: bool  # True: data.source is the sites' data (its shape, labels and size are theirs); False: each site holds its own
     results_timeout: float | None  # seconds to wait for the results; None: no limit
 
     def input_shape(self, config: ExperimentConfig) -> list[int]:
@@ -65,10 +68,13 @@ def say(message: str) -> None:
 def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: bool = False, evaluate: bool = True,
                  echo: Echo = say) -> Path:
     """Run ``config`` through ``launcher`` from the checks to the report; returns the run directory."""
+    started = time.perf_counter()
+    # Every problem of the config with its data, before torch and Flower load (they take seconds).
+    require_preflight(config, simulated_sites=launcher.simulates_sites, evaluate=evaluate,
+                      evaluation_optional=launcher.evaluation_optional)
     from fedssl.models.private import check_encoder
     from fedssl.pretext import check_config
 
-    started = time.perf_counter()
     check_config(config)  # the pretext registry's part of the config, at the edge
     if not config.model.input_shape:
         config.model.input_shape = list(launcher.input_shape(config))

@@ -43,6 +43,7 @@ class Simulation:
     """The launcher of `fedssl simulate` (see fedssl.run.pipeline.Launcher)."""
 
     evaluation_optional = False  # the simulated data carries the consented labels: no evaluation is an error
+    simulates_sites = True  # data.source is split into the sites' data
     results_timeout = None
 
     def __init__(self, *, stream: bool = True, echo=say) -> None:

@@ -5,6 +5,7 @@ activation and the gradient of the loss with respect to its output; a rule turns
 (squared per-sample norm of the layer's parameters, shape ``(B,)``; ``finish(c)`` giving
 ``{param: sum_i c_i * g_i}``). Conv2d: a batched matmul of output gradients with unfolded inputs
 (the FLOPs of the ordinary weight gradient); GroupNorm / LayerNorm / bias: small per-channel sums;
+Embedding: each sample's output gradients scattered onto the rows it looked up;
 2-D Linear inputs: ghost norms (Li et al. 2022) that never materialise ``B x out x in``.
 Only layers with a rule may hold trainable parameters (:data:`SUPPORTED`).
 """
@@ -271,8 +272,22 @@ def _layer_norm_rule(module: nn.LayerNorm, calls: list[Call], trainable: set, _b
     return kept.norm_sq(batch, calls[0].grad), kept.finish
 
 
+def _embedding_rule(module: nn.Embedding, calls: list[Call], trainable: set, _buffers: Buffers) -> tuple[torch.Tensor, Finish]:
+    """Each sample's gradient rows scattered onto the rows it looked up: ``(B, num_embeddings, dim)``,
+    materialised (position tables and byte vocabularies are small)."""
+    batch = calls[0].activation.shape[0]
+    kept = _Materialised()
+    if module.weight in trainable:
+        for call in calls:
+            indices = call.activation.reshape(batch, -1, 1).expand(-1, -1, module.embedding_dim)
+            per_sample = torch.zeros(batch, module.num_embeddings, module.embedding_dim, dtype=call.grad.dtype, device=call.grad.device)
+            kept.add(module.weight, per_sample.scatter_add_(1, indices, call.grad.reshape(batch, -1, module.embedding_dim)), trainable)
+    return kept.norm_sq(batch, calls[0].grad), kept.finish
+
+
 SUPPORTED: dict[type[nn.Module], Callable[[nn.Module, list[Call], set, Buffers], tuple[torch.Tensor, Finish]]] = {
     nn.Conv2d: _conv2d_rule,
+    nn.Embedding: _embedding_rule,
     nn.GroupNorm: _group_norm_rule,
     nn.LayerNorm: _layer_norm_rule,
     nn.Linear: _linear_rule,

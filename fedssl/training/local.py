@@ -25,8 +25,10 @@ from typing import Protocol
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fedssl.privacy.feasibility import poisson_sample_rate  # one rule for the sites and the preflight
 from fedssl.privacy.settings import CLIPPING_ENGINES, PrivacyConfig
 from fedssl.data.dataset import SiteDataset
+from fedssl.data.pixels import unit_float
 from fedssl.errors import DataError, RefusedError
 from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
 from fedssl.fl.plan import TrainPlan
@@ -241,11 +243,6 @@ def _entropy_generator(device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
-def poisson_sample_rate(num_samples: int, batch_size: int) -> float:
-    """The rate Opacus derives from a loader of this batch size (1 / number of batches)."""
-    return 1.0 / math.ceil(num_samples / batch_size)
-
-
 def _make_optimizer(plan: TrainPlan, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if plan.optimizer == "adam":
@@ -271,7 +268,8 @@ def _run_steps(
     started = time.perf_counter()
     loss_sum, loss_count = 0.0, 0
     for (batch,) in itertools.islice(_cycle(loader), plan.local_steps):
-        batch = batch.to(device)
+        # uint8 pixels travel and are sampled as uint8; only this batch becomes float (float data: unchanged).
+        batch = unit_float(batch.to(device))
         optimizer.zero_grad(set_to_none=True)
         per_sample = trained(batch)
         # An empty Poisson batch still takes a (noise-only) step; mean() of nothing is NaN.

@@ -18,10 +18,9 @@ from fedssl.data import (
     load_digits_labeled,
     load_site_data,
     make_site_dataset,
-    partition,
     quantity_skew,
 )
-from fedssl.data.partition import UNLABELLED
+from fedssl.data.partition import UNLABELLED, partition
 from fedssl.errors import ConfigError, DataError
 
 # --- helpers --------------------------------------------------------------------------------
@@ -91,6 +90,17 @@ def test_site_dataset_rejects_bad_input(
     with pytest.raises(DataError) as error:
         SiteDataset(inputs, ids, modality)
     assert expected in _one_line(error)
+
+
+def test_nan_past_the_first_checked_chunk_is_named() -> None:
+    from fedssl.data.dataset import FINITE_CHECK_ROWS
+
+    rows = FINITE_CHECK_ROWS + 3
+    inputs = torch.zeros(rows, 2)
+    inputs[FINITE_CHECK_ROWS + 1, 1] = float("nan")
+    with pytest.raises(DataError) as error:
+        SiteDataset(inputs, tuple(f"s{i}" for i in range(rows)), "vector")
+    assert f"sample 's{FINITE_CHECK_ROWS + 1}' contains NaN" in _one_line(error)
 
 
 def test_subset_rejects_out_of_range_and_empty() -> None:
@@ -229,7 +239,7 @@ def test_missing_path_names_the_setting(tmp_path: Path) -> None:
 
 
 def test_unknown_kind_lists_valid_kinds(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="valid choices: auto, csv, digits, image_folder, npy, npz"):
+    with pytest.raises(ValueError, match="valid choices: auto, csv, digits, idx, image_folder, npy, npz"):
         load_site_data(tmp_path, kind="parquet")
 
 

@@ -106,9 +106,15 @@ def test_plan_rejects_unknown_method() -> None:
 
 def test_all_rows_on_digits(digits: Digits) -> None:
     plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[0, 1], finetune_epochs=3)
+    # Two threads whatever the suite runs with (make test sets OMP_NUM_THREADS=1), so a leaked
+    # single-thread setting would show.
     threads = torch.get_num_threads()
-    results = run(digits, guarded_labels(digits, digits.everything())[0], plan)
-    assert torch.get_num_threads() == threads  # the single-thread speed-up must not leak to the caller
+    torch.set_num_threads(2)
+    try:
+        results = run(digits, guarded_labels(digits, digits.everything())[0], plan)
+        assert torch.get_num_threads() == 2  # the single-thread speed-up must not leak to the caller
+    finally:
+        torch.set_num_threads(threads)
 
     # No warm start: no warm-start rows, not even empty ones.
     assert results.rows == [row for row in ROW_ORDER if row not in WARM_START_ROWS]

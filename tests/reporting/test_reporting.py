@@ -212,7 +212,8 @@ def test_terminal_summary_is_a_fixed_width_table(run_dir: Path) -> None:
     assert lines[1].split() == ["site", "rounds", "eps", "budget", "used", "status"]
     assert lines[3].split() == ["1", "2", "2.900", "3", "97%", "refused"]
     assert lines[1].index("used") + len("used") == lines[3].index("97%") + len("97%")  # right-aligned
-    assert "1 failed site replies (see report.md)" in lines
+    failed = lines.index("1 failed site replies, left out of aggregation:")
+    assert lines[failed + 1] == "  round 2, node 7: timeout"  # each failure on its own line, with its reason
     assert any(line.split() == ["pretrained_probe", "0.620±0.020", "0.910±0.010"] for line in lines)
     assert any(line.split() == ["pretraining", "gain", "(probe)", "+0.010", "ns", "+0.100"] for line in lines)
 

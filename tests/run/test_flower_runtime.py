@@ -102,7 +102,7 @@ def test_the_pipeline_aborts_a_run_that_fails_before_its_results(tmp_path):
             calls.append("abort")
 
     class Launcher:
-        evaluation_optional, results_timeout = False, 7.0
+        evaluation_optional, results_timeout, simulates_sites = False, 7.0, True
 
         def input_shape(self, config):
             return [1, 8, 8]

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from fedssl.models import build_encoder
 from fedssl.models.resnet import ResNetGNEncoder
+from fedssl.models.vit import ViTEncoder
 from fedssl.pretext import get_pretext
 from fedssl.training.bookkeeping import BookkeepingEngine, make_private_bookkeeping, supported_types
 
@@ -113,6 +114,18 @@ def seeded(factory):
     return build
 
 
+class _LookupBySign(nn.Module):
+    """An Embedding whose row per pixel is chosen by the signs of the sample's first two channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Embedding(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = (x[:, 0].flatten(1) > 0).long() + 2 * (x[:, 1].flatten(1) > 0).long()
+        return self.table(rows)
+
+
 LAYERS = {
     "conv2d": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)),
     "conv2d_stride_dilation": lambda: nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, dilation=2, padding=2)),
@@ -126,6 +139,10 @@ LAYERS = {
     "layer_norm": lambda: nn.Sequential(nn.LayerNorm([6, 6])),
     # stride-2 convs, bias-free convs, 1x1 shortcuts, residual sums, GroupNorm on a 1x1 map
     "resnet_gn": lambda: ResNetGNEncoder((3, 6, 6), width=4, depth=1),
+    # data-dependent lookups with repeated rows (the scatter must add them up)
+    "embedding": lambda: _LookupBySign(),
+    # strided patch conv, position Embedding, attention from Linear on (B, T, D), LayerNorm on 3-D
+    "vit": lambda: ViTEncoder((3, 6, 6), width=16, depth=1),
     "conv_gn_relu_linear": lambda: nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 8), nn.LayerNorm(8)
     ),
@@ -238,7 +255,7 @@ def test_empty_batch_gives_zero_clipped_sum():
 def test_unsupported_trainable_layer_is_refused():
     model = PerSample(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 2)))
     model.net.append(nn.PReLU())
-    with pytest.raises(ValueError, match=r"'net\.3' of type PReLU.*supported types: Conv2d, GroupNorm, LayerNorm, Linear"):
+    with pytest.raises(ValueError, match=r"'net\.3' of type PReLU.*supported types: Conv2d, Embedding, GroupNorm, LayerNorm, Linear"):
         BookkeepingEngine(model)
     model.net[3].requires_grad_(False)  # a frozen layer needs no rule
     BookkeepingEngine(model)
@@ -405,6 +422,21 @@ def test_train_round_with_each_clipping_engine(tmp_path, digits_site, global_enc
     assert set(result.encoder_state) == set(global_encoder)
 
 
+@pytest.mark.parametrize("clipping", ["bookkeeping", "opacus"])
+def test_train_round_trains_the_vit_by_masked_patches_with_each_clipping_engine(tmp_path, digits_site, make_plan, clipping):
+    from fedssl.config import PrivacyConfig
+    from fedssl.training.local import STATUS_TRAINED, SiteSettings, train_round
+
+    initial = build_encoder("vit", digits_site.input_shape, width=16, depth=1, seed=0).state_dict()
+    site = SiteSettings(site_id=0, state_dir=tmp_path, device="cpu",
+                        privacy=PrivacyConfig(enabled=True, target_epsilon=1.0, clipping=clipping))
+    plan = make_plan(encoder="vit", width=16, depth=1, pretext="masked_reconstruction")
+    result = train_round(digits_site, initial, plan, site)
+    assert result.status == STATUS_TRAINED and result.steps == 2
+    assert set(result.encoder_state) == set(initial)
+    assert all(not torch.equal(result.encoder_state[k], v) for k, v in initial.items() if k.endswith("weight"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Conv2d per-sample gradients, every layout the rule uses (channels-last im2col from 8 input
 # channels on, transposed NCHW matmul below that or for non-zero padding modes, grouped einsum)
@@ -490,7 +522,7 @@ def test_wide_conv_stack_matches_reference(calls):
     assert clipped > 0 and kept > 0
 
 
-@pytest.mark.parametrize("task", ["rotation", "byol"])
+@pytest.mark.parametrize("task", ["rotation", "byol", "jigsaw"])
 def test_pretext_tasks_with_a_wide_encoder_match_reference(task):
     """Width 16: the encoder's second and third convolutions take the channels-last path."""
     small = {"hidden_dim": 16, "projection_dim": 8} if task == "byol" else {}

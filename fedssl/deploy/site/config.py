@@ -13,7 +13,7 @@ import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedssl.config import PrivacyConfig, check_device
+from fedssl.config import PrivacyConfig, check_device, check_image_size
 from fedssl.data.dataset import SiteDataset
 from fedssl.deploy.site.pinning import is_app_hash
 from fedssl.errors import ConfigError
@@ -37,12 +37,20 @@ class SiteIdentity:
 class SiteData:
     path: str = ""
     kind: str = "auto"
+    # [height, width]: images are resized and centre-cropped once, at load; must give the
+    # experiment's model.input_shape. Empty: the data's own size.
+    image_size: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         from fedssl.data.loaders import LOADERS
 
-        check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz or .csv)", self.path)
+        check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz, .csv or IDX)", self.path)
         check(self.kind == "auto" or self.kind in LOADERS, "data.kind", f"valid choices: auto, {', '.join(sorted(LOADERS))}", self.kind)
+        check_image_size("data.image_size", self.image_size)
+
+    @property
+    def image_hw(self) -> tuple[int, int] | None:
+        return (self.image_size[0], self.image_size[1]) if self.image_size else None
 
 
 @dataclass
@@ -162,7 +170,7 @@ def deployed_site(path: str) -> tuple[SiteDataset, SiteSettings]:
     """
     config = current_site_config(path)
     data_key = _file_key(Path(config.data.path)) if Path(config.data.path).exists() else (config.data.path, 0, 0)
-    dataset = _cached_dataset(*data_key, config.data.kind)
+    dataset = _cached_dataset(*data_key, config.data.kind, config.data.image_hw)
     return dataset, config.settings()
 
 
@@ -186,7 +194,7 @@ def _cached_config(path: str, mtime_ns: int, size: int) -> SiteConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str) -> SiteDataset:
+def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str, image_size: tuple[int, int] | None = None) -> SiteDataset:
     from fedssl.data.loaders import load_site_data
 
-    return load_site_data(path, kind)
+    return load_site_data(path, kind, image_size=image_size)

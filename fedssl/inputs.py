@@ -1,0 +1,143 @@
+"""What each encoder and pretext task takes as input: the rules, without torch.
+
+One home for them so that the models (fedssl.models), the pretext tasks (fedssl.pretext) and the
+preflight check (fedssl.preflight) cannot disagree: preflight runs before torch is imported, so
+these rules may import nothing heavier than the standard library. Each ``*_problem`` function
+returns None when the input fits, else one line saying what does not fit and the fix.
+
+A sample's shape is ``(channels, height, width)`` for an image and anything else (flattened) for a
+vector, the same rule the data loaders and :func:`modality_of_shape` apply.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+IMAGE = "image"
+VECTOR = "vector"
+BOTH = frozenset({IMAGE, VECTOR})
+
+ENCODER_NAMES = ("cnn", "mlp", "resnet", "vit")  # fedssl.models.registry builds each (a test holds the two equal)
+IMAGE_ENCODERS = frozenset({"cnn", "resnet", "vit"})  # these take (channels, height, width); mlp flattens any shape
+CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # dotted.module.path:factory_name
+
+# The inputs each registered pretext task works on (fedssl.pretext reads its tasks' modalities from here).
+PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
+    "rotation": frozenset({IMAGE}),
+    "masked_reconstruction": BOTH,
+    "byol": BOTH,
+    "simsiam": BOTH,
+    "simclr": BOTH,
+    "jigsaw": frozenset({IMAGE}),
+    "moco": BOTH,
+    "moco_noise": BOTH,
+}
+DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
+# Tasks whose loss couples the samples of a batch, and how: refused under DP (fedssl.pretext.registry), since
+# per-sample clipping no longer bounds one sample's influence. Here so the preflight can say so without torch.
+COUPLED_PRETEXTS: dict[str, str] = {
+    "simclr": "uses in-batch negatives (NT-Xent)",
+    "moco": ("keeps a queue of earlier batches' keys as negatives (a sample seen in one step shapes the other "
+             "samples' losses in later steps, through a queue that is never noised)"),
+}
+DEFAULT_JIGSAW_GRID = 2  # jigsaw's pretext.params.grid
+
+
+def is_custom_spec(kind: str) -> bool:
+    """True for a brought-your-own encoder, ``package.module:factory``."""
+    return bool(CUSTOM_SPEC.match(kind))
+
+
+def modality_of_shape(shape: Sequence[int]) -> str:
+    """``"image"`` for (channels, height, width), ``"vector"`` for anything else."""
+    return IMAGE if len(shape) == 3 else VECTOR
+
+
+def describe_shape(shape: Sequence[int]) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def encoder_input_problem(encoder: str, shape: Sequence[int]) -> str | None:
+    """Whether ``encoder`` can take samples of ``shape`` (a custom encoder says so itself when built)."""
+    if encoder in IMAGE_ENCODERS and len(shape) != 3:
+        return (f"the {encoder} encoder needs images shaped [channels, height, width], but the samples are "
+                f"{modality_of_shape(shape)}s shaped {list(shape)}; use model.encoder=mlp for vectors")
+    return None
+
+
+def modality_problem(pretext: str, shape: Sequence[int]) -> str | None:
+    """Whether ``pretext`` works on the modality of ``shape``; the message lists the tasks that do."""
+    modalities = PRETEXT_MODALITIES.get(pretext)
+    modality = modality_of_shape(shape)
+    if modalities is None or modality in modalities:
+        return None
+    fitting = sorted(name for name, kinds in PRETEXT_MODALITIES.items() if modality in kinds)
+    return (f"{pretext!r} works on {' and '.join(sorted(modalities))} inputs, but the encoder takes {modality} inputs "
+            f"shaped {tuple(int(d) for d in shape)}; valid choices for {modality} data: {', '.join(fitting)}")
+
+
+def rotation_problem(shape: Sequence[int]) -> str | None:
+    """Rotation turns images by quarter turns: a non-square image would change shape."""
+    _, height, width = shape
+    if height != width:
+        return (f"'rotation' needs square images, got {height}x{width}; "
+                "resize the data or choose masked_reconstruction, byol or simsiam")
+    return None
+
+
+def patch_problem(shape: Sequence[int], patch_size: int) -> str | None:
+    """Masked reconstruction hides whole patches of an image (single features of a vector): at least 2 units."""
+    if len(shape) == 3:
+        _, height, width = shape
+        if height % patch_size or width % patch_size:
+            return f"must divide the image size {height}x{width}, got {patch_size}"
+        units = (height // patch_size) * (width // patch_size)
+    else:
+        units = 1
+        for d in shape:
+            units *= int(d)
+    if units < 2:
+        return (f"the input splits into {units} unit; masking needs at least 2, "
+                f"got patch_size {patch_size} for input shape {tuple(int(d) for d in shape)}")
+    return None
+
+
+def jigsaw_grid_problem(shape: Sequence[int], grid: int) -> str | None:
+    """Jigsaw cuts the image into grid x grid equal tiles."""
+    _, height, width = shape
+    if height % grid or width % grid:
+        return f"must divide the image size {height}x{width}, got {grid}; choose a grid that divides both sides or resize the data"
+    return None
+
+
+def dp_problem(pretext: str) -> str | None:
+    """Whether ``pretext`` may train under DP-SGD: not when its loss couples samples."""
+    if pretext not in COUPLED_PRETEXTS:
+        return None
+    per_sample = ", ".join(sorted(name for name in PRETEXT_MODALITIES if name not in COUPLED_PRETEXTS))
+    return (f"{pretext!r} {COUPLED_PRETEXTS[pretext]}: one sample's presence changes every other sample's loss, so "
+            f"DP-SGD's guarantee is void; choose a per-sample pretext ({per_sample}) or set privacy.enabled=false")
+
+
+def pretext_input_problem(pretext: str, params: Mapping[str, Any], shape: Sequence[int]) -> tuple[str, str] | None:
+    """(config key, problem) when ``pretext`` with ``params`` cannot train on samples of ``shape``.
+
+    Only the input rules: the task's name and parameter types are the registry's to check.
+    """
+    if (problem := modality_problem(pretext, shape)) is not None:
+        return "pretext.name", problem
+    if pretext == "rotation" and (problem := rotation_problem(shape)) is not None:
+        return "pretext.name", problem
+    if pretext == "jigsaw" and len(shape) == 3:
+        grid = params.get("grid", DEFAULT_JIGSAW_GRID)
+        if isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1:
+            if (problem := jigsaw_grid_problem(shape, grid)) is not None:
+                return "pretext.params.grid", problem
+    if pretext == "masked_reconstruction":
+        patch_size = params.get("patch_size", DEFAULT_PATCH_SIZE)
+        if isinstance(patch_size, int) and not isinstance(patch_size, bool) and patch_size >= 1:
+            if (problem := patch_problem(shape, patch_size)) is not None:
+                return "pretext.params.patch_size", problem
+    return None

@@ -1,0 +1,91 @@
+"""A round where every sampled site failed stops the run with the first site's error in one line;
+a round where some failed goes on and lists each failure by site. Real Flower messages, the real strategy."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
+
+from fedssl.fl import keys
+from fedssl.layout import RunDir
+from fedssl.privacy.ledger import ServerLedger
+from fedssl.runlog import RunLog, read_metrics
+from server.strategy import AllSitesFailed, FedSSLAvg, RoundRecorder, error_line
+
+SERVER_NODE = 1
+# What Flower's simulation engine puts in a failed reply (flwr/server/superlink/fleet/vce/vce_api.py), with a
+# site that named itself (clients/client_app.py).
+FLOWER_REASON = ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred. "
+                 "Message: site {site}: data.source: sample 'row-3' contains NaN or infinite values; clean or drop it'>")
+
+
+def _instruction(node: int) -> Message:
+    return Message(content=RecordDict({keys.CONFIG: ConfigRecord({"server-round": 1})}), metadata=Metadata(
+        run_id=7, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE, dst_node_id=node, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=3600.0, message_type="train"))
+
+
+def failed(node: int, site: int) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FLOWER_REASON.format(site=site)), reply_to=_instruction(node))
+
+
+def trained(node: int, site: int) -> Message:
+    metrics = MetricRecord({
+        keys.NUM_EXAMPLES: 10, keys.STATUS: keys.STATUS_CODES["trained"], keys.SITE_ID: site, keys.STEPS: 2,
+        keys.EPSILON: 0.5, keys.TARGET_EPSILON: 8.0, keys.DELTA: 1e-5, keys.PRETEXT_LOSS: 1.0, keys.TRAIN_SECONDS: 0.1,
+        keys.LEDGER_SEQ: 3, keys.DP_ENABLED: 1,
+    })
+    content = RecordDict({keys.METRICS: metrics, keys.ARRAYS: ArrayRecord({"w": torch.full((3,), 1.0)})})
+    return Message(content=content, reply_to=_instruction(node))
+
+
+def _strategy(path: Path) -> FedSSLAvg:
+    recorder = RoundRecorder(run_log=RunLog(path), server_ledger=ServerLedger(RunDir(path).server_ledger), num_rounds=3)
+    return FedSSLAvg(recorder=recorder)
+
+
+def test_flowers_wrapped_reason_becomes_the_sites_one_line():
+    assert error_line(FLOWER_REASON.format(site=2)) == \
+        "site 2: data.source: sample 'row-3' contains NaN or infinite values; clean or drop it"
+    assert error_line("Traceback (most recent call last):\n  ...\nValueError: boom\n") == "ValueError: boom"
+
+
+def test_a_round_where_every_sampled_site_failed_stops_the_run(tmp_path):
+    with pytest.raises(AllSitesFailed) as raised:
+        _strategy(tmp_path).aggregate_train(1, [failed(node=20, site=1), failed(node=10, site=0), failed(node=30, site=2)])
+    message = str(raised.value)
+    assert message == ("round 1: all 3 sampled sites failed; first error (site-0): "
+                       "data.source: sample 'row-3' contains NaN or infinite values; clean or drop it")
+    assert "\n" not in message
+    site_rounds, rounds = read_metrics(RunDir(tmp_path).metrics)
+    assert sorted((r.last_site_id, r.status) for r in site_rounds) == [(0, "failed"), (1, "failed"), (2, "failed")]
+    assert [(r.round, r.num_trained) for r in rounds] == [(1, 0)]  # the round is on record before the run stops
+
+
+def test_a_round_with_some_failures_goes_on_and_names_each_failed_site(tmp_path):
+    arrays, _ = _strategy(tmp_path).aggregate_train(1, [trained(node=10, site=0), trained(node=11, site=1), failed(node=12, site=2)])
+    assert arrays is not None
+    site_rounds, _ = read_metrics(RunDir(tmp_path).metrics)
+    (failure,) = [r for r in site_rounds if r.status == "failed"]
+    assert (failure.last_site_id, failure.node_id) == (2, 12)
+    assert failure.reason.startswith("data.source: sample 'row-3'")
+
+
+def unreachable(node: int) -> Message:
+    """What the SuperLink puts in for a node that stopped heartbeating (e.g. killed, restarting)."""
+    return Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"), reply_to=_instruction(node))
+
+
+def test_a_round_where_a_failed_site_was_only_unreachable_goes_on(tmp_path):
+    # site 1 raised (e.g. refused the app) but node 30 just did not answer: it may rejoin next round
+    arrays, _ = _strategy(tmp_path).aggregate_train(1, [failed(node=20, site=1), unreachable(node=30)])
+    assert arrays is None
+    site_rounds, rounds = read_metrics(RunDir(tmp_path).metrics)
+    assert sorted(r.node_id for r in site_rounds if r.status == "failed") == [20, 30]
+    assert [(r.round, r.num_trained) for r in rounds] == [(1, 0)]

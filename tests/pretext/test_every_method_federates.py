@@ -1,0 +1,86 @@
+"""Every registered pretext method, over the registry: two DP sites train two rounds, or it is refused.
+
+A new method cannot be added untested: this is parametrized over ``PRETEXT_TASKS`` itself. Each
+site is deployed as an operator lays it out (its own data file, site.yaml, ledger key and budget)
+and runs the same site round the Flower ClientApp runs (``fedssl.site_round.run_site_round``);
+between rounds the two replies are averaged as FedAvg does, so round 2 starts from a global encoder
+both sites moved. Flower itself is exercised by the simulation and deployment tests (tests/run,
+tests/deploy); here the subject is each method's DP training path and its refusal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedssl.errors import ConfigError
+from fedssl.fl import keys
+from fedssl.fl.plan import TrainPlan
+from fedssl.models import build_encoder
+from fedssl.pretext import PRETEXT_TASKS, check_config
+from tests.site_layout import write_site_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+ROWS_PER_SITE = 48
+SMALL_HEADS = {"hidden_dim": 8, "projection_dim": 4}
+PLAN = TrainPlan(run_id="registry-run", server_round=1, planned_rounds=2, pretext="rotation", encoder="cnn", width=4,
+                 depth=1, local_steps=2, batch_size=8, lr=0.05)
+
+
+def small_params(name: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(PRETEXT_TASKS[name].Params)}
+    params = {k: v for k, v in SMALL_HEADS.items() if k in fields}
+    if "num_negatives" in fields:
+        params["num_negatives"] = 8
+    return params
+
+
+@pytest.fixture(scope="module")
+def site_rows():
+    from fedssl.data.loaders import load_digits_labeled
+
+    rows = load_digits_labeled()[0].subset(list(range(2 * ROWS_PER_SITE))).inputs.numpy()
+    return [rows[:ROWS_PER_SITE], rows[ROWS_PER_SITE:]]
+
+
+def fedavg(replies) -> dict[str, torch.Tensor]:
+    states = [reply.result.encoder_state for reply in replies]
+    return {name: sum(state[name] for state in states) / len(states) for name in states[0]}
+
+
+@pytest.mark.parametrize("name", sorted(PRETEXT_TASKS))
+def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_reason(name, tmp_path, site_rows):
+    task = PRETEXT_TASKS[name]
+    if not task.dp_compatible:
+        from fedssl.config import load_config
+
+        config = load_config(str(ROOT / "configs" / "experiments" / "digits-tiny.yaml"), [f"pretext.name={name}", "privacy.enabled=true"])
+        with pytest.raises(ConfigError, match=rf"pretext\.name: pretext '{name}' .*DP-SGD's guarantee is void"):
+            check_config(config)
+        assert task.coupling  # the reason the user reads
+        return
+    from fedssl.site_round import run_site_round
+
+    nodes = []
+    for site_id, rows in enumerate(site_rows):
+        root = tmp_path / f"site-{site_id}"
+        root.mkdir()
+        np.save(root / "data.npy", rows)
+        nodes.append({keys.NODE_SITE_CONFIG: str(write_site_yaml(root, target_epsilon=2.0, site_id=site_id))})
+    plan = dataclasses.replace(PLAN, pretext=name, pretext_params=small_params(name))
+    global_state = build_encoder("cnn", (1, 8, 8), width=4, depth=1, seed=0).state_dict()
+    epsilons = []
+    for server_round in (1, 2):
+        wire = dataclasses.replace(plan, server_round=server_round).to_wire()
+        replies = [run_site_round(node, {}, wire, global_state) for node in nodes]
+        assert [r.result.status for r in replies] == [keys.STATUS_TRAINED] * 2, [r.result.reason for r in replies]
+        moved = fedavg(replies)
+        assert any(not torch.equal(moved[k], global_state[k]) for k in global_state)
+        assert all(torch.isfinite(v).all() for v in moved.values())
+        epsilons.append([r.result.epsilon for r in replies])
+        global_state = moved
+    assert all(0 < first < second <= 2.0 for first, second in zip(*epsilons)), epsilons
