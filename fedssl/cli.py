@@ -9,6 +9,7 @@
     fedssl keys init-ca --out DIR | keys server-cert --ca DIR --host H --out DIR
     fedssl site preflight|start|status|seal --config site.yaml | site app-hash PATH
     fedssl server start --config server.yaml
+    fedssl dashboard RUN_DIR|STATE_DIR [--host H --port P --expose --token T] | dashboard RUN_DIR --export FILE
 
 Every user-facing failure is one line on stderr (one per problem, when a check finds several) and
 exit code 2 (1 for a failed audit): no tracebacks for bad input.
@@ -135,6 +136,23 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from fedssl.dashboard.snapshot import build_snapshot, kind_of
+
+    path = Path(args.path)
+    kind_of(path)  # a wrong path is one line before anything starts
+    if args.export:
+        from fedssl.dashboard.page import export_html
+
+        print(f"fedssl: dashboard report written to {export_html(build_snapshot(path), Path(args.export))}")
+        return 0
+    from fedssl.dashboard.app import check_bind, serve
+
+    token = check_bind(args.host, expose=args.expose, token=args.token)
+    serve(path, host=args.host, port=args.port, token=token, show_token=token is not None and args.token is None)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedssl", description="Federated self-supervised learning under DP-SGD")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library logs")
@@ -168,7 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_keys_parser(sub)
     _add_deployment_parsers(sub)
+    _add_dashboard_parser(sub)
     return parser
+
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    dash = sub.add_parser("dashboard", help="a read-only web page of a run's rounds, sites, privacy budgets and ledgers, live")
+    dash.add_argument("path", metavar="RUN_DIR|STATE_DIR", help="a run directory (runs/NAME) or a site's state dir")
+    dash.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else needs --expose)")
+    dash.add_argument("--port", type=int, default=8050, help="port (default 8050)")
+    dash.add_argument("--expose", action="store_true", help="allow a non-loopback --host; every request then needs the token")
+    dash.add_argument("--token", help="the token requests must carry (?token= or Authorization: Bearer); generated when exposed without one")
+    dash.add_argument("--export", metavar="FILE", help="write one self-contained HTML report of the run now, and exit")
+    dash.set_defaults(func=_cmd_dashboard)
 
 
 def _add_keys_parser(sub: argparse._SubParsersAction) -> None:

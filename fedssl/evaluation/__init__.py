@@ -1,6 +1,11 @@
-"""Label-efficiency evaluation of a pretrained encoder on consented labels only."""
+"""Label-efficiency evaluation of a pretrained encoder on consented labels only.
 
-from fedssl.evaluation.label_efficiency import EncoderFactory, evaluate_label_efficiency
+The results (fedssl.evaluation.results) are imported here directly; the evaluation itself, which
+needs torch, only when first asked for, so readers of evaluation.json (the dashboard) stay torch-free.
+"""
+
+from typing import Any
+
 from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
@@ -38,3 +43,13 @@ __all__ = [
     "evaluate_label_efficiency",
     "format_fraction",
 ]
+
+_TRAINING = ("EncoderFactory", "evaluate_label_efficiency")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAINING:
+        from fedssl.evaluation import label_efficiency
+
+        return getattr(label_efficiency, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
