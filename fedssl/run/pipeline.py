@@ -119,7 +119,7 @@ def resume_pipeline(run_dir: Path, launcher: Launcher, *, evaluate: bool = True,
 def _federate(config: ExperimentConfig, launcher: Launcher, run_dir: Path, *, evaluate: bool, echo: Echo, started: float,
               resume: bool = False) -> Path:
     """From the prepared run dir: the federation, summary, evaluation overlapping Flower's shutdown, report."""
-    federation = launcher.start(config, run_dir, resume=resume)
+    federation = launcher.start(config, run_dir, resume=True) if resume else launcher.start(config, run_dir)
     seconds = wait_or_abort(federation, launcher.results_timeout)
     write_summary(run_dir, run_name=config.run.name, federation_seconds=seconds, **launcher.summary_fields(),
                   **({"resumed": True} if resume else {}))
