@@ -137,8 +137,73 @@ def test_a_round_the_site_already_charged_is_refused_not_charged_again(tmp_path)
     assert SiteBudget.open(state, spec).epsilon_spent > spent
 
 
-def test_summary_of_server_done_json_is_untouched_by_checks(tmp_path):
+def test_check_resumable_changes_nothing(tmp_path):
     run = _run_dir(tmp_path)
     before = json.dumps(_snapshot(run.path), default=str)
     check_resumable(run.path)
     assert json.dumps(_snapshot(run.path), default=str) == before
+
+
+def _saved_run(tmp_path: Path, *overrides: str) -> RunDir:
+    from fedssl.config import load_config, save_config
+
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "experiments" / "digits-tiny.yaml"
+    config = load_config(tiny, [f"run.output_dir={tmp_path}", "warm_start.source=none", "model.input_shape=[1,8,8]", *overrides])
+    run = RunDir(tmp_path / config.run.name)
+    run.path.mkdir(parents=True)
+    save_config(config, run.config)
+    save_checkpoint(run, Checkpoint(round=1, planned_rounds=config.federation.rounds, run_id="42", encoder=ENCODER,
+                                    metrics_bytes=0, ledger_records=0))
+    return run
+
+
+class _Launcher:
+    evaluation_optional, results_timeout, simulates_sites = False, 7.0, True
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def describe(self, config):
+        return "fake"
+
+    def summary_fields(self):
+        return {}
+
+    def start(self, config, run_dir, resume=False):
+        self.calls.append(("start", resume, config.run.name))
+        launcher = self
+
+        class Federation:
+            def wait_for_results(self, timeout=None):
+                raise KeyboardInterrupt  # stop before evaluation and report: only the start is under test
+
+            def abort(self):
+                launcher.calls.append("abort")
+
+        return Federation()
+
+
+def test_resume_pipeline_starts_the_saved_config_from_its_checkpoint(tmp_path):
+    from fedssl.run.pipeline import resume_pipeline
+
+    run = _saved_run(tmp_path)
+    run.server_failed.write_text("{}")  # a stale stop marker from before would end the resumed run at once
+    launcher, said = _Launcher(), []
+    with pytest.raises(KeyboardInterrupt):
+        resume_pipeline(run.path, launcher, evaluate=False, echo=said.append)
+    assert launcher.calls == [("start", True, "digits-tiny"), "abort"]
+    assert not run.server_failed.exists()
+    assert "resuming after round 1 of 2 (run id 42)" in said[-1]
+
+
+def test_resume_pipeline_refuses_a_changed_config_and_secagg(tmp_path):
+    from fedssl.run.checkpoint import ResumeError
+    from fedssl.run.pipeline import resume_pipeline
+
+    run = _saved_run(tmp_path / "a")
+    save_checkpoint(run, Checkpoint(round=1, planned_rounds=5, run_id="42", encoder=ENCODER, metrics_bytes=0, ledger_records=0))
+    with pytest.raises(ResumeError, match="plans 2 rounds, its checkpoint 5"):
+        resume_pipeline(run.path, _Launcher(), evaluate=False)
+    secagg = _saved_run(tmp_path / "b", "secure_aggregation.enabled=true")
+    with pytest.raises(ResumeError, match="SecAgg"):
+        resume_pipeline(secagg.path, _Launcher(), evaluate=False)
