@@ -108,7 +108,7 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_encoder(tmp_path):
 
 def test_killed_and_resumed_dp_run_charges_each_round_once_and_audits(tmp_path):
     from fedssl.privacy.analysis import epsilon_of
-    from fedssl.privacy.ledger import SiteLedger
+    from fedssl.privacy.ledger import Ledger
     from fedssl.privacy.records import DP_EVENT, DPEvent, bodies
 
     run_dir = tmp_path / "runs" / "dp"
@@ -119,7 +119,7 @@ def test_killed_and_resumed_dp_run_charges_each_round_once_and_audits(tmp_path):
     _assert_one_record_per_round(run_dir, num_sites=2)
     last = {r["site_id"]: r for r in _records(run_dir, "site_round") if r["round"] == ROUNDS}
     for site in (0, 1):
-        events = [DPEvent(**b) for b in bodies(SiteLedger(run_dir / "sites" / f"site-{site:03d}" / "ledger.jsonl").records(), DP_EVENT)]
+        events = [DPEvent(**b) for b in bodies(Ledger(run_dir / "sites" / f"site-{site:03d}").records(), DP_EVENT)]
         assert [(e.run_id, e.round) for e in events] == [(run_id, r) for r in range(1, ROUNDS + 1)]  # one run, each round once
         # The uninterrupted schedule's ε: ROUNDS equal charges at the site's one σ and sample rate.
         e = events[0]
