@@ -1,6 +1,6 @@
 """The `fedssl` command: thin over the library.
 
-    fedssl simulate CONFIG [--set key=value ...] [--overwrite]
+    fedssl simulate CONFIG [--set key=value ...] [--overwrite] | simulate --resume RUN_DIR
     fedssl check CONFIG [--set key=value ...] [--skip-evaluation]   (the preflight alone; no torch, no Flower)
     fedssl evaluate RUN_DIR
     fedssl report RUN_DIR
@@ -8,7 +8,7 @@
     fedssl keys init-site NAME --out DIR      (ledger key + SuperNode node key)
     fedssl keys init-ca --out DIR | keys server-cert --ca DIR --host H --out DIR
     fedssl site preflight|start|status|seal --config site.yaml | site app-hash PATH
-    fedssl server start --config server.yaml
+    fedssl server start --config server.yaml [--resume RUN_DIR]
     fedssl dashboard RUN_DIR|STATE_DIR [--host H --port P --expose --token T] | dashboard RUN_DIR --export FILE
 
 Every user-facing failure is one line on stderr (one per problem, when a check finds several) and
@@ -33,6 +33,15 @@ EXIT_USAGE = 2
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedssl.config import load_config
 
+    if args.resume is not None:
+        _check_resume_arguments(args, args.config, args.set, args.overwrite)
+        from fedssl.run.pipeline import resume_pipeline
+        from fedssl.run.simulation import Simulation
+
+        resume_pipeline(Path(args.resume), Simulation(stream=not args.quiet), evaluate=not args.skip_evaluation)
+        return 0
+    if args.config is None:
+        raise FedSSLError("simulate: give an experiment CONFIG (e.g. configs/experiments/digits-demo.yaml), or --resume RUN_DIR")
     # The config first: a typo is reported before torch, Flower and Ray are imported (seconds).
     config = load_config(args.config, args.set)
     from fedssl.run.pipeline import run_pipeline
@@ -40,6 +49,14 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     run_pipeline(config, Simulation(stream=not args.quiet), overwrite=args.overwrite, evaluate=not args.skip_evaluation)
     return 0
+
+
+def _check_resume_arguments(args: argparse.Namespace, config: str | None, overrides: list[str], overwrite: bool) -> None:
+    """--resume continues a run with the config saved in its directory: nothing may change or replace it."""
+    given = [name for name, value in (("CONFIG", config), ("--set", overrides), ("--overwrite", overwrite)) if value]
+    if given:
+        raise FedSSLError(f"--resume {args.resume}: drop {', '.join(given)}; a resumed run keeps the config.yaml saved in "
+                          "its run directory (start a new run to change it)")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -132,7 +149,9 @@ def _cmd_site(args: argparse.Namespace) -> int:
 def _cmd_server(args: argparse.Namespace) -> int:
     from fedssl.deploy.coordinator import start_server
 
-    start_server(args.config, overrides=args.set, overwrite=args.overwrite, stream=not args.quiet)
+    if args.resume is not None:
+        _check_resume_arguments(args, None, args.set, args.overwrite)
+    start_server(args.config, overrides=args.set, overwrite=args.overwrite, stream=not args.quiet, resume=args.resume)
     return 0
 
 
@@ -159,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a whole federation on this machine (Flower Simulation Engine)")
-    sim.add_argument("config", help="experiment YAML, e.g. configs/experiments/digits-demo.yaml")
+    sim.add_argument("config", nargs="?", help="experiment YAML, e.g. configs/experiments/digits-demo.yaml")
+    sim.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last completed round, with its saved config")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     sim.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     sim.add_argument("--skip-evaluation", action="store_true", help="pretrain only; no central evaluation")
@@ -244,6 +264,7 @@ def _add_deployment_parsers(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override an experiment value (repeatable)")
     start.add_argument("--overwrite", action="store_true", help="replace an existing run directory of the same name")
     start.add_argument("--quiet", action="store_true", help="do not stream round progress")
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue a run this coordinator left, from its last completed round")
     start.set_defaults(func=_cmd_server)
 
 

@@ -17,7 +17,10 @@ CONFIG_FILE = "config.yaml"  # the resolved experiment config the whole run uses
 METRICS_FILE = "metrics.jsonl"  # per site per round and per round (fedssl.runlog)
 SERVER_LEDGER_FILE = "server_ledger.jsonl"  # the server's hash-chained record of what sites reported
 FINAL_ENCODER = "encoder.pt"
-LATEST_ENCODER = "encoder_latest.pt"  # checkpoint after every round
+# The coordinator's resumable checkpoint, replaced durably after every completed round (fedssl.run.checkpoint):
+# the global encoder, the round it completed, the run id the sites see, and where metrics.jsonl and the
+# server ledger stood. `fedssl simulate --resume RUN_DIR` continues from it.
+CHECKPOINT_FILE = "checkpoint.pt"
 # The ServerApp's last write, once the final encoder is on disk: the run's results are complete
 # from the moment it exists (written atomically, so a reader never sees half of it).
 SERVER_DONE = "server_done.json"
@@ -71,8 +74,8 @@ class RunDir:
         return self.path / FINAL_ENCODER
 
     @property
-    def latest_encoder(self) -> Path:
-        return self.path / LATEST_ENCODER
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_FILE
 
     @property
     def server_done(self) -> Path:

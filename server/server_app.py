@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR, RUN_RESUME
 from fedssl.fl.plan import TrainPlan, plan_from_config
 from fedssl.layout import RunDir
 from fedssl.models import build_encoder
@@ -29,13 +30,15 @@ from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
+from fedssl.run.checkpoint import checkpoint_now, load_checkpoint, reconcile_logs
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
 from server.grid import PromptGrid
+from server.resume import RoundOffset
 from server.site_dp import SiteLevelBook, message_strategy
 from server.strategy import AllSitesFailed, RoundRecorder
 
-ERROR = 40  # logging.ERROR
+INFO, ERROR = 20, 40  # logging levels
 app = ServerApp()
 
 
@@ -45,16 +48,12 @@ def main(grid: Grid, context: Context) -> None:
     config = load_config(str(context.run_config[RUN_CONFIG_PATH]))
     run_dir = RunDir(str(context.run_config[RUN_DIR]))
     started = time.time()
-    encoder = build_encoder(config.model.encoder, config.model.input_shape, width=config.model.width,
-                            depth=config.model.depth, seed=config.run.seed)
-    if config.warm_start.enabled:
-        # Written by the coordinator before the run (fedssl.warmstart.pretrain); checked against this encoder.
-        load_warm_start(run_dir.warm_start, encoder)
-    plan = plan_from_config(config, run_id=str(context.run_id))
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
     recorder = round_recorder(config, run_dir, Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path)), book)
+    start = _starting_point(context, config, run_dir, recorder)
+    plan = plan_from_config(config, run_id=start.run_id)
     try:
-        final = _run_rounds(PromptGrid(grid), context, config, plan, encoder.state_dict(), recorder, book, run_dir)
+        final = _run_rounds(PromptGrid(grid), context, config, plan, start, recorder, book, run_dir)
     except AllSitesFailed as err:  # a clean stop: the driver raises this line (fedssl.run.flower_runtime)
         log(ERROR, "fedssl: %s", err)
         _write_atomically(run_dir.server_failed, {"run_id": context.run_id, "reason": str(err)})
@@ -62,7 +61,35 @@ def main(grid: Grid, context: Context) -> None:
     torch.save(final, run_dir.final_encoder)
     mark("server_done")
     # Atomic: the driver starts on the results the moment this name appears.
-    _write_atomically(run_dir.server_done, {"run_id": context.run_id, "rounds": config.federation.rounds, "seconds": time.time() - started})
+    _write_atomically(run_dir.server_done, {"run_id": start.run_id, "rounds": config.federation.rounds,
+                                            "resumed_after": start.round if start.resumed else None,
+                                            "seconds": time.time() - started})
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where the rounds start: the encoder, the rounds already completed and the run id the sites see."""
+
+    encoder: dict[str, torch.Tensor]
+    round: int
+    run_id: str
+    resumed: bool
+
+
+def _starting_point(context: Context, config: ExperimentConfig, run_dir: RunDir, recorder: RoundRecorder) -> Start:
+    """A fresh run: the initial (or warm-start) encoder, Flower's run id. A resumed one: its checkpoint's."""
+    if str(context.run_config.get(RUN_RESUME, "")).lower() == "true":
+        checkpoint = load_checkpoint(run_dir)
+        superseded = reconcile_logs(run_dir, checkpoint, recorder.server_ledger)
+        log(INFO, "fedssl: resuming run %s after round %d of %d (%d server-ledger record(s) of the interrupted round kept)",
+            checkpoint.run_id, checkpoint.round, checkpoint.planned_rounds, superseded)
+        return Start(checkpoint.encoder, checkpoint.round, checkpoint.run_id, resumed=True)
+    encoder = build_encoder(config.model.encoder, config.model.input_shape, width=config.model.width,
+                            depth=config.model.depth, seed=config.run.seed)
+    if config.warm_start.enabled:
+        # Written by the coordinator before the run (fedssl.warmstart.pretrain); checked against this encoder.
+        load_warm_start(run_dir.warm_start, encoder)
+    return Start(encoder.state_dict(), 0, str(context.run_id), resumed=False)
 
 
 def _write_atomically(path: Path, body: dict) -> None:
@@ -85,17 +112,27 @@ def round_recorder(config: ExperimentConfig, run_dir: RunDir, state_dir: Path, b
     )
 
 
-def _run_rounds(grid: Grid, context: Context, config: ExperimentConfig, plan: TrainPlan, initial: dict[str, torch.Tensor],
+def _run_rounds(grid: Grid, context: Context, config: ExperimentConfig, plan: TrainPlan, start: Start,
                 recorder: RoundRecorder, book: SiteLevelBook | None, run_dir: RunDir) -> dict[str, torch.Tensor]:
-    """Every round on the configured path; returns the final encoder, checkpointing it after each round."""
-    def checkpoint(server_round: int, state: dict[str, torch.Tensor]) -> None:
-        torch.save(state, run_dir.latest_encoder)
+    """The rounds after ``start.round`` on the configured path; returns the final encoder, checkpointing after each round."""
+    fed = config.federation
+    latest = {"encoder": start.encoder}
 
+    def checkpoint(server_round: int, state: dict[str, torch.Tensor]) -> None:
+        latest["encoder"] = state
+        if server_round > start.round or not start.resumed:  # the resumed-from checkpoint is on disk already
+            checkpoint_now(run_dir, recorder.server_ledger, completed=server_round, planned_rounds=fed.rounds,
+                           run_id=plan.run_id, encoder=state, strategy={"aggregation": recorder.aggregation})
+
+    remaining = fed.rounds - start.round
+    if remaining <= 0:  # killed after the last round's checkpoint, before the final encoder was written
+        return start.encoder
     if config.secure_aggregation.enabled:  # Flower's SecAgg+ runs on its legacy workflow: server/secagg_app.py
         from server.secagg_app import run_secure_aggregation
 
-        return run_secure_aggregation(grid, context, config, plan, initial, recorder, book, checkpoint)
-    fed = config.federation
+        if start.resumed:
+            raise RuntimeError("resuming a SecAgg+ run is not supported yet; start it again with --overwrite")
+        return run_secure_aggregation(grid, context, config, plan, start.encoder, recorder, book, checkpoint)
     strategy = message_strategy(  # FedSSLAvg, or Flower's DP wrapper around it (server/site_dp.py)
         config,
         book,
@@ -106,12 +143,12 @@ def _run_rounds(grid: Grid, context: Context, config: ExperimentConfig, plan: Tr
         min_available_nodes=fed.min_sites,
     )
     mark("server_first_round")
-    result = strategy.start(
+    RoundOffset(strategy, start.round).start(
         grid=grid,
-        initial_arrays=ArrayRecord(initial),
-        num_rounds=fed.rounds,
+        initial_arrays=ArrayRecord(start.encoder),
+        num_rounds=remaining,
         timeout=fed.round_timeout,
         train_config=ConfigRecord(plan.to_wire()),
-        evaluate_fn=lambda server_round, arrays: checkpoint(server_round, arrays.to_torch_state_dict()),
+        evaluate_fn=lambda server_round, arrays: checkpoint(server_round + start.round, arrays.to_torch_state_dict()),
     )
-    return result.arrays.to_torch_state_dict()
+    return latest["encoder"]

@@ -136,12 +136,19 @@ def experiment_for(config: ServerConfig, extra_overrides: list[str] | None = Non
 
 
 def start_server(config_path: str | Path, *, overrides: list[str] | None = None, overwrite: bool = False,
-                 stream: bool = True, echo=say) -> Path:
-    """`fedssl server start`: the whole coordinator side; returns the run directory."""
+                 stream: bool = True, echo=say, resume: str | Path | None = None) -> Path:
+    """`fedssl server start`: the whole coordinator side; returns the run directory.
+
+    ``resume``: a run directory this coordinator left after completing some rounds; its remaining rounds
+    run with its own saved config and run id (fedssl.run.pipeline.resume_pipeline), ``overrides`` refused."""
     config = load_server_config(config_path)
-    experiment = experiment_for(config, overrides)
     coordinator = Coordinator(config, stream=stream, echo=echo)
     SiteWatermarks(Path(config.state_dir) / WATERMARKS_FILE)  # an unreadable record of site budgets: one line, before Flower
+    if resume is not None:
+        from fedssl.run.pipeline import resume_pipeline
+
+        return resume_pipeline(Path(resume), coordinator, evaluate=config.evaluate, echo=echo)
+    experiment = experiment_for(config, overrides)
     if experiment.federation.min_sites > len(coordinator.entries):
         raise ConfigError(f"federation.min_sites: {experiment.federation.min_sites} sites required but server.yaml lists {len(coordinator.entries)}")
     return run_pipeline(experiment, coordinator, overwrite=overwrite, evaluate=config.evaluate, echo=echo)
@@ -174,8 +181,9 @@ class Coordinator:
     def summary_fields(self) -> dict:
         return {"deployment": True, "registered_sites": [e.name for e in self.entries]}
 
-    def start(self, experiment: ExperimentConfig, run_dir: Path) -> FlwrRun:
-        """Start the SuperLink, register the sites, submit the run; the run's end stops the SuperLink."""
+    def start(self, experiment: ExperimentConfig, run_dir: Path, resume: bool = False) -> FlwrRun:
+        """Start the SuperLink, register the sites, submit the run (``resume``: from the run dir's checkpoint);
+        the run's end stops the SuperLink."""
         link = SuperLink(self.config, echo=self.echo)
         # SIGTERM must stop the SuperLink too (it runs in its own process group): turn it into
         # SystemExit, so that the pipeline aborts the run and the SuperLink is stopped.
@@ -189,7 +197,7 @@ class Coordinator:
             link.start()
             link.register(self.entries)
             self.echo(f"fedssl: waiting for {experiment.federation.min_sites} site(s) to connect, then training")
-            return link.submit(run_dir, stream=self.stream, on_exit=stop)
+            return link.submit(run_dir, stream=self.stream, on_exit=stop, resume=resume)
         except BaseException:
             stop()  # idempotent: a run that failed to start has already called it
             raise
@@ -263,12 +271,12 @@ class SuperLink:
                     raise DeployError(f"registering site {entry.name} ({entry.public_key}) failed: {failure_reason(done.stdout + done.stderr)}")
                 self.echo(f"fedssl: registered site {entry.name} ({Path(entry.public_key).name})")
 
-    def submit(self, run_dir: Path, *, stream: bool, on_exit) -> FlwrRun:
+    def submit(self, run_dir: Path, *, stream: bool, on_exit, resume: bool = False) -> FlwrRun:
         """Submit the federated run (`flwr run`); returns at once, streaming progress."""
         app = Path(self.config.app or PROJECT_ROOT)
         # A directory is staged first (fedssl.run.app_stage): the same FAB, without walking .venv/ and runs/.
         shipped = stage_app(app, self.state / APP_STAGE_DIR) if app.is_dir() else app
-        cmd = [flower_bin("flwr"), "run", str(shipped), CONNECTION, "--stream", "--run-config", run_config(run_dir, self.state)]
+        cmd = [flower_bin("flwr"), "run", str(shipped), CONNECTION, "--stream", "--run-config", run_config(run_dir, self.state, resume=resume)]
         return FlwrRun(cmd, run_dir=run_dir, env=self.env, cwd=app, stream=stream, echo=self.echo, on_exit=on_exit, error=DeployError)
 
     def stop(self) -> None:

@@ -12,6 +12,8 @@ RUN_DIR = "run-dir"
 # The coordinator's state dir (deployment): its ledger key and each site's last (ledger seq, ε), across runs.
 # Empty in a simulation: the run dir holds both, as it holds the simulated sites' state.
 RUN_COORDINATOR_DIR = "coordinator-dir"
+# "true": continue the run from the run dir's checkpoint (fedssl.run.checkpoint) with the run id the sites saw.
+RUN_RESUME = "resume"
 
 # Node config: which site a ClientApp process is.
 NODE_PARTITION_ID = "partition-id"  # simulation: the simulated site's index (Flower sets it)

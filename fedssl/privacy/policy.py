@@ -14,7 +14,14 @@ from dataclasses import dataclass
 
 from fedssl.privacy.settings import PrivacyConfig
 
-ROUND_ORDER = "round order"  # not a setting: a round this run already trained (replay) or one behind it
+# Not a setting: a round this run already trained (replay) or one behind it. Charges are keyed by (run id,
+# round) in the site's ledger. A coordinator resumed from its checkpoint (fedssl.run.checkpoint) keeps the run
+# id and re-sends the round after its checkpoint; a site that already charged that round (its reply was lost
+# in the crash) refuses it here, before anything is charged: it is not charged twice. The site does not
+# re-train it either: a re-trained round is a new release (fresh noise, fresh Poisson sample) and would have
+# to be charged again, and the site keeps no copy of the update it released that could be re-sent for free.
+# The resumed round goes on with the other sites; a fresh run (a new run id) trains and charges anew.
+ROUND_ORDER = "round order"
 
 
 @dataclass(frozen=True)

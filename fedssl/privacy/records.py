@@ -27,6 +27,9 @@ RECOVERY = "recovery"
 SERVER_INIT = "server_init"
 ROUND_REPORT = "round_report"
 REPLY_DROPPED = "reply_dropped"  # a reply the server refused to use (fedssl.fl.validation, server/guard.py)
+# A coordinator resumed the run from its checkpoint of ``round``: the ``superseded_records`` records just before
+# this one belong to the interrupted round, whose aggregate was never checkpointed (fedssl.run.checkpoint).
+RESUMED = "resumed"
 
 NUM = (int, float)
 OPT_NUM = (int, float, type(None))
@@ -152,4 +155,5 @@ SERVER_SCHEMA: Schema = {
         "aggregation": (str,),
     },
     REPLY_DROPPED: {"round": (int,), "node_id": (int, str), "reason": (str,)},
+    RESUMED: {"round": (int,), "run_id": (str,), "superseded_records": (int,)},
 }

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedssl.errors import FedSSLError
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR
+from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR, RUN_RESUME
 from fedssl.layout import RunDir
 from fedssl.phases import mark
 
@@ -99,10 +99,11 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def run_config(run_dir: Path, coordinator_dir: Path | None = None) -> str:
+def run_config(run_dir: Path, coordinator_dir: Path | None = None, resume: bool = False) -> str:
     """`flwr run --run-config`: where both apps find the run's resolved config and its directory
-    (and the ServerApp the coordinator's state dir, in a deployment)."""
+    (and the ServerApp the coordinator's state dir, in a deployment; whether to resume from its checkpoint)."""
     extra = f" {RUN_COORDINATOR_DIR}='{coordinator_dir}'" if coordinator_dir is not None else ""
+    extra += f" {RUN_RESUME}=true" if resume else ""
     return f"{RUN_CONFIG_PATH}='{RunDir(run_dir).config}' {RUN_DIR}='{run_dir}'{extra}"
 
 

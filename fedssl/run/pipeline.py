@@ -57,8 +57,8 @@ class Launcher(Protocol):
     def summary_fields(self) -> dict:
         """Extra facts for summary.json (e.g. ``deployment``, ``registered_sites``)."""
 
-    def start(self, config: ExperimentConfig, run_dir: Path) -> Federation:
-        """Start the federated run of a prepared run directory; returns at once."""
+    def start(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> Federation:
+        """Start the federated run of a prepared run directory (``resume``: from its checkpoint); returns at once."""
 
 
 def say(message: str) -> None:
@@ -86,9 +86,43 @@ def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: boo
     # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
     prepare_warm_start(config, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
     echo(f"fedssl: run {config.run.name}: {launcher.describe(config)} -> {run_dir}")
-    federation = launcher.start(config, run_dir)
+    return _federate(config, launcher, run_dir, evaluate=evaluate, echo=echo, started=started)
+
+
+def resume_pipeline(run_dir: Path, launcher: Launcher, *, evaluate: bool = True, echo: Echo = say) -> Path:
+    """Continue a killed run from its checkpoint (fedssl.run.checkpoint) with the config saved in it:
+    the remaining rounds under the same run id, then evaluation and report as usual.
+
+    Checked before Flower starts, reading only: a directory that is not a run dir, has no readable
+    checkpoint or has finished is one :class:`ResumeError` line, and nothing in it is changed."""
+    started = time.perf_counter()
+    from fedssl.config import load_config
+    from fedssl.run.checkpoint import ResumeError, check_resumable
+
+    run_dir = Path(run_dir).resolve()
+    checkpoint = check_resumable(run_dir)
+    config = load_config(str(RunDir(run_dir).config))
+    if config.federation.rounds != checkpoint.planned_rounds:
+        raise ResumeError(f"{run_dir}: config.yaml plans {config.federation.rounds} rounds, its checkpoint {checkpoint.planned_rounds}; "
+                          "the run's config was changed after it started. Restore it, or start a new run")
+    if config.secure_aggregation.enabled:
+        raise ResumeError(f"{run_dir}: resuming a SecAgg+ run is not supported yet (its checkpoint is kept); "
+                          f"start it again: fedssl simulate {RunDir(run_dir).config} --overwrite")
+    require_preflight(config, simulated_sites=launcher.simulates_sites, evaluate=evaluate,
+                      evaluation_optional=launcher.evaluation_optional)
+    RunDir(run_dir).server_failed.unlink(missing_ok=True)  # a stale stop marker would end the resumed run at once
+    echo(f"fedssl: run {config.run.name}: resuming after round {checkpoint.round} of {checkpoint.planned_rounds} "
+         f"(run id {checkpoint.run_id}): {launcher.describe(config)} -> {run_dir}")
+    return _federate(config, launcher, run_dir, evaluate=evaluate, echo=echo, started=started, resume=True)
+
+
+def _federate(config: ExperimentConfig, launcher: Launcher, run_dir: Path, *, evaluate: bool, echo: Echo, started: float,
+              resume: bool = False) -> Path:
+    """From the prepared run dir: the federation, summary, evaluation overlapping Flower's shutdown, report."""
+    federation = launcher.start(config, run_dir, resume=True) if resume else launcher.start(config, run_dir)
     seconds = wait_or_abort(federation, launcher.results_timeout)
-    write_summary(run_dir, run_name=config.run.name, federation_seconds=seconds, **launcher.summary_fields())
+    write_summary(run_dir, run_name=config.run.name, federation_seconds=seconds, **launcher.summary_fields(),
+                  **({"resumed": True} if resume else {}))
     try:
         # The evaluation reads only the finished run's files: it overlaps Flower's shutdown.
         if evaluate and config.evaluation.enabled:

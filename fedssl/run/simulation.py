@@ -62,8 +62,9 @@ class Simulation:
     def summary_fields(self) -> dict:
         return {}
 
-    def start(self, config: ExperimentConfig, run_dir: Path) -> FlwrRun:
-        """Start `flwr run` against a private local simulation SuperLink; returns at once."""
+    def start(self, config: ExperimentConfig, run_dir: Path, resume: bool = False) -> FlwrRun:
+        """Start `flwr run` against a private local simulation SuperLink (``resume``: from the run dir's
+        checkpoint, fedssl.run.checkpoint); returns at once."""
         flwr = flower_bin("flwr")
         flwr_home = RunDir(run_dir).flower_home
         flwr_home.mkdir(exist_ok=True)
@@ -91,7 +92,7 @@ class Simulation:
             stop_local_superlink(control_port)
             shutil.rmtree(app_dir, ignore_errors=True)
 
-        cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config(run_dir), "--federation-config", federation]
+        cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config(run_dir, resume=resume), "--federation-config", federation]
         return FlwrRun(cmd, run_dir=run_dir, env=env, cwd=APP_DIR, stream=self.stream, echo=self.echo, on_exit=clean_up,
                        error=SimulationError)
 
