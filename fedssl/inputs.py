@@ -46,6 +46,10 @@ COUPLED_PRETEXTS: dict[str, str] = {
              "samples' losses in later steps, through a queue that is never noised)"),
 }
 DEFAULT_JIGSAW_GRID = 2  # jigsaw's pretext.params.grid
+# Byte-level token ids (fedssl.data.text says why bytes): PAD, MASK, CLS, then byte b is b + SPECIALS.
+PAD, MASK, CLS = 0, 1, 2
+SPECIALS = 3
+VOCAB_SIZE = 256 + SPECIALS
 
 
 def is_custom_spec(kind: str) -> bool:

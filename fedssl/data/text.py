@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PAD, MASK, CLS = 0, 1, 2
-SPECIALS = 3
-VOCAB_SIZE = 256 + SPECIALS
+from fedssl.inputs import CLS, MASK, PAD, SPECIALS, VOCAB_SIZE  # noqa: F401 - re-exported; the models share the ids
+
+DEFAULT_MAX_LENGTH = 128  # data.max_length
 
 
 def encode(text: str, max_length: int) -> list[int]:

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fedssl.data.text import PAD, VOCAB_SIZE
-from fedssl.inputs import TEXT
+from fedssl.inputs import PAD, TEXT, VOCAB_SIZE
 from fedssl.models.encoders import Encoder
 from fedssl.models.vit import HEAD_DIM, TransformerBlock
 

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fedssl.data.text import MASK, SPECIALS
-from fedssl.inputs import PRETEXT_MODALITIES
+from fedssl.inputs import MASK, PRETEXT_MODALITIES, SPECIALS
 from fedssl.models.encoders import Encoder
 from fedssl.pretext.base import PretextModel, PretextParams, PretextTask, param
 from fedssl.pretext.registry import register_pretext

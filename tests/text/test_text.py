@@ -102,3 +102,17 @@ def test_input_rules_name_the_fix():
     assert key == "pretext.name" and "masked_tokens" in problem
     assert pretext_input_problem("masked_tokens", {}, (32,), TEXT) is None
     assert pretext_input_problem("masked_tokens", {}, (1, 8, 8))[0] == "pretext.name"
+
+
+def test_loader_reads_text_sources_as_byte_ids_and_bad_ones_in_one_line(tmp_path):
+    from fedssl.data.loaders import load_site_data
+    from fedssl.errors import DataError
+
+    lines = tmp_path / "s.txt"
+    lines.write_text("hello\nworld wide\n", encoding="utf-8")
+    data = load_site_data(lines, max_length=6)
+    assert data.modality == TEXT and data.input_shape == (6,) and data.sample_ids == ("row-0", "row-1")
+    assert decode([int(v) for v in data.inputs[1]]) == "world"  # CLS + 5 bytes: truncated
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="no text samples"):
+        load_site_data(tmp_path / "empty.txt")
