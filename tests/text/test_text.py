@@ -116,3 +116,21 @@ def test_loader_reads_text_sources_as_byte_ids_and_bad_ones_in_one_line(tmp_path
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="no text samples"):
         load_site_data(tmp_path / "empty.txt")
+
+
+def test_fortunes_converter_writes_lines_and_row_id_labels(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from fedssl.data.loaders import load_site_data
+
+    path = Path(__file__).resolve().parents[2] / "simulations" / "fortunes_to_text.py"
+    spec = importlib.util.spec_from_file_location("fortunes_to_text", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "food").write_text("Eat\n  more.\n%\nPie.\n%\n")
+    (tmp_path / "src" / "love").write_text("Love is\nall.\n%\n")
+    assert module.convert(tmp_path / "src", tmp_path / "out", ("food", "love")) == 3
+    assert load_site_data(tmp_path / "out" / "fortunes.txt").sample_ids == ("row-0", "row-1", "row-2")
+    assert (tmp_path / "out" / "labels.csv").read_text().split() == ["id,label", "row-0,food", "row-1,food", "row-2,love"]
