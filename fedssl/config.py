@@ -48,6 +48,8 @@ class DataConfig:
     labels: str | None = None
     # [height, width]: image folders and IDX images are resized and centre-cropped to it once, at load.
     image_size: list[int] = field(default_factory=list)
+    # text sources (.txt): token ids per sample, CLS + UTF-8 bytes truncated/padded to it (fedssl.data.text)
+    max_length: int = 128
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     test_fraction: float = 0.3
@@ -56,6 +58,7 @@ class DataConfig:
         check(self.alpha > 0, "data.alpha", "must be > 0 (smaller = more skewed)", self.alpha)
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
         check_image_size("data.image_size", self.image_size)
+        check(2 <= self.max_length <= 4096, "data.max_length", "must be in [2, 4096] (CLS and at least one byte)", self.max_length)
         check(self.labels is None or (bool(self.labels) and self.kind in ("auto", "idx")), "data.labels",
               "must be the path of an IDX label file, used with IDX images (data.kind idx or auto), or null", self.labels)
         check(self.labels is None or self.source != "digits", "data.labels",

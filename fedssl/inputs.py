@@ -17,10 +17,12 @@ from typing import Any
 
 IMAGE = "image"
 VECTOR = "vector"
+TEXT = "text"  # token ids shaped (max_length,): fedssl.data.text's byte tokenizer
 BOTH = frozenset({IMAGE, VECTOR})
 
-ENCODER_NAMES = ("cnn", "mlp", "resnet", "vit")  # fedssl.models.registry builds each (a test holds the two equal)
+ENCODER_NAMES = ("cnn", "mlp", "resnet", "transformer", "vit")  # fedssl.models.registry builds each (a test holds the two equal)
 IMAGE_ENCODERS = frozenset({"cnn", "resnet", "vit"})  # these take (channels, height, width); mlp flattens any shape
+TEXT_ENCODERS = frozenset({"transformer"})  # these take token ids (max_length,) and only them
 CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # dotted.module.path:factory_name
 
 # The inputs each registered pretext task works on (fedssl.pretext reads its tasks' modalities from here).
@@ -33,6 +35,7 @@ PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
     "jigsaw": frozenset({IMAGE}),
     "moco": BOTH,
     "moco_noise": BOTH,
+    "masked_tokens": frozenset({TEXT}),
 }
 DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
 # Tasks whose loss couples the samples of a batch, and how: refused under DP (fedssl.pretext.registry), since
@@ -43,6 +46,10 @@ COUPLED_PRETEXTS: dict[str, str] = {
              "samples' losses in later steps, through a queue that is never noised)"),
 }
 DEFAULT_JIGSAW_GRID = 2  # jigsaw's pretext.params.grid
+# Byte-level token ids (fedssl.data.text says why bytes): PAD, MASK, CLS, then byte b is b + SPECIALS.
+PAD, MASK, CLS = 0, 1, 2
+SPECIALS = 3
+VOCAB_SIZE = 256 + SPECIALS
 
 
 def is_custom_spec(kind: str) -> bool:
@@ -59,18 +66,26 @@ def describe_shape(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
-def encoder_input_problem(encoder: str, shape: Sequence[int]) -> str | None:
-    """Whether ``encoder`` can take samples of ``shape`` (a custom encoder says so itself when built)."""
+def encoder_input_problem(encoder: str, shape: Sequence[int], modality: str | None = None) -> str | None:
+    """Whether ``encoder`` can take samples of ``shape`` (a custom encoder says so itself when built).
+
+    ``modality`` is the source's when known (text cannot be told from a vector by its shape)."""
+    if modality == TEXT and encoder not in TEXT_ENCODERS:
+        return (f"the {encoder} encoder cannot read text (token ids shaped {list(shape)}); "
+                "use model.encoder=transformer for text")
+    if encoder in TEXT_ENCODERS and modality != TEXT:
+        return (f"the {encoder} encoder reads text (token ids), but the samples are "
+                f"{modality or modality_of_shape(shape)}s shaped {list(shape)}; use a .txt source or another encoder")
     if encoder in IMAGE_ENCODERS and len(shape) != 3:
         return (f"the {encoder} encoder needs images shaped [channels, height, width], but the samples are "
                 f"{modality_of_shape(shape)}s shaped {list(shape)}; use model.encoder=mlp for vectors")
     return None
 
 
-def modality_problem(pretext: str, shape: Sequence[int]) -> str | None:
-    """Whether ``pretext`` works on the modality of ``shape``; the message lists the tasks that do."""
+def modality_problem(pretext: str, shape: Sequence[int], modality: str | None = None) -> str | None:
+    """Whether ``pretext`` works on ``modality`` (default: that of ``shape``); the message lists the tasks that do."""
     modalities = PRETEXT_MODALITIES.get(pretext)
-    modality = modality_of_shape(shape)
+    modality = modality or modality_of_shape(shape)
     if modalities is None or modality in modalities:
         return None
     fitting = sorted(name for name, kinds in PRETEXT_MODALITIES.items() if modality in kinds)
@@ -121,13 +136,17 @@ def dp_problem(pretext: str) -> str | None:
             f"DP-SGD's guarantee is void; choose a per-sample pretext ({per_sample}) or set privacy.enabled=false")
 
 
-def pretext_input_problem(pretext: str, params: Mapping[str, Any], shape: Sequence[int]) -> tuple[str, str] | None:
+def pretext_input_problem(
+    pretext: str, params: Mapping[str, Any], shape: Sequence[int], modality: str | None = None
+) -> tuple[str, str] | None:
     """(config key, problem) when ``pretext`` with ``params`` cannot train on samples of ``shape``.
 
     Only the input rules: the task's name and parameter types are the registry's to check.
     """
-    if (problem := modality_problem(pretext, shape)) is not None:
+    if (problem := modality_problem(pretext, shape, modality)) is not None:
         return "pretext.name", problem
+    if modality == TEXT:
+        return None
     if pretext == "rotation" and (problem := rotation_problem(shape)) is not None:
         return "pretext.name", problem
     if pretext == "jigsaw" and len(shape) == 3:

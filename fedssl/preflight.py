@@ -105,7 +105,8 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         problems.append(Problem("data.kind", f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}"))
         return None
     try:
-        probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels)
+        probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels,
+                           max_length=config.data.max_length)
     except DataError as err:
         problems.append(Problem("data.source", str(err)))
         return None
@@ -133,9 +134,10 @@ def _input_problems(config: ExperimentConfig, shape: tuple[int, ...], probe: Dat
     """The encoder and the pretext task against the samples' shape."""
     problems = []
     where = f" (data.source {probe.source})" if probe is not None else ""
-    if (problem := encoder_input_problem(config.model.encoder, shape)) is not None:
+    modality = probe.modality if probe is not None else None  # text is not told from vectors by shape
+    if (problem := encoder_input_problem(config.model.encoder, shape, modality)) is not None:
         problems.append(Problem("model.encoder", problem + where))
-    if (found := pretext_input_problem(config.pretext.name, config.pretext.params, shape)) is not None:
+    if (found := pretext_input_problem(config.pretext.name, config.pretext.params, shape, modality)) is not None:
         key, problem = found
         problems.append(Problem(key, problem + where))
     return problems

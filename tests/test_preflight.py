@@ -26,7 +26,8 @@ FEDSSL = str(Path(sys.executable).parent / "fedssl")
 FITS = ["data.partition=iid", "evaluation.enabled=false", "federation.num_sites=2", "training.batch_size=2",
         "privacy.enabled=false"]
 VECTOR_FITS = ["model.encoder=mlp", "pretext.name=byol"]
-FITS_BY_SOURCE = {"table": VECTOR_FITS, "vectors": VECTOR_FITS, "wide": ["pretext.name=byol"]}
+TEXT_FITS = ["model.encoder=transformer", "pretext.name=masked_tokens", "data.partition=iid"]
+FITS_BY_SOURCE = {"table": VECTOR_FITS, "vectors": VECTOR_FITS, "wide": ["pretext.name=byol"], "lines": TEXT_FITS, "docs": TEXT_FITS}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,10 @@ def data(tmp_path_factory) -> dict[str, Path]:
     np.save(root / "images.npy", rng.random((40, 8, 8)).astype(np.float32))
     np.save(root / "vectors.npy", rng.random((40, 6)).astype(np.float32))
     (root / "manifest.txt").write_text("digits-0\ndigits-1\n")
+    (root / "lines.txt").write_text("".join(f"line {i}: card lost, please block it\n" for i in range(40)))
+    (root / "docs").mkdir()
+    for i in range(6):
+        (root / "docs" / f"{i}.txt").write_text(f"document {i}\nabout fees")
     sources = {path.stem if path.is_file() else path.name: path for path in root.iterdir()}
     # IDX as Fashion-MNIST ships it (gzipped, MNIST names), but RGB channels-last, with its label file
     sources["rgb"] = write_idx(root / "rgb-images-idx3-ubyte.gz", (rng.random((40, 10, 10, 3)) * 255).astype(np.uint8))
@@ -78,6 +83,12 @@ CASES = [
     ("square", ["warm_start.source=synthetic"], "warm_start.source"),
     ("images", ["warm_start.source=path", "warm_start.path=/no/such/checkpoint.pt", "warm_start.description=public"],
      "warm_start.path"),
+    ("lines", ["model.encoder=cnn"], "model.encoder"),
+    ("docs", ["model.encoder=resnet"], "model.encoder"),
+    ("lines", ["pretext.name=rotation"], "pretext.name"),
+    ("lines", ["pretext.name=jigsaw"], "pretext.name"),
+    ("vectors", ["model.encoder=transformer"], "model.encoder"),
+    ("square", ["pretext.name=masked_tokens"], "pretext.name"),
     ("nowhere", [], "data.source"),
     ("square", ["data.kind=parquet"], "data.kind"),
 ]
@@ -130,7 +141,7 @@ def test_the_probe_reads_what_the_loaders_load(data):
     from fedssl.data.loaders import load_site_data
     from fedssl.data.probe import probe_data
 
-    for name in ("square", "wide", "table", "images", "vectors", "rgb"):
+    for name in ("square", "wide", "table", "images", "vectors", "rgb", "lines", "docs"):
         probe, loaded = probe_data(str(data[name])), load_site_data(data[name])
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality), name
     for name in ("square", "rgb"):  # data.image_size: the shape the sites train on is the resized one

@@ -11,7 +11,7 @@ import torch
 from fedssl.errors import DataError
 
 # Dimensions of one sample (without the leading N) each modality expects.
-SAMPLE_NDIM: dict[str, int] = {"image": 3, "vector": 1}
+SAMPLE_NDIM: dict[str, int] = {"image": 3, "vector": 1, "text": 1}  # text: token ids as float32 (exact below 2**24)
 FINITE_CHECK_ROWS = 4096
 
 
@@ -30,7 +30,7 @@ class SiteDataset:
     # memory-mapped, which training and evaluation turn into [0, 1] floats per batch (fedssl.data.pixels).
     inputs: torch.Tensor
     sample_ids: tuple[str, ...]
-    modality: str  # "image" | "vector"
+    modality: str  # "image" | "vector" | "text"
 
     def __post_init__(self) -> None:
         _check_modality(self.modality)

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from fedssl.data.dataset import SiteDataset
 from fedssl.data.idx import read_idx
 from fedssl.data.pixels import fit_images, to_nchw
+from fedssl.data.text import DEFAULT_MAX_LENGTH, encode_all, read_texts
 # Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
 from fedssl.data.probe import (
     ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, digits_id, existing_path, image_files, is_digits,
@@ -45,6 +46,7 @@ class _Loaded(NamedTuple):
 class _ImageOptions:
     image_size: tuple[int, int] | None  # (height, width); None = first image's size
     grayscale: bool
+    max_length: int = DEFAULT_MAX_LENGTH  # text: token ids per sample (data.max_length)
 
 
 _Loader = Callable[[Path, _ImageOptions], _Loaded]  # digits ignores the path
@@ -56,6 +58,7 @@ def load_site_data(
     *,
     image_size: tuple[int, int] | None = None,
     grayscale: bool = True,
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> SiteDataset:
     """Load one site's unlabelled data.
 
@@ -68,7 +71,7 @@ def load_site_data(
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
-    options = _ImageOptions(_check_image_size(image_size), grayscale)
+    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length)
     if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
     path = existing_path(path)
@@ -144,6 +147,18 @@ def _image_array(image: Image.Image, height: int, width: int) -> np.ndarray:
 
 
 # --- numpy ----------------------------------------------------------------------------------
+
+
+def _load_text(path: Path, options: _ImageOptions) -> _Loaded:
+    """A .txt file (a sample per line, ids ``line-i``) or a folder of .txt files (ids: file names), as byte ids."""
+    try:
+        texts = read_texts(path)
+    except ValueError as err:
+        raise DataError(str(err)) from None
+    ids = tuple(p.name for p in sorted(path.glob("*.txt"))) if path.is_dir() else _row_ids(len(texts))
+    if len(ids) != len(texts):  # a blank document was skipped: name the rest by position
+        ids = _row_ids(len(texts))
+    return _Loaded(np.asarray(encode_all(texts, options.max_length), dtype=np.float32), ids, "text")
 
 
 def _load_npy(path: Path, _: _ImageOptions) -> _Loaded:
@@ -293,4 +308,5 @@ LOADERS: dict[str, _Loader] = {
     "csv": _load_csv,
     "digits": _load_digits,
     "idx": _load_idx,
+    "text": _load_text,
 }

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.data.idx import looks_like_idx, read_idx_header
+from fedssl.data.text import DEFAULT_MAX_LENGTH, is_text_source, read_texts
 from fedssl.errors import DataError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -28,7 +29,7 @@ ID_COLUMN = "id"
 LABEL_COLUMNS = frozenset({"label", "target"})
 NPZ_INPUT_KEYS = ("x", "inputs")
 KINDS_BY_SUFFIX = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-KINDS = ("csv", "digits", "idx", "image_folder", "npy", "npz")  # fedssl.data.loaders.LOADERS (a test holds them equal)
+KINDS = ("csv", "digits", "idx", "image_folder", "npy", "npz", "text")  # fedssl.data.loaders.LOADERS (a test holds them equal)
 DIGITS = "digits"
 DIGITS_SHAPE = (1, 8, 8)  # scikit-learn's digits, as fedssl.data.loaders shapes them
 DIGITS_COUNT = 1797
@@ -80,6 +81,8 @@ def resolve_kind(path: Path, kind: str) -> str:
     """The loader a path needs: ``kind`` itself, or for "auto" a directory's or the suffix's."""
     if kind != "auto":
         return kind
+    if is_text_source(path):  # a .txt file, or a folder of .txt files and no images
+        return "text"
     if path.is_dir():
         return "image_folder"
     if looks_like_idx(path):
@@ -98,7 +101,7 @@ def image_files(root: Path) -> list[Path]:
 
 
 def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
-               labels: str | None = None) -> DataProbe:
+               labels: str | None = None, max_length: int = DEFAULT_MAX_LENGTH) -> DataProbe:
     """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data.
 
     ``image_size`` (height, width) is ``data.image_size``: image folders and IDX images are resized to
@@ -110,11 +113,20 @@ def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] |
         return DataProbe(DIGITS, DIGITS, "image", DIGITS_SHAPE, DIGITS_COUNT, labelled=True)
     path = existing_path(source)
     resolved = resolve_kind(path, kind)
+    if resolved == "text":
+        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=False)
     shape, count = _PROBES[resolved](path)
     if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
         shape = (shape[0], *image_size)
     labelled = labels is not None and resolved == "idx"
     return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled)
+
+
+def _count_texts(path: Path) -> int:
+    try:
+        return len(read_texts(path))
+    except ValueError as err:
+        raise DataError(str(err)) from None
 
 
 def _probe_image_folder(root: Path) -> tuple[tuple[int, ...], int]:

@@ -32,7 +32,7 @@ from fedssl.models.encoders import Encoder
 
 def modality_of(encoder: Encoder) -> str:
     """``"image"`` for (channels, height, width) inputs, ``"vector"`` for anything flat."""
-    return modality_of_shape(encoder.input_shape)
+    return getattr(encoder, "modality", None) or modality_of_shape(encoder.input_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ class PretextTask(abc.ABC):
     def build_model(self, encoder: Encoder) -> PretextModel:
         """Wrap ``encoder`` in this method's model; the encoder object is used, not copied."""
         # The rule (and its message) is fedssl.inputs', which the preflight check applies before torch loads.
-        if (problem := modality_problem(self.name, encoder.input_shape)) is not None:
+        if (problem := modality_problem(self.name, encoder.input_shape, modality_of(encoder))) is not None:
             raise ConfigError(f"pretext.name: {problem}")
         return self._build(encoder, modality_of(encoder))
 

@@ -47,14 +47,25 @@ def site_rows():
     return [rows[:ROWS_PER_SITE], rows[ROWS_PER_SITE:]]
 
 
+@pytest.fixture(scope="module")
+def text_rows():
+    """Token ids of short texts (float32, as a site's .npy holds them) for text-only methods."""
+    from fedssl.data.text import encode
+
+    texts = [f"sample {i}: the bank moved {i * 7} euros" for i in range(2 * ROWS_PER_SITE)]
+    rows = np.array([encode(t, 24) for t in texts], dtype=np.float32)
+    return [rows[:ROWS_PER_SITE], rows[ROWS_PER_SITE:]]
+
+
 def fedavg(replies) -> dict[str, torch.Tensor]:
     states = [reply.result.encoder_state for reply in replies]
     return {name: sum(state[name] for state in states) / len(states) for name in states[0]}
 
 
 @pytest.mark.parametrize("name", sorted(PRETEXT_TASKS))
-def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_reason(name, tmp_path, site_rows):
+def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_reason(name, tmp_path, site_rows, text_rows):
     task = PRETEXT_TASKS[name]
+    text = "text" in task.modalities
     if not task.dp_compatible:
         from fedssl.config import load_config
 
@@ -66,13 +77,14 @@ def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_re
     from fedssl.site_round import run_site_round
 
     nodes = []
-    for site_id, rows in enumerate(site_rows):
+    for site_id, rows in enumerate(text_rows if text else site_rows):
         root = tmp_path / f"site-{site_id}"
         root.mkdir()
         np.save(root / "data.npy", rows)
         nodes.append({keys.NODE_SITE_CONFIG: str(write_site_yaml(root, target_epsilon=2.0, site_id=site_id))})
-    plan = dataclasses.replace(PLAN, pretext=name, pretext_params=small_params(name))
-    global_state = build_encoder("cnn", (1, 8, 8), width=4, depth=1, seed=0).state_dict()
+    encoder, shape = ("transformer", (24,)) if text else ("cnn", (1, 8, 8))
+    plan = dataclasses.replace(PLAN, pretext=name, pretext_params=small_params(name), encoder=encoder)
+    global_state = build_encoder(encoder, shape, width=4, depth=1, seed=0).state_dict()
     epsilons = []
     for server_round in (1, 2):
         wire = dataclasses.replace(plan, server_round=server_round).to_wire()

@@ -555,3 +555,19 @@ def test_optimizer_keeps_the_engine_sum_without_copying_and_leaves_it_untouched(
     optimizer.add_noise()
     optimizer.scale_grad()
     assert all(p.grad is not written[p] and torch.equal(written[p], snapshot[p]) for p in optimizer.params)
+
+
+def test_text_transformer_by_masked_tokens_matches_reference():
+    """Token + position Embeddings, attention on (B, T, D), per-token head: BK == per-sample autograd."""
+    from fedssl.data.text import encode
+
+    texts = ["hello world", "a", "bank transfer fees", "%%%", "intent: card lost", "zz top"]
+    x = torch.tensor([encode(t, 12) for t in texts])
+
+    def build():
+        encoder = build_encoder("transformer", (12,), width=16, depth=1, seed=0)
+        torch.manual_seed(1)
+        return get_pretext("masked_tokens").build_model(encoder)
+
+    clipped, kept = check_exact(build, x)
+    assert clipped > 0 and kept > 0
