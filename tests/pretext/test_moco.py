@@ -52,18 +52,20 @@ def test_a_sample_from_an_earlier_step_changes_later_losses_only_for_moco(name):
     """The attack on a queue: two sites identical but for one record in step 1 must give the same
     step-2 losses on the same step-2 batch (no optimizer step between, so the weights are equal).
     Only moco's queue carries the record into step 2, which is why it is refused under DP."""
-    encoder = build_encoder("cnn", (1, 8, 8), width=8, depth=2, seed=0)
+    # Vector-only methods (tables: vime, scarf) see the same pixels as 64-feature rows through an MLP.
+    kind, shape = ("cnn", (1, 8, 8)) if "image" in PRETEXT_TASKS[name].modalities else ("mlp", (64,))
+    encoder = build_encoder(kind, shape, width=8, depth=2, seed=0)
     torch.manual_seed(1)
-    small = {"hidden_dim": 16, "projection_dim": 8} if name in ("byol", "simsiam", "simclr", "moco", "moco_noise") else {}
+    small = {"hidden_dim": 16, "projection_dim": 8} if name in ("byol", "simsiam", "simclr", "moco", "moco_noise", "scarf") else {}
     site = get_pretext(name, small).build_model(encoder)
     neighbour = copy.deepcopy(site)
-    step1 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    step1 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(2)).view(4, *shape)
     step1_neighbour = step1.clone()
-    step1_neighbour[0] = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(9))
+    step1_neighbour[0] = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(9)).view(shape)
     for model, batch in ((site, step1), (neighbour, step1_neighbour)):
         torch.manual_seed(3)
         model(batch).mean().backward()
-    step2 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    step2 = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(5)).view(4, *shape)
     later = []
     for model in (site, neighbour):
         torch.manual_seed(4)
