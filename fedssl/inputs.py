@@ -36,6 +36,8 @@ PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
     "moco": BOTH,
     "moco_noise": BOTH,
     "masked_tokens": frozenset({TEXT}),
+    "vime": frozenset({VECTOR}),  # tables: corrupts and reconstructs single features
+    "scarf": frozenset({VECTOR}),
 }
 DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
 # Tasks whose loss couples the samples of a batch, and how: refused under DP (fedssl.pretext.registry), since
@@ -44,6 +46,7 @@ COUPLED_PRETEXTS: dict[str, str] = {
     "simclr": "uses in-batch negatives (NT-Xent)",
     "moco": ("keeps a queue of earlier batches' keys as negatives (a sample seen in one step shapes the other "
              "samples' losses in later steps, through a queue that is never noised)"),
+    "scarf": "uses in-batch negatives (InfoNCE between two corrupted views)",
 }
 DEFAULT_JIGSAW_GRID = 2  # jigsaw's pretext.params.grid
 # Byte-level token ids (fedssl.data.text says why bytes): PAD, MASK, CLS, then byte b is b + SPECIALS.

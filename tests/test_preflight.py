@@ -71,6 +71,8 @@ CASES = [
     ("square", ["pretext.name=colorization"], "pretext.name"),
     ("square", ["pretext.name=simclr", "privacy.enabled=true"], "pretext.name"),
     ("square", ["pretext.name=moco", "privacy.enabled=true"], "pretext.name"),
+    ("square", ["pretext.name=vime"], "pretext.name"),  # tables only
+    ("table", ["model.encoder=mlp", "pretext.name=scarf", "privacy.enabled=true"], "pretext.name"),
     ("wide", ["pretext.name=jigsaw", "pretext.params.grid=3"], "pretext.params.grid"),
     ("table", ["model.encoder=vit"], "model.encoder"),
     ("square", ["model.input_shape=[1,8,8]"], "model.input_shape"),

@@ -35,6 +35,10 @@ class LabelColumnDroppedWarning(UserWarning):
     """A CSV carried a label column; it was discarded because site training never sees labels."""
 
 
+class MissingValuesImputedWarning(UserWarning):
+    """A CSV had empty feature cells; they were set to 0 and counted."""
+
+
 class _Loaded(NamedTuple):
     inputs: np.ndarray
     sample_ids: tuple[str, ...]
@@ -249,7 +253,8 @@ def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
     features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
-    values = np.array([[_csv_number(row, i, header, line, path) for i in features] for line, row in rows])
+    cells = [[_csv_number(row, i, header, line, path) for i in features] for line, row in rows]
+    values = _impute_missing(cells, [header[i] for i in features], path)
     ids = tuple(row[id_index].strip() for _, row in rows) if id_index is not None else _row_ids(len(rows))
     return _Loaded(values, ids, "vector")
 
@@ -273,10 +278,26 @@ def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     return header, rows
 
 
-def _csv_number(row: list[str], index: int, header: list[str], line: int, path: Path) -> float:
+def _impute_missing(cells: list[list[float | None]], names: list[str], path: Path) -> np.ndarray:
+    """Empty cells become 0, counted per column in one warning.
+
+    No missing-indicator columns: an indicator only where this site's data has gaps would make the
+    encoder's input width depend on the site's data (and differ between sites); the width stays the
+    number of feature columns, which the header fixes.
+    """
+    missing = {name: sum(row[j] is None for row in cells) for j, name in enumerate(names)}
+    missing = {name: count for name, count in missing.items() if count}
+    if missing:
+        warnings.warn(f"{path}: imputed 0 for empty cells {missing} (column: count)", MissingValuesImputedWarning,
+                      stacklevel=4)
+    return np.array([[0.0 if v is None else v for v in row] for row in cells])
+
+
+def _csv_number(row: list[str], index: int, header: list[str], line: int, path: Path) -> float | None:
+    """The cell as a number; None for an empty cell (imputed by _impute_missing)."""
     cell = row[index].strip()
     if not cell:
-        raise DataError(f"{path}: column {header[index]!r} is empty at line {line}; fill in the value or drop the row")
+        return None
     try:
         return float(cell)
     except ValueError:

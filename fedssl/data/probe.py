@@ -223,6 +223,8 @@ def _check_csv_row(row: list[str], header: list[str], features: list[int], path:
     if len(row) != len(header):
         raise DataError(f"{path}: a row has {len(row)} cells but the header has {len(header)}; fix the row")
     for i in features:
+        if not row[i].strip():
+            continue  # an empty cell: the loader imputes 0 and counts it
         try:
             float(row[i])
         except ValueError:

@@ -206,6 +206,14 @@ def test_csv_uses_id_column_and_drops_label(tmp_path: Path) -> None:
     assert data.inputs.tolist() == [[1.5, 2.0], [3.0, -4.0]]
 
 
+def test_csv_empty_cells_are_imputed_with_zero_and_counted(tmp_path: Path) -> None:
+    from fedssl.data.loaders import MissingValuesImputedWarning
+
+    with pytest.warns(MissingValuesImputedWarning, match=r"\{'a': 2\}"):
+        data = load_site_data(_write_csv(tmp_path / "d.csv", "id,a,b\nu1,,2\nu2,3,4\nu3, ,5\n"))
+    assert data.inputs.tolist() == [[0.0, 2.0], [3.0, 4.0], [0.0, 5.0]]
+
+
 def test_csv_without_id_column_numbers_rows(tmp_path: Path) -> None:
     data = load_site_data(_write_csv(tmp_path / "d.csv", "a,b\n1,2\n\n3,4\n"))
     assert data.sample_ids == ("row-0", "row-1") and data.inputs.tolist() == [[1.0, 2.0], [3.0, 4.0]]
@@ -218,7 +226,6 @@ def test_csv_without_id_column_numbers_rows(tmp_path: Path) -> None:
         ("", "is empty"),
         ("a,b\n", "no data rows"),
         ("id,a\nu1,nan\n", "sample 'u1' contains NaN"),
-        ("id,a\nu1,\n", "column 'a' is empty at line 2"),
         ("a,b\n1,2,3\n", "line 2: 3 cells but the header has 2"),
         ("id,a\nu1,1\nu1,2\n", "sample id 'u1' appears more than once"),
     ],
