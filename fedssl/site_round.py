@@ -71,6 +71,10 @@ def run_site_round(
     arrays in state-dict order (SecAgg+'s NumPy path); either must match this site's encoder."""
     dataset, site = resolve_site(node_config, run_config)
     plan = TrainPlan.from_wire(dict(plan_config))
+    if NODE_SITE_CONFIG not in node_config:  # a simulated site: simulation.dropout may fail it, before anything is charged
+        from fedssl.experiment import check_simulated_dropout
+
+        check_simulated_dropout(str(run_config[RUN_CONFIG_PATH]), site.site_id, plan.server_round)
     shapes = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
     state, fedema_scale = fedema.start_weights(_as_state_dict(global_encoder, shapes), site.state_dir, plan)
     result = train_round(dataset, state, plan, site)
