@@ -28,6 +28,7 @@ from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
 from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
+from fedssl.phases import mark
 from fedssl.training import fedema
 from fedssl.training.local import SiteSettings, train_round
 
@@ -88,6 +89,7 @@ def run_site_round(
     # What a DP site does not release is still its operator's to see, in the site's own log.
     log.info("site %d, round %d: %s, %d examples, pretext loss %.4f, %.2f s", site.site_id, plan.server_round,
              result.status, result.num_examples, result.pretext_loss, result.train_seconds)
+    mark("site_reply_ready")  # trained, charged, checked: what a crash while sending loses
     return SiteRoundReply(records=records, result=result, site=site, plan=plan, encoder_shapes=shapes)
 
 
