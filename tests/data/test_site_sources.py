@@ -6,10 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from fedssl.config import config_from_dict
 from fedssl.errors import ConfigError
-from fedssl.experiment import central_data_for, site_partitions, simulated_site_from_config
+from fedssl.experiment import central_data_for, simulated_site, simulated_site_from_config, site_partitions
 from fedssl.preflight import preflight
 
 
@@ -45,6 +46,15 @@ def test_each_site_trains_on_its_own_source_and_the_evaluation_on_data_source(tm
     with pytest.raises(ConfigError, match="out of range"):
         simulated_site_from_config(config, 2)
     assert preflight(config).problems == []
+
+
+def test_a_simulation_worker_loads_its_site_source_from_the_saved_config(tmp_path: Path) -> None:
+    """The ClientApp's path (fedssl.site_round): the run's config file and a partition id, nothing else."""
+    sites = [str(_write_lines(tmp_path / "a.txt", "alpha", 3)), str(_write_lines(tmp_path / "b.txt", "beta", 4))]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path, sites)))
+    dataset, settings = simulated_site(str(path), str(tmp_path / "run"), 1)
+    assert len(dataset) == 4 and settings.site_id == 1
 
 
 def test_num_sites_must_match_the_site_sources(tmp_path: Path) -> None:
