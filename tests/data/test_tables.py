@@ -1,0 +1,106 @@
+"""Categorical CSV columns (fedssl.tables): the public one-hot encoding, the 'missing'/'other' slots and
+their warnings, the one-line errors for a bad spec, and the probe's width agreeing with the loader's."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedssl.config import load_config
+from fedssl.data.loaders import MissingValuesImputedWarning, UnknownCategoryWarning, load_site_data
+from fedssl.data.probe import probe_data
+from fedssl.errors import ConfigError, DataError
+from fedssl.tables import CategoricalSpec, categorical_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+BASE = ROOT / "configs" / "base.yaml"
+# A bank's table: a declared column (home), a hashed one (job), numbers, and gaps in both kinds.
+BANK = ("id,age,home,job,income,label\n"
+        "c1,30,rent,fixed,2.5,0\n"
+        "c2,41,owner,,3.0,1\n"
+        "c3,,castle,freelance,1.0,0\n"
+        "c4,25,,fixed,0.5,1\n")
+SPEC = categorical_spec(["job"], {"home": ["rent", "owner"]}, buckets=4)
+
+
+def _csv(tmp_path: Path, text: str = BANK) -> Path:
+    path = tmp_path / "bank.csv"
+    path.write_text(text)
+    return path
+
+
+def test_declared_and_hashed_columns_become_one_hot_blocks_after_the_numbers(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_site_data(_csv(tmp_path), categorical=SPEC)
+    x = data.inputs.numpy()
+    # numeric age, income; home: rent, owner, other, missing; job: 4 buckets, missing
+    assert data.input_shape == (2 + 4 + 5,) and data.feature_blocks == (4, 5)
+    assert x[:, :2].tolist() == [[30, 2.5], [41, 3.0], [0, 1.0], [25, 0.5]]
+    assert x[:, 2:6].tolist() == [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+    job = x[:, 6:]
+    assert (job.sum(axis=1) == 1).all() and job[1, 4] == 1 and job[0, :4].argmax() < 4
+    assert (job[0] == job[3]).all()  # the same value lands in the same bucket, on every site and run
+    kinds = {type(w.message): str(w.message) for w in caught}
+    assert "'home': 1" in kinds[UnknownCategoryWarning]  # castle -> other
+    missing = [str(w.message) for w in caught if w.category is MissingValuesImputedWarning]
+    assert any("'missing'" in m and "'home': 1" in m and "'job': 1" in m for m in missing)
+    assert any("imputed 0" in m and "'age': 1" in m for m in missing)
+
+
+def test_hash_buckets_do_not_depend_on_the_data() -> None:
+    spec = categorical_spec(["job"], {}, buckets=8)
+    assert spec.slot("job", "fixed") == categorical_spec(["job"], {}, buckets=8).slot("job", "fixed")
+    assert spec.slot("job", "")[0] == 8 and spec.block_size("job") == 9
+    assert len({spec.slot("job", f"value-{i}")[0] for i in range(200)}) == 8  # every bucket reachable
+
+
+def test_a_text_column_not_declared_names_the_keys_that_declare_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_site_data(_csv(tmp_path), categorical=categorical_spec(["job"], {}))
+    assert "column 'home' is not numeric" in str(err.value) and "data.categorical: [home]" in str(err.value)
+    with pytest.raises(DataError, match="data.categorical: \\[home\\]"):
+        probe_data(str(_csv(tmp_path)), categorical=categorical_spec(["job"], {}))
+
+
+def test_a_categorical_column_not_in_the_header_is_one_line(tmp_path: Path) -> None:
+    spec = categorical_spec(["job", "hom"], {"home": ["rent"]})
+    for read in (lambda: load_site_data(_csv(tmp_path), categorical=spec), lambda: probe_data(str(_csv(tmp_path)), categorical=spec)):
+        with pytest.raises(DataError) as err:
+            read()
+        assert "'hom'" in str(err.value) and "\n" not in str(err.value) and "bank.csv" in str(err.value)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("data.hash_buckets=1", "data.hash_buckets"),
+    ("data.categorical=[job, job]", "data.categorical"),
+    ("data.categorical=['']", "data.categorical[0]"),
+    ("data.categories={home: []}", "data.categories.home"),
+    ("data.categories={home: [a, a]}", "data.categories.home"),
+    ("data.categories={home: rent}", "data.categories.home"),
+    ("data.categorical=[job]", "data.categorical"),  # with data.kind npy below
+])
+def test_bad_categorical_spec_is_one_line_naming_the_key(override: str, key: str) -> None:
+    extra = ["data.kind=npy"] if override == "data.categorical=[job]" else []
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE, [override, *extra])
+    assert str(err.value).startswith(f"{key}:") and "\n" not in str(err.value)
+
+
+def test_config_keys_reach_the_spec() -> None:
+    cfg = load_config(BASE, ["data.categorical=[job, home]", "data.categories={home: [rent, 1]}", "data.hash_buckets=4"])
+    assert cfg.data.categorical_spec == CategoricalSpec((("home", ("rent", "1")),), ("job",), 4)
+
+
+def test_the_probe_agrees_with_the_loader_on_tables(tmp_path: Path) -> None:
+    path = _csv(tmp_path)
+    for spec in (SPEC, categorical_spec(["home", "job"], {}, buckets=3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = load_site_data(path, categorical=spec)
+        probe = probe_data(str(path), categorical=spec)
+        assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), "vector")
+    assert np.isfinite(loaded.inputs.numpy()).all()
