@@ -104,3 +104,40 @@ def test_the_probe_agrees_with_the_loader_on_tables(tmp_path: Path) -> None:
         probe = probe_data(str(path), categorical=spec)
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), "vector")
     assert np.isfinite(loaded.inputs.numpy()).all()
+
+
+def _converter():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("credit_to_table", ROOT / "simulations" / "credit_to_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_credit_converter_writes_features_without_the_label_and_an_id_label_csv(tmp_path: Path) -> None:
+    columns = {"Status": ["good", "bad", "good"], "Income": [129, None, 0], "Home": ["rent", None, "owner"]}
+    assert _converter().write_table(columns, ["Income"], tmp_path, label="Status", positive="bad") == 3
+    assert (tmp_path / "credit.csv").read_text().splitlines() == [
+        "id,Income,Home", "row-0,4.86753,rent", "row-1,,", "row-2,0,owner"]  # log1p; NA stays empty
+    assert (tmp_path / "labels.csv").read_text().split() == ["id,label", "row-0,0", "row-1,1", "row-2,0"]
+    with pytest.warns(MissingValuesImputedWarning):
+        data = load_site_data(tmp_path / "credit.csv", categorical=categorical_spec([], {"Home": ["rent", "owner"]}))
+    assert data.sample_ids == ("row-0", "row-1", "row-2") and data.input_shape == (1 + 4,)
+
+
+MODELDATA = Path("/usr/lib/R/site-library/modeldata/data/Rdata.rdx")
+
+
+@pytest.mark.skipif(not MODELDATA.is_file(), reason="r-cran-modeldata is not installed (apt-get install r-cran-modeldata)")
+def test_credit_data_converts_and_fits_the_declared_schema(tmp_path: Path) -> None:
+    pytest.importorskip("rdata")
+    module = _converter()
+    columns, numeric = module.read_lazyload(MODELDATA.with_suffix(""), "credit_data")
+    assert module.write_table(columns, numeric, tmp_path, "Status", "bad") == 4454
+    spec = load_config(ROOT / "configs" / "experiments" / "credit-vime.yaml").data.categorical_spec
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = load_site_data(tmp_path / "credit.csv", categorical=spec)
+    assert not [w for w in caught if w.category is UnknownCategoryWarning]  # the schema names every value
+    assert data.input_shape == (34,) and len(data) == 4454
