@@ -63,6 +63,9 @@ class DataConfig:
     hash_buckets: int = DEFAULT_HASH_BUCKETS
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
+    # Simulation with real site partitions: one source per site (site i trains on all of site_sources[i]);
+    # then data.partition is not used and data.source (+ data.labels) is only the central evaluation's data.
+    site_sources: list[str] = field(default_factory=list)
     test_fraction: float = 0.3
 
     def validate(self) -> None:
@@ -70,6 +73,9 @@ class DataConfig:
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
         check_image_size("data.image_size", self.image_size)
         check(2 <= self.max_length <= 4096, "data.max_length", "must be in [2, 4096] (CLS and at least one byte)", self.max_length)
+        check(isinstance(self.site_sources, list) and all(isinstance(p, str) and p for p in self.site_sources),
+              "data.site_sources", "must be a list of paths, one data source per simulated site, or [] to partition data.source",
+              self.site_sources)
         check(self.labels is None or bool(self.labels), "data.labels", LABELS_HELP, self.labels)
         if self.labels:
             fmt = label_format(self.labels)
@@ -324,6 +330,10 @@ class ExperimentConfig:
     def validate(self) -> None:
         validate_sections(self)
         self._validate_aggregation()
+        sources = self.data.site_sources
+        check(not sources or self.federation.num_sites == len(sources), "federation.num_sites",
+              f"must equal the {len(sources)} data.site_sources (one source per site; data.partition is not used)",
+              self.federation.num_sites)
 
     def _validate_aggregation(self) -> None:
         sa, sampled = self.secure_aggregation, self.federation.sites_per_round

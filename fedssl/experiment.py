@@ -125,6 +125,9 @@ def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: 
 
 
 def site_partitions(config: ExperimentConfig) -> list[np.ndarray]:
+    """Each simulated site's rows of the central training pool; [] with data.site_sources (each site has its own)."""
+    if config.data.site_sources:
+        return []
     data = central_data_for(config)
     labels = data.train_partition_labels()
     if config.data.partition == "dirichlet" and not (labels != UNLABELLED).any():
@@ -166,7 +169,17 @@ def simulated_site_from_config(config: ExperimentConfig, site_id: int, run_dir: 
 
 
 def _site_from_parts(config: ExperimentConfig, parts: list[np.ndarray], run_dir: Path, site_id: int) -> tuple[SiteDataset, SiteSettings]:
-    if not 0 <= site_id < len(parts):
-        raise ConfigError(f"partition-id {site_id} out of range: the config has federation.num_sites={len(parts)}")
-    data = central_data_for(config)
-    return make_site_dataset(data.train, parts[site_id]), site_settings(config, run_dir, site_id)
+    sources = config.data.site_sources
+    num_sites = len(sources) or len(parts)
+    if not 0 <= site_id < num_sites:
+        raise ConfigError(f"partition-id {site_id} out of range: the config has federation.num_sites={num_sites}")
+    if sources:  # a real site partition: the whole file is the site's (the central test set is data.source's)
+        data = config.data
+        return (_site_source(sources[site_id], data.kind, data.image_hw, data.max_length),
+                site_settings(config, run_dir, site_id))
+    return make_site_dataset(central_data_for(config).train, parts[site_id]), site_settings(config, run_dir, site_id)
+
+
+@functools.lru_cache(maxsize=4)
+def _site_source(source: str, kind: str, image_size: tuple[int, int] | None, max_length: int) -> SiteDataset:
+    return load_site_data(source, kind, image_size=image_size, max_length=max_length)

@@ -12,7 +12,9 @@ problem, each one line naming the config key and the fix:
   patches that tile the image) (``pretext.name``, ``pretext.params.*``, ``warm_start.*``);
 - label skew and the evaluation have consented labels to use (``data.partition``, ``evaluation.*``);
 - every simulated site gets rows, and the planned rounds x steps fit each site's privacy policy at
-  its noise floor (fedssl.privacy.feasibility).
+  its noise floor (fedssl.privacy.feasibility);
+- with ``data.site_sources`` (one source per simulated site), each is read and holds samples of the
+  central data's shape, and the plan fits each site's own size.
 
 Without torch, on purpose: a wrong config is answered in well under a second instead of after
 seconds of imports and a federation's worth of tracebacks. Only the rules of fedssl.inputs are
@@ -71,7 +73,8 @@ def preflight(config: ExperimentConfig, *, simulated_sites: bool = True, evaluat
     problems: list[Problem] = []
     needs_labels = evaluate and config.evaluation.enabled and not evaluation_optional
     probe = _probe(config, problems) if simulated_sites or needs_labels else None
-    sites_probe = probe if simulated_sites else None
+    site_probes = _site_source_probes(config, probe, problems) if simulated_sites and config.data.site_sources else None
+    sites_probe = (site_probes[0] if site_probes else None) if config.data.site_sources else (probe if simulated_sites else None)
     shape = tuple(config.model.input_shape) or (sites_probe.sample_shape if sites_probe else ())
     if sites_probe is not None and config.model.input_shape and shape != sites_probe.sample_shape:
         problems.append(Problem("model.input_shape", f"is {list(shape)} but data.source holds {sites_probe.describe()}; "
@@ -82,7 +85,9 @@ def preflight(config: ExperimentConfig, *, simulated_sites: bool = True, evaluat
     problems += _warm_start_problems(config, shape)
     if probe is not None:
         problems += _label_problems(config, probe, simulated_sites=simulated_sites, needs_labels=needs_labels)
-    if sites_probe is not None:
+    if site_probes:
+        problems += [problem for i, site in enumerate(site_probes) for problem in _site_problems(config, site, site=i)]
+    elif sites_probe is not None:
         problems += _site_problems(config, sites_probe)
     return Preflight(problems, probe)
 
@@ -117,6 +122,25 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
             problems.append(Problem("data.labels", str(err).removeprefix("data.labels: ")))
             return replace(probe, labelled=False)
     return probe
+
+
+def _site_source_probes(config: ExperimentConfig, central: DataProbe | None, problems: list[Problem]) -> list[DataProbe] | None:
+    """Each data.site_sources entry probed like data.source, and of the central data's shape (the evaluation
+    encodes data.source with the sites' encoder); None when one cannot be read."""
+    data, probes = config.data, []
+    for i, source in enumerate(data.site_sources):
+        try:
+            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length))
+        except DataError as err:
+            problems.append(Problem("data.site_sources", f"site {i} ({source}): {err}"))
+    if len(probes) < len(data.site_sources):
+        return None
+    for i, site in enumerate(probes):
+        if central is not None and (site.modality, site.sample_shape) != (central.modality, central.sample_shape):
+            problems.append(Problem("data.site_sources", f"site {i} ({site.source}) holds {site.describe()} but data.source "
+                                    f"{central.source}, the central evaluation's data, holds {central.describe()}; give every "
+                                    "site and data.source samples of one shape"))
+    return probes
 
 
 def _pretext_name_problems(config: ExperimentConfig) -> list[Problem]:
@@ -161,7 +185,8 @@ def _label_problems(config: ExperimentConfig, probe: DataProbe, *, simulated_sit
     """Label skew and the evaluation read labels through the consent manifest only (fedssl.experiment)."""
     problems: list[Problem] = []
     consented_train = _consented_training_records(config, probe, problems)
-    if simulated_sites and config.data.partition == "dirichlet" and consented_train == 0:
+    partitioned = simulated_sites and not config.data.site_sources  # site sources are the sites' own: no partition
+    if partitioned and config.data.partition == "dirichlet" and consented_train == 0:
         why = ("no record of the training pool is consented" if probe.labelled
                else f"data.source {probe.source} has no labels (only the embedded digits and sources with data.labels carry labels, behind the consent manifest)")
         problems.append(Problem("data.partition", f"dirichlet label skew needs consented labels, but {why}; "
@@ -202,13 +227,19 @@ def _consented_training_records(config: ExperimentConfig, probe: DataProbe, prob
     return consented - num_test
 
 
-def _site_problems(config: ExperimentConfig, probe: DataProbe) -> list[Problem]:
-    """Every simulated site needs rows, and the plan must fit a site's privacy policy (the average site's size)."""
+def _site_problems(config: ExperimentConfig, probe: DataProbe, site: int | None = None) -> list[Problem]:
+    """Every simulated site needs rows, and the plan must fit a site's privacy policy: the average site's size for
+    a partition of data.source, each site's own for data.site_sources (``site``: its index)."""
     fed, training = config.federation, config.training
-    train_rows = probe.count - round(probe.count * config.data.test_fraction)
-    if train_rows < fed.num_sites:
-        return [Problem("federation.num_sites", f"{fed.num_sites} sites cannot share the {train_rows} training rows of "
-                        f"data.source {probe.source} (every site needs one); use fewer sites or more data")]
-    plan = PlannedRun(site_rows=train_rows // fed.num_sites, batch_size=training.batch_size,
+    if site is None:
+        train_rows = probe.count - round(probe.count * config.data.test_fraction)
+        if train_rows < fed.num_sites:
+            return [Problem("federation.num_sites", f"{fed.num_sites} sites cannot share the {train_rows} training rows of "
+                            f"data.source {probe.source} (every site needs one); use fewer sites or more data")]
+        site_rows = train_rows // fed.num_sites
+    else:
+        site_rows = probe.count
+    plan = PlannedRun(site_rows=site_rows, batch_size=training.batch_size,
                       local_steps=training.local_steps, rounds=fed.rounds)
-    return [Problem(key, message) for key, message in plan_problems(config.privacy, plan)]
+    where = "" if site is None else f" (site {site}, {probe.source}: {site_rows} rows)"
+    return [Problem(key, message + where) for key, message in plan_problems(config.privacy, plan)]

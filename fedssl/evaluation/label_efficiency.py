@@ -20,7 +20,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedssl.config import FINETUNE, LINEAR_PROBE, EvaluationConfig
-from fedssl.evaluation.probes import encode, finetune_accuracy, flatten_inputs, linear_probe_accuracy
+from fedssl.evaluation.baselines import Features, RawBaseline, raw_baseline
+from fedssl.evaluation.probes import encode, finetune_accuracy, linear_probe_accuracy
 from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
@@ -54,8 +55,10 @@ class _ProbeView:
 
     row: str
     init_seed: int | None
-    pool: np.ndarray
-    test: np.ndarray
+    pool: Features
+    test: Features
+    standardize: bool = True
+    C: float | None = None  # None: the plan's probe_C
 
 
 @dataclass(frozen=True)
@@ -86,13 +89,15 @@ def _probe_views(
     pretrained: Encoder,
     random_inits: dict[int, Encoder],
     plan: EvaluationConfig,
+    raw: RawBaseline,
     warm_start: Encoder | None = None,
 ) -> list[_ProbeView]:
     def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
         return _ProbeView(row, init_seed, encode(encoder, pool_inputs), encode(encoder, test_inputs))
 
-    # Raw pixels are always probed: they are the floor any learned representation must beat.
-    views = [_ProbeView(RAW_INPUT, None, flatten_inputs(pool_inputs), flatten_inputs(test_inputs))]
+    # The raw input is always probed (pixels, feature columns, TF-IDF of text: fedssl.evaluation.baselines):
+    # it is the floor any learned representation must beat.
+    views = [_ProbeView(RAW_INPUT, None, *raw.features(pool_inputs, test_inputs), raw.standardize, raw.C)]
     if LINEAR_PROBE in plan.methods:
         views += [frozen(RANDOM_INIT_PROBE, seed, encoder) for seed, encoder in random_inits.items()]
         if warm_start is not None:
@@ -122,7 +127,7 @@ def _build_bench(
         warm_start.load_state_dict(warm_start_state)
     # uint8 pixels become [0, 1] floats here, as in training: only the consented pool and the test set.
     test_inputs = unit_float(test.inputs)
-    views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, warm_start)
+    views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, raw_baseline(train.modality), warm_start)
     return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start)
 
 
@@ -133,7 +138,8 @@ def _runs_on_subset(
     label_seed = plan.label_seeds[seed_index]
     subset_labels = bench.pool_labels[subset]
     for view in bench.views:
-        accuracy = linear_probe_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels, plan.probe_C)
+        accuracy = linear_probe_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels,
+                                         plan.probe_C if view.C is None else view.C, view.standardize)
         yield view.row, SeedRun(label_seed, view.init_seed, accuracy)
     if FINETUNE not in plan.methods:
         return
@@ -238,4 +244,6 @@ def evaluate_label_efficiency(
         num_consented_train=num_consented,
         num_test=len(bench.test_labels),
         seconds=time.perf_counter() - started,
+        raw_features=raw_baseline(train.modality).name,
+        class_names=list(labels.class_names) if labels.class_names else None,
     )

@@ -29,12 +29,14 @@ def flatten_inputs(inputs: torch.Tensor) -> np.ndarray:
 
 
 def linear_probe_accuracy(
-    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, C: float
+    train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, C: float,
+    standardize: bool = True,
 ) -> float:
-    """Test accuracy of a standardized multinomial logistic regression."""
+    """Test accuracy of a (standardized) multinomial logistic regression; ``train_x`` may be sparse (TF-IDF)."""
     # Standardizing puts raw pixels, random features and pretrained features on one scale,
     # so a single C is a fair setting for every row.
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=2000))
+    steps = [StandardScaler()] if standardize else []
+    probe = make_pipeline(*steps, LogisticRegression(C=C, max_iter=2000))
     probe.fit(train_x, train_y)
     return float(np.mean(probe.predict(test_x) == test_y))
 

@@ -117,6 +117,12 @@ class EvalResults:
     num_consented_train: int
     num_test: int
     seconds: float
+    raw_features: str = "pixels"  # what the raw_input row probed (fedssl.evaluation.baselines): pixels, features, tf-idf
+    class_names: list[str] | None = None  # class i's name where the labels were names; None for integer labels
+
+    def row_title(self, row: str) -> str:
+        """A row's name as tables show it: the raw-input row says which raw features it probed."""
+        return f"{row} ({self.raw_features})" if row == RAW_INPUT else row
 
     def evaluated_fractions(self) -> list[float]:
         return [info.fraction for info in self.fractions if info.skipped is None]
@@ -176,7 +182,7 @@ class EvalResults:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows:
             values = [self._format_cell(row, info) for info in self.fractions]
-            lines.append("| " + " | ".join([row, *values]) + " |")
+            lines.append("| " + " | ".join([self.row_title(row), *values]) + " |")
         notes = [f"- {note}" for note in self.skip_notes()]
         return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -209,6 +215,8 @@ class EvalResults:
             "num_consented_train": self.num_consented_train,
             "num_test": self.num_test,
             "seconds": self.seconds,
+            "raw_features": self.raw_features,
+            "class_names": self.class_names,
         }
 
     @classmethod
@@ -226,4 +234,6 @@ class EvalResults:
             num_consented_train=data["num_consented_train"],
             num_test=data["num_test"],
             seconds=data["seconds"],
+            raw_features=data.get("raw_features", "pixels"),  # files written before it probed pixels
+            class_names=data.get("class_names"),
         )

@@ -191,6 +191,8 @@ def _evaluation_section(run: RunFiles) -> list[str]:
         "",
         results.markdown_table(),
     ]
+    if results.class_names:
+        lines += ["", "Classes: " + ", ".join(f"{i} {name}" for i, name in enumerate(results.class_names)) + "."]
     if results.evaluated_fractions():
         plot_label_efficiency(results, run.run_dir / LABEL_EFFICIENCY_PLOT)
         lines += ["", f"![label efficiency]({LABEL_EFFICIENCY_PLOT})"]
@@ -283,7 +285,7 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
     lines = [f"{'accuracy':<{NAME_WIDTH}}" + "".join(f"{format_fraction(f):>{CELL_WIDTH}}" for f in fractions)]
     for row in results.rows:
         cells = [results.cell(row, f) for f in fractions]
-        lines.append(f"{row:<{NAME_WIDTH}}" + "".join(f"{f'{c.mean:.3f}±{c.std:.3f}':>{CELL_WIDTH}}" for c in cells))
+        lines.append(f"{results.row_title(row):<{NAME_WIDTH}}" + "".join(f"{f'{c.mean:.3f}±{c.std:.3f}':>{CELL_WIDTH}}" for c in cells))
     for readout, gains in _pretraining_gains(results).items():
         cells = [f"{g.delta:+.3f}{_gain_mark(g)}" for g in gains]
         lines.append(f"{f'pretraining gain ({readout})':<{NAME_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))

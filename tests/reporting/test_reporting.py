@@ -124,7 +124,7 @@ def test_report_has_plots_and_the_input_numbers(run_dir: Path) -> None:
     assert "| rounds | 3 completed (planned 3) |" in report
     assert "| wall time | 42.2 s |" in report
     assert "| pretrained_probe | 0.620 ± 0.020 | 0.910 ± 0.010 |" in report
-    assert "| raw_input | 0.520 ± 0.020 | 0.710 ± 0.010 |" in report
+    assert "| raw_input (pixels) | 0.520 ± 0.020 | 0.710 ± 0.010 |" in report
 
 
 def test_report_says_why_dp_sites_show_no_pretext_loss(run_dir: Path) -> None:

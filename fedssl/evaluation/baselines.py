@@ -1,0 +1,70 @@
+"""The raw-input baseline: a linear classifier on features of the inputs themselves, chosen per modality.
+
+It is the floor any learned representation must beat, so it must be a fair one for the data: flattened
+pixels or feature columns for images and vectors, but for text the flattened byte ids would be a straw
+man (a byte's id at position 17 means nothing), so text gets TF-IDF of character n-grams, the standard
+bag-of-n-grams text classifier. One mapping, :data:`RAW_BASELINES`, decides; a new modality adds one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+
+from fedssl.evaluation.probes import flatten_inputs
+
+Features = np.ndarray | sparse.spmatrix
+# (consented pool inputs, test inputs) -> (pool features, test features); fitted on the pool's inputs only
+FeatureFit = Callable[[torch.Tensor, torch.Tensor], tuple[Features, Features]]
+
+
+@dataclass(frozen=True)
+class RawBaseline:
+    """How the raw-input row reads a modality: its features and the probe that fits them."""
+
+    name: str  # shown in the report: "raw_input (<name>)"
+    features: FeatureFit
+    # Standardize the features (one C fits pixels and encoder features alike); TF-IDF is already scaled.
+    standardize: bool = True
+    C: float | None = None  # None: the plan's probe_C, as every other probe row
+
+
+def flattened(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return flatten_inputs(pool), flatten_inputs(test)
+
+
+# TF-IDF over character 1-4-grams within word boundaries: robust to the byte tokenizer's truncation and to
+# spelling, with no trained vocabulary leaving the coordinator. Settings picked on a validation split of the
+# fortunes training pool (configs/experiments/fortunes-mlm.yaml), never on the test set.
+TFIDF_NGRAMS = (1, 4)
+TFIDF_MAX_FEATURES = 50_000
+TFIDF_C = 10.0
+
+
+def tfidf(pool: torch.Tensor, test: torch.Tensor) -> tuple[sparse.spmatrix, sparse.spmatrix]:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    from fedssl.data.text import decode
+
+    vectorizer = TfidfVectorizer(analyzer="char_wb", ngram_range=TFIDF_NGRAMS, sublinear_tf=True,
+                                 max_features=TFIDF_MAX_FEATURES)
+    pool_texts, test_texts = ([decode(row) for row in inputs.long().tolist()] for inputs in (pool, test))
+    return vectorizer.fit_transform(pool_texts), vectorizer.transform(test_texts)
+
+
+PIXELS = RawBaseline("pixels", flattened)
+RAW_BASELINES: dict[str, RawBaseline] = {
+    "image": PIXELS,
+    "vector": RawBaseline("features", flattened),
+    "text": RawBaseline("tf-idf", tfidf, standardize=False, C=TFIDF_C),
+}
+
+
+def raw_baseline(modality: str) -> RawBaseline:
+    if modality not in RAW_BASELINES:
+        raise ValueError(f"no raw-input baseline for modality {modality!r}; valid choices: {', '.join(sorted(RAW_BASELINES))}")
+    return RAW_BASELINES[modality]
