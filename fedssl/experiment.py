@@ -175,11 +175,12 @@ def _site_from_parts(config: ExperimentConfig, parts: list[np.ndarray], run_dir:
         raise ConfigError(f"partition-id {site_id} out of range: the config has federation.num_sites={num_sites}")
     if sources:  # a real site partition: the whole file is the site's (the central test set is data.source's)
         data = config.data
-        return (_site_source(sources[site_id], data.kind, data.image_hw, data.max_length),
+        return (_site_source(sources[site_id], data.kind, data.image_hw, data.max_length, data.categorical_spec),
                 site_settings(config, run_dir, site_id))
     return make_site_dataset(central_data_for(config).train, parts[site_id]), site_settings(config, run_dir, site_id)
 
 
 @functools.lru_cache(maxsize=4)
-def _site_source(source: str, kind: str, image_size: tuple[int, int] | None, max_length: int) -> SiteDataset:
-    return load_site_data(source, kind, image_size=image_size, max_length=max_length)
+def _site_source(source: str, kind: str, image_size: tuple[int, int] | None, max_length: int,
+                 categorical: CategoricalSpec) -> SiteDataset:
+    return load_site_data(source, kind, image_size=image_size, max_length=max_length, categorical=categorical)

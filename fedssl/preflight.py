@@ -130,7 +130,8 @@ def _site_source_probes(config: ExperimentConfig, central: DataProbe | None, pro
     data, probes = config.data, []
     for i, source in enumerate(data.site_sources):
         try:
-            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length))
+            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length,
+                                     categorical=data.categorical_spec))
         except DataError as err:
             problems.append(Problem("data.site_sources", f"site {i} ({source}): {err}"))
     if len(probes) < len(data.site_sources):

@@ -141,3 +141,30 @@ def test_credit_data_converts_and_fits_the_declared_schema(tmp_path: Path) -> No
         data = load_site_data(tmp_path / "credit.csv", categorical=spec)
     assert not [w for w in caught if w.category is UnknownCategoryWarning]  # the schema names every value
     assert data.input_shape == (34,) and len(data) == 4454
+
+
+def test_site_sources_are_encoded_by_the_same_schema_as_the_central_table(tmp_path: Path) -> None:
+    """Per-site CSVs (data.site_sources) with different values present still give every site the central width."""
+    from fedssl.config import config_from_dict
+    from fedssl.experiment import central_data_for, simulated_site_from_config
+    from fedssl.preflight import preflight
+
+    central = _csv(tmp_path)
+    (tmp_path / "labels.csv").write_text("id,label\n" + "".join(f"c{i},{i % 2}\n" for i in range(1, 5)))
+    (tmp_path / "a.csv").write_text("id,age,home,job,income\na1,30,rent,fixed,1\na2,31,rent,fixed,2\n")
+    (tmp_path / "b.csv").write_text("id,age,home,job,income\nb1,50,owner,,1\nb2,51,,pilot,2\nb3,52,tent,pilot,3\n")
+    config = config_from_dict({
+        "data": {"source": str(central), "labels": str(tmp_path / "labels.csv"), "partition": "iid", "test_fraction": 0.5,
+                 "site_sources": [str(tmp_path / "a.csv"), str(tmp_path / "b.csv")], "categorical": ["job"],
+                 "categories": {"home": ["rent", "owner"]}, "hash_buckets": 4},
+        "federation": {"num_sites": 2, "min_sites": 1, "rounds": 1},
+        "model": {"encoder": "mlp", "width": 8}, "pretext": {"name": "vime"}, "privacy": {"enabled": False},
+        "training": {"batch_size": 2, "local_steps": 1},
+    })
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sites = [simulated_site_from_config(config, i)[0] for i in range(2)]
+        width = central_data_for(config).train.input_shape
+    assert [s.input_shape for s in sites] == [width, width] == [(11,), (11,)]
+    assert all(s.feature_blocks == (4, 5) for s in sites)
+    assert [p.key for p in preflight(config, evaluate=False).problems] == []
