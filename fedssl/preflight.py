@@ -33,6 +33,7 @@ from fedssl.data.probe import KINDS, DataProbe, probe_data, probe_labels
 from fedssl.errors import ConfigError, DataError
 from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
+from fedssl.tables import SchemaError
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels,
                            max_length=config.data.max_length, categorical=config.data.categorical_spec)
     except DataError as err:
-        problems.append(Problem("data.source", str(err)))
+        problems.append(Problem("data.categorical" if isinstance(err, SchemaError) else "data.source", str(err)))
         return None
     if config.data.labels is not None:
         try:

@@ -41,6 +41,11 @@ DEFAULT_HASH_BUCKETS = 16
 MAX_HASH_BUCKETS = 4096
 
 
+class SchemaError(DataError):
+    """The table and the categorical schema disagree (a text cell in an undeclared column, a declared column
+    the header lacks): the fix is in data.categorical / data.categories, so the preflight names that key."""
+
+
 @dataclass(frozen=True)
 class CategoricalSpec:
     """Which CSV columns are categorical and their slots; hashable (the central split is cached on it)."""
@@ -115,14 +120,14 @@ def table_layout(header: Sequence[str], features: Sequence[int], spec: Categoric
     names = {header[i].strip(): i for i in features}
     unknown = sorted(spec.columns - set(names))
     if unknown:
-        raise DataError(f"{path}: categorical column {unknown[0]!r} (data.categorical / data.categories) is not a feature "
+        raise SchemaError(f"{path}: categorical column {unknown[0]!r} (data.categorical / data.categories) is not a feature "
                         f"column of the header ({', '.join(names)}); fix the name or remove it")
     categorical = tuple(i for i in features if header[i].strip() in spec.columns)
     numeric = tuple(i for i in features if i not in categorical)
     return TableLayout(numeric, categorical, tuple(spec.block_size(header[i].strip()) for i in categorical))
 
 
-def not_numeric_error(path: object, column: str, where: str, cell: str) -> DataError:
+def not_numeric_error(path: object, column: str, where: str, cell: str) -> SchemaError:
     """The one line for a text cell in a numeric column: declare the column categorical."""
-    return DataError(f"{path}: column {column!r} is not numeric ({where}{cell!r}); declare it categorical "
+    return SchemaError(f"{path}: column {column!r} is not numeric ({where}{cell!r}); declare it categorical "
                      f"(data.categorical: [{column}] hashes its values; data.categories: {{{column}: [...]}} names them) or drop it")

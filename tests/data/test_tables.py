@@ -168,3 +168,13 @@ def test_site_sources_are_encoded_by_the_same_schema_as_the_central_table(tmp_pa
     assert [s.input_shape for s in sites] == [width, width] == [(11,), (11,)]
     assert all(s.feature_blocks == (4, 5) for s in sites)
     assert [p.key for p in preflight(config, evaluate=False).problems] == []
+
+
+def test_the_preflight_names_data_categorical_for_a_schema_that_does_not_fit_the_table(tmp_path: Path) -> None:
+    from fedssl.preflight import preflight
+
+    path = _csv(tmp_path)
+    for overrides in (["data.categorical=[job]"], ["data.categorical=[job, hom]", "data.categories={home: [rent]}"]):
+        cfg = load_config(BASE, [f"data.source={path}", "model.encoder=mlp", "pretext.name=vime", *overrides])
+        problems = preflight(cfg, evaluate=False).problems
+        assert [p.key for p in problems][:1] == ["data.categorical"] and "bank.csv" in problems[0].message
