@@ -64,7 +64,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     result = check_file(args.config, args.set, evaluate=not args.skip_evaluation)
     result.raise_for_problems()
-    data = f": data.source {result.probe.source} holds {result.probe.describe()}" if result.probe is not None else ""
+    probe = result.probe
+    data = f": data.source {probe.source} holds {probe.describe()}; {probe.describe_labels()}" if probe is not None else ""
     print(f"fedssl: {args.config} fits its data{data}")
     return 0
 

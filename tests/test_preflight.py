@@ -202,7 +202,7 @@ def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(data):
 def test_cli_says_what_it_checked_when_the_config_fits():
     out = subprocess.run([FEDSSL, "check", str(DEMO)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "1797 images shaped [1, 8, 8]" in out.stdout
+    assert "1797 images shaped [1, 8, 8]; labels built in" in out.stdout
 
 
 def test_the_torch_free_rules_match_the_registries():

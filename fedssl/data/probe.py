@@ -48,6 +48,16 @@ class DataProbe:
     count: int  # samples in the whole source (before the test split)
     labelled: bool  # labels exist behind the consent manifest (digits, or data.labels given)
     labelled_count: int | None = None  # how many samples data.labels labels (None: all, or not probed yet)
+    labels: str | None = None  # data.labels as given
+
+    def describe_labels(self) -> str:
+        """Where the evaluation's labels come from, for ``fedssl check``."""
+        if self.kind == DIGITS:
+            return "labels built in"
+        if not self.labelled or self.labels is None:
+            return "no labels"
+        count = self.count if self.labelled_count is None else self.labelled_count
+        return f"data.labels {self.labels} labels {count} of them"
 
     def sample_id(self, index: int) -> str:
         """The id fedssl.data.loaders gives row ``index`` of a source without ids of its own (digits, IDX, arrays)."""
@@ -123,14 +133,16 @@ def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] |
     path = existing_path(source)
     resolved = resolve_kind(path, kind)
     if resolved == "text":
-        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=labels is not None)
+        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=labels is not None,
+                         labels=labels)
     if categorical is not None and categorical.columns and resolved != "csv":
         raise DataError(f"{path} is {resolved} data, not a CSV; data.categorical / data.categories apply to CSV sources only")
     shape, count = _probe_csv(path, categorical or CategoricalSpec()) if resolved == "csv" else _PROBES[resolved](path)
     if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
         shape = (shape[0], *image_size)
     labelled = labels is not None
-    return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled)
+    return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled,
+                     labels=labels)
 
 
 def _count_texts(path: Path) -> int:

@@ -78,6 +78,9 @@ def test_a_partially_labelled_source_consents_only_labelled_ids(tmp_path: Path) 
     assert data.labels is not None
     assert all(int(i.split("-")[1]) % 2 == 0 for i in data.labels.manifest.ids) and len(data.test) == 8
     assert probe_labels(str(labels), probe_data(str(source), labels=str(labels))) == 20
+    # fedssl check says where the labels come from and how many samples they cover
+    checked = preflight(config_from_dict(_config(tmp_path, source, labels))).probe
+    assert checked is not None and checked.describe_labels() == f"data.labels {labels} labels 20 of them"
 
 
 def test_class_folders_label_an_image_folder(tmp_path: Path) -> None:
