@@ -29,6 +29,7 @@ Torch-free and numpy-free: the config, the probe and the loader all read it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,22 +59,25 @@ class CategoricalSpec:
     def columns(self) -> frozenset[str]:
         return frozenset(self.hashed) | {name for name, _ in self.declared}
 
+    @functools.cached_property
+    def _slots(self) -> dict[str, dict[str, int]]:
+        """Declared column -> value -> slot (looked up once per cell: tables have many cells)."""
+        return {name: {value: i for i, value in enumerate(values)} for name, values in self.declared}
+
     def block_size(self, column: str) -> int:
-        values = dict(self.declared).get(column)
+        values = self._slots.get(column)
         return self.buckets + 1 if values is None else len(values) + 2
 
     def slot(self, column: str, cell: str) -> tuple[int, str | None]:
         """(slot in the column's block, what to count: MISSING, OTHER or None) for one stripped cell."""
-        values = dict(self.declared).get(column)
-        size = self.block_size(column)
+        values = self._slots.get(column)
         if not cell:
-            return size - 1, MISSING
+            return self.block_size(column) - 1, MISSING
         if values is None:
             digest = hashlib.blake2b(cell.encode("utf-8"), digest_size=8).digest()
             return int.from_bytes(digest, "little") % self.buckets, None
-        if cell in values:
-            return values.index(cell), None
-        return len(values), OTHER
+        found = values.get(cell)
+        return (len(values), OTHER) if found is None else (found, None)
 
 
 def categorical_spec(categorical: Sequence[str], categories: Mapping[str, Sequence[str]],
