@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from fedssl.inputs import ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec
+from fedssl.tables import DEFAULT_HASH_BUCKETS, CategoricalSpec, categorical_spec
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
 from fedssl.privacy.settings import ACCOUNTANTS, CLIPPING_ENGINES, PrivacyConfig, SecureAggregationConfig, SiteDPConfig  # noqa: F401
@@ -54,6 +55,12 @@ class DataConfig:
     image_size: list[int] = field(default_factory=list)
     # text sources (.txt): token ids per sample, CLS + UTF-8 bytes truncated/padded to it (fedssl.data.text)
     max_length: int = 128
+    # CSV categorical columns, one-hot encoded by a public rule (fedssl/tables.py says why no learned vocabulary):
+    # data.categories names a column's values (others -> "other"); data.categorical columns without
+    # such an entry are hashed into data.hash_buckets slots. Empty cells -> "missing".
+    categorical: list[str] = field(default_factory=list)
+    categories: dict[str, Any] = field(default_factory=dict)
+    hash_buckets: int = DEFAULT_HASH_BUCKETS
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     # Simulation with real site partitions: one source per site (site i trains on all of site_sources[i]);
@@ -79,6 +86,13 @@ class DataConfig:
                   self.labels)
         check(self.labels is None or self.source != "digits", "data.labels",
               "must be null for data.source digits (its labels are built in)", self.labels)
+        spec = self.categorical_spec  # raises its own one-line errors
+        check(not spec.columns or self.kind in ("auto", "csv"), "data.categorical",
+              "applies to CSV sources only (data.kind csv or auto)", sorted(spec.columns))
+
+    @property
+    def categorical_spec(self) -> CategoricalSpec:
+        return categorical_spec(self.categorical, self.categories, self.hash_buckets)
 
     @property
     def image_hw(self) -> tuple[int, int] | None:

@@ -33,6 +33,7 @@ from fedssl.data.probe import KINDS, DataProbe, probe_data, probe_labels
 from fedssl.errors import ConfigError, DataError
 from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
+from fedssl.tables import SchemaError
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,9 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         return None
     try:
         probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels,
-                           max_length=config.data.max_length)
+                           max_length=config.data.max_length, categorical=config.data.categorical_spec)
     except DataError as err:
-        problems.append(Problem("data.source", str(err)))
+        problems.append(Problem("data.categorical" if isinstance(err, SchemaError) else "data.source", str(err)))
         return None
     if config.data.labels is not None:
         try:
@@ -130,7 +131,8 @@ def _site_source_probes(config: ExperimentConfig, central: DataProbe | None, pro
     data, probes = config.data, []
     for i, source in enumerate(data.site_sources):
         try:
-            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length))
+            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length,
+                                     categorical=data.categorical_spec))
         except DataError as err:
             problems.append(Problem("data.site_sources", f"site {i} ({source}): {err}"))
     if len(probes) < len(data.site_sources):

@@ -41,6 +41,8 @@ def data(tmp_path_factory) -> dict[str, Path]:
             Image.fromarray((rng.random((height, width)) * 255).astype(np.uint8)).save(root / name / f"{i}.png")
     rows = "".join(f"r{i},{i},{i % 3},{i * 0.5},{i % 2}\n" for i in range(40))
     (root / "table.csv").write_text("id,a,b,c,label\n" + rows)
+    homes = ["rent", "owner", "", "castle"]
+    (root / "bank.csv").write_text("id,age,home,job\n" + "".join(f"b{i},{i},{homes[i % 4]},job-{i % 5}\n" for i in range(40)))
     np.save(root / "images.npy", rng.random((40, 8, 8)).astype(np.float32))
     np.save(root / "vectors.npy", rng.random((40, 6)).astype(np.float32))
     (root / "manifest.txt").write_text("digits-0\ndigits-1\n")
@@ -149,6 +151,12 @@ def test_the_probe_reads_what_the_loaders_load(data):
     for name in ("square", "rgb"):  # data.image_size: the shape the sites train on is the resized one
         probe, loaded = probe_data(str(data[name]), image_size=(6, 4)), load_site_data(data[name], image_size=(6, 4))
         assert probe.sample_shape == loaded.input_shape == (loaded.input_shape[0], 6, 4), name
+    # tables with categorical columns: each one-hot block adds its slots, whatever values the rows hold
+    spec = load_config(BASE, ["data.categorical=[job]", "data.categories={home: [rent, owner]}"]).data.categorical_spec
+    with pytest.warns(UserWarning):  # 'missing' and 'other' cells are counted
+        loaded = load_site_data(data["bank"], categorical=spec)
+    probe = probe_data(str(data["bank"]), categorical=spec)
+    assert probe.sample_shape == loaded.input_shape == (1 + 4 + 17,) and probe.count == len(loaded) == 40
     digits = probe_data("digits")
     loaded = load_site_data("digits")
     assert (digits.sample_shape, digits.count, digits.labelled) == (loaded.input_shape, len(loaded), True)

@@ -187,6 +187,7 @@ def run_empirical_audit(
         inputs=torch.cat([unit_float(dataset.inputs), canaries[torch.from_numpy(is_member)]]),
         sample_ids=dataset.sample_ids + ids,
         modality=dataset.modality,
+        feature_blocks=dataset.feature_blocks,
     )
     own_dir = work_dir is None
     state_root = Path(tempfile.mkdtemp(prefix="fedssl-audit-")) if own_dir else Path(work_dir)
@@ -222,7 +223,7 @@ def _train_and_score(config: ExperimentConfig, attack: str, train_set: SiteDatas
         say(f"audit training round {server_round}/{config.federation.rounds}")
     if gradient_canaries is not None:
         return -pushed
-    model = build_pretext_model(plan, train_set.input_shape, state)
+    model = build_pretext_model(plan, train_set.input_shape, state, train_set.feature_blocks)
     restore_site_parts(model, settings.state_dir)
     return _canary_losses(model, canaries, score_repeats, seed=config.run.seed)
 

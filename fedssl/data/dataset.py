@@ -31,6 +31,9 @@ class SiteDataset:
     inputs: torch.Tensor
     sample_ids: tuple[str, ...]
     modality: str  # "image" | "vector" | "text"
+    # Tables: the sizes of the categorical one-hot blocks that end each row (fedssl.tables); VIME treats each
+    # block as one feature. Derived from the public schema, not from the rows.
+    feature_blocks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         _check_modality(self.modality)
@@ -65,6 +68,7 @@ class SiteDataset:
             inputs=self.inputs[rows],
             sample_ids=tuple(self.sample_ids[i] for i in index.tolist()),
             modality=self.modality,
+            feature_blocks=self.feature_blocks,
         )
 
 

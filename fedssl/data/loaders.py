@@ -27,6 +27,7 @@ from fedssl.data.probe import (
     resolve_kind, row_id,
 )
 from fedssl.errors import ConfigError, DataError
+from fedssl.tables import MISSING, OTHER, CategoricalSpec, TableLayout, not_numeric_error, table_layout
 
 DIGITS_MAX_VALUE = 16.0  # sklearn's digits pixels are counts 0..16
 
@@ -36,7 +37,11 @@ class LabelColumnDroppedWarning(UserWarning):
 
 
 class MissingValuesImputedWarning(UserWarning):
-    """A CSV had empty feature cells; they were set to 0 and counted."""
+    """A CSV had empty feature cells; they were set to 0 (categorical: to 'missing') and counted."""
+
+
+class UnknownCategoryWarning(UserWarning):
+    """A categorical CSV cell held a value data.categories does not list; it was set to 'other' and counted."""
 
 
 class _Loaded(NamedTuple):
@@ -44,6 +49,7 @@ class _Loaded(NamedTuple):
     sample_ids: tuple[str, ...]
     modality: str
     pixels: bool = False  # uint8 images kept as they are (possibly memory-mapped), scaled per batch
+    blocks: tuple[int, ...] = ()  # tables: the one-hot block sizes at the end of each row (fedssl.tables)
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,7 @@ class _ImageOptions:
     image_size: tuple[int, int] | None  # (height, width); None = first image's size
     grayscale: bool
     max_length: int = DEFAULT_MAX_LENGTH  # text: token ids per sample (data.max_length)
+    categorical: CategoricalSpec = CategoricalSpec()  # CSV: data.categorical / data.categories / data.hash_buckets
 
 
 _Loader = Callable[[Path, _ImageOptions], _Loaded]  # digits ignores the path
@@ -63,6 +70,7 @@ def load_site_data(
     image_size: tuple[int, int] | None = None,
     grayscale: bool = True,
     max_length: int = DEFAULT_MAX_LENGTH,
+    categorical: CategoricalSpec | None = None,
 ) -> SiteDataset:
     """Load one site's unlabelled data.
 
@@ -71,11 +79,12 @@ def load_site_data(
     embedded set unless a file or folder of that name exists; MNIST-style names such as
     train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
     folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
-    folders. ``path`` is ignored for "digits".
+    folders. ``categorical`` says which CSV columns are categorical (fedssl.tables). ``path`` is
+    ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
-    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length)
+    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length, categorical or CategoricalSpec())
     if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
     path = existing_path(path)
@@ -99,6 +108,7 @@ def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
             inputs=inputs,
             sample_ids=loaded.sample_ids,
             modality=loaded.modality,
+            feature_blocks=loaded.blocks,
         )
     except DataError as error:
         raise DataError(f"{source}: {error}") from error
@@ -238,7 +248,7 @@ def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
 # --- csv ------------------------------------------------------------------------------------
 
 
-def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
+def _load_csv(path: Path, options: _ImageOptions) -> _Loaded:
     header, rows = _read_csv(path)
     lowered = [name.strip().lower() for name in header]
     id_index = lowered.index(ID_COLUMN) if ID_COLUMN in lowered else None
@@ -253,10 +263,36 @@ def _load_csv(path: Path, _: _ImageOptions) -> _Loaded:
     features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
-    cells = [[_csv_number(row, i, header, line, path) for i in features] for line, row in rows]
-    values = _impute_missing(cells, [header[i] for i in features], path)
+    layout = table_layout(header, features, options.categorical, path)
+    cells = [[_csv_number(row, i, header, line, path) for i in layout.numeric] for line, row in rows]
+    values = _impute_missing(cells, [header[i] for i in layout.numeric], path)
+    if layout.categorical:
+        values = np.concatenate([values, _one_hot(rows, header, layout, options.categorical, path)], axis=1)
     ids = tuple(row[id_index].strip() for _, row in rows) if id_index is not None else _row_ids(len(rows))
-    return _Loaded(values, ids, "vector")
+    return _Loaded(values, ids, "vector", blocks=layout.blocks)
+
+
+def _one_hot(rows: list[tuple[int, list[str]]], header: list[str], layout: TableLayout, spec: CategoricalSpec,
+             path: Path) -> np.ndarray:
+    """The categorical columns' one-hot blocks (fedssl.tables); 'missing' and 'other' cells counted in warnings."""
+    out = np.zeros((len(rows), sum(layout.blocks)))
+    counts: dict[str, dict[str, int]] = {MISSING: {}, OTHER: {}}
+    start = 0
+    for index, size in zip(layout.categorical, layout.blocks):
+        name = header[index].strip()
+        for r, (_, row) in enumerate(rows):
+            slot, note = spec.slot(name, row[index].strip())
+            out[r, start + slot] = 1.0
+            if note is not None:
+                counts[note][name] = counts[note].get(name, 0) + 1
+        start += size
+    if counts[MISSING]:
+        warnings.warn(f"{path}: set empty categorical cells to '{MISSING}' {counts[MISSING]} (column: count)",
+                      MissingValuesImputedWarning, stacklevel=4)
+    if counts[OTHER]:
+        warnings.warn(f"{path}: values not in data.categories set to '{OTHER}' {counts[OTHER]} (column: count)",
+                      UnknownCategoryWarning, stacklevel=4)
+    return out
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -301,9 +337,7 @@ def _csv_number(row: list[str], index: int, header: list[str], line: int, path: 
     try:
         return float(cell)
     except ValueError:
-        raise DataError(
-            f"{path}: column {header[index]!r} is not numeric (line {line}: {cell!r}); drop or numerically encode it"
-        ) from None
+        raise not_numeric_error(path, header[index], f"line {line}: ", cell) from None
 
 
 # --- digits ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 from fedssl.data.idx import looks_like_idx, read_idx_header
 from fedssl.data.text import DEFAULT_MAX_LENGTH, is_text_source, read_texts
 from fedssl.errors import DataError
+from fedssl.tables import CategoricalSpec, not_numeric_error, table_layout
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 ID_COLUMN = "id"
@@ -117,12 +118,14 @@ def image_files(root: Path) -> list[Path]:
 
 
 def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
-               labels: str | None = None, max_length: int = DEFAULT_MAX_LENGTH) -> DataProbe:
+               labels: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
+               categorical: CategoricalSpec | None = None) -> DataProbe:
     """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data.
 
     ``image_size`` (height, width) is ``data.image_size``: image folders and IDX images are resized to
     it at load, so that is the shape the sites train on. ``labels`` is ``data.labels``, the IDX label
-    file of IDX images (:func:`probe_idx_labels` checks it)."""
+    file of IDX images (:func:`probe_idx_labels` checks it). ``categorical`` is the CSV's categorical
+    columns (fedssl.tables): each adds its one-hot block to the width."""
     if kind != "auto" and kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}")
     if is_digits(source, kind):
@@ -132,7 +135,9 @@ def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] |
     if resolved == "text":
         return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=labels is not None,
                          labels=labels)
-    shape, count = _PROBES[resolved](path)
+    if categorical is not None and categorical.columns and resolved != "csv":
+        raise DataError(f"{path} is {resolved} data, not a CSV; data.categorical / data.categories apply to CSV sources only")
+    shape, count = _probe_csv(path, categorical or CategoricalSpec()) if resolved == "csv" else _PROBES[resolved](path)
     if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
         shape = (shape[0], *image_size)
     labelled = labels is not None
@@ -216,7 +221,7 @@ def csv_feature_columns(header: list[str]) -> list[int]:
     return [i for i, name in enumerate(lowered) if name != ID_COLUMN and name not in LABEL_COLUMNS]
 
 
-def _probe_csv(path: Path) -> tuple[tuple[int, ...], int]:
+def _probe_csv(path: Path, spec: CategoricalSpec) -> tuple[tuple[int, ...], int]:
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = (row for row in csv.reader(handle) if any(cell.strip() for cell in row))
@@ -226,27 +231,28 @@ def _probe_csv(path: Path) -> tuple[tuple[int, ...], int]:
             features = csv_feature_columns(header)
             if not features:
                 raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
+            layout = table_layout(header, features, spec, path)
             count = 0
             for count, row in enumerate(rows, start=1):
                 if count <= CSV_ROWS_READ:
-                    _check_csv_row(row, header, features, path)
+                    _check_csv_row(row, header, layout.numeric, path)
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise DataError(f"cannot read {path} as UTF-8 CSV ({error}); re-export it as plain CSV") from error
     if count == 0:
         raise DataError(f"{path} has a header but no data rows; add samples")
-    return (len(features),), count
+    return (layout.width,), count
 
 
-def _check_csv_row(row: list[str], header: list[str], features: list[int], path: Path) -> None:
+def _check_csv_row(row: list[str], header: list[str], numeric: tuple[int, ...], path: Path) -> None:
     if len(row) != len(header):
         raise DataError(f"{path}: a row has {len(row)} cells but the header has {len(header)}; fix the row")
-    for i in features:
+    for i in numeric:  # categorical cells are anything: their slots are fixed by the spec, not by the cell
         if not row[i].strip():
             continue  # an empty cell: the loader imputes 0 and counts it
         try:
             float(row[i])
         except ValueError:
-            raise DataError(f"{path}: column {header[i]!r} is not numeric ({row[i]!r}); drop or numerically encode it") from None
+            raise not_numeric_error(path, header[i], "", row[i]) from None
 
 
 def _probe_idx(path: Path) -> tuple[tuple[int, ...], int]:
@@ -320,4 +326,4 @@ def probe_idx_labels(labels: str, count: int) -> None:
         raise DataError(f"{path} is shaped {list(shape)}, not one label per image ({count}); pair data.source with its own label file")
 
 
-_PROBES = {"idx": _probe_idx, "image_folder": _probe_image_folder, "npy": _probe_npy, "npz": _probe_npz, "csv": _probe_csv}
+_PROBES = {"idx": _probe_idx, "image_folder": _probe_image_folder, "npy": _probe_npy, "npz": _probe_npz}  # csv: _probe_csv

@@ -21,12 +21,13 @@ from threadpoolctl import threadpool_limits
 
 from fedssl.config import FINETUNE, LINEAR_PROBE, EvaluationConfig
 from fedssl.evaluation.baselines import Features, RawBaseline, raw_baseline
-from fedssl.evaluation.probes import encode, finetune_accuracy, linear_probe_accuracy
+from fedssl.evaluation.probes import encode, finetune_accuracy, linear_probe_accuracy, trees_accuracy
 from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
+    RAW_TREES,
     ROW_ORDER,
     SCRATCH_FINETUNE,
     WARM_START_FINETUNE,
@@ -59,6 +60,7 @@ class _ProbeView:
     test: Features
     standardize: bool = True
     C: float | None = None  # None: the plan's probe_C
+    trees: bool = False  # read out by gradient-boosted trees instead of the linear probe
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,10 @@ def _probe_views(
 
     # The raw input is always probed (pixels, feature columns, TF-IDF of text: fedssl.evaluation.baselines):
     # it is the floor any learned representation must beat.
-    views = [_ProbeView(RAW_INPUT, None, *raw.features(pool_inputs, test_inputs), raw.standardize, raw.C)]
+    raw_pool, raw_test = raw.features(pool_inputs, test_inputs)
+    views = [_ProbeView(RAW_INPUT, None, raw_pool, raw_test, raw.standardize, raw.C)]
+    if raw.trees:
+        views.append(_ProbeView(RAW_TREES, None, raw_pool, raw_test, trees=True))
     if LINEAR_PROBE in plan.methods:
         views += [frozen(RANDOM_INIT_PROBE, seed, encoder) for seed, encoder in random_inits.items()]
         if warm_start is not None:
@@ -138,8 +143,11 @@ def _runs_on_subset(
     label_seed = plan.label_seeds[seed_index]
     subset_labels = bench.pool_labels[subset]
     for view in bench.views:
-        accuracy = linear_probe_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels,
-                                         plan.probe_C if view.C is None else view.C, view.standardize)
+        if view.trees:
+            accuracy = trees_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels, seed=label_seed)
+        else:
+            accuracy = linear_probe_accuracy(view.pool[subset], subset_labels, view.test, bench.test_labels,
+                                             plan.probe_C if view.C is None else view.C, view.standardize)
         yield view.row, SeedRun(label_seed, view.init_seed, accuracy)
     if FINETUNE not in plan.methods:
         return
@@ -182,8 +190,8 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _planned_rows(plan: EvaluationConfig, warm_start: bool) -> list[str]:
-    rows = {RAW_INPUT}
+def _planned_rows(plan: EvaluationConfig, warm_start: bool, raw_trees: bool = False) -> list[str]:
+    rows = {RAW_INPUT} | ({RAW_TREES} if raw_trees else set())
     if LINEAR_PROBE in plan.methods:
         rows |= {RANDOM_INIT_PROBE, PRETRAINED_PROBE} | ({WARM_START_PROBE} if warm_start else set())
     if FINETUNE in plan.methods:
@@ -237,7 +245,7 @@ def evaluate_label_efficiency(
                 say(f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done")
     return EvalResults(
         plan=plan,
-        rows=_planned_rows(plan, warm_start=warm_start_state is not None),
+        rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw_baseline(train.modality).trees),
         fractions=fractions,
         cells={key: Cell(tuple(values)) for key, values in runs.items()},
         num_train=num_train,

@@ -10,6 +10,7 @@ import numpy as np
 from fedssl.config import EvaluationConfig
 
 RAW_INPUT = "raw_input"
+RAW_TREES = "raw_input_trees"  # gradient-boosted trees on the raw features: vectors and tables only
 RANDOM_INIT_PROBE = "random_init_probe"
 PRETRAINED_PROBE = "pretrained_probe"
 SCRATCH_FINETUNE = "scratch_finetune"
@@ -23,6 +24,7 @@ WARM_START_ROWS = (WARM_START_PROBE, WARM_START_FINETUNE)
 # Every row a table can have, in display order: control, zero-cost start, federated result.
 ROW_ORDER = (
     RAW_INPUT,
+    RAW_TREES,
     RANDOM_INIT_PROBE,
     WARM_START_PROBE,
     PRETRAINED_PROBE,

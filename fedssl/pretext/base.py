@@ -163,12 +163,24 @@ class PretextTask(abc.ABC):
     def __init__(self, **params: Any) -> None:
         self.params = parse_params(self.name, self.Params, params)
 
-    def build_model(self, encoder: Encoder) -> PretextModel:
-        """Wrap ``encoder`` in this method's model; the encoder object is used, not copied."""
+    def build_model(self, encoder: Encoder, feature_blocks: tuple[int, ...] = ()) -> PretextModel:
+        """Wrap ``encoder`` in this method's model; the encoder object is used, not copied.
+
+        ``feature_blocks``: a table's categorical one-hot block sizes at the end of each row
+        (fedssl.tables); tasks that corrupt single features (VIME) treat a block as one feature,
+        the others see plain vectors."""
         # The rule (and its message) is fedssl.inputs', which the preflight check applies before torch loads.
         if (problem := modality_problem(self.name, encoder.input_shape, modality_of(encoder))) is not None:
             raise ConfigError(f"pretext.name: {problem}")
+        if feature_blocks and self.takes_feature_blocks:
+            return self._build_table(encoder, tuple(feature_blocks))
         return self._build(encoder, modality_of(encoder))
+
+    takes_feature_blocks: ClassVar[bool] = False
+
+    def _build_table(self, encoder: Encoder, feature_blocks: tuple[int, ...]) -> PretextModel:
+        """For ``takes_feature_blocks`` tasks: the model for rows ending in categorical one-hot blocks."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:

@@ -75,14 +75,16 @@ class _Round:
 
 
 def build_pretext_model(
-    plan: TrainPlan, input_shape: tuple[int, ...], encoder_state: Mapping[str, torch.Tensor]
+    plan: TrainPlan, input_shape: tuple[int, ...], encoder_state: Mapping[str, torch.Tensor],
+    feature_blocks: tuple[int, ...] = (),
 ) -> PretextModel:
     """Encoder with the global weights loaded *before* the head is built: BYOL copies the
-    encoder into its target network at build time."""
+    encoder into its target network at build time. ``feature_blocks``: the site's table layout
+    (SiteDataset.feature_blocks)."""
     task = get_pretext(plan.pretext, plan.pretext_params)
     encoder = build_encoder(plan.encoder, input_shape, width=plan.width, depth=plan.depth)
     encoder.load_state_dict(dict(encoder_state), strict=True)
-    return task.build_model(encoder)
+    return task.build_model(encoder, feature_blocks)
 
 
 def train_round(
@@ -105,7 +107,7 @@ def train_round(
     if site.privacy.enabled:
         require_dp_compatible(get_pretext(plan.pretext, plan.pretext_params))
     device = resolve_device(site.device)
-    model = build_pretext_model(plan, dataset.input_shape, global_encoder)
+    model = build_pretext_model(plan, dataset.input_shape, global_encoder, dataset.feature_blocks)
     restore_site_parts(model, site.state_dir)
     if site.privacy.enabled:
         # The plan's seed may fix the head's initial weights (public, data-independent: DP-SGD holds

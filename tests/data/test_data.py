@@ -60,7 +60,8 @@ def digits() -> tuple[SiteDataset, np.ndarray]:
 
 
 def test_site_dataset_has_no_place_for_labels() -> None:
-    assert {f.name for f in dataclasses.fields(SiteDataset)} == {"inputs", "sample_ids", "modality"}
+    # feature_blocks: a table's categorical block sizes, from the public schema (fedssl.tables), not a label
+    assert {f.name for f in dataclasses.fields(SiteDataset)} == {"inputs", "sample_ids", "modality", "feature_blocks"}
 
 
 def test_site_dataset_shape_len_and_subset() -> None:

@@ -129,6 +129,8 @@ def test_site_config_resolves_paths_and_builds_settings(site_dir):
         ({"supernode.isolation": "thread"}, "supernode.isolation"),
         ({"data.budget": 3}, "data.budget"),
         ({"keys.node_key": ""}, "keys.node_key"),
+        ({"data.categories": {"home": []}}, "data.categories.home"),
+        ({"data.hash_buckets": 0}, "data.hash_buckets"),
     ],
 )
 def test_site_config_errors_name_the_key(site_dir, changes, key):
@@ -166,6 +168,17 @@ def test_deployed_site_reads_only_site_yaml(site_dir):
     dataset, settings = resolve_site({"site-config": str(site_dir / "site.yaml")}, hostile_run_config)
     assert len(dataset) == 64 and settings.state_dir == site_dir / "state"
     assert settings.privacy.target_epsilon == 1.0
+
+
+def test_deployed_site_encodes_its_table_by_the_schema_in_site_yaml(site_dir):
+    """A CSV with a categorical column: the site's site.yaml names the column (public schema, fedssl/tables.py)."""
+    from fedssl.site_round import resolve_site
+
+    (site_dir / "data" / "t.csv").write_text("id,age,home\nu1,30,rent\nu2,41,owner\nu3,25,\n")
+    path = write_site(site_dir, **{"data.path": "data/t.csv", "data.categories": {"home": ["rent", "owner"]}})
+    with pytest.warns(UserWarning, match="missing"):
+        dataset, _ = resolve_site({"site-config": str(path)}, {})
+    assert dataset.input_shape == (1 + 4,) and dataset.feature_blocks == (4,)
 
 
 def test_deployed_site_caches_and_reloads(site_dir):
