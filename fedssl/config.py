@@ -37,6 +37,7 @@ class RunConfig:
 
 
 MAX_IMAGE_SIDE = 4096
+MAX_SERIES_LENGTH = 1_000_000  # fedssl.data.series.MAX_SERIES_LENGTH (config stays free of data imports)
 
 
 @dataclass
@@ -50,6 +51,9 @@ class DataConfig:
     image_size: list[int] = field(default_factory=list)
     # text sources (.txt): token ids per sample, CLS + UTF-8 bytes truncated/padded to it (fedssl.data.text)
     max_length: int = 128
+    # time series (data.kind timeseries): steps per series; longer ones lose their tail, shorter ones are
+    # zero-padded at the end (pad not masked); 0 = the source's own length (fedssl.data.series)
+    series_length: int = 0
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     test_fraction: float = 0.3
@@ -59,6 +63,9 @@ class DataConfig:
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
         check_image_size("data.image_size", self.image_size)
         check(2 <= self.max_length <= 4096, "data.max_length", "must be in [2, 4096] (CLS and at least one byte)", self.max_length)
+        check(isinstance(self.series_length, int) and 0 <= self.series_length <= MAX_SERIES_LENGTH, "data.series_length",
+              f"must be an integer in [0, {MAX_SERIES_LENGTH}] (time steps per series; 0 = the source's own length)",
+              self.series_length)
         check(self.labels is None or (bool(self.labels) and self.kind in ("auto", "idx")), "data.labels",
               "must be the path of an IDX label file, used with IDX images (data.kind idx or auto), or null", self.labels)
         check(self.labels is None or self.source != "digits", "data.labels",

@@ -63,13 +63,13 @@ class CentralData:
 def central_data(source: str, kind: str, test_fraction: float, seed: int,
                  consent_manifest: str | None = None, consented_fraction: float = 1.0,
                  labels: str | None = None, image_size: tuple[int, int] | None = None,
-                 max_length: int = DEFAULT_MAX_LENGTH) -> CentralData:
+                 max_length: int = DEFAULT_MAX_LENGTH, series_length: int = 0) -> CentralData:
     """The central split; ``consent_manifest`` (a file) or else a seeded demo consent of
     ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent).
     ``labels`` is an IDX label file for an IDX images ``source``; without labels (and not digits)
     the split is a seeded random one and there is nothing to evaluate against."""
     rng = np.random.default_rng(seed)
-    full, label_source = _labelled_source(source, kind, labels, image_size, max_length)
+    full, label_source = _labelled_source(source, kind, labels, image_size, max_length, series_length)
     if label_source is None:
         order = rng.permutation(len(full))
         cut = int(round(len(full) * (1 - test_fraction)))
@@ -83,13 +83,14 @@ def central_data(source: str, kind: str, test_fraction: float, seed: int,
 
 
 def _labelled_source(source: str, kind: str, labels: str | None,
-                     image_size: tuple[int, int] | None, max_length: int) -> tuple[SiteDataset, LabelSource | None]:
+                     image_size: tuple[int, int] | None, max_length: int,
+                     series_length: int = 0) -> tuple[SiteDataset, LabelSource | None]:
     """The full data set and its label source (None: unlabelled). Labels are not read here: the
     source reads one only when ConsentedLabels asks for a consented id."""
     if source == "digits":
         full, all_labels = load_digits_labeled()
         return full, label_source_from_array(full.sample_ids, all_labels)
-    full = load_site_data(source, kind, image_size=image_size, max_length=max_length)
+    full = load_site_data(source, kind, image_size=image_size, max_length=max_length, series_length=series_length)
     if labels is None:
         return full, None
     return full, IdxLabelSource(labels, full.sample_ids, source)
@@ -98,7 +99,8 @@ def _labelled_source(source: str, kind: str, labels: str | None,
 def central_data_for(config: ExperimentConfig) -> CentralData:
     ev, data = config.evaluation, config.data
     return central_data(data.source, data.kind, data.test_fraction, config.run.seed,
-                        ev.consent_manifest, ev.consented_fraction, data.labels, data.image_hw, data.max_length)
+                        ev.consent_manifest, ev.consented_fraction, data.labels, data.image_hw, data.max_length,
+                        data.series_length)
 
 
 def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: float,

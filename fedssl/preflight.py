@@ -106,7 +106,7 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         return None
     try:
         probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels,
-                           max_length=config.data.max_length)
+                           max_length=config.data.max_length, series_length=config.data.series_length)
     except DataError as err:
         problems.append(Problem("data.source", str(err)))
         return None
