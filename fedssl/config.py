@@ -37,15 +37,19 @@ class RunConfig:
 
 
 MAX_IMAGE_SIDE = 4096
-MAX_SERIES_LENGTH = 1_000_000  # fedssl.data.series.MAX_SERIES_LENGTH (config stays free of data imports)
+MAX_SERIES_LENGTH = 1_000_000  # data.series_length: a typo guard, not a memory plan
+LABEL_FOLDERS = "folders"
+LABELS_HELP = ("must be an id,label CSV (ids: the source's sample ids), 'folders' (image folders: the first folder "
+               "is the class), an IDX label file for IDX images, or null")
 
 
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv / IDX images
     kind: str = "auto"
-    # IDX label file paired with an IDX images source (row i labels image i); read only through the
-    # consent manifest (evaluation.consent_manifest, or a seeded demo consent), like every label.
+    # The evaluation's labels (fedssl.data.labels): an id,label CSV keyed by the source's sample ids, "folders"
+    # (an image folder's class folders) or an IDX label file of IDX images; read only through the consent
+    # manifest (evaluation.consent_manifest, or a seeded demo consent), like every label.
     labels: str | None = None
     # [height, width]: image folders and IDX images are resized and centre-cropped to it once, at load.
     image_size: list[int] = field(default_factory=list)
@@ -66,8 +70,14 @@ class DataConfig:
         check(isinstance(self.series_length, int) and 0 <= self.series_length <= MAX_SERIES_LENGTH, "data.series_length",
               f"must be an integer in [0, {MAX_SERIES_LENGTH}] (time steps per series; 0 = the source's own length)",
               self.series_length)
-        check(self.labels is None or (bool(self.labels) and self.kind in ("auto", "idx")), "data.labels",
-              "must be the path of an IDX label file, used with IDX images (data.kind idx or auto), or null", self.labels)
+        check(self.labels is None or bool(self.labels), "data.labels", LABELS_HELP, self.labels)
+        if self.labels:
+            fmt = label_format(self.labels)
+            check(fmt != "idx" or self.kind in ("auto", "idx"), "data.labels", "an IDX label file pairs with IDX images "
+                  f"(data.kind idx or auto), not data.kind {self.kind}; give an id,label CSV keyed by the source's sample ids", self.labels)
+            check(fmt != "folders" or self.kind in ("auto", "image_folder"), "data.labels", "folders labels an image folder's "
+                  f"images by their first folder, not data.kind {self.kind}; give an id,label CSV keyed by the source's sample ids",
+                  self.labels)
         check(self.labels is None or self.source != "digits", "data.labels",
               "must be null for data.source digits (its labels are built in)", self.labels)
 
@@ -75,6 +85,13 @@ class DataConfig:
     def image_hw(self) -> tuple[int, int] | None:
         """``image_size`` as (height, width), or None for the data's own size."""
         return (self.image_size[0], self.image_size[1]) if self.image_size else None
+
+
+def label_format(labels: str) -> str:
+    """How data.labels is read (fedssl.data.labels): ``folders``, ``csv`` (a .csv path) or ``idx`` (another path)."""
+    if labels == LABEL_FOLDERS:
+        return LABEL_FOLDERS
+    return "csv" if Path(labels).suffix.lower() == ".csv" else "idx"
 
 
 def check_image_size(key: str, size: list[int]) -> None:

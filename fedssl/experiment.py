@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.data.consent import ConsentedLabels, ConsentManifest, LabelSource, label_source_from_array, make_demo_manifest
+from fedssl.data.consent import ConsentedLabels, ConsentManifest, label_source_from_array, make_demo_manifest
 from fedssl.data.dataset import SiteDataset
-from fedssl.data.idx import IdxLabelSource
+from fedssl.data.labels import LabelTable, class_indexed, open_labels
 from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import UNLABELLED, make_site_dataset, partition
 from fedssl.data.sampling import stratified_subset
@@ -66,34 +66,37 @@ def central_data(source: str, kind: str, test_fraction: float, seed: int,
                  max_length: int = DEFAULT_MAX_LENGTH, series_length: int = 0) -> CentralData:
     """The central split; ``consent_manifest`` (a file) or else a seeded demo consent of
     ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent).
-    ``labels`` is an IDX label file for an IDX images ``source``; without labels (and not digits)
+    ``labels`` is ``data.labels`` (fedssl.data.labels: an id,label CSV, ``folders``, an IDX label file); without labels (and not digits)
     the split is a seeded random one and there is nothing to evaluate against."""
     rng = np.random.default_rng(seed)
-    full, label_source = _labelled_source(source, kind, labels, image_size, max_length, series_length)
-    if label_source is None:
+    full, table = _labelled_source(source, kind, labels, image_size, max_length, series_length)
+    if table is None:
         order = rng.permutation(len(full))
         cut = int(round(len(full) * (1 - test_fraction)))
         return CentralData(make_site_dataset(full, np.sort(order[:cut])), make_site_dataset(full, np.sort(order[cut:])), None)
     ids = full.sample_ids
+    # The demo consent draws from the labelled ids: which ids have a label row is not a label.
+    labelled = [i for i in ids if i in table.ids]
     manifest = (ConsentManifest.load(consent_manifest) if consent_manifest
-                else make_demo_manifest(ids, test_fraction, consented_fraction, seed))
-    consented = ConsentedLabels(manifest, label_source)
+                else make_demo_manifest(labelled, test_fraction, consented_fraction, seed, round(test_fraction * len(ids))))
+    label_source, class_names = class_indexed(table, [i for i in ids if i in manifest])
+    consented = ConsentedLabels(manifest, label_source, class_names)
     train_idx, test_idx = consented_split(ids, consented, test_fraction, rng)
     return CentralData(make_site_dataset(full, train_idx), make_site_dataset(full, test_idx), consented)
 
 
 def _labelled_source(source: str, kind: str, labels: str | None,
                      image_size: tuple[int, int] | None, max_length: int,
-                     series_length: int = 0) -> tuple[SiteDataset, LabelSource | None]:
-    """The full data set and its label source (None: unlabelled). Labels are not read here: the
-    source reads one only when ConsentedLabels asks for a consented id."""
+                     series_length: int = 0) -> tuple[SiteDataset, LabelTable | None]:
+    """The full data set and its label table (None: unlabelled). No label is read here: class_indexed
+    reads the consented ids' labels once the consent manifest is fixed."""
     if source == "digits":
         full, all_labels = load_digits_labeled()
-        return full, label_source_from_array(full.sample_ids, all_labels)
+        return full, LabelTable(frozenset(full.sample_ids), label_source_from_array(full.sample_ids, all_labels))
     full = load_site_data(source, kind, image_size=image_size, max_length=max_length, series_length=series_length)
     if labels is None:
         return full, None
-    return full, IdxLabelSource(labels, full.sample_ids, source)
+    return full, open_labels(labels, full.sample_ids, source)
 
 
 def central_data_for(config: ExperimentConfig) -> CentralData:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.data.probe import KINDS, DataProbe, probe_data, probe_idx_labels
+from fedssl.data.probe import KINDS, DataProbe, probe_data, probe_labels
 from fedssl.errors import ConfigError, DataError
 from fedssl.inputs import PRETEXT_MODALITIES, describe_shape, dp_problem, encoder_input_problem, pretext_input_problem
 from fedssl.privacy.feasibility import PlannedRun, plan_problems
@@ -110,11 +110,11 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
     except DataError as err:
         problems.append(Problem("data.source", str(err)))
         return None
-    if probe.labelled and config.data.labels is not None:
+    if config.data.labels is not None:
         try:
-            probe_idx_labels(config.data.labels, probe.count)
+            return replace(probe, labelled_count=probe_labels(config.data.labels, probe))
         except DataError as err:
-            problems.append(Problem("data.labels", str(err)))
+            problems.append(Problem("data.labels", str(err).removeprefix("data.labels: ")))
             return replace(probe, labelled=False)
     return probe
 
@@ -163,12 +163,13 @@ def _label_problems(config: ExperimentConfig, probe: DataProbe, *, simulated_sit
     consented_train = _consented_training_records(config, probe, problems)
     if simulated_sites and config.data.partition == "dirichlet" and consented_train == 0:
         why = ("no record of the training pool is consented" if probe.labelled
-               else f"data.source {probe.source} has no labels (only the embedded digits and IDX images with data.labels carry labels, behind the consent manifest)")
+               else f"data.source {probe.source} has no labels (only the embedded digits and sources with data.labels carry labels, behind the consent manifest)")
         problems.append(Problem("data.partition", f"dirichlet label skew needs consented labels, but {why}; "
                                 "use data.partition=iid or quantity_skew"))
     if needs_labels and not probe.labelled:
         problems.append(Problem("evaluation.enabled", f"data.source {probe.source} has no labels to evaluate on (only the embedded "
-                                "digits and IDX images with data.labels carry labels, behind the consent manifest); set evaluation.enabled=false or pass --skip-evaluation"))
+                                "digits and sources with data.labels carry labels, behind the consent manifest); set data.labels to an "
+                                "id,label CSV, or evaluation.enabled=false, or pass --skip-evaluation"))
     return problems
 
 
@@ -178,8 +179,13 @@ def _consented_training_records(config: ExperimentConfig, probe: DataProbe, prob
         return 0
     ev = config.evaluation
     num_test = round(probe.count * config.data.test_fraction)
-    if ev.consent_manifest is None:  # the demo consent: the test set plus consented_fraction of the rest
-        return round(ev.consented_fraction * (probe.count - num_test))
+    labelled = probe.count if probe.labelled_count is None else probe.labelled_count
+    if ev.consent_manifest is None:  # the demo consent: the test set plus consented_fraction of the other labelled
+        if labelled < num_test:
+            problems.append(Problem("data.labels", f"labels {labelled} of {probe.count} samples but the test set needs "
+                                    f"{num_test} (data.test_fraction={config.data.test_fraction:g}); label more or lower data.test_fraction"))
+            return 0
+        return round(ev.consented_fraction * (labelled - num_test))
     from fedssl.data.consent import ConsentManifest
 
     try:
@@ -187,7 +193,7 @@ def _consented_training_records(config: ExperimentConfig, probe: DataProbe, prob
     except DataError as err:
         problems.append(Problem("evaluation.consent_manifest", str(err)))
         return 0
-    consented = sum(1 for i in range(probe.count) if probe.sample_id(i) in manifest)
+    consented = sum(1 for sample_id in probe.sample_ids() if sample_id in manifest)
     if consented < num_test:
         problems.append(Problem("evaluation.consent_manifest", f"the test set ({num_test} records, data.test_fraction="
                                 f"{config.data.test_fraction:g}) is drawn from consented records but only {consented} of "

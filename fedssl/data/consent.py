@@ -70,9 +70,12 @@ class ConsentManifest:
 class ConsentedLabels:
     """Reads labels only for sample ids in the consent manifest."""
 
-    def __init__(self, manifest: ConsentManifest, label_source: LabelSource) -> None:
+    def __init__(self, manifest: ConsentManifest, label_source: LabelSource,
+                 class_names: tuple[str, ...] | None = None) -> None:
         self._manifest = manifest
         self._read_label = label_source
+        # Class i's name where the labels were names (fedssl.data.labels); None for integer labels.
+        self.class_names = class_names
 
     @property
     def manifest(self) -> ConsentManifest:
@@ -151,12 +154,24 @@ class CsvLabelSource:
                 raise DataError(f"{self._path} line {line}: sample id {sample_id!r} repeats; ids must be unique")
             offsets[sample_id] = offset
 
-    def __call__(self, sample_id: str) -> int:
+    @property
+    def ids(self) -> frozenset[str]:
+        """The ids that have a row (read from the id column only; no label is parsed)."""
+        return frozenset(self._offsets)
+
+    def cell(self, sample_id: str) -> str:
+        """The label cell of one id, as written (a class name or an integer)."""
         if sample_id not in self._offsets:
             raise DataError(f"no label for sample {sample_id!r} in {self._path}; add it or drop the sample")
         with self._path.open("rb") as handle:
             handle.seek(self._offsets[sample_id])
             cell = self._cells(handle.readline(), line=None)[self._label_index].strip()
+        if not cell:
+            raise DataError(f"{self._path}: sample {sample_id!r} has an empty label; fill it in or drop the row")
+        return cell
+
+    def __call__(self, sample_id: str) -> int:
+        cell = self.cell(sample_id)
         try:
             return int(cell)
         except ValueError:
@@ -170,13 +185,15 @@ class CsvLabelSource:
         return cells
 
 
-def make_demo_manifest(sample_ids: Sequence[str], test_fraction: float, consented_fraction: float, seed: int) -> ConsentManifest:
+def make_demo_manifest(sample_ids: Sequence[str], test_fraction: float, consented_fraction: float, seed: int,
+                       num_test: int | None = None) -> ConsentManifest:
     """A demo's consent, fixed from the ids alone before any label is read: a seeded choice of
     enough ids for the test set (``test_fraction`` of all, drawn later from the consented) plus
-    ``consented_fraction`` of the rest, the training pool."""
+    ``consented_fraction`` of the rest, the training pool. ``sample_ids`` are the ids that have a
+    label; when that is fewer than the source holds, ``num_test`` is the test set's size over all."""
     if not 0 <= consented_fraction <= 1:
         raise ConfigError(f"evaluation.consented_fraction must be in [0, 1], got {consented_fraction}")
-    num_test = round(test_fraction * len(sample_ids))
+    num_test = min(len(sample_ids), round(test_fraction * len(sample_ids)) if num_test is None else num_test)
     count = num_test + round(consented_fraction * (len(sample_ids) - num_test))
     chosen = np.random.default_rng(seed).choice(len(sample_ids), size=count, replace=False)
     return ConsentManifest(frozenset(sample_ids[i] for i in chosen.tolist()))

@@ -6,9 +6,10 @@ reads the source exactly as fedssl.data.loaders will (the kind resolution, the f
 column rules are shared from here), so the shape it reports is the shape the sites will train on.
 Values are not checked (a NaN in row 10 000 is the loader's to find).
 
-Labels: only the embedded digits and IDX images paired with an IDX label file (``data.labels``) carry
-any, and only through the consent manifest; every other source is unlabelled for fedssl (a CSV's
-label column is dropped at the door).
+Labels: the embedded digits carry theirs; any other source has labels only through ``data.labels``
+(fedssl.data.labels: an id,label CSV, ``folders``, or an IDX label file of IDX images), and only through
+the consent manifest (a CSV source's own label column is dropped at the door). :func:`probe_labels`
+opens ``data.labels`` as the evaluation will and counts the source's ids it labels.
 """
 
 from __future__ import annotations
@@ -45,11 +46,16 @@ class DataProbe:
     modality: str  # "image" | "vector" | "text" | "timeseries"
     sample_shape: tuple[int, ...]  # one sample, as the encoders see it: (C, H, W), (D,) or a series' (C, L)
     count: int  # samples in the whole source (before the test split)
-    labelled: bool  # labels exist behind the consent manifest (the embedded digits only)
+    labelled: bool  # labels exist behind the consent manifest (digits, or data.labels given)
+    labelled_count: int | None = None  # how many samples data.labels labels (None: all, or not probed yet)
 
     def sample_id(self, index: int) -> str:
-        """The id fedssl.data.loaders gives row ``index`` of a labelled source (digits, IDX): what a consent manifest lists."""
+        """The id fedssl.data.loaders gives row ``index`` of a source without ids of its own (digits, IDX, arrays)."""
         return digits_id(index) if self.kind == DIGITS else row_id(index)
+
+    def sample_ids(self) -> list[str]:
+        """Every sample's id, as fedssl.data.loaders names them: what a consent manifest and data.labels list."""
+        return source_ids(Path(self.source), self.kind, self.count) if self.kind != DIGITS else [digits_id(i) for i in range(self.count)]
 
     def describe(self) -> str:
         return f"{self.count} {self.modality}s shaped {list(self.sample_shape)}"
@@ -116,14 +122,14 @@ def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] |
     path = existing_path(source)
     resolved = resolve_kind(path, kind)
     if resolved == "text":
-        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=False)
+        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=labels is not None)
     if resolved == "timeseries":
         shape, count = _probe_series(path, series_length)
-        return DataProbe(str(source), resolved, "timeseries", shape, count, labelled=False)
+        return DataProbe(str(source), resolved, "timeseries", shape, count, labelled=labels is not None)
     shape, count = _PROBES[resolved](path)
     if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
         shape = (shape[0], *image_size)
-    labelled = labels is not None and resolved == "idx"
+    labelled = labels is not None
     return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled)
 
 
@@ -271,6 +277,51 @@ def _probe_idx(path: Path) -> tuple[tuple[int, ...], int]:
         return tuple(shape[1:]), shape[0]
     raise DataError(f"{path}: images shaped {shape} are not N x H x W (greyscale) or N x H x W x C / N x C x H x W "
                     "with C = 1 or 3; convert the file")
+
+
+def source_ids(path: Path, kind: str, count: int) -> list[str]:
+    """The loaders' sample ids (fedssl.data.loaders): an image folder's relative paths, a text folder's
+    file names, a CSV's id column, an .npz's ``ids``; ``row-i`` otherwise."""
+    if kind == "image_folder":
+        return [p.relative_to(path).as_posix() for p in image_files(path)]
+    if kind == "text" and path.is_dir():
+        names = [p.name for p in sorted(path.glob("*.txt"))]
+        return names if len(names) == count else [row_id(i) for i in range(count)]  # blank documents skipped
+    suffix = path.suffix.lower()
+    if kind == "csv" or (kind == "timeseries" and suffix == ".csv"):
+        return _csv_ids(path) or [row_id(i) for i in range(count)]
+    if kind == "npz" or (kind == "timeseries" and suffix == ".npz"):
+        with np.load(path, allow_pickle=False) as archive:
+            if "ids" in archive.files:
+                return [str(i) for i in archive["ids"].tolist()]
+    return [row_id(i) for i in range(count)]
+
+
+def _csv_ids(path: Path) -> list[str] | None:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        rows = (row for row in csv.reader(handle) if any(cell.strip() for cell in row))
+        lowered = [name.strip().lower() for name in next(rows, [])]
+        if ID_COLUMN not in lowered:
+            return None
+        index = lowered.index(ID_COLUMN)
+        return [row[index].strip() for row in rows]
+
+
+def probe_labels(labels: str, probe: DataProbe) -> int:
+    """How many of the source's samples ``data.labels`` labels; a DataError (one line, naming data.labels) when
+    it cannot be opened against the source as the evaluation will (fedssl.data.labels.open_labels). Reads ids only."""
+    from fedssl.data.labels import label_format, open_labels
+
+    if label_format(labels) == "idx":
+        if probe.kind != "idx":
+            raise DataError(f"data.labels: {labels} is read as an IDX label file, which pairs with IDX images, but "
+                            f"data.source is {probe.kind}; give an id,label CSV (ids: the source's sample ids)")
+        probe_idx_labels(labels, probe.count)
+        return probe.count
+    if label_format(labels) == "folders" and probe.kind != "image_folder":
+        raise DataError(f"data.labels: folders labels an image folder's images, but data.source is {probe.kind}; "
+                        "give an id,label CSV (ids: the source's sample ids)")
+    return len(open_labels(labels, probe.sample_ids(), probe.source).ids)
 
 
 def probe_idx_labels(labels: str, count: int) -> None:

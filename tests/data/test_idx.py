@@ -208,7 +208,7 @@ def test_image_size_config_is_checked_at_the_edge() -> None:
     assert "data.image_size" in _one_line(error)
     with pytest.raises(ConfigError) as error:
         config_from_dict({"data": {"source": "x.npy", "kind": "npy", "labels": "y.idx"}})
-    assert _one_line(error).startswith("data.labels: must be the path of an IDX label file")
+    assert _one_line(error).startswith("data.labels: an IDX label file pairs with IDX images")
     assert config_from_dict({"data": {"image_size": [64, 32]}}).data.image_hw == (64, 32)
 
 
