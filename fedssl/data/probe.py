@@ -58,7 +58,8 @@ class DataProbe:
         return source_ids(Path(self.source), self.kind, self.count) if self.kind != DIGITS else [digits_id(i) for i in range(self.count)]
 
     def describe(self) -> str:
-        return f"{self.count} {self.modality}s shaped {list(self.sample_shape)}"
+        noun = "time series" if self.modality == "timeseries" else f"{self.modality}s"
+        return f"{self.count} {noun} shaped {list(self.sample_shape)}"
 
 
 def row_id(index: int) -> str:

@@ -232,3 +232,33 @@ def test_each_sample_loss_and_gradient_depend_on_that_sample_alone(task):
     torch.manual_seed(9)
     (grad,) = torch.autograd.grad(model(leaf)[0], leaf)
     assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+
+
+# --- the UCR/UEA converter ---------------------------------------------------------------------------------
+
+
+def test_ucr_converter_writes_nan_tailed_series_and_row_id_labels(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "simulations" / "ucr_to_series.py"
+    spec = importlib.util.spec_from_file_location("ucr_to_series", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    folder = tmp_path / "aeon-data" / "Toy"
+    folder.mkdir(parents=True)
+    header = "@problemName Toy\n@univariate false\n@dimensions 2\n@equalLength false\n@classLabel true a b\n@data\n"
+    (folder / "Toy_TRAIN.ts").write_text(header + "1,2,3:4,5,6:a\n1,2:3,4:b\n")
+    (folder / "Toy_TEST.ts").write_text(header + "7,8,9:1,1,2:b\n")
+    assert module.convert(tmp_path / "aeon-data", tmp_path / "out", "Toy") == (3, (2, 3))
+    data = load_site_data(tmp_path / "out" / "Toy.npy", "timeseries")
+    assert data.input_shape == (2, 3) and data.sample_ids == ("row-0", "row-1", "row-2")
+    raw = np.load(tmp_path / "out" / "Toy.npy")
+    assert np.isnan(raw[1, :, 2]).all() and not np.isnan(raw[2]).any()  # only the short series has a NaN tail
+    assert abs(float(np.nanmean(raw[:, 0]))) < 1e-6  # standardised per channel
+    assert float(data.inputs[1, 0, 2]) == 0.0  # the NaN tail zero-padded at load
+    assert (tmp_path / "out" / "labels.csv").read_text().split() == ["id,label", "row-0,a", "row-1,b", "row-2,b"]
+    (folder / "Toy_TEST.ts").write_text(header + "7,8,9:1,?,2:b\n")  # the archive's missing value
+    assert np.isnan(module.read_ts(folder / "Toy_TEST.ts")[0][0][1][1])
+    with pytest.raises(SystemExit, match="shipped sets: Toy"):
+        module.convert(tmp_path / "aeon-data", tmp_path / "out", "Missing")
