@@ -246,10 +246,14 @@ class EvaluationConfig:
 class SimulationConfig:
     client_cpus: float = 1.0
     max_parallel_sites: int = 2
+    # The chance that a sampled simulated site fails its round before training, as a crashed or unreachable
+    # site would: to try a federation's dropout tolerance. Drawn from (run.seed, round, site), so reproducible.
+    dropout: float = 0.0
 
     def validate(self) -> None:
         check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0", self.client_cpus)
         check(self.max_parallel_sites >= 1, "simulation.max_parallel_sites", "must be >= 1", self.max_parallel_sites)
+        check(0 <= self.dropout < 1, "simulation.dropout", "must be in [0, 1)", self.dropout)
 
 
 WARM_START_SOURCES = ("none", "synthetic", "path")

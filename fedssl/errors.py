@@ -41,5 +41,9 @@ class BudgetExhaustedError(RefusedError):
         super().__init__(message, rule)
 
 
+class SimulatedDropoutError(FedSSLError):
+    """A simulated site fails its round on purpose (``simulation.dropout``), as a crashed site would."""
+
+
 class ConsentError(FedSSLError):
     """A label was requested for a sample whose owner did not consent to label use."""

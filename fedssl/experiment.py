@@ -21,7 +21,7 @@ from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import UNLABELLED, make_site_dataset, partition
 from fedssl.data.sampling import stratified_subset
 from fedssl.data.text import DEFAULT_MAX_LENGTH
-from fedssl.errors import ConfigError
+from fedssl.errors import ConfigError, SimulatedDropoutError
 from fedssl.layout import RunDir
 from fedssl.training.local import SiteSettings
 
@@ -158,6 +158,24 @@ def simulated_site(config_path: str, run_dir: str, site_id: int) -> tuple[SiteDa
     """Site ``site_id``'s unlabelled rows and its settings; cached per worker process."""
     config, parts = _cached_partitions(config_path)
     return _site_from_parts(config, parts, Path(run_dir), site_id)
+
+
+DROPOUT_STREAM = 0x0D0  # keeps the dropout draws apart from every other seeded stream of the run
+
+
+def drops_out(config: ExperimentConfig, site_id: int, server_round: int) -> bool:
+    """Whether simulated site ``site_id`` fails round ``server_round`` (``simulation.dropout``)."""
+    if config.simulation.dropout == 0:
+        return False
+    draw = np.random.default_rng([config.run.seed, server_round, site_id, DROPOUT_STREAM]).random()
+    return bool(draw < config.simulation.dropout)
+
+
+def check_simulated_dropout(config_path: str, site_id: int, server_round: int) -> None:
+    """Fail this round before any data is read or anything is charged, when the draw says so."""
+    config, _ = _cached_partitions(config_path)
+    if drops_out(config, site_id, server_round):
+        raise SimulatedDropoutError(f"simulated dropout in round {server_round} (simulation.dropout={config.simulation.dropout:g})")
 
 
 def simulated_site_from_config(config: ExperimentConfig, site_id: int, run_dir: Path | None = None) -> tuple[SiteDataset, SiteSettings]:

@@ -28,6 +28,7 @@ from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
 from fedssl.fl.site_reply import released_num_examples, site_reply_records
 from fedssl.models import build_encoder, encoder_state_keys
+from fedssl.phases import mark
 from fedssl.training import fedema
 from fedssl.training.local import SiteSettings, train_round
 
@@ -71,6 +72,10 @@ def run_site_round(
     arrays in state-dict order (SecAgg+'s NumPy path); either must match this site's encoder."""
     dataset, site = resolve_site(node_config, run_config)
     plan = TrainPlan.from_wire(dict(plan_config))
+    if NODE_SITE_CONFIG not in node_config:  # a simulated site: simulation.dropout may fail it, before anything is charged
+        from fedssl.experiment import check_simulated_dropout
+
+        check_simulated_dropout(str(run_config[RUN_CONFIG_PATH]), site.site_id, plan.server_round)
     shapes = encoder_state_keys(build_encoder(plan.encoder, dataset.input_shape, width=plan.width, depth=plan.depth))
     state, fedema_scale = fedema.start_weights(_as_state_dict(global_encoder, shapes), site.state_dir, plan)
     result = train_round(dataset, state, plan, site)
@@ -84,6 +89,7 @@ def run_site_round(
     # What a DP site does not release is still its operator's to see, in the site's own log.
     log.info("site %d, round %d: %s, %d examples, pretext loss %.4f, %.2f s", site.site_id, plan.server_round,
              result.status, result.num_examples, result.pretext_loss, result.train_seconds)
+    mark("site_reply_ready")  # trained, charged, checked: what a crash while sending loses
     return SiteRoundReply(records=records, result=result, site=site, plan=plan, encoder_shapes=shapes)
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import pytest
 
+# The dashboard's fixtures (a tiny run, the dashboard process, the browser): only the tests that ask build them.
+pytest_plugins = ["dashboard_fixtures"]
+
 WIDTH, DEPTH = 8, 2
 NUM_SAMPLES, BATCH_SIZE = 64, 8
 SAMPLE_RATE = 1 / 8  # 1 / ceil(NUM_SAMPLES / BATCH_SIZE), what Opacus derives from the loader

@@ -34,6 +34,7 @@ from fedssl.fl.keys import STATUS_REFUSED, STATUS_TRAINED
 from fedssl.fl.plan import TrainPlan
 from fedssl.fl.records import RoundResult
 from fedssl.models import build_encoder
+from fedssl.phases import mark
 from fedssl.pretext import PretextModel, get_pretext, require_dp_compatible
 from fedssl.privacy.budget import SiteBudget
 from fedssl.privacy.policy import RoundRequest
@@ -135,6 +136,7 @@ def train_plain_round(dataset: SiteDataset, plan: TrainPlan, parts: _Round) -> R
 def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSettings, parts: _Round) -> RoundResult:
     """A DP-SGD round, charged to the site's budget before the first step; refused if it does not fit."""
     budget = SiteBudget.open(site.state_dir, site.privacy, key_path=site.key_path, mark_path=site.highwater_path)
+    mark("budget_opened")  # the budget lock is held from here through the charge
     request = RoundRequest(
         run_id=plan.run_id,
         server_round=plan.server_round,
@@ -155,6 +157,7 @@ def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSetting
             delta=site.privacy.delta,
             reason=str(err),
         )
+    mark("round_charged")  # written ahead to the ledger: from here a crash still counts this round
     mechanism = charge.mechanism
 
     from opacus import PrivacyEngine
@@ -277,6 +280,7 @@ def _run_steps(
         loss.backward()
         optimizer.step()
         model.after_optimizer_step()
+        mark("train_step")
         loss_sum += float(per_sample.detach().sum())
         loss_count += int(per_sample.numel())
     result.train_seconds = time.perf_counter() - started

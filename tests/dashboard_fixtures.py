@@ -1,5 +1,6 @@
 """Dashboard fixtures: one real tiny federation per session, the real `fedssl dashboard` process, and
-Debian's chromium driven by Playwright.
+Debian's chromium driven by Playwright. Registered by tests/conftest.py (``pytest_plugins``): a
+tests/dashboard/conftest.py would shadow the shared conftest for every ``from conftest import ...``.
 
 The browser is required, not optional: `make setup` installs chromium, and a machine without it fails
 the browser tests with the command that installs it (a skipped browser test would pass CI untested).
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 CHROMIUM = os.environ.get("FEDSSL_CHROMIUM", "/usr/bin/chromium")
