@@ -38,6 +38,7 @@ class RunConfig:
 
 
 MAX_IMAGE_SIDE = 4096
+MAX_SERIES_LENGTH = 1_000_000  # data.series_length: a typo guard, not a memory plan
 LABEL_FOLDERS = "folders"
 LABELS_HELP = ("must be an id,label CSV (ids: the source's sample ids), 'folders' (image folders: the first folder "
                "is the class), an IDX label file for IDX images, or null")
@@ -61,6 +62,9 @@ class DataConfig:
     categorical: list[str] = field(default_factory=list)
     categories: dict[str, Any] = field(default_factory=dict)
     hash_buckets: int = DEFAULT_HASH_BUCKETS
+    # time series (data.kind timeseries): steps per series; longer ones lose their tail, shorter ones are
+    # zero-padded at the end (pad not masked); 0 = the source's own length (fedssl.data.series)
+    series_length: int = 0
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     # Simulation with real site partitions: one source per site (site i trains on all of site_sources[i]);
@@ -76,6 +80,9 @@ class DataConfig:
         check(isinstance(self.site_sources, list) and all(isinstance(p, str) and p for p in self.site_sources),
               "data.site_sources", "must be a list of paths, one data source per simulated site, or [] to partition data.source",
               self.site_sources)
+        check(isinstance(self.series_length, int) and 0 <= self.series_length <= MAX_SERIES_LENGTH, "data.series_length",
+              f"must be an integer in [0, {MAX_SERIES_LENGTH}] (time steps per series; 0 = the source's own length)",
+              self.series_length)
         check(self.labels is None or bool(self.labels), "data.labels", LABELS_HELP, self.labels)
         if self.labels:
             fmt = label_format(self.labels)

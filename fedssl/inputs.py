@@ -18,11 +18,13 @@ from typing import Any
 IMAGE = "image"
 VECTOR = "vector"
 TEXT = "text"  # token ids shaped (max_length,): fedssl.data.text's byte tokenizer
+TIMESERIES = "timeseries"  # series shaped (channels, length): fedssl.data.series (data.kind timeseries, never guessed)
 BOTH = frozenset({IMAGE, VECTOR})
 
-ENCODER_NAMES = ("cnn", "mlp", "resnet", "transformer", "vit")  # fedssl.models.registry builds each (a test holds the two equal)
+ENCODER_NAMES = ("cnn", "conv1d", "mlp", "resnet", "transformer", "vit")  # fedssl.models.registry builds each (a test holds the two equal)
 IMAGE_ENCODERS = frozenset({"cnn", "resnet", "vit"})  # these take (channels, height, width); mlp flattens any shape
 TEXT_ENCODERS = frozenset({"transformer"})  # these take token ids (max_length,) and only them
+SERIES_ENCODERS = frozenset({"conv1d"})  # these take series (channels, length) and only them
 CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # dotted.module.path:factory_name
 
 # The inputs each registered pretext task works on (fedssl.pretext reads its tasks' modalities from here).
@@ -38,6 +40,8 @@ PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
     "masked_tokens": frozenset({TEXT}),
     "vime": frozenset({VECTOR}),  # tables: corrupts and reconstructs single features
     "scarf": frozenset({VECTOR}),
+    "masked_segment": frozenset({TIMESERIES}),  # contiguous time segments, reconstructed per time step
+    "ts_views": frozenset({TIMESERIES}),  # jitter / scaling / cropping / segment permutation
 }
 DEFAULT_PATCH_SIZE = 2  # masked_reconstruction's pretext.params.patch_size
 # Tasks whose loss couples the samples of a batch, and how: refused under DP (fedssl.pretext.registry), since
@@ -79,6 +83,13 @@ def encoder_input_problem(encoder: str, shape: Sequence[int], modality: str | No
     if encoder in TEXT_ENCODERS and modality != TEXT:
         return (f"the {encoder} encoder reads text (token ids), but the samples are "
                 f"{modality or modality_of_shape(shape)}s shaped {list(shape)}; use a .txt source or another encoder")
+    if modality == TIMESERIES and encoder not in SERIES_ENCODERS and not is_custom_spec(encoder):
+        return (f"the {encoder} encoder cannot read time series (shaped [channels, length] {list(shape)}); "
+                "use model.encoder=conv1d for time series")
+    if encoder in SERIES_ENCODERS and modality != TIMESERIES:
+        return (f"the {encoder} encoder reads time series, but the samples are "
+                f"{modality or modality_of_shape(shape)}s shaped {list(shape)}; set data.kind=timeseries for series "
+                "data (.npy/.npz/.csv) or choose another encoder")
     if encoder in IMAGE_ENCODERS and len(shape) != 3:
         return (f"the {encoder} encoder needs images shaped [channels, height, width], but the samples are "
                 f"{modality_of_shape(shape)}s shaped {list(shape)}; use model.encoder=mlp for vectors")
@@ -148,7 +159,7 @@ def pretext_input_problem(
     """
     if (problem := modality_problem(pretext, shape, modality)) is not None:
         return "pretext.name", problem
-    if modality == TEXT:
+    if modality in (TEXT, TIMESERIES):
         return None
     if pretext == "rotation" and (problem := rotation_problem(shape)) is not None:
         return "pretext.name", problem

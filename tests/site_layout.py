@@ -12,13 +12,14 @@ import yaml
 
 
 def write_site_yaml(root: Path, *, target_epsilon: float, site_id: int = 0, data_path: str = "data.npy",
-                    root_certificates: str = "ca.crt", allowed_hashes: list[str] | None = None) -> Path:
+                    root_certificates: str = "ca.crt", allowed_hashes: list[str] | None = None,
+                    data_kind: str = "auto") -> Path:
     from fedssl.privacy.keys import init_site_key
 
     init_site_key(root / "keys", "site-a")
     config = {
         "site": {"name": "site-a", "id": site_id},
-        "data": {"path": data_path},
+        "data": {"path": data_path, "kind": data_kind},
         "state_dir": "state",
         "privacy": {"enabled": True, "target_epsilon": target_epsilon, "delta": 1e-5},
         "coordinator": {"address": "127.0.0.1:1", "root_certificates": root_certificates},

@@ -27,7 +27,9 @@ FITS = ["data.partition=iid", "evaluation.enabled=false", "federation.num_sites=
         "privacy.enabled=false"]
 VECTOR_FITS = ["model.encoder=mlp", "pretext.name=byol"]
 TEXT_FITS = ["model.encoder=transformer", "pretext.name=masked_tokens", "data.partition=iid"]
-FITS_BY_SOURCE = {"table": VECTOR_FITS, "vectors": VECTOR_FITS, "wide": ["pretext.name=byol"], "lines": TEXT_FITS, "docs": TEXT_FITS}
+SERIES_FITS = ["data.kind=timeseries", "model.encoder=conv1d", "pretext.name=masked_segment"]
+FITS_BY_SOURCE = {"table": VECTOR_FITS, "vectors": VECTOR_FITS, "wide": ["pretext.name=byol"], "lines": TEXT_FITS, "docs": TEXT_FITS,
+                  "series": SERIES_FITS}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +47,9 @@ def data(tmp_path_factory) -> dict[str, Path]:
     (root / "bank.csv").write_text("id,age,home,job\n" + "".join(f"b{i},{i},{homes[i % 4]},job-{i % 5}\n" for i in range(40)))
     np.save(root / "images.npy", rng.random((40, 8, 8)).astype(np.float32))
     np.save(root / "vectors.npy", rng.random((40, 6)).astype(np.float32))
+    series = rng.normal(size=(40, 3, 20))
+    series[::3, :, 15:] = np.nan  # every third series is 15 steps long (the UCR/UEA NaN tail)
+    np.savez(root / "series.npz", x=series)
     (root / "manifest.txt").write_text("digits-0\ndigits-1\n")
     (root / "lines.txt").write_text("".join(f"line {i}: card lost, please block it\n" for i in range(40)))
     (root / "docs").mkdir()
@@ -93,6 +98,12 @@ CASES = [
     ("lines", ["pretext.name=jigsaw"], "pretext.name"),
     ("vectors", ["model.encoder=transformer"], "model.encoder"),
     ("square", ["pretext.name=masked_tokens"], "pretext.name"),
+    ("series", ["model.encoder=cnn"], "model.encoder"),
+    ("series", ["model.encoder=mlp"], "model.encoder"),
+    ("series", ["pretext.name=rotation"], "pretext.name"),
+    ("series", ["pretext.name=byol"], "pretext.name"),
+    ("vectors", ["model.encoder=conv1d"], "model.encoder"),
+    ("square", ["pretext.name=ts_views"], "pretext.name"),
     ("nowhere", [], "data.source"),
     ("square", ["data.kind=parquet"], "data.kind"),
 ]
@@ -148,6 +159,11 @@ def test_the_probe_reads_what_the_loaders_load(data):
     for name in ("square", "wide", "table", "images", "vectors", "rgb", "lines", "docs"):
         probe, loaded = probe_data(str(data[name])), load_site_data(data[name])
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality), name
+    for length in (0, 12, 30):  # time series: data.kind timeseries, fitted to data.series_length (0: its own)
+        probe = probe_data(str(data["series"]), "timeseries", series_length=length)
+        loaded = load_site_data(data["series"], "timeseries", series_length=length)
+        assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality)
+        assert probe.sample_shape == (3, length or 20)
     for name in ("square", "rgb"):  # data.image_size: the shape the sites train on is the resized one
         probe, loaded = probe_data(str(data[name]), image_size=(6, 4)), load_site_data(data[name], image_size=(6, 4))
         assert probe.sample_shape == loaded.input_shape == (loaded.input_shape[0], 6, 4), name

@@ -11,7 +11,7 @@ import torch
 from fedssl.errors import DataError
 
 # Dimensions of one sample (without the leading N) each modality expects.
-SAMPLE_NDIM: dict[str, int] = {"image": 3, "vector": 1, "text": 1}  # text: token ids as float32 (exact below 2**24)
+SAMPLE_NDIM: dict[str, int] = {"image": 3, "vector": 1, "text": 1, "timeseries": 2}  # text: token ids as float32 (exact below 2**24)
 FINITE_CHECK_ROWS = 4096
 
 
@@ -30,7 +30,7 @@ class SiteDataset:
     # memory-mapped, which training and evaluation turn into [0, 1] floats per batch (fedssl.data.pixels).
     inputs: torch.Tensor
     sample_ids: tuple[str, ...]
-    modality: str  # "image" | "vector" | "text"
+    modality: str  # "image" | "vector" | "text" | "timeseries" (N x C x L)
     # Tables: the sizes of the categorical one-hot blocks that end each row (fedssl.tables); VIME treats each
     # block as one feature. Derived from the public schema, not from the rows.
     feature_blocks: tuple[int, ...] = ()
@@ -84,7 +84,7 @@ def _check_inputs(inputs: torch.Tensor, modality: str) -> None:
         raise DataError(f"inputs must be float32 (or uint8 pixels for images), got {inputs.dtype}; convert with .float()")
     expected = SAMPLE_NDIM[modality] + 1
     if inputs.ndim != expected:
-        layout = "N x C x H x W" if modality == "image" else "N x D"
+        layout = {"image": "N x C x H x W", "timeseries": "N x C x L"}.get(modality, "N x D")
         raise DataError(f"{modality} inputs must be shaped {layout}, got shape {tuple(inputs.shape)}")
     if len(inputs) == 0:
         raise DataError("dataset is empty; a site needs at least one sample")

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 from fedssl.data.dataset import SiteDataset
 from fedssl.data.idx import read_idx
 from fedssl.data.pixels import fit_images, to_nchw
+from fedssl.data.series import SERIES_SUFFIXES, as_series_array, csv_series, fit_length
 from fedssl.data.text import DEFAULT_MAX_LENGTH, encode_all, read_texts
 # Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
 from fedssl.data.probe import (
@@ -58,6 +59,7 @@ class _ImageOptions:
     grayscale: bool
     max_length: int = DEFAULT_MAX_LENGTH  # text: token ids per sample (data.max_length)
     categorical: CategoricalSpec = CategoricalSpec()  # CSV: data.categorical / data.categories / data.hash_buckets
+    series_length: int = 0  # time series: steps per sample, 0 = the source's own (data.series_length)
 
 
 _Loader = Callable[[Path, _ImageOptions], _Loaded]  # digits ignores the path
@@ -71,6 +73,7 @@ def load_site_data(
     grayscale: bool = True,
     max_length: int = DEFAULT_MAX_LENGTH,
     categorical: CategoricalSpec | None = None,
+    series_length: int = 0,
 ) -> SiteDataset:
     """Load one site's unlabelled data.
 
@@ -79,12 +82,14 @@ def load_site_data(
     embedded set unless a file or folder of that name exists; MNIST-style names such as
     train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
     folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
-    folders. ``categorical`` says which CSV columns are categorical (fedssl.tables). ``path`` is
-    ignored for "digits".
+    folders. ``categorical`` says which CSV columns are categorical (fedssl.tables). ``series_length`` only
+    time series (kind "timeseries", never auto-detected: fedssl.data.series has the layouts and the length
+    rule). ``path`` is ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
-    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length, categorical or CategoricalSpec())
+    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length, categorical or CategoricalSpec(),
+                            series_length)
     if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
     path = existing_path(path)
@@ -176,13 +181,21 @@ def _load_text(path: Path, options: _ImageOptions) -> _Loaded:
 
 
 def _load_npy(path: Path, _: _ImageOptions) -> _Loaded:
-    array = _read_numpy(path)
-    if not isinstance(array, np.ndarray):
-        raise DataError(f"{path} holds an .npz archive, not a single array; use kind npz")
-    return _from_array(array, _row_ids(len(array)), path)
+    return _from_array(*_npy_array(path), path)
 
 
 def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
+    return _from_array(*_npz_array(path), path)
+
+
+def _npy_array(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    array = _read_numpy(path)
+    if not isinstance(array, np.ndarray):
+        raise DataError(f"{path} holds an .npz archive, not a single array; use kind npz")
+    return array, _row_ids(len(array))
+
+
+def _npz_array(path: Path) -> tuple[np.ndarray, tuple[str, ...]]:
     archive = _read_numpy(path)
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise DataError(f"{path} holds a single array, not an .npz archive; use kind npy")
@@ -192,7 +205,7 @@ def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
             raise DataError(f"{path} has keys {archive.files}; store the inputs under 'x' or 'inputs'")
         array = archive[key]
         ids = _npz_ids(archive, path) if "ids" in archive.files else _row_ids(len(array))
-    return _from_array(array, ids, path)
+    return array, ids
 
 
 def _row_ids(count: int) -> tuple[str, ...]:
@@ -229,6 +242,30 @@ def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
     )
 
 
+# --- time series ----------------------------------------------------------------------------
+
+
+def _load_timeseries(path: Path, options: _ImageOptions) -> _Loaded:
+    """``N x L`` / ``N x C x L`` arrays or a CSV of one series per row, fitted to ``series_length`` steps."""
+    suffix = path.suffix.lower()
+    if suffix not in SERIES_SUFFIXES:
+        raise DataError(f"{path}: a time-series source is a .npy, .npz or .csv file (fedssl.data.series); convert it")
+    if suffix == ".csv":
+        header, rows = _read_csv(path)
+        lowered = [name.strip().lower() for name in header]
+        _warn_dropped_labels(header, lowered, path)
+        columns = csv_feature_columns(header)
+        if not columns:
+            raise DataError(f"{path}: no time-step columns besides id/label; add one column per time step")
+        series = csv_series(header, rows, path, columns)
+        ids = (tuple(row[lowered.index(ID_COLUMN)].strip() for _, row in rows) if ID_COLUMN in lowered
+               else _row_ids(len(rows)))
+    else:
+        array, ids = _npy_array(path) if suffix == ".npy" else _npz_array(path)
+        series = as_series_array(array, path)
+    return _Loaded(fit_length(series, options.series_length, path, ids), ids, "timeseries")
+
+
 # --- idx ------------------------------------------------------------------------------------
 
 
@@ -252,14 +289,7 @@ def _load_csv(path: Path, options: _ImageOptions) -> _Loaded:
     header, rows = _read_csv(path)
     lowered = [name.strip().lower() for name in header]
     id_index = lowered.index(ID_COLUMN) if ID_COLUMN in lowered else None
-    dropped = [header[i] for i, name in enumerate(lowered) if name in LABEL_COLUMNS]
-    if dropped:
-        warnings.warn(
-            f"{path}: dropped label column(s) {dropped}; site training never sees labels "
-            "(keep labels in a separate file behind the consent manifest)",
-            LabelColumnDroppedWarning,
-            stacklevel=3,  # point at the caller of load_site_data
-        )
+    _warn_dropped_labels(header, lowered, path)
     features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
@@ -293,6 +323,17 @@ def _one_hot(rows: list[tuple[int, list[str]]], header: list[str], layout: Table
         warnings.warn(f"{path}: values not in data.categories set to '{OTHER}' {counts[OTHER]} (column: count)",
                       UnknownCategoryWarning, stacklevel=4)
     return out
+
+
+def _warn_dropped_labels(header: list[str], lowered: list[str], path: Path) -> None:
+    dropped = [header[i] for i, name in enumerate(lowered) if name in LABEL_COLUMNS]
+    if dropped:
+        warnings.warn(
+            f"{path}: dropped label column(s) {dropped}; site training never sees labels "
+            "(keep labels in a separate file behind the consent manifest)",
+            LabelColumnDroppedWarning,
+            stacklevel=4,  # point at the caller of load_site_data
+        )
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -364,4 +405,5 @@ LOADERS: dict[str, _Loader] = {
     "digits": _load_digits,
     "idx": _load_idx,
     "text": _load_text,
+    "timeseries": _load_timeseries,
 }

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssl.data.idx import looks_like_idx, read_idx_header
+from fedssl.data.series import SERIES_SUFFIXES, series_sample_shape
 from fedssl.data.text import DEFAULT_MAX_LENGTH, is_text_source, read_texts
 from fedssl.errors import DataError
 from fedssl.tables import CategoricalSpec, not_numeric_error, table_layout
@@ -31,7 +32,7 @@ ID_COLUMN = "id"
 LABEL_COLUMNS = frozenset({"label", "target"})
 NPZ_INPUT_KEYS = ("x", "inputs")
 KINDS_BY_SUFFIX = {".npy": "npy", ".npz": "npz", ".csv": "csv"}
-KINDS = ("csv", "digits", "idx", "image_folder", "npy", "npz", "text")  # fedssl.data.loaders.LOADERS (a test holds them equal)
+KINDS = ("csv", "digits", "idx", "image_folder", "npy", "npz", "text", "timeseries")  # fedssl.data.loaders.LOADERS (a test holds them equal)
 DIGITS = "digits"
 DIGITS_SHAPE = (1, 8, 8)  # scikit-learn's digits, as fedssl.data.loaders shapes them
 DIGITS_COUNT = 1797
@@ -43,8 +44,8 @@ CSV_ROWS_READ = 5  # rows whose cells are checked to be numbers; the rest are on
 class DataProbe:
     source: str
     kind: str  # one of KINDS
-    modality: str  # "image" | "vector"
-    sample_shape: tuple[int, ...]  # one sample, as the encoders see it: (C, H, W) or (D,)
+    modality: str  # "image" | "vector" | "text" | "timeseries"
+    sample_shape: tuple[int, ...]  # one sample, as the encoders see it: (C, H, W), (D,) or a series' (C, L)
     count: int  # samples in the whole source (before the test split)
     labelled: bool  # labels exist behind the consent manifest (digits, or data.labels given)
     labelled_count: int | None = None  # how many samples data.labels labels (None: all, or not probed yet)
@@ -68,7 +69,8 @@ class DataProbe:
         return source_ids(Path(self.source), self.kind, self.count) if self.kind != DIGITS else [digits_id(i) for i in range(self.count)]
 
     def describe(self) -> str:
-        return f"{self.count} {self.modality}s shaped {list(self.sample_shape)}"
+        noun = "time series" if self.modality == "timeseries" else f"{self.modality}s"
+        return f"{self.count} {noun} shaped {list(self.sample_shape)}"
 
 
 def row_id(index: int) -> str:
@@ -119,13 +121,14 @@ def image_files(root: Path) -> list[Path]:
 
 def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
                labels: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-               categorical: CategoricalSpec | None = None) -> DataProbe:
+               categorical: CategoricalSpec | None = None, series_length: int = 0) -> DataProbe:
     """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data.
 
     ``image_size`` (height, width) is ``data.image_size``: image folders and IDX images are resized to
-    it at load, so that is the shape the sites train on. ``labels`` is ``data.labels``, the IDX label
-    file of IDX images (:func:`probe_idx_labels` checks it). ``categorical`` is the CSV's categorical
-    columns (fedssl.tables): each adds its one-hot block to the width."""
+    it at load, so that is the shape the sites train on; ``series_length`` is ``data.series_length`` for
+    time series (0: the source's own length). ``labels`` is ``data.labels`` (:func:`probe_labels` checks
+    it). ``categorical`` is the CSV's categorical columns (fedssl.tables): each adds its one-hot block to
+    the width."""
     if kind != "auto" and kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}")
     if is_digits(source, kind):
@@ -137,6 +140,9 @@ def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] |
                          labels=labels)
     if categorical is not None and categorical.columns and resolved != "csv":
         raise DataError(f"{path} is {resolved} data, not a CSV; data.categorical / data.categories apply to CSV sources only")
+    if resolved == "timeseries":
+        shape, count = _probe_series(path, series_length)
+        return DataProbe(str(source), resolved, "timeseries", shape, count, labelled=labels is not None, labels=labels)
     shape, count = _probe_csv(path, categorical or CategoricalSpec()) if resolved == "csv" else _PROBES[resolved](path)
     if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
         shape = (shape[0], *image_size)
@@ -169,16 +175,37 @@ def _probe_image_folder(root: Path) -> tuple[tuple[int, ...], int]:
     return (1, height, width), len(files)
 
 
+def _probe_series(path: Path, series_length: int) -> tuple[tuple[int, ...], int]:
+    """fedssl.data.series' rule: (channels, series_length or the source's own length), from headers only."""
+    suffix = path.suffix.lower()
+    if suffix not in SERIES_SUFFIXES:
+        raise DataError(f"{path}: a time-series source is a .npy, .npz or .csv file (fedssl.data.series); convert it")
+    if suffix == ".csv":
+        (steps,), count = _probe_csv(path)
+        return (1, series_length or steps), count
+    shape, dtype = _npy_file_header(path) if suffix == ".npy" else _npz_header(path)
+    if dtype.kind not in "biuf":
+        raise DataError(f"{path}: array dtype {dtype} is not numeric; store numbers only")
+    return series_sample_shape(shape, path, series_length), shape[0]
+
+
 def _probe_npy(path: Path) -> tuple[tuple[int, ...], int]:
+    return _sample_shape(*_npy_file_header(path), path)
+
+
+def _npy_file_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with path.open("rb") as handle:
-            shape, dtype = _npy_header(handle, path)
+            return _npy_header(handle, path)
     except OSError as error:
         raise DataError(f"cannot read {path} as numpy data ({error}); re-save it with numpy.save/savez") from error
-    return _sample_shape(shape, dtype, path)
 
 
 def _probe_npz(path: Path) -> tuple[tuple[int, ...], int]:
+    return _sample_shape(*_npz_header(path), path)
+
+
+def _npz_header(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     try:
         with zipfile.ZipFile(path) as archive:
             names = [name.removesuffix(".npy") for name in archive.namelist()]
@@ -186,10 +213,9 @@ def _probe_npz(path: Path) -> tuple[tuple[int, ...], int]:
             if key is None:
                 raise DataError(f"{path} has keys {names}; store the inputs under 'x' or 'inputs'")
             with archive.open(f"{key}.npy") as handle:
-                shape, dtype = _npy_header(handle, path)
+                return _npy_header(handle, path)
     except (OSError, zipfile.BadZipFile) as error:
         raise DataError(f"cannot read {path} as an .npz archive ({error}); re-save it with numpy.savez") from error
-    return _sample_shape(shape, dtype, path)
 
 
 def _npy_header(handle, path: Path) -> tuple[tuple[int, ...], np.dtype]:
@@ -280,9 +306,10 @@ def source_ids(path: Path, kind: str, count: int) -> list[str]:
     if kind == "text" and path.is_dir():
         names = [p.name for p in sorted(path.glob("*.txt"))]
         return names if len(names) == count else [row_id(i) for i in range(count)]  # blank documents skipped
-    if kind == "csv":
+    suffix = path.suffix.lower()
+    if kind == "csv" or (kind == "timeseries" and suffix == ".csv"):
         return _csv_ids(path) or [row_id(i) for i in range(count)]
-    if kind == "npz":
+    if kind == "npz" or (kind == "timeseries" and suffix == ".npz"):
         with np.load(path, allow_pickle=False) as archive:
             if "ids" in archive.files:
                 return [str(i) for i in archive["ids"].tolist()]

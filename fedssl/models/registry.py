@@ -11,11 +11,13 @@ from fedssl.inputs import IMAGE_ENCODERS, is_custom_spec  # noqa: F401 - IMAGE_E
 from fedssl.models.custom import build_custom_encoder
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
+from fedssl.models.series import Conv1dEncoder
 from fedssl.models.text import TextTransformerEncoder
 from fedssl.models.vit import ViTEncoder
 
 # The names and which of them take images are fedssl.inputs' (torch-free, for the config and preflight).
-ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "mlp": MLPEncoder, "resnet": ResNetGNEncoder,
+ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "conv1d": Conv1dEncoder, "mlp": MLPEncoder,
+                                           "resnet": ResNetGNEncoder,
                                            "transformer": TextTransformerEncoder, "vit": ViTEncoder}
 
 

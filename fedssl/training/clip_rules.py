@@ -4,7 +4,8 @@ The engine (fedssl.training.bookkeeping) keeps, per call of each trainable layer
 activation and the gradient of the loss with respect to its output; a rule turns those into
 (squared per-sample norm of the layer's parameters, shape ``(B,)``; ``finish(c)`` giving
 ``{param: sum_i c_i * g_i}``). Conv2d: a batched matmul of output gradients with unfolded inputs
-(the FLOPs of the ordinary weight gradient); GroupNorm / LayerNorm / bias: small per-channel sums;
+(the FLOPs of the ordinary weight gradient); Conv1d: the same rule, on the series as a 1 x L image;
+GroupNorm / LayerNorm / bias: small per-channel sums;
 Embedding: each sample's output gradients scattered onto the rows it looked up;
 2-D Linear inputs: ghost norms (Li et al. 2022) that never materialise ``B x out x in``.
 Only layers with a rule may hold trainable parameters (:data:`SUPPORTED`).
@@ -12,8 +13,10 @@ Only layers with a rule may hold trainable parameters (:data:`SUPPORTED`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -210,6 +213,34 @@ def _conv2d_rule(module: nn.Conv2d, calls: list[Call], trainable: set, buffers: 
     return kept.norm_sq(batch, calls[0].grad), finish
 
 
+# One 2-D view per Conv1d, kept as long as the module lives: its id keys the reused work buffers.
+_CONV1D_AS_2D: weakref.WeakKeyDictionary[nn.Conv1d, SimpleNamespace] = weakref.WeakKeyDictionary()
+
+
+def _conv1d_as_conv2d(module: nn.Conv1d) -> SimpleNamespace:
+    """The attributes the Conv2d rule reads, for ``module`` seen as a (1, k) convolution of a 1 x L image.
+
+    The parameters are the module's own (3-D weight): the rule only reads their per-output-channel
+    element count and writes its clipped sum back with ``view_as(weight)``. Reflect/replicate/circular
+    padding carries over: the module's two amounts pad the time axis, zero the height-1 axis."""
+    view = _CONV1D_AS_2D.get(module)
+    if view is None:
+        padding = module.padding if isinstance(module.padding, str) else (0, module.padding[0])
+        view = SimpleNamespace(
+            weight=module.weight, bias=module.bias, groups=module.groups, in_channels=module.in_channels,
+            out_channels=module.out_channels, kernel_size=(1, module.kernel_size[0]), stride=(1, module.stride[0]),
+            dilation=(1, module.dilation[0]), padding=padding, padding_mode=module.padding_mode,
+            _reversed_padding_repeated_twice=(*module._reversed_padding_repeated_twice, 0, 0))
+        _CONV1D_AS_2D[module] = view
+    return view
+
+
+def _conv1d_rule(module: nn.Conv1d, calls: list[Call], trainable: set, buffers: Buffers) -> tuple[torch.Tensor, Finish]:
+    """Conv1d as a Conv2d over (B, C, 1, L): the same per-sample matmuls, nothing new to get wrong."""
+    as_images = [Call(call.activation.unsqueeze(2), call.grad) for call in calls]
+    return _conv2d_rule(_conv1d_as_conv2d(module), as_images, trainable, buffers)  # type: ignore[arg-type]
+
+
 def _linear_rule(module: nn.Linear, calls: list[Call], trainable: set, _buffers: Buffers) -> tuple[torch.Tensor, Finish]:
     """2-D inputs: ghost norm (with cross terms across tied calls); others: materialised."""
     batch = calls[0].activation.shape[0]
@@ -286,6 +317,7 @@ def _embedding_rule(module: nn.Embedding, calls: list[Call], trainable: set, _bu
 
 
 SUPPORTED: dict[type[nn.Module], Callable[[nn.Module, list[Call], set, Buffers], tuple[torch.Tensor, Finish]]] = {
+    nn.Conv1d: _conv1d_rule,
     nn.Conv2d: _conv2d_rule,
     nn.Embedding: _embedding_rule,
     nn.GroupNorm: _group_norm_rule,

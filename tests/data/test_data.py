@@ -82,7 +82,7 @@ def test_site_dataset_shape_len_and_subset() -> None:
         (torch.zeros(0, 3), (), "vector", "dataset is empty"),
         (torch.zeros(2, 3, dtype=torch.float64), ("a", "b"), "vector", "must be float32"),
         (torch.zeros(2, 3), ("a", "b"), "image", "image inputs must be shaped N x C x H x W"),
-        (torch.zeros(2, 3), ("a", "b"), "audio", "valid choices: image, text, vector"),
+        (torch.zeros(2, 3), ("a", "b"), "audio", "valid choices: image, text, timeseries, vector"),
     ],
 )
 def test_site_dataset_rejects_bad_input(

@@ -65,7 +65,7 @@ def fedavg(replies) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(PRETEXT_TASKS))
 def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_reason(name, tmp_path, site_rows, text_rows):
     task = PRETEXT_TASKS[name]
-    text = "text" in task.modalities
+    text, series = "text" in task.modalities, "timeseries" in task.modalities
     if not task.dp_compatible:
         from fedssl.config import load_config
 
@@ -77,14 +77,16 @@ def test_each_method_trains_two_dp_rounds_at_two_sites_or_is_refused_with_its_re
     from fedssl.site_round import run_site_round
 
     # Text trains the transformer on token ids; a method for vectors only (tables: vime) an MLP on the
-    # same rows as the images, flattened.
-    encoder, shape = ("transformer", (24,)) if text else ("cnn", (1, 8, 8)) if "image" in task.modalities else ("mlp", (64,))
+    # same rows as the images, flattened; a time-series method conv1d on them as 2-channel series of 32 steps.
+    encoder, shape = (("transformer", (24,)) if text else ("conv1d", (2, 32)) if series
+                      else ("cnn", (1, 8, 8)) if "image" in task.modalities else ("mlp", (64,)))
     nodes = []
     for site_id, rows in enumerate(text_rows if text else site_rows):
         root = tmp_path / f"site-{site_id}"
         root.mkdir()
         np.save(root / "data.npy", rows.reshape(len(rows), *shape))
-        nodes.append({keys.NODE_SITE_CONFIG: str(write_site_yaml(root, target_epsilon=2.0, site_id=site_id))})
+        site_yaml = write_site_yaml(root, target_epsilon=2.0, site_id=site_id, data_kind="timeseries" if series else "auto")
+        nodes.append({keys.NODE_SITE_CONFIG: str(site_yaml)})
     plan = dataclasses.replace(PLAN, pretext=name, pretext_params=small_params(name), encoder=encoder)
     global_state = build_encoder(encoder, shape, width=4, depth=1, seed=0).state_dict()
     epsilons = []

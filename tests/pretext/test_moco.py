@@ -55,8 +55,9 @@ def test_a_sample_from_an_earlier_step_changes_later_losses_only_for_moco(name):
     modalities = PRETEXT_TASKS[name].modalities
     text = "text" in modalities
     # Text tasks see token ids through the transformer; vector-only methods (tables: vime, scarf) the same
-    # pixels as 64-feature rows through an MLP.
-    kind, shape = ("transformer", (12,)) if text else ("cnn", (1, 8, 8)) if "image" in modalities else ("mlp", (64,))
+    # pixels as 64-feature rows through an MLP; time-series ones (masked_segment, ts_views) as 2 x 32 series.
+    kind, shape = (("transformer", (12,)) if text else ("conv1d", (2, 32)) if "timeseries" in modalities
+                   else ("cnn", (1, 8, 8)) if "image" in modalities else ("mlp", (64,)))
     encoder = build_encoder(kind, shape, width=8, depth=1 if text else 2, seed=0)
 
     def rand(n, generator):  # n samples of the method's input; token ids for a text task

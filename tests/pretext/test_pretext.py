@@ -31,18 +31,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
 IMAGE_SHAPE = (1, 8, 8)
 VECTOR_SHAPE = (12,)
-ALL = ["byol", "jigsaw", "masked_reconstruction", "masked_tokens", "moco", "moco_noise", "rotation", "scarf",
-       "simclr", "simsiam", "vime"]
-PER_SAMPLE = ["byol", "jigsaw", "masked_reconstruction", "masked_tokens", "moco_noise", "rotation", "simsiam", "vime"]
+SERIES_SHAPE = (2, 16)  # (channels, length)
+SHAPES = {"cnn": IMAGE_SHAPE, "mlp": VECTOR_SHAPE, "conv1d": SERIES_SHAPE}
+ALL = ["byol", "jigsaw", "masked_reconstruction", "masked_segment", "masked_tokens", "moco", "moco_noise", "rotation",
+       "scarf", "simclr", "simsiam", "ts_views", "vime"]
+PER_SAMPLE = ["byol", "jigsaw", "masked_reconstruction", "masked_segment", "masked_tokens", "moco_noise", "rotation",
+              "simsiam", "ts_views", "vime"]
 # Per sample within one step; moco couples samples across steps instead (tests/pretext/test_moco.py).
 PER_SAMPLE_WITHIN_A_STEP = [*PER_SAMPLE, "moco"]
 IMAGE_ONLY = {"jigsaw", "rotation"}
 TEXT_ONLY = {"masked_tokens"}  # on token ids with the transformer: tests/text/test_text.py
 VECTOR_ONLY = {"scarf", "vime"}  # tables
-IMAGE_OR_VECTOR = [name for name in ALL if name not in TEXT_ONLY]
+SERIES_ONLY = {"masked_segment", "ts_views"}  # time series (C, L) with conv1d; more in tests/timeseries
+IMAGE_OR_VECTOR = [name for name in ALL if name not in TEXT_ONLY | SERIES_ONLY]
 # Every (method, modality) pair a method claims to support.
 CASES = ([(name, "cnn") for name in IMAGE_OR_VECTOR if name not in VECTOR_ONLY]
-         + [(name, "mlp") for name in IMAGE_OR_VECTOR if name not in IMAGE_ONLY])
+         + [(name, "mlp") for name in IMAGE_OR_VECTOR if name not in IMAGE_ONLY]
+         + [(name, "conv1d") for name in sorted(SERIES_ONLY)])
 NO_AUGMENT = {
     "crop_scale": 1.0,
     "max_rotation": 0.0,
@@ -54,8 +59,7 @@ NO_AUGMENT = {
 
 
 def make_model(name: str, kind: str = "cnn", **params: object) -> PretextModel:
-    shape = IMAGE_SHAPE if kind == "cnn" else VECTOR_SHAPE
-    encoder = build_encoder(kind, shape, width=8, depth=2, seed=0)
+    encoder = build_encoder(kind, SHAPES[kind], width=8, depth=2, seed=0)
     # Non-trivial site-only parts too: heads are seeded so failures reproduce.
     torch.manual_seed(1)
     return get_pretext(name, dict(params)).build_model(encoder)
@@ -63,7 +67,7 @@ def make_model(name: str, kind: str = "cnn", **params: object) -> PretextModel:
 
 def batch_for(kind: str, size: int, seed: int = 2) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.rand(size, *(IMAGE_SHAPE if kind == "cnn" else VECTOR_SHAPE), generator=generator)
+    return torch.rand(size, *SHAPES[kind], generator=generator)
 
 
 def seeded(model: nn.Module, x: torch.Tensor, seed: int = 3) -> torch.Tensor:
@@ -175,12 +179,12 @@ def test_opacus_accepts_the_model_and_gives_per_sample_grads(name: str, kind: st
             p.grad_sample = None
 
 
-@pytest.mark.parametrize("name", IMAGE_OR_VECTOR)
+@pytest.mark.parametrize("name", [*IMAGE_OR_VECTOR, *sorted(SERIES_ONLY)])
 def test_opacus_grad_samples_are_the_gradients_of_each_samples_own_loss(name: str) -> None:
     # The per-sample gradient of loss_i, computed by plain autograd on an unwrapped copy with the
     # same random views, is what DP-SGD must clip. Opacus attributes gradient by batch index, so
     # the two agree exactly when the loss decomposes per sample, and must not agree for SimCLR.
-    kind = "mlp" if name in VECTOR_ONLY else "cnn"
+    kind = "mlp" if name in VECTOR_ONLY else "conv1d" if name in SERIES_ONLY else "cnn"
     model = make_model(name, kind)
     reference = copy.deepcopy(model)
     x = batch_for(kind, 4)

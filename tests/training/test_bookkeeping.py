@@ -207,6 +207,40 @@ def test_pretext_tasks_match_reference(task, params):
     assert clipped > 0 and kept > 0
 
 
+# Conv1d runs through the Conv2d rule on a 1 x L view: every layout that rule picks (channels-last from
+# 8 input channels, transposed below, grouped), strides, dilation, string and non-zero padding.
+SERIES_LAYERS = {
+    "conv1d": lambda: nn.Sequential(nn.Conv1d(8, 4, 5, padding=2)),
+    "conv1d_stride_dilation": lambda: nn.Sequential(nn.Conv1d(8, 4, 3, stride=2, dilation=2, padding=2)),
+    "conv1d_groups_nobias": lambda: nn.Sequential(nn.Conv1d(8, 6, 3, groups=2, bias=False)),
+    "conv1d_same_reflect": lambda: nn.Sequential(nn.Conv1d(8, 4, 4, padding="same", padding_mode="reflect")),
+    "conv1d_narrow_then_gn": lambda: nn.Sequential(nn.Conv1d(8, 3, 1), nn.Conv1d(3, 4, 3, padding=1), nn.GroupNorm(2, 4)),
+    "conv1d_encoder": lambda: build_encoder("conv1d", (8, 12), width=8, depth=3),
+}
+
+
+@pytest.mark.parametrize("calls", [1, 3])
+@pytest.mark.parametrize("name", sorted(SERIES_LAYERS))
+def test_conv1d_layers_match_reference(name, calls):
+    x = torch.randn(6, 8, 12, generator=torch.Generator().manual_seed(1))
+    clipped, kept = check_exact(seeded(lambda: PerSample(SERIES_LAYERS[name](), calls=calls)), x)
+    assert clipped > 0 and kept > 0
+
+
+@pytest.mark.parametrize("task", ["masked_segment", "ts_views"])
+def test_time_series_pretexts_match_reference(task):
+    small = {"hidden_dim": 16, "projection_dim": 8, "predictor_hidden_dim": 4} if task == "ts_views" else {}
+
+    def build():
+        encoder = build_encoder("conv1d", (3, 16), width=8, depth=2, seed=0)
+        torch.manual_seed(1)
+        return get_pretext(task, small).build_model(encoder)
+
+    x = torch.randn(8, 3, 16, generator=torch.Generator().manual_seed(4))
+    clipped, kept = check_exact(build, x)
+    assert clipped > 0 and kept > 0
+
+
 def test_byol_target_network_is_not_trained():
     model = _pretext_model("byol")()
     engine = BookkeepingEngine(model)
@@ -255,7 +289,7 @@ def test_empty_batch_gives_zero_clipped_sum():
 def test_unsupported_trainable_layer_is_refused():
     model = PerSample(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 16, 2)))
     model.net.append(nn.PReLU())
-    with pytest.raises(ValueError, match=r"'net\.3' of type PReLU.*supported types: Conv2d, Embedding, GroupNorm, LayerNorm, Linear"):
+    with pytest.raises(ValueError, match=r"'net\.3' of type PReLU.*supported types: Conv1d, Conv2d, Embedding, GroupNorm, LayerNorm, Linear"):
         BookkeepingEngine(model)
     model.net[3].requires_grad_(False)  # a frozen layer needs no rule
     BookkeepingEngine(model)
