@@ -55,6 +55,8 @@ _SITE_PREFIX = re.compile(r"^site (\d+): ")  # simulated sites name themselves (
 
 
 # Flower's error codes for a reply that never came from the site's code: the node is gone for now.
+# A sampled site whose reply never came (crashed mid-round, restarting, cut off): like an unreachable one.
+NO_REPLY = "no reply within the round timeout (federation.round_timeout): the site crashed, restarted or was cut off"
 UNREACHABLE_ERROR_CODES = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
 
 
@@ -260,17 +262,26 @@ class FedSSLAvg(FedAvg):
         self.recorder = recorder
         self.max_update_norm = max_update_norm
         self._global: dict[str, np.ndarray] | None = None  # the arrays this round's replies must match
+        self._sent_to: list[int] = []  # the nodes this round's train messages went to
 
     def configure_train(self, server_round, arrays, config, grid):
         self.recorder.start_round()
         self._global = {name: arr.numpy() for name, arr in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        # Flower hands aggregate_train only the replies that came back in time: a site that crashed
+        # mid-round is simply absent, so the round's sampled sites are remembered here.
+        self._sent_to = [msg.metadata.dst_node_id for msg in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         errors = self.recorder.site_errors(server_round, [(m.metadata.src_node_id, m.error.reason) for m in replies if m.has_error()])
+        replied = {m.metadata.src_node_id for m in replies}
+        silent = [node for node in self._sent_to if node not in replied]
+        for node_id in silent:
+            self.recorder.failure(server_round, node_id, NO_REPLY)
         content = {msg.metadata.src_node_id: msg for msg in replies if not msg.has_error()}
         screened = self.recorder.screen(server_round, [(node, msg.content.metric_records.get(keys.METRICS)) for node, msg in content.items()])
         reports: list[SiteReport] = []
@@ -294,8 +305,9 @@ class FedSSLAvg(FedAvg):
             # same seeds (and no DP noise) should give the same encoder however the replies raced.
             arrays = self.average(server_round, [msg for _, _, msg in sorted(trained, key=lambda t: (t[0], t[1]))])
         self.recorder.finish_round(server_round, reports)
-        unreachable = sum(1 for m in replies if m.has_error() and m.error.code in UNREACHABLE_ERROR_CODES)
-        self.recorder.stop_if_all_failed(server_round, errors, len(replies), unreachable)  # the next round would fail alike
+        unreachable = len(silent) + sum(1 for m in replies if m.has_error() and m.error.code in UNREACHABLE_ERROR_CODES)
+        sampled = len(replies) + len(silent)
+        self.recorder.stop_if_all_failed(server_round, errors, sampled, unreachable)  # the next round would fail alike
         return arrays, (MetricRecord(round_metrics(reports)) if arrays is not None else None)
 
     def without_bad_arrays(self, server_round: int, replies: list[Message]) -> list[Message]:

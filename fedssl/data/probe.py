@@ -181,7 +181,7 @@ def _probe_series(path: Path, series_length: int) -> tuple[tuple[int, ...], int]
     if suffix not in SERIES_SUFFIXES:
         raise DataError(f"{path}: a time-series source is a .npy, .npz or .csv file (fedssl.data.series); convert it")
     if suffix == ".csv":
-        (steps,), count = _probe_csv(path)
+        (steps,), count = _probe_csv(path, CategoricalSpec())
         return (1, series_length or steps), count
     shape, dtype = _npy_file_header(path) if suffix == ".npy" else _npz_header(path)
     if dtype.kind not in "biuf":

@@ -11,6 +11,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
+from flwr.serverapp.grid import Grid
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedssl.fl import keys
 from fedssl.layout import RunDir
@@ -89,3 +91,55 @@ def test_a_round_where_a_failed_site_was_only_unreachable_goes_on(tmp_path):
     site_rounds, rounds = read_metrics(RunDir(tmp_path).metrics)
     assert sorted(r.node_id for r in site_rounds if r.status == "failed") == [20, 30]
     assert [(r.round, r.num_trained) for r in rounds] == [(1, 0)]
+
+
+class TwoNodes(Grid):
+    """The grid a round samples from: two connected nodes (only what configure_train asks of a grid)."""
+
+    def get_node_ids(self):
+        return [20, 30]
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    @property
+    def run(self):
+        raise NotImplementedError
+
+    def pull_messages(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def push_messages(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def send_and_receive(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def set_run(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+@pytest.fixture
+def serverapp_run():
+    """What the ServerApp process has set before a strategy builds messages: the run it belongs to."""
+    saved = TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, SERVER_NODE, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def test_a_round_where_a_sampled_site_never_replied_goes_on_and_names_it(tmp_path, serverapp_run):
+    # The deployment rejoin attack: site d refuses the app, site c is killed mid-round and its reply never
+    # comes (Flower drops it at the round timeout). One failure out of one reply is not "every site failed".
+    strategy = _strategy(tmp_path)
+    sent = list(strategy.configure_train(1, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord({}), TwoNodes()))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [20, 30]
+    arrays, _ = strategy.aggregate_train(1, [failed(node=20, site=1)])
+    assert arrays is None
+    site_rounds, _ = read_metrics(RunDir(tmp_path).metrics)
+    silent = [r for r in site_rounds if r.node_id == 30]
+    assert [r.status for r in silent] == ["failed"] and "no reply within the round timeout" in silent[0].reason
+    # every sampled site answered with its own error: that still stops the run
+    sent = list(strategy.configure_train(2, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord({}), TwoNodes()))
+    with pytest.raises(AllSitesFailed, match="all 2 sampled sites failed"):
+        strategy.aggregate_train(2, [failed(node=20, site=1), failed(node=30, site=0)])
