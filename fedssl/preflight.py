@@ -203,6 +203,12 @@ def _site_problems(config: ExperimentConfig, probe: DataProbe) -> list[Problem]:
     if train_rows < fed.num_sites:
         return [Problem("federation.num_sites", f"{fed.num_sites} sites cannot share the {train_rows} training rows of "
                         f"data.source {probe.source} (every site needs one); use fewer sites or more data")]
-    plan = PlannedRun(site_rows=train_rows // fed.num_sites, batch_size=training.batch_size,
-                      local_steps=training.local_steps, rounds=fed.rounds)
-    return [Problem(key, message) for key, message in plan_problems(config.privacy, plan)]
+    site_rows = train_rows // fed.num_sites
+    plan = PlannedRun(site_rows=site_rows, batch_size=training.batch_size, local_steps=training.local_steps, rounds=fed.rounds)
+    problems = [Problem(key, message) for key, message in plan_problems(config.privacy, plan)]
+    delta = config.privacy.delta
+    if config.privacy.enabled and delta * site_rows >= 1:
+        # δ is the chance the guarantee fails outright; at 1/n it covers releasing one whole record.
+        problems.append(Problem("privacy.delta", f"{delta:g} is not below 1/n for a site's ~{site_rows} rows; "
+                                f"use privacy.delta <= {0.1 / site_rows:.1g} (well below 1/n)"))
+    return problems
