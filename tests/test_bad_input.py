@@ -239,6 +239,41 @@ KEY_CASES = [
 ]
 
 
+def server_case(id: str, breaks: Callable[[Path], None], *names: str) -> Case:
+    """`fedssl server start` on a laid-out local federation with one credential broken: refused before
+    the run dir, the warm start or any Flower process exists."""
+
+    def make(tmp: Path) -> list[str]:
+        from fedssl.deploy.localfed import make_local_federation
+
+        fed = make_local_federation(tmp, sites=["site-a", "site-b"], allowed_hashes=["sha256:" + "0" * 64])
+        breaks(fed.root / "coordinator" / "certs")
+        return ["server", "start", "--config", str(fed.server_yaml)]
+
+    return Case(id, make, names)
+
+
+def _reissue(certs: Path, ca_dir: Path, **options) -> None:
+    from fedssl.deploy import pki
+
+    pki.server_cert(ca_dir, ["127.0.0.1", "localhost"], certs, overwrite=True, **options)
+
+
+def _from_other_ca(certs: Path) -> None:
+    from fedssl.deploy import pki
+
+    pki.init_ca(certs.parent / "other-ca")
+    _reissue(certs, certs.parent / "other-ca")
+
+
+SERVER_CASES = [
+    server_case("server-cert-wrong-ca", _from_other_ca, "tls.server_cert", "not signed by"),
+    server_case("server-cert-expiring", lambda certs: _reissue(certs, certs, days=3), "tls.server_cert", "expires"),
+    server_case("site-public-key-missing", lambda certs: (certs.parents[1] / "site-b" / "keys" / "site-b.node.pub").unlink(),
+                "sites[site-b].public_key"),
+]
+
+
 # --------------------------------------------------------------------------- a site's privacy state, corrupted
 
 def _trained_site(tmp: Path, trained: Path) -> None:
@@ -307,7 +342,7 @@ def _one_line_refusal(tmp: Path, capsys, argv: list[str], names: tuple[str, ...]
     assert _snapshot(tmp) == before, "a file was written or changed"
 
 
-@pytest.mark.parametrize("case", CONFIG_CASES + DATA_CASES + KEY_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CONFIG_CASES + DATA_CASES + KEY_CASES + SERVER_CASES, ids=lambda c: c.id)
 def test_bad_input_is_one_line(case: Case, tmp_path, capsys):
     argv = case.make(tmp_path)
     _one_line_refusal(tmp_path, capsys, argv, case.names)
@@ -334,4 +369,4 @@ def test_the_valid_inputs_pass(trained_site, tmp_path, capsys):
 
 
 def test_at_least_forty_cases():
-    assert len(CONFIG_CASES + DATA_CASES + KEY_CASES + STATE_CASES) >= 40
+    assert len(CONFIG_CASES + DATA_CASES + KEY_CASES + SERVER_CASES + STATE_CASES) >= 40
