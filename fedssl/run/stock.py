@@ -13,7 +13,8 @@ directory the ServerApp prepared without any message between them:
   `flwr run .` never lands in (or replaces) an earlier run's ledgers.
 
 The ServerApp prepares the run dir (:func:`prepare_stock_run`: the config, resolved, as
-``config.yaml``), so from then on both read exactly what a `fedssl simulate` run reads. Torch- and
+``config.yaml``, the run's record, as `fedssl simulate` writes it); the sites read the same config from
+its source and keep their state under the run dir, as in a `fedssl simulate` run. Torch- and
 data-free: the ServerApp imports it (tests/test_import_rules.py).
 """
 
@@ -49,8 +50,10 @@ class Launch:
         return RunDir(self.run_dir).config
 
     def run_config(self, given: Mapping[str, Any]) -> dict[str, Any]:
-        """``given`` with the config path and run dir a fedssl launcher would have set."""
-        return {**given, RUN_CONFIG_PATH: str(self.config_path), RUN_DIR: str(self.run_dir)}
+        """``given`` with the config path resolved and the run dir a ClientApp uses. The config is the source
+        itself, not the run dir's copy: a stock run's copy is the same config (no input shape is filled in),
+        and a site's round must not depend on when the ServerApp wrote the copy."""
+        return {**given, RUN_CONFIG_PATH: str(self.source), RUN_DIR: str(self.run_dir)}
 
 
 def resolve_launch(run_config: Mapping[str, Any], run_id: int | str) -> Launch:

@@ -34,8 +34,7 @@ def test_pyproject_defaults_resolve_to_the_tiny_config_and_a_run_dir_per_flower_
     assert launch.stock and launch.source == TINY
     assert launch.run_dir == tmp_path / "runs" / "digits-tiny-42"
     assert resolve_launch(_pyproject_run_config(), 43).run_dir.name == "digits-tiny-43"  # a second `flwr run` never reuses it
-    assert launch.run_config({"resume": ""}) == {"resume": "", RUN_CONFIG_PATH: str(launch.run_dir / "config.yaml"),
-                                                  RUN_DIR: str(launch.run_dir)}
+    assert launch.run_config({"resume": ""}) == {"resume": "", RUN_CONFIG_PATH: str(TINY), RUN_DIR: str(launch.run_dir)}
 
 
 def test_a_fedssl_launchers_run_config_is_taken_as_given(tmp_path):
@@ -52,10 +51,10 @@ def test_run_config_overrides_relative_to_the_app_or_absolute(tmp_path):
         resolve_launch({RUN_CONFIG_PATH: "nope.yaml"}, 1)
 
 
-def test_the_clientapp_resolves_what_the_serverapp_prepared(tmp_path):
+def test_the_clientapp_resolves_the_same_config_and_run_dir(tmp_path):
     run_config = {RUN_CONFIG_PATH: str(TINY), RUN_DIR: str(tmp_path / "run")}
     simulated = SimpleNamespace(node_config={NODE_PARTITION_ID: 1}, run_config=run_config, run_id=5)
-    assert launch_run_config(simulated)[RUN_CONFIG_PATH] == str(tmp_path / "run" / "config.yaml")
+    assert launch_run_config(simulated) == {RUN_CONFIG_PATH: str(TINY), RUN_DIR: str(tmp_path / "run")}
     deployed = SimpleNamespace(node_config={NODE_SITE_CONFIG: "site.yaml"}, run_config=run_config, run_id=5)
     assert launch_run_config(deployed) is run_config  # a deployed site names its own site.yaml
 
