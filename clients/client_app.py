@@ -22,6 +22,7 @@ from clients.site_dp_mods import site_update_clipping_mod
 from fedssl.errors import FedSSLError
 from fedssl.fl import keys
 from fedssl.phases import mark
+from fedssl.run.stock import launch_run_config
 
 SITE_ROUND_MODULE = "fedssl.site_round"
 
@@ -57,7 +58,7 @@ def train(msg: Message, context: Context) -> Message:
     mark("site_start")
     try:
         reply = site_round.run_site_round(
-            context.node_config, context.run_config, msg.content[keys.CONFIG], msg.content[keys.ARRAYS].to_torch_state_dict()
+            context.node_config, launch_run_config(context), msg.content[keys.CONFIG], msg.content[keys.ARRAYS].to_torch_state_dict()
         )
     except FedSSLError as err:
         _name_the_site(err, context.node_config)

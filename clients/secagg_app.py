@@ -28,6 +28,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from clients.site_dp_mods import legacy_site_update_clipping_mod
 from fedssl.errors import ConfigError
 from fedssl.fl import keys
+from fedssl.run.stock import launch_run_config
 from fedssl.site_round import run_site_round
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def secagg_weight(metrics: Mapping[str, int | float], weighting: str, max_weight
 
 def site_fit(parameters: Sequence[np.ndarray], config: Mapping[str, object], context: Context) -> tuple[list[np.ndarray], int, dict]:
     """One SecAgg+ round at this site: (weights to mask, weight, whitelisted metrics)."""
-    reply = run_site_round(context.node_config, context.run_config, config, parameters)
+    reply = run_site_round(context.node_config, launch_run_config(context), config, parameters)
     metrics = dict(reply.records[keys.METRICS].items())
     weight = secagg_weight(metrics, str(config.get(keys.SECAGG_WEIGHTING, "examples")),
                            float(config.get(keys.SECAGG_MAX_WEIGHT, 1000.0)))

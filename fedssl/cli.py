@@ -64,15 +64,31 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
     result = check_file(args.config, args.set, evaluate=not args.skip_evaluation)
     result.raise_for_problems()
+    if args.load:
+        _load_every_record(args.config, args.set)
     probe = result.probe
     data = f": data.source {probe.source} holds {probe.describe()}; {probe.describe_labels()}" if probe is not None else ""
     print(f"fedssl: {args.config} fits its data{data}")
     return 0
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from fedssl.run.pipeline import evaluate_run_dir, report
+def _load_every_record(path: str, overrides: list[str]) -> None:
+    """`fedssl check --load`: read the data as the sites will (every value and file, not just the headers the
+    preflight probes), so a NaN, a ragged row or an unreadable image is one line now, not a failed round later."""
+    from fedssl.config import load_config
+    from fedssl.errors import DataError
+    from fedssl.experiment import central_data_for
 
+    try:
+        central_data_for(load_config(path, overrides))
+    except DataError as err:
+        raise DataError(f"data.source: {err}") from None
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from fedssl.run.pipeline import evaluate_run_dir, finish_run_dir, report
+
+    finish_run_dir(Path(args.run_dir))
     evaluate_run_dir(Path(args.run_dir))
     report(Path(args.run_dir))
     return 0
@@ -128,7 +144,7 @@ def _cmd_site(args: argparse.Namespace) -> int:
 
         return start_site(args.config, echo=lambda m: print(m, flush=True))
     from fedssl.deploy.site.config import load_site_config
-    from fedssl.deploy.site.preflight import format_checklist, preflight, preflight_passed
+    from fedssl.deploy.site.preflight import failed_checks, format_checklist, preflight, preflight_passed
     from fedssl.deploy.site.status import status_text
 
     config = load_site_config(args.config)
@@ -141,9 +157,11 @@ def _cmd_site(args: argparse.Namespace) -> int:
     if args.site_command == "status":
         print(status_text(config, last=args.last))
         return 0
-    checks = preflight(config)
+    checks = preflight(config, check_coordinator=not args.offline)
     print(f"fedssl: site {config.site.name} preflight")
     print(format_checklist(checks))
+    for check in failed_checks(checks):  # the checklist is for reading; each blocking failure is one error line
+        print(f"fedssl: error: {check.name}: {check.detail}", file=sys.stderr)
     return 0 if preflight_passed(checks) else EXIT_USAGE
 
 
@@ -191,9 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config", help="experiment YAML, e.g. configs/experiments/digits-demo.yaml")
     check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     check.add_argument("--skip-evaluation", action="store_true", help="as `simulate --skip-evaluation`: no labels needed")
+    check.add_argument("--load", action="store_true",
+                       help="also read every record as the sites will (values, every image): slower, finds NaNs and unreadable files")
     check.set_defaults(func=_cmd_check)
 
-    ev = sub.add_parser("evaluate", help="(re)run central evaluation of a finished run")
+    ev = sub.add_parser("evaluate", help="(re)run central evaluation of a finished run and write its report (after a stock `flwr run .`, too)")
     ev.add_argument("run_dir")
     ev.set_defaults(func=_cmd_evaluate)
 
@@ -253,6 +273,8 @@ def _add_deployment_parsers(sub: argparse._SubParsersAction) -> None:
         cmd.add_argument("--config", required=True, help="this site's site.yaml")
         if name == "status":
             cmd.add_argument("--last", type=int, default=5, help="how many ledger rounds to show")
+        if name == "preflight":
+            cmd.add_argument("--offline", action="store_true", help="skip the coordinator's TLS probe (check before it is up)")
         cmd.set_defaults(func=_cmd_site)
     app_hash = site_sub.add_parser("app-hash", help="print the pinning hash of an app (.fab or project directory)")
     app_hash.add_argument("path")

@@ -44,6 +44,9 @@ LABELS_HELP = ("must be an id,label CSV (ids: the source's sample ids), 'folders
                "is the class), an IDX label file for IDX images, or null")
 
 
+PARTITIONS = ("iid", "dirichlet", "quantity_skew")  # fedssl.data.partition.PARTITIONERS' names (a test keeps them equal)
+
+
 @dataclass
 class DataConfig:
     source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv / IDX images
@@ -73,6 +76,7 @@ class DataConfig:
     test_fraction: float = 0.3
 
     def validate(self) -> None:
+        check(self.partition in PARTITIONS, "data.partition", f"valid choices: {', '.join(PARTITIONS)}", self.partition)
         check(self.alpha > 0, "data.alpha", "must be > 0 (smaller = more skewed)", self.alpha)
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
         check_image_size("data.image_size", self.image_size)

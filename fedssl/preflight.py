@@ -245,4 +245,10 @@ def _site_problems(config: ExperimentConfig, probe: DataProbe, site: int | None 
     plan = PlannedRun(site_rows=site_rows, batch_size=training.batch_size,
                       local_steps=training.local_steps, rounds=fed.rounds)
     where = "" if site is None else f" (site {site}, {probe.source}: {site_rows} rows)"
-    return [Problem(key, message + where) for key, message in plan_problems(config.privacy, plan)]
+    problems = [Problem(key, message + where) for key, message in plan_problems(config.privacy, plan)]
+    delta = config.privacy.delta
+    if config.privacy.enabled and delta * site_rows >= 1:
+        # δ is the chance the guarantee fails outright; at 1/n it covers releasing one whole record.
+        problems.append(Problem("privacy.delta", f"{delta:g} is not below 1/n for a site's ~{site_rows} rows{where}; "
+                                f"use privacy.delta <= {0.1 / site_rows:.1g} (well below 1/n)"))
+    return problems

@@ -22,7 +22,8 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedssl.config import ExperimentConfig, load_config
-from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR, RUN_RESUME
+from fedssl.errors import ConfigError
+from fedssl.fl.keys import RUN_COORDINATOR_DIR, RUN_RESUME
 from fedssl.fl.plan import TrainPlan, plan_from_config
 from fedssl.layout import RunDir
 from fedssl.models import build_encoder
@@ -31,6 +32,7 @@ from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
 from fedssl.run.checkpoint import checkpoint_now, load_checkpoint, reconcile_logs
+from fedssl.run.stock import POST_RUN_COMMAND, Launch, prepare_stock_run, resolve_launch
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
 from server.grid import PromptGrid
@@ -45,8 +47,11 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     mark("server_main")
-    config = load_config(str(context.run_config[RUN_CONFIG_PATH]))
-    run_dir = RunDir(str(context.run_config[RUN_DIR]))
+    launch = _launch(context)
+    if launch is None:
+        return
+    config = load_config(str(launch.config_path))
+    run_dir = RunDir(launch.run_dir)
     started = time.time()
     book = SiteLevelBook(config, run_dir.path) if config.site_dp.enabled else None
     recorder = round_recorder(config, run_dir, Path(str(context.run_config.get(RUN_COORDINATOR_DIR) or run_dir.path)), book)
@@ -64,6 +69,22 @@ def main(grid: Grid, context: Context) -> None:
     _write_atomically(run_dir.server_done, {"run_id": start.run_id, "rounds": config.federation.rounds,
                                             "resumed_after": start.round if start.resumed else None,
                                             "seconds": time.time() - started})
+    if launch.stock:  # nobody waits for the results: say what evaluates and reports them
+        log(INFO, "fedssl: federated rounds done; evaluate and write the report with: %s %s", POST_RUN_COMMAND, run_dir.path)
+
+
+def _launch(context: Context) -> Launch | None:
+    """The run's config and directory; a run started by stock `flwr run` gets its run dir prepared here
+    (fedssl.run.stock). A config that cannot run that way is one logged line, and nothing starts."""
+    try:
+        launch = resolve_launch(context.run_config, context.run_id)
+        if launch.stock and str(context.run_config.get(RUN_RESUME, "")).lower() != "true":
+            prepare_stock_run(launch)
+            log(INFO, "fedssl: run %s from %s -> %s", context.run_id, launch.source, launch.run_dir)
+    except ConfigError as err:
+        log(ERROR, "fedssl: error: %s", err)
+        return None
+    return launch
 
 
 @dataclass(frozen=True)

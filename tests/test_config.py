@@ -328,3 +328,11 @@ def test_the_site_trains_with_its_validated_privacy_section_itself(tmp_path):
     assert (privacy.clipping, privacy.accountant, privacy.max_grad_norm) == ("opacus", "prv", 0.5)
     with pytest.raises(dataclasses.FrozenInstanceError):
         privacy.target_epsilon = 100.0  # type: ignore[misc]
+
+
+def test_data_partition_choices_are_the_partitioners():
+    """config.PARTITIONS (torch-free, checked at load) names exactly fedssl.data.partition's partitioners."""
+    from fedssl.config import PARTITIONS
+    from fedssl.data.partition import PARTITIONERS
+
+    assert set(PARTITIONS) == set(PARTITIONERS)

@@ -25,6 +25,7 @@ from typing import Any
 
 from fedssl.errors import ConfigError, FedSSLError
 from fedssl.layout import AUDIT_PLOT, AUDIT_REPORT
+from fedssl.progress import ProgressDisplay
 
 EXIT_USAGE = 2
 
@@ -145,7 +146,7 @@ def _run_empirical(config_path: str, options: dict[str, Any], *, as_json: bool) 
         variants = [load_experiment(config_path, overrides)]
         if baseline:
             variants.append(load_experiment(config_path, [*overrides, "privacy.enabled=false"]))
-        results = [run_empirical_audit(c, **options, progress=lambda m: print(m, file=sys.stderr)) for c in variants]
+        results = [run_empirical_audit(c, **options, progress=ProgressDisplay(lambda m: print(m, file=sys.stderr))) for c in variants]
     except FedSSLError as err:
         return _usage_error(str(err))
     vacuous = baseline and results[-1].epsilon_lower_bound <= VACUOUS_BOUND

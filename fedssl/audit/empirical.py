@@ -52,6 +52,7 @@ from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
 from fedssl.models import build_encoder
 from fedssl.pretext import PretextModel
+from fedssl.progress import tick
 from fedssl.audit.canaries import GradientCanaries
 from fedssl.training.local import SiteSettings, build_pretext_model, restore_site_parts, train_round
 from fedssl.fl.plan import plan_from_config
@@ -220,7 +221,7 @@ def _train_and_score(config: ExperimentConfig, attack: str, train_set: SiteDatas
             # What the server sees: the update. A member's Dirac gradient lowers its weight.
             pushed += (gradient_canaries.readout(state) - gradient_canaries.readout(result.encoder_state)).numpy()
         state = result.encoder_state
-        say(f"audit training round {server_round}/{config.federation.rounds}")
+        tick(say, f"audit training round {server_round}/{config.federation.rounds}", server_round, config.federation.rounds)
     if gradient_canaries is not None:
         return -pushed
     model = build_pretext_model(plan, train_set.input_shape, state, train_set.feature_blocks)

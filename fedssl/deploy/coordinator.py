@@ -135,6 +135,27 @@ def experiment_for(config: ServerConfig, extra_overrides: list[str] | None = Non
     return load_config(config.experiment, [*config.set, *(extra_overrides or [])])
 
 
+def check_tls(config: ServerConfig) -> None:
+    """The SuperLink's certificate: signed by the federation's CA, valid, and covering loopback."""
+    tls = config.tls
+    check = check_server_certificate(Path(tls.server_cert), Path(tls.ca_cert))
+    if not check.ok:
+        raise DeployError(f"tls.server_cert: {check.detail}")
+    if not covers_ip(Path(tls.server_cert), LOOPBACK):
+        raise DeployError(f"tls.server_cert: {tls.server_cert} does not list {LOOPBACK}, where the coordinator reaches its own "
+                          "SuperLink; reissue it with `fedssl keys server-cert` (which always adds it)")
+
+
+def check_credentials(config: ServerConfig) -> None:
+    """Certificates and the sites' node keys, read before anything is written or started (one line each)."""
+    check_tls(config)
+    for entry in config.site_entries():
+        try:
+            load_node_public_key(Path(entry.public_key))
+        except ConfigError as err:
+            raise ConfigError(f"sites[{entry.name}].public_key: {err}") from None
+
+
 def start_server(config_path: str | Path, *, overrides: list[str] | None = None, overwrite: bool = False,
                  stream: bool = True, echo=say, resume: str | Path | None = None) -> Path:
     """`fedssl server start`: the whole coordinator side; returns the run directory.
@@ -142,6 +163,7 @@ def start_server(config_path: str | Path, *, overrides: list[str] | None = None,
     ``resume``: a run directory this coordinator left after completing some rounds; its remaining rounds
     run with its own saved config and run id (fedssl.run.pipeline.resume_pipeline), ``overrides`` refused."""
     config = load_server_config(config_path)
+    check_credentials(config)
     coordinator = Coordinator(config, stream=stream, echo=echo)
     SiteWatermarks(Path(config.state_dir) / WATERMARKS_FILE)  # an unreadable record of site budgets: one line, before Flower
     if resume is not None:
@@ -233,12 +255,7 @@ class SuperLink:
     def start(self, timeout: float = 60.0) -> None:
         """The SuperLink on loopback, then the public Fleet gateway in front of it."""
         tls, listen = self.config.tls, self.config.listen
-        check = check_server_certificate(Path(tls.server_cert), Path(tls.ca_cert))
-        if not check.ok:
-            raise DeployError(f"tls.server_cert: {check.detail}")
-        if not covers_ip(Path(tls.server_cert), LOOPBACK):
-            raise DeployError(f"tls.server_cert: {tls.server_cert} does not list {LOOPBACK}, where the coordinator reaches its own "
-                              "SuperLink; reissue it with `fedssl keys server-cert` (which always adds it)")
+        check_tls(self.config)
         cmd = [
             flower_bin("flower-superlink"),
             "--ssl-ca-certfile", tls.ca_cert, "--ssl-certfile", tls.server_cert, "--ssl-keyfile", tls.server_key,

@@ -38,6 +38,7 @@ from fedssl.evaluation.results import (
     SeedRun,
     format_fraction,
 )
+from fedssl.progress import Progress, tick
 from fedssl.data.pixels import unit_float
 from fedssl.data.sampling import stratified_subset
 from fedssl.models.encoders import Encoder
@@ -47,7 +48,6 @@ if TYPE_CHECKING:  # annotations only: results and reporting stay importable wit
     from fedssl.data.dataset import SiteDataset
 
 EncoderFactory = Callable[[int | None], Encoder]
-Progress = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -230,19 +230,22 @@ def evaluate_label_efficiency(
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
         runs: dict[tuple[str, float], list[SeedRun]] = defaultdict(list)
         fractions: list[FractionInfo] = []
+        done, total = 0, len(plan.label_fractions) * len(plan.label_seeds)
         for fraction in plan.label_fractions:
             needed = plan.labels_needed(fraction, num_train, num_classes)
             if needed > num_consented:
                 reason = f"needs {needed} labels but only {num_consented} train examples are consented"
                 fractions.append(FractionInfo(fraction, needed, skipped=reason))
                 say(f"{format_fraction(fraction)} labels: skipped, {reason}")
+                done += len(plan.label_seeds)
                 continue
             fractions.append(FractionInfo(fraction, needed))
             for seed_index, label_seed in enumerate(plan.label_seeds):
                 subset = stratified_subset(bench.pool_labels, needed, label_seed)
                 for row, run in _runs_on_subset(bench, subset, seed_index, plan):
                     runs[(row, fraction)].append(run)
-                say(f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done")
+                done += 1
+                tick(progress, f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done", done, total)
     return EvalResults(
         plan=plan,
         rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw_baseline(train.modality).trees),

@@ -24,6 +24,7 @@ from fedssl.config import ExperimentConfig, save_config
 from fedssl.errors import ConfigError, FedSSLError
 from fedssl.layout import RunDir
 from fedssl.preflight import require_preflight
+from fedssl.progress import ProgressDisplay
 
 Echo = Callable[[str], None]
 
@@ -84,7 +85,7 @@ def run_pipeline(config: ExperimentConfig, launcher: Launcher, *, overwrite: boo
     from fedssl.warmstart.pretrain import prepare_warm_start
 
     # Public/synthetic pretraining on the coordinator, before any site is contacted: no site data, no ε.
-    prepare_warm_start(config, run_dir, progress=lambda message: echo(f"fedssl: {message}"))
+    prepare_warm_start(config, run_dir, progress=ProgressDisplay(echo, prefix="fedssl: "))
     echo(f"fedssl: run {config.run.name}: {launcher.describe(config)} -> {run_dir}")
     return _federate(config, launcher, run_dir, evaluate=evaluate, echo=echo, started=started)
 
@@ -165,13 +166,31 @@ def write_summary(run_dir: Path, **fields) -> None:
     path.write_text(json.dumps(current, indent=1))
 
 
+def finish_run_dir(run_dir: Path) -> None:
+    """Before `fedssl evaluate RUN_DIR`: the run must have finished its rounds. A run nobody waited on
+    (stock `flwr run .`, fedssl.run.stock) gets its summary.json here, from the ServerApp's done marker."""
+    paths = RunDir(run_dir)
+    if not paths.config.is_file():
+        raise FedSSLError(f"{run_dir}: not a run directory (no {paths.config.name}); give the run dir the run printed")
+    if not paths.server_done.is_file():
+        failed = paths.server_failed
+        why = f": {json.loads(failed.read_text()).get('reason')}" if failed.is_file() else "; see `flwr log <run id>`"
+        raise FedSSLError(f"{run_dir}: the federated run did not finish (no {paths.server_done.name}){why}")
+    if not paths.summary.exists():
+        from fedssl.config import load_config
+
+        done = json.loads(paths.server_done.read_text())
+        write_summary(run_dir, run_name=load_config(str(paths.config)).run.name, federation_seconds=done.get("seconds"),
+                      launcher="flwr run")
+
+
 def evaluate_run_dir(run_dir: Path, echo: Echo = say, *, optional: bool = False) -> None:
     """Central evaluation on consented labels; ``optional``: without them, say so and go on."""
     from fedssl.evaluation.central import evaluate_run
 
     echo("fedssl: central evaluation on consented labels ...")
     try:
-        evaluate_run(run_dir, progress=lambda message: echo(f"fedssl: {message}"))
+        evaluate_run(run_dir, progress=ProgressDisplay(echo, prefix="fedssl: "))
     except ConfigError as err:
         if not optional:
             raise

@@ -19,7 +19,7 @@ benchmarks/README.md). The flow keeps the server free of data loading:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,9 +31,9 @@ from fedssl.data import synthetic
 from fedssl.errors import ConfigError
 from fedssl.models import build_encoder
 from fedssl.pretext import get_pretext
+from fedssl.progress import Progress, tick
 from fedssl.warmstart.checkpoint import check_fits, read_checkpoint, save_warm_start
 
-Progress = Callable[[str], None]
 
 
 def pretrain_encoder(
@@ -80,8 +80,9 @@ def pretrain_encoder(
             loss.backward()
             optimizer.step()
             model.after_optimizer_step()
-            if progress and step % report_every == 0:
-                progress(f"warm start: step {step}/{steps}, pretext loss {float(loss.detach()):.3f}")
+            if progress:
+                tick(progress, f"warm start: step {step}/{steps}, pretext loss {float(loss.detach()):.3f}", step, steps,
+                     every=report_every)
     return {k: v.detach().cpu().clone() for k, v in model.encoder.state_dict().items()}
 
 

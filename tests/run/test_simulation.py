@@ -76,7 +76,7 @@ def test_epsilon_grows_per_site_and_stays_within_budget(run):
 def test_final_encoder_has_exactly_the_encoders_keys(run):
     config = yaml.safe_load((run.dir / "config.yaml").read_text())
     m = config["model"]
-    assert m["input_shape"] == [1, 8, 8]  # resolved from the data and saved for the server
+    assert m["input_shape"] == [1, 8, 8]  # saved, resolved, for the server
     expected = encoder_state_keys(build_encoder(m["encoder"], m["input_shape"], width=m["width"], depth=m["depth"]))
     state = torch.load(run.dir / "encoder.pt", weights_only=True)
     assert {k: tuple(v.shape) for k, v in state.items()} == expected
@@ -128,3 +128,43 @@ def test_a_run_whose_server_fails_is_an_error_not_a_result(tmp_path):
         run_federation(config, run_dir, stream=False)
     assert not (run_dir / "server_done.json").exists()
     assert _flower_processes_of(run_dir) == []
+
+
+def _run_files(run_dir: Path) -> list[str]:
+    """The run dir's file list, less what only `fedssl simulate` keeps: its private FLWR_HOME and the
+    `flwr run` output it captures (a stock `flwr run` prints that to its own terminal)."""
+    files = (str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    return sorted(f for f in files if not f.startswith(".flwr/") and f != "flwr.log")
+
+
+def test_stock_flwr_run_with_the_default_run_config_writes_the_same_run_dir(run, tmp_path, monkeypatch):
+    """`flwr run . local` as Flower documents it (its own default config.toml and local SuperLink, pyproject's
+    default run config), then `fedssl evaluate RUN_DIR`: the same files, ledgers and report as `fedssl simulate`."""
+    from fedssl.run.flower_runtime import flower_bin, flower_env, free_port
+    from fedssl.run.simulation import start_local_superlink, stop_local_superlink
+
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    env = flower_env(home, pythonpath=[ROOT])
+    http_port, control_port = free_port(), free_port()
+    env.update(FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(http_port), FLWR_LOCAL_CONTROL_API_PORT=str(control_port))
+    monkeypatch.chdir(tmp_path)  # where `flwr run` is run from: its SuperLink's, and so the apps', working dir
+    try:
+        # Flower's own command line for the `local` connection's SuperLink, started here because `flwr run`
+        # gives the one it starts 15 s (hard-coded), too little on a loaded CI machine; `flwr run` finds it up.
+        start_local_superlink(env, home, http_port, control_port)
+        done = subprocess.run([flower_bin("flwr"), "run", str(ROOT), "local", "--stream"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=400)
+    finally:
+        stop_local_superlink(control_port)  # `flwr run` leaves its local SuperLink running
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [run_dir] = (tmp_path / "runs").glob("digits-tiny-*")  # <run.output_dir>/<run.name>-<Flower run id>
+    assert f"fedssl evaluate {run_dir}" in done.stdout + done.stderr
+    evaluated = subprocess.run([str(Path(sys.executable).parent / "fedssl"), "evaluate", str(run_dir)],
+                               capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert _run_files(run_dir) == _run_files(run.dir)
+    stock = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted((r["site_id"], r["round"], r["status"]) for r in stock if r["kind"] == "site_round") == [
+        (0, 1, "trained"), (0, 2, "trained"), (1, 1, "trained"), (1, 2, "trained")]
+    assert "## Run summary" in (run_dir / "report.md").read_text()

@@ -56,9 +56,12 @@ def preflight(config: SiteConfig, *, check_coordinator: bool = True) -> list[Che
         checks.append(Check("data", False, f"data.path: {err}"))
     checks.append(Check("leaves the site", True, egress_description(config.privacy.enabled), blocking=False))
     checks.append(_check_state_dir(config.state_path))
-    checks.append(_check_budget(config))
-    if config.privacy.enabled:
-        checks.append(_check_high_water(config))
+    ledger = _check_ledger(config)
+    checks.append(ledger)
+    if ledger.ok:  # a ledger that does not verify is the one problem: the budget and mark read the same state
+        checks.append(_check_budget(config))
+        if config.privacy.enabled:
+            checks.append(_check_high_water(config))
     checks.append(_check_ledger_key(config))
     checks.append(_check_node_key(Path(config.keys.node_key)))
     ca = Path(config.coordinator.root_certificates)
@@ -93,6 +96,28 @@ def _check_state_dir(state: Path) -> Check:
     except OSError as err:
         return Check("state dir", False, f"state_dir {state}: not writable ({err.strerror})")
     return Check("state dir", True, f"{state}: writable")
+
+
+def _check_ledger(config: SiteConfig) -> Check:
+    """The privacy ledger verifies against the site's key (read-only: what training would refuse, said now)."""
+    from fedssl.privacy.chain import TORN_WRITE
+    from fedssl.privacy.keys import load_signing_key
+    from fedssl.privacy.ledger import Ledger, site_key_path
+
+    ledger = Ledger(config.state_path)
+    if not ledger.path.exists() or ledger.path.stat().st_size == 0:
+        return Check("privacy ledger", True, "no rounds recorded yet")
+    key_path = site_key_path(config.state_path, config.ledger_key_path)
+    try:
+        trusted = load_signing_key(key_path).public_key() if key_path.exists() else None
+    except ConfigError:
+        trusted = None  # the ledger key check names an unreadable key
+    report = ledger.verify(trusted_public_key=trusted)
+    blocking = [p for p in report.problems if p.kind != TORN_WRITE]
+    if blocking:
+        return Check("privacy ledger", False, f"{ledger.path}: {blocking[0]} ({len(blocking)} problem(s)); the site refuses to "
+                     f"train on an untrustworthy privacy record and changes nothing. Run `fedssl audit {config.state_path}`")
+    return Check("privacy ledger", True, f"{ledger.path.name}: {len(report.records)} records, verified")
 
 
 def _check_budget(config: SiteConfig) -> Check:
@@ -163,5 +188,9 @@ def format_checklist(checks: list[Check]) -> str:
     return "\n".join(lines)
 
 
+def failed_checks(checks: list[Check]) -> list[Check]:
+    return [c for c in checks if c.blocking and not c.ok]
+
+
 def preflight_passed(checks: list[Check]) -> bool:
-    return all(c.ok or not c.blocking for c in checks)
+    return not failed_checks(checks)
