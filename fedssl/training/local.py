@@ -149,16 +149,7 @@ def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSetting
     try:
         charge = budget.admit(request)
     except RefusedError as err:  # the site's policy or its budget: a refused reply, never a weaker update
-        log.error("site %s: %s", site.site_id, err)
-        return RoundResult(
-            status=STATUS_REFUSED,
-            encoder_state=None,
-            num_examples=len(dataset),
-            epsilon=budget.epsilon_spent,
-            target_epsilon=budget.state.mechanism.target_epsilon if budget.state is not None else site.privacy.target_epsilon,
-            delta=site.privacy.delta,
-            reason=str(err),
-        )
+        return _refused(budget, site, len(dataset), err)
     mark("round_charged")  # written ahead to the ledger: from here a crash still counts this round
     mechanism = charge.mechanism
 
@@ -197,6 +188,19 @@ def train_private_round(dataset: SiteDataset, plan: TrainPlan, site: SiteSetting
     if [(round(s, 9), round(q, 9), n) for s, q, n in taken] != [(round(s, 9), round(q, 9), n) for s, q, n in expected]:
         raise RuntimeError(f"DP steps taken {taken} differ from the steps charged {expected}; refusing to release the update")
     return result
+
+
+def _refused(budget: SiteBudget, site: SiteSettings, num_examples: int, err: RefusedError) -> RoundResult:
+    log.error("site %s: %s", site.site_id, err)
+    return RoundResult(
+        status=STATUS_REFUSED,
+        encoder_state=None,
+        num_examples=num_examples,
+        epsilon=budget.epsilon_spent,
+        target_epsilon=budget.state.mechanism.target_epsilon if budget.state is not None else site.privacy.target_epsilon,
+        delta=site.privacy.delta,
+        reason=str(err),
+    )
 
 
 def _make_private(clipping: str, engine, **kwargs) -> tuple[torch.nn.Module, torch.optim.Optimizer, DataLoader]:
