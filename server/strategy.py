@@ -319,6 +319,7 @@ class FedSSLAvg(FedAvg):
         for msg in replies:
             if msg.has_content() and msg.content.array_records and (problem := self._arrays_problem(msg)) is not None:
                 self.recorder.drop(server_round, msg.metadata.src_node_id, problem)
+                self._sent_to = [node for node in self._sent_to if node != msg.metadata.src_node_id]  # on record: not silent
             else:
                 kept.append(msg)
         return kept

@@ -31,7 +31,7 @@ from fedssl.fl.keys import NODE_PARTITION_ID, RUN_CONFIG_PATH, RUN_DIR
 from fedssl.layout import RunDir
 
 APP_ROOT = Path(__file__).resolve().parents[2]  # the app bundle (or checkout) holding configs/
-DEFAULT_CONFIG = "configs/experiments/digits-tiny.yaml"  # pyproject's default config-path: seconds long
+DEFAULT_CONFIG = "configs/experiments/flwr-run.yaml"  # pyproject's default config-path: seconds long
 POST_RUN_COMMAND = "fedssl evaluate"  # the evaluation and report, which never run inside the ServerApp
 
 
