@@ -7,10 +7,10 @@ BIN    := $(VENV)/bin
 PYTEST_ARGS ?=
 # Parallel test workers: the slow tests mostly wait on Flower processes (polls, timeouts, start-up), so
 # three workers on two cores finish sooner than two (10.4 vs 13.4 min for the suite in two runs on this
-# 2-core machine, each beside other work, so a rough ratio). With three, a clean-clone CI run of 2026-12-06
-# kept the two cores only ~1.1 busy on average (23 CPU-min in 22 wall-min): four use the waiting time.
-# `make test TEST_WORKERS=0` runs them serially.
-TEST_WORKERS ?= 4
+# 2-core machine, each beside other work, so a rough ratio). Four did not beat three on 2026-12-06 (pytest
+# 20.2 vs 19.5 min on clean clones): the longest test files set the pace. `make test TEST_WORKERS=0` runs
+# them serially.
+TEST_WORKERS ?= 3
 # The dashboard's browser tests drive Debian's chromium through Playwright (no browser download at run time).
 # CI runs as root on a fresh Debian machine: `setup` installs it once; present, it is left alone.
 CHROMIUM ?= /usr/bin/chromium

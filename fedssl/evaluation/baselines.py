@@ -64,6 +64,7 @@ RAW_BASELINES: dict[str, RawBaseline] = {
     "image": PIXELS,
     "vector": RawBaseline("features", flattened, trees=True),
     "text": RawBaseline("tf-idf", tfidf, standardize=False, C=TFIDF_C),
+    "timeseries": RawBaseline("series", flattened),  # every channel's every step, standardized
 }
 
 

@@ -66,6 +66,11 @@ def test_tfidf_reads_the_decoded_text_fitted_on_the_pool_only() -> None:
 
 
 def test_the_raw_baseline_is_chosen_per_modality_in_one_place() -> None:
-    assert {m: b.name for m, b in RAW_BASELINES.items()} == {"image": "pixels", "vector": "features", "text": "tf-idf"}
-    with pytest.raises(ValueError, match="valid choices: image, text, vector"):
+    from fedssl.data.dataset import SAMPLE_NDIM
+
+    # every modality a SiteDataset can hold has its raw-input row: a new modality cannot go unbaselined
+    assert set(RAW_BASELINES) == set(SAMPLE_NDIM)
+    assert {m: b.name for m, b in RAW_BASELINES.items()} == {"image": "pixels", "vector": "features", "text": "tf-idf",
+                                                            "timeseries": "series"}
+    with pytest.raises(ValueError, match="valid choices: image, text, timeseries, vector"):
         raw_baseline("audio")

@@ -158,7 +158,7 @@ def test_stock_flwr_run_with_the_default_run_config_writes_the_same_run_dir(run,
     finally:
         stop_local_superlink(control_port)  # `flwr run` leaves its local SuperLink running
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    [run_dir] = (tmp_path / "runs").glob("digits-tiny-*")  # <run.output_dir>/<run.name>-<Flower run id>
+    [run_dir] = (tmp_path / "runs").glob("flwr-run-*")  # <run.output_dir>/<run.name>-<Flower run id>
     assert f"fedssl evaluate {run_dir}" in done.stdout + done.stderr
     evaluated = subprocess.run([str(Path(sys.executable).parent / "fedssl"), "evaluate", str(run_dir)],
                                capture_output=True, text=True, timeout=300, cwd=ROOT)

@@ -32,8 +32,8 @@ def test_pyproject_defaults_resolve_to_the_tiny_config_and_a_run_dir_per_flower_
     monkeypatch.chdir(tmp_path)
     launch = resolve_launch(_pyproject_run_config(), 42)
     assert launch.stock and launch.source == TINY
-    assert launch.run_dir == tmp_path / "runs" / "digits-tiny-42"
-    assert resolve_launch(_pyproject_run_config(), 43).run_dir.name == "digits-tiny-43"  # a second `flwr run` never reuses it
+    assert launch.run_dir == tmp_path / "runs" / "flwr-run-42"
+    assert resolve_launch(_pyproject_run_config(), 43).run_dir.name == "flwr-run-43"  # a second `flwr run` never reuses it
     assert launch.run_config({"resume": ""}) == {"resume": "", RUN_CONFIG_PATH: str(TINY), RUN_DIR: str(launch.run_dir)}
 
 
@@ -63,7 +63,7 @@ def test_prepare_writes_the_resolved_config_once(tmp_path):
     launch = resolve_launch({RUN_CONFIG_PATH: str(TINY), RUN_DIR: str(tmp_path / "run")}, 1)
     prepare_stock_run(launch)
     saved = yaml.safe_load(launch.config_path.read_text())
-    assert saved["run"]["name"] == "digits-tiny" and saved["model"]["input_shape"] == [1, 8, 8]
+    assert saved["run"]["name"] == "flwr-run" and saved["model"]["input_shape"] == [1, 8, 8]
     before = launch.config_path.read_bytes()
     with pytest.raises(ConfigError, match="holds a run already"):
         prepare_stock_run(launch)
@@ -96,7 +96,7 @@ def test_finish_needs_a_finished_run_and_writes_its_summary(tmp_path):
         finish_run_dir(tmp_path)
     run.server_done.write_text(json.dumps({"seconds": 12.5}))
     finish_run_dir(tmp_path)
-    assert json.loads(run.summary.read_text()) == {"run_name": "digits-tiny", "federation_seconds": 12.5, "launcher": "flwr run"}
+    assert json.loads(run.summary.read_text()) == {"run_name": "flwr-run", "federation_seconds": 12.5, "launcher": "flwr run"}
 
 
 def test_evaluate_of_an_unfinished_run_is_one_line(tmp_path, capsys):
