@@ -13,7 +13,9 @@ Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recog
 - **Attention from plain ``nn.Linear`` layers** (one fused q/k/v projection, one output projection)
   and :func:`torch.nn.functional.scaled_dot_product_attention`, which holds no parameters; every
   weight sits in a Linear or a LayerNorm, which both engines support. Opacus'
-  ``DPMultiheadAttention`` exists for ``nn.MultiheadAttention``; it is not needed here.
+  ``DPMultiheadAttention`` exists for ``nn.MultiheadAttention``; it is not needed here. The blocks
+  take an optional per-sample key-padding mask (:func:`attention_mask`) for the text encoder
+  (fedssl.models.text); the ViT has no padding and passes none.
 - **LayerNorm, never BatchNorm**; no class token (it would be another bare parameter).
 - **Readout: the tokens averaged over each quadrant of the patch grid, then the final LayerNorm**,
   ``4 x width`` features: the same 2x2 spatial layout the CNN and ResNet-GN readouts keep for a
@@ -42,6 +44,24 @@ def patch_size_for(height: int, width: int) -> int:
     return min(height, width)
 
 
+def attention_mask(pad: torch.Tensor | None) -> torch.Tensor | None:
+    """Boolean ``attn_mask`` (True: may attend) of shape (B, 1, 1, T) from a key-padding mask (B, T),
+    True at keys to ignore; ``None`` stays ``None``.
+
+    A row whose every key is padding would give softmax(-inf, ..., -inf) = NaN; such a row attends to
+    all its keys instead (the unmasked computation). The text encoder never builds one: CLS is
+    always present. The mask is a function of each sample's own ids, broadcast over heads and
+    queries only, so it couples no samples and holds no parameters: the per-sample gradient engines
+    (book-keeping's rules and Opacus' hooks, both on the Linear / LayerNorm / Embedding layers
+    around it) see the same layer inputs and output gradients as before, and stay exact.
+    """
+    if pad is None:
+        return None
+    keep = ~pad.bool()
+    keep = keep | ~keep.any(dim=-1, keepdim=True)
+    return keep[:, None, None, :]
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -49,15 +69,16 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """``pad`` (B, T) bool, optional: True at keys no query may attend to (see :func:`attention_mask`)."""
         batch, tokens, dim = x.shape
         q, k, v = self.qkv(x).view(batch, tokens, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v)  # (B, heads, T, head_dim)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask(pad))  # (B, heads, T, head_dim)
         return self.proj(attended.transpose(1, 2).reshape(batch, tokens, dim))
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm: x + attention(LN(x)), then x + MLP(LN(x)), MLP width 2x."""
+    """Pre-norm: x + attention(LN(x)), then x + MLP(LN(x)), MLP width 2x; ``pad`` goes to the attention."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -66,8 +87,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.norm1(x))
+    def forward(self, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attention(self.norm1(x), pad)
         return x + self.mlp(self.norm2(x))
 
 

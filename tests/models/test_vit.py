@@ -1,4 +1,5 @@
-"""ViT: patch rule, attention against a direct computation, Opacus accepts it, one factory for server and sites."""
+"""ViT: patch rule, attention (with and without a key-padding mask) and the whole forward against a direct
+computation, Opacus accepts it, one factory for server and sites."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 from opacus.validators import ModuleValidator
 
 from fedssl.models import IMAGE_ENCODERS, build_encoder, encoder_state_keys
@@ -23,18 +25,56 @@ def test_features_are_four_quadrants_of_width(shape):
     assert encoder(torch.randn(3, *shape)).shape == (3, 4 * 16) == (3, encoder.out_dim)
 
 
+def attention_by_hand(attention: SelfAttention, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:
+    """proj(concat_h softmax(Q_h K_h^T / sqrt(d) with PAD keys at -inf) V_h) from the module's own weights."""
+    dim = x.shape[-1]
+    size = dim // attention.heads
+    q, k, v = attention.qkv(x).split(dim, dim=-1)
+    heads = []
+    for h in range(attention.heads):
+        cols = slice(size * h, size * (h + 1))
+        scores = q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(size)
+        if pad is not None:
+            scores = scores.masked_fill(pad[:, None, :], float("-inf"))
+        heads.append(torch.softmax(scores, dim=-1) @ v[..., cols])
+    return attention.proj(torch.cat(heads, dim=-1))
+
+
 def test_attention_matches_softmax_of_scaled_dot_products_by_hand():
     torch.manual_seed(0)
     attention = SelfAttention(dim=8, heads=2)
     x = torch.randn(2, 5, 8)
-    q, k, v = attention.qkv(x).split(8, dim=-1)
-    heads = []
-    for h in range(2):
-        cols = slice(4 * h, 4 * (h + 1))
-        weights = torch.softmax(q[..., cols] @ k[..., cols].transpose(1, 2) / math.sqrt(4), dim=-1)
-        heads.append(weights @ v[..., cols])
-    expected = attention.proj(torch.cat(heads, dim=-1))
-    assert torch.allclose(attention(x), expected, atol=1e-6)
+    assert torch.allclose(attention(x), attention_by_hand(attention, x), atol=1e-6)
+
+
+def test_masked_attention_ignores_pad_keys_and_a_row_of_pads_stays_finite():
+    torch.manual_seed(0)
+    attention = SelfAttention(dim=8, heads=2)
+    x = torch.randn(3, 5, 8)
+    pad = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 0, 1, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.allclose(attention(x, pad), attention_by_hand(attention, x, pad), atol=1e-6)
+    assert torch.allclose(attention(x, torch.zeros(3, 5, dtype=torch.bool)), attention(x), atol=1e-6)
+    moved = x.clone()
+    moved[pad] += 10.0  # what sits at a pad position does not reach any other position
+    assert torch.allclose(attention(moved, pad)[~pad], attention(x, pad)[~pad], atol=1e-5)
+    everything = torch.ones(3, 5, dtype=torch.bool)  # cannot happen with CLS present; no NaN if it does
+    assert torch.isfinite(attention(x, everything)).all()
+
+
+def test_vit_forward_matches_a_direct_computation_from_its_weights():
+    """The ViT passes no mask: patches, positions, blocks with plain attention, quadrant means, LayerNorm."""
+    encoder = build_encoder("vit", (3, 12, 16), width=32, depth=2, seed=0)
+    assert encoder.patch == 2 and encoder.grid == (6, 8)
+    x = torch.randn(2, 3, 12, 16, generator=torch.Generator().manual_seed(1))
+    conv = encoder.patch_embedding
+    h = F.conv2d(x, conv.weight, conv.bias, stride=2).flatten(2).transpose(1, 2) + encoder.position_embedding.weight
+    for block in encoder.blocks:
+        h = h + attention_by_hand(block.attention, block.norm1(h))
+        h = h + block.mlp(block.norm2(h))
+    grid = h.transpose(1, 2).reshape(2, 32, 6, 8)
+    quadrants = [grid[:, :, rows, cols].mean((2, 3)) for rows in (slice(0, 3), slice(3, 6)) for cols in (slice(0, 4), slice(4, 8))]
+    expected = encoder.norm(torch.stack(quadrants, dim=1)).flatten(1)
+    assert torch.allclose(encoder(x), expected, atol=1e-5)
 
 
 def test_positions_matter_and_each_sample_is_encoded_alone():
