@@ -7,6 +7,10 @@ Each sample hides ``mask_ratio`` (15 %) of its non-pad, non-CLS tokens -- at lea
 replacing them with MASK (plain masking, not BERT's 80/10/10 rule), and a linear head over the
 encoder's per-token outputs (``encoder.tokens``) predicts the original byte. Per-sample loss: the
 mean cross-entropy over that sample's masked positions, so each loss involves one sample: DP-valid.
+
+Padding: MASK only ever replaces a byte, never a PAD, and the encoder hides only PAD keys from
+attention (fedssl.models.text.padding_mask), so a masked position is still a key the others attend
+to, as in BERT. Pad positions are never masked, so they carry no weight in the loss.
 """
 
 from __future__ import annotations

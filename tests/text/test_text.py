@@ -134,3 +134,90 @@ def test_fortunes_converter_writes_lines_and_row_id_labels(tmp_path):
     assert module.convert(tmp_path / "src", tmp_path / "out", ("food", "love")) == 3
     assert load_site_data(tmp_path / "out" / "fortunes.txt").sample_ids == ("row-0", "row-1", "row-2")
     assert (tmp_path / "out" / "labels.csv").read_text().split() == ["id,label", "row-0,food", "row-1,food", "row-2,love"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Padding is invisible: attention never looks at PAD keys, so only the text matters, not data.max_length
+
+SHORT_TEXTS = ["hi", "card lost", "a", "how much is the fee", "twenty-two bytes long!"]  # < 23 bytes: never truncated
+
+
+def _twin_encoders(short: int, long: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Two encoders with the same weights, for max_length ``short`` and ``long`` (same first positions)."""
+    long_encoder = build_encoder("transformer", (long,), width=32, depth=2, seed=0)
+    short_encoder = build_encoder("transformer", (short,), width=32, depth=2, seed=0)
+    state = long_encoder.state_dict()
+    state["position_embedding.weight"] = state["position_embedding.weight"][:short]
+    short_encoder.load_state_dict(state)
+    return short_encoder.eval(), long_encoder.eval()
+
+
+def test_features_do_not_depend_on_the_amount_of_padding():
+    short_encoder, long_encoder = _twin_encoders(24, 40)
+    short_ids = torch.tensor([encode(t, 24) for t in SHORT_TEXTS])
+    long_ids = torch.tensor([encode(t, 40) for t in SHORT_TEXTS])
+    assert torch.equal(long_ids[:, :24], short_ids) and (long_ids[:, 24:] == PAD).all()  # only the padding differs
+    with torch.no_grad():
+        assert torch.allclose(short_encoder(short_ids), long_encoder(long_ids), atol=1e-5)
+        real = short_ids != PAD
+        short_tokens, long_tokens = short_encoder.tokens(short_ids), long_encoder.tokens(long_ids)[:, :24]
+        assert torch.allclose(short_tokens[real], long_tokens[real], atol=1e-5)
+
+
+def test_features_do_not_depend_on_the_pad_embedding():
+    encoder = build_encoder("transformer", (16,), width=32, depth=2, seed=0).eval()
+    x = torch.tensor([encode(t, 16) for t in ["one", "two words", "a"]])
+    with torch.no_grad():
+        before, tokens_before = encoder(x), encoder.tokens(x)
+        encoder.token_embedding.weight[PAD].add_(torch.randn(32))
+        real = x != PAD
+        assert torch.allclose(encoder(x), before, atol=1e-6)
+        assert torch.allclose(encoder.tokens(x)[real], tokens_before[real], atol=1e-6)
+
+
+def test_a_sample_of_nothing_but_pads_stays_finite():
+    encoder = build_encoder("transformer", (8,), width=16, depth=1, seed=0)
+    x = torch.tensor([[PAD] * 8, encode("abc", 8)])
+    assert torch.isfinite(encoder.tokens(x)).all() and torch.isfinite(encoder(x)).all()
+
+
+def test_masked_tokens_are_attended_and_only_pads_are_hidden():
+    """MASK replaces bytes, never pads; a MASK token is a key like any byte (only PAD is hidden),
+    and the loss over the masked positions does not depend on the amount of padding."""
+    from fedssl.models.text import padding_mask
+
+    torch.manual_seed(0)
+    ids = torch.tensor([encode(t, 24) for t in SHORT_TEXTS])
+    mask = token_mask(ids, 0.3)
+    corrupted = ids.masked_fill(mask, MASK)
+    assert torch.equal(padding_mask(corrupted), ids == PAD)  # masked bytes are not padding
+    short_encoder, long_encoder = _twin_encoders(24, 40)
+    with torch.no_grad():
+        cls_before = short_encoder.tokens(corrupted)[:, 0]  # CLS is never masked; it sees every non-pad key
+        shift = torch.randn(32, generator=torch.Generator().manual_seed(1))  # not constant: LayerNorm would remove that
+        short_encoder.token_embedding.weight[MASK].add_(shift)
+        assert not torch.allclose(short_encoder.tokens(corrupted)[:, 0], cls_before, atol=1e-3)
+        short_encoder.token_embedding.weight[MASK].sub_(shift)
+    head = torch.nn.Linear(32, VOCAB_SIZE)
+    long_corrupted = F.pad(corrupted, (0, 16), value=PAD)
+    long_mask, long_ids = F.pad(mask, (0, 16), value=False), F.pad(ids, (0, 16), value=PAD)
+    with torch.no_grad():
+        short_loss = masked_token_loss(head(short_encoder.tokens(corrupted)), ids, mask)
+        long_loss = masked_token_loss(head(long_encoder.tokens(long_corrupted)), long_ids, long_mask)
+    assert torch.allclose(short_loss, long_loss, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_opacus_per_sample_gradients_of_padded_texts_equal_autograd():
+    from opacus import GradSampleModule
+
+    x = torch.tensor([encode(t, 16) for t in ["a", "hello world", "sixteen bytes!!!", "zz"]])
+    model = build_encoder("transformer", (16,), width=16, depth=1, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = [torch.autograd.grad(torch.tanh(model(x[i : i + 1])).pow(2).sum(), params) for i in range(len(x))]
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    torch.tanh(gsm(x)).pow(2).sum().backward()
+    for j, p in enumerate(params):
+        for i in range(len(x)):
+            assert torch.allclose(p.grad_sample[i], want[i][j], atol=1e-6, rtol=1e-4)
+    gsm._close()

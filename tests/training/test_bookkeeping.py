@@ -605,3 +605,42 @@ def test_text_transformer_by_masked_tokens_matches_reference():
 
     clipped, kept = check_exact(build, x)
     assert clipped > 0 and kept > 0
+
+
+# Lengths 2 to 16 of 16: from mostly padding to none at all.
+PADDED_TEXTS = ["a", "hello world", "sixteen bytes!!!", "%%%", "intent: card lost", "zz top"]
+
+
+def _padded_transformer(pooled: bool):
+    def build():
+        encoder = build_encoder("transformer", (16,), width=16, depth=2, seed=0)
+        torch.manual_seed(1)
+        if pooled:  # the forward readout: the mean over non-pad tokens
+            return PerSample(encoder)
+        return get_pretext("masked_tokens").build_model(encoder)
+
+    return build
+
+
+@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "masked_tokens"])
+def test_text_transformer_with_padded_inputs_matches_reference(pooled):
+    """Attention with a key-padding mask: BK == per-sample autograd (the mask is per sample, so it
+    couples no samples), and no sample's gradient reaches the PAD embedding or its own pad positions."""
+    from fedssl.data.text import PAD, encode
+
+    x = torch.tensor([encode(t, 16) for t in PADDED_TEXTS])
+    lengths = (x != PAD).sum(1)
+    assert lengths.min() == 2 and lengths.max() == 16
+    clipped, kept = check_exact(_padded_transformer(pooled), x)
+    assert clipped > 0 and kept > 0
+    model = _padded_transformer(pooled)()
+    params, got, _ = _bk_per_sample(model, x)
+    _, want = per_sample_grads(_padded_transformer(pooled)(), x, SEED)
+    encoder = model.net if pooled else model.encoder
+    index = {id(p): j for j, p in enumerate(params)}
+    token_row, position_rows = index[id(encoder.token_embedding.weight)], index[id(encoder.position_embedding.weight)]
+    for i in range(len(x)):
+        scale = max(float(w.abs().max()) for w in want[i])
+        assert all(float((g - w).abs().max()) <= 1e-4 * scale for g, w in zip(got[i], want[i]))
+        assert float(got[i][token_row][PAD].abs().sum()) <= 1e-7 * scale
+        assert float(got[i][position_rows][lengths[i] :].abs().sum()) <= 1e-7 * scale  # empty for the full text
