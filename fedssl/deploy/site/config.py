@@ -18,7 +18,6 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.deploy.site.pinning import is_app_hash
 from fedssl.errors import ConfigError
 from fedssl.sample_format import SampleFormat
-from fedssl.tables import CategoricalSpec
 from fedssl.training.local import SiteSettings
 from fedssl.typed_yaml import check, load_config_file, resolve_path, validate_sections
 
@@ -170,7 +169,7 @@ def deployed_site(path: str) -> tuple[SiteDataset, SiteSettings]:
     """
     config = current_site_config(path)
     data_key = _file_key(Path(config.data.path)) if Path(config.data.path).exists() else (config.data.path, 0, 0)
-    dataset = _cached_dataset(*data_key, config.data.kind, config.data.image_hw, config.data.categorical_spec)
+    dataset = _cached_dataset(*data_key, config.data.kind, config.data.sample_format)
     return dataset, config.settings()
 
 
@@ -194,8 +193,7 @@ def _cached_config(path: str, mtime_ns: int, size: int) -> SiteConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str, image_size: tuple[int, int] | None = None,
-                    categorical: CategoricalSpec | None = None) -> SiteDataset:
+def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str, options: SampleFormat | None = None) -> SiteDataset:
     from fedssl.data.loaders import load_site_data
 
-    return load_site_data(path, kind, image_size=image_size, categorical=categorical)
+    return load_site_data(path, kind, options)
