@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from fedssl.inputs import ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec
-from fedssl.tables import DEFAULT_HASH_BUCKETS, CategoricalSpec, categorical_spec
+from fedssl.sample_format import SampleFormat
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
 from fedssl.privacy.settings import ACCOUNTANTS, CLIPPING_ENGINES, PrivacyConfig, SecureAggregationConfig, SiteDPConfig  # noqa: F401
@@ -37,8 +37,6 @@ class RunConfig:
         check_device("run.device", self.device)
 
 
-MAX_IMAGE_SIDE = 4096
-MAX_SERIES_LENGTH = 1_000_000  # data.series_length: a typo guard, not a memory plan
 LABEL_FOLDERS = "folders"
 LABELS_HELP = ("must be an id,label CSV (ids: the source's sample ids), 'folders' (image folders: the first folder "
                "is the class), an IDX label file for IDX images, or null")
@@ -48,26 +46,17 @@ PARTITIONS = ("iid", "dirichlet", "quantity_skew")  # fedssl.data.partition.PART
 
 
 @dataclass
-class DataConfig:
+class DataConfig(SampleFormat):
+    """The ``data:`` section: where the data is, how it is split, and (inherited from SampleFormat, one type
+    with a deployed site's ``data:``) how its samples are read: image_size, max_length, categorical,
+    categories, hash_buckets, series_length."""
+
     source: str = "digits"  # digits | a path to an image folder / .npy / .npz / .csv / IDX images
     kind: str = "auto"
     # The evaluation's labels (fedssl.data.labels): an id,label CSV keyed by the source's sample ids, "folders"
     # (an image folder's class folders) or an IDX label file of IDX images; read only through the consent
     # manifest (evaluation.consent_manifest, or a seeded demo consent), like every label.
     labels: str | None = None
-    # [height, width]: image folders and IDX images are resized and centre-cropped to it once, at load.
-    image_size: list[int] = field(default_factory=list)
-    # text sources (.txt): token ids per sample, CLS + UTF-8 bytes truncated/padded to it (fedssl.data.text)
-    max_length: int = 128
-    # CSV categorical columns, one-hot encoded by a public rule (fedssl/tables.py says why no learned vocabulary):
-    # data.categories names a column's values (others -> "other"); data.categorical columns without
-    # such an entry are hashed into data.hash_buckets slots. Empty cells -> "missing".
-    categorical: list[str] = field(default_factory=list)
-    categories: dict[str, Any] = field(default_factory=dict)
-    hash_buckets: int = DEFAULT_HASH_BUCKETS
-    # time series (data.kind timeseries): steps per series; longer ones lose their tail, shorter ones are
-    # zero-padded at the end (pad not masked); 0 = the source's own length (fedssl.data.series)
-    series_length: int = 0
     partition: str = "dirichlet"  # iid | dirichlet | quantity_skew
     alpha: float = 0.5
     # Simulation with real site partitions: one source per site (site i trains on all of site_sources[i]);
@@ -79,14 +68,10 @@ class DataConfig:
         check(self.partition in PARTITIONS, "data.partition", f"valid choices: {', '.join(PARTITIONS)}", self.partition)
         check(self.alpha > 0, "data.alpha", "must be > 0 (smaller = more skewed)", self.alpha)
         check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
-        check_image_size("data.image_size", self.image_size)
-        check(2 <= self.max_length <= 4096, "data.max_length", "must be in [2, 4096] (CLS and at least one byte)", self.max_length)
+        super().validate()
         check(isinstance(self.site_sources, list) and all(isinstance(p, str) and p for p in self.site_sources),
               "data.site_sources", "must be a list of paths, one data source per simulated site, or [] to partition data.source",
               self.site_sources)
-        check(isinstance(self.series_length, int) and 0 <= self.series_length <= MAX_SERIES_LENGTH, "data.series_length",
-              f"must be an integer in [0, {MAX_SERIES_LENGTH}] (time steps per series; 0 = the source's own length)",
-              self.series_length)
         check(self.labels is None or bool(self.labels), "data.labels", LABELS_HELP, self.labels)
         if self.labels:
             fmt = label_format(self.labels)
@@ -97,18 +82,7 @@ class DataConfig:
                   self.labels)
         check(self.labels is None or self.source != "digits", "data.labels",
               "must be null for data.source digits (its labels are built in)", self.labels)
-        spec = self.categorical_spec  # raises its own one-line errors
-        check(not spec.columns or self.kind in ("auto", "csv"), "data.categorical",
-              "applies to CSV sources only (data.kind csv or auto)", sorted(spec.columns))
-
-    @property
-    def categorical_spec(self) -> CategoricalSpec:
-        return categorical_spec(self.categorical, self.categories, self.hash_buckets)
-
-    @property
-    def image_hw(self) -> tuple[int, int] | None:
-        """``image_size`` as (height, width), or None for the data's own size."""
-        return (self.image_size[0], self.image_size[1]) if self.image_size else None
+        self.check_kind(self.kind)
 
 
 def label_format(labels: str) -> str:
@@ -116,11 +90,6 @@ def label_format(labels: str) -> str:
     if labels == LABEL_FOLDERS:
         return LABEL_FOLDERS
     return "csv" if Path(labels).suffix.lower() == ".csv" else "idx"
-
-
-def check_image_size(key: str, size: list[int]) -> None:
-    check(not size or (len(size) == 2 and all(isinstance(d, int) and 1 <= d <= MAX_IMAGE_SIDE for d in size)), key,
-          f"must be [height, width] in pixels (1-{MAX_IMAGE_SIDE}), e.g. [64, 64], or [] for the data's own size", size)
 
 
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg")

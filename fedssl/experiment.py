@@ -20,10 +20,9 @@ from fedssl.data.labels import LabelTable, class_indexed, open_labels
 from fedssl.data.loaders import load_digits_labeled, load_site_data
 from fedssl.data.partition import UNLABELLED, make_site_dataset, partition
 from fedssl.data.sampling import stratified_subset
-from fedssl.data.text import DEFAULT_MAX_LENGTH
 from fedssl.errors import ConfigError, SimulatedDropoutError
 from fedssl.layout import RunDir
-from fedssl.tables import CategoricalSpec
+from fedssl.sample_format import SampleFormat
 from fedssl.training.local import SiteSettings
 
 
@@ -63,15 +62,14 @@ class CentralData:
 @functools.lru_cache(maxsize=4)
 def central_data(source: str, kind: str, test_fraction: float, seed: int,
                  consent_manifest: str | None = None, consented_fraction: float = 1.0,
-                 labels: str | None = None, image_size: tuple[int, int] | None = None,
-                 max_length: int = DEFAULT_MAX_LENGTH, categorical: CategoricalSpec | None = None,
-                 series_length: int = 0) -> CentralData:
+                 labels: str | None = None, options: SampleFormat | None = None) -> CentralData:
     """The central split; ``consent_manifest`` (a file) or else a seeded demo consent of
     ``consented_fraction`` of the training pool plus the test set (fedssl.data.consent).
     ``labels`` is ``data.labels`` (fedssl.data.labels: an id,label CSV, ``folders``, an IDX label file); without labels (and not digits)
-    the split is a seeded random one and there is nothing to evaluate against."""
+    the split is a seeded random one and there is nothing to evaluate against. ``options``: how the
+    samples are read (``data.sample_format``: the cache keys on it, so not the config section itself)."""
     rng = np.random.default_rng(seed)
-    full, table = _labelled_source(source, kind, labels, image_size, max_length, categorical, series_length)
+    full, table = _labelled_source(source, kind, labels, options)
     if table is None:
         order = rng.permutation(len(full))
         cut = int(round(len(full) * (1 - test_fraction)))
@@ -88,15 +86,13 @@ def central_data(source: str, kind: str, test_fraction: float, seed: int,
 
 
 def _labelled_source(source: str, kind: str, labels: str | None,
-                     image_size: tuple[int, int] | None, max_length: int,
-                     categorical: CategoricalSpec | None, series_length: int = 0) -> tuple[SiteDataset, LabelTable | None]:
+                     options: SampleFormat | None) -> tuple[SiteDataset, LabelTable | None]:
     """The full data set and its label table (None: unlabelled). No label is read here: class_indexed
     reads the consented ids' labels once the consent manifest is fixed."""
     if source == "digits":
         full, all_labels = load_digits_labeled()
         return full, LabelTable(frozenset(full.sample_ids), label_source_from_array(full.sample_ids, all_labels))
-    full = load_site_data(source, kind, image_size=image_size, max_length=max_length, categorical=categorical,
-                          series_length=series_length)
+    full = load_site_data(source, kind, options)
     if labels is None:
         return full, None
     return full, open_labels(labels, full.sample_ids, source)
@@ -105,8 +101,7 @@ def _labelled_source(source: str, kind: str, labels: str | None,
 def central_data_for(config: ExperimentConfig) -> CentralData:
     ev, data = config.evaluation, config.data
     return central_data(data.source, data.kind, data.test_fraction, config.run.seed,
-                        ev.consent_manifest, ev.consented_fraction, data.labels, data.image_hw, data.max_length,
-                        data.categorical_spec, data.series_length)
+                        ev.consent_manifest, ev.consented_fraction, data.labels, data.sample_format)
 
 
 def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: float,
@@ -194,15 +189,10 @@ def _site_from_parts(config: ExperimentConfig, parts: list[np.ndarray], run_dir:
     if not 0 <= site_id < num_sites:
         raise ConfigError(f"partition-id {site_id} out of range: the config has federation.num_sites={num_sites}")
     if sources:  # a real site partition: the whole file is the site's (the central test set is data.source's)
-        data = config.data
-        return (_site_source(sources[site_id], data.kind, data.image_hw, data.max_length, data.categorical_spec,
-                             data.series_length),
-                site_settings(config, run_dir, site_id))
+        return _site_source(sources[site_id], config.data.kind, config.data.sample_format), site_settings(config, run_dir, site_id)
     return make_site_dataset(central_data_for(config).train, parts[site_id]), site_settings(config, run_dir, site_id)
 
 
 @functools.lru_cache(maxsize=4)
-def _site_source(source: str, kind: str, image_size: tuple[int, int] | None, max_length: int,
-                 categorical: CategoricalSpec, series_length: int) -> SiteDataset:
-    return load_site_data(source, kind, image_size=image_size, max_length=max_length, categorical=categorical,
-                          series_length=series_length)
+def _site_source(source: str, kind: str, options: SampleFormat) -> SiteDataset:
+    return load_site_data(source, kind, options)

@@ -111,9 +111,7 @@ def _probe(config: ExperimentConfig, problems: list[Problem]) -> DataProbe | Non
         problems.append(Problem("data.kind", f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}"))
         return None
     try:
-        probe = probe_data(config.data.source, kind, image_size=config.data.image_hw, labels=config.data.labels,
-                           max_length=config.data.max_length, categorical=config.data.categorical_spec,
-                           series_length=config.data.series_length)
+        probe = probe_data(config.data.source, kind, config.data, labels=config.data.labels)
     except DataError as err:
         problems.append(Problem("data.categorical" if isinstance(err, SchemaError) else "data.source", str(err)))
         return None
@@ -132,8 +130,7 @@ def _site_source_probes(config: ExperimentConfig, central: DataProbe | None, pro
     data, probes = config.data, []
     for i, source in enumerate(data.site_sources):
         try:
-            probes.append(probe_data(source, data.kind, image_size=data.image_hw, max_length=data.max_length,
-                                     categorical=data.categorical_spec, series_length=data.series_length))
+            probes.append(probe_data(source, data.kind, data))
         except DataError as err:
             problems.append(Problem("data.site_sources", f"site {i} ({source}): {err}"))
     if len(probes) < len(data.site_sources):

@@ -336,3 +336,26 @@ def test_data_partition_choices_are_the_partitioners():
     from fedssl.data.partition import PARTITIONERS
 
     assert set(PARTITIONS) == set(PARTITIONERS)
+
+
+def test_an_experiment_and_a_site_read_samples_by_one_type():
+    """data.image_size / max_length / categorical / categories / hash_buckets / series_length are SampleFormat's
+    fields in both an experiment's data: and a site.yaml's data:, so a new reading key reaches both; the loaders'
+    caches key on the copy of those fields alone (the config sections themselves are not hashable)."""
+    import dataclasses
+
+    from fedssl.config import DataConfig
+    from fedssl.deploy.site.config import SiteData
+    from fedssl.sample_format import SampleFormat
+
+    reading = [f.name for f in dataclasses.fields(SampleFormat)]
+    assert reading == ["image_size", "max_length", "categorical", "categories", "hash_buckets", "series_length"]
+    assert issubclass(DataConfig, SampleFormat) and issubclass(SiteData, SampleFormat)
+    data = load_config(BASE, ["data.max_length=16", "data.series_length=9", "data.categorical=[job]"]).data
+    fmt = data.sample_format
+    assert type(fmt) is SampleFormat and fmt == SampleFormat(max_length=16, series_length=9, categorical=["job"])
+    assert hash(fmt) == hash(SampleFormat(max_length=16, series_length=9, categorical=["job"]))
+    with pytest.raises(TypeError):
+        hash(data)
+    fmt.categorical.append("home")  # a copy: the section keeps its own lists
+    assert data.categorical == ["job"]

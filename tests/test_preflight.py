@@ -16,6 +16,7 @@ from PIL import Image
 from fedssl.config import load_config
 from fedssl.data.idx import write_idx
 from fedssl.preflight import PreflightError, preflight, require_preflight
+from fedssl.sample_format import SampleFormat
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "configs" / "base.yaml"
@@ -160,18 +161,19 @@ def test_the_probe_reads_what_the_loaders_load(data):
         probe, loaded = probe_data(str(data[name])), load_site_data(data[name])
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality), name
     for length in (0, 12, 30):  # time series: data.kind timeseries, fitted to data.series_length (0: its own)
-        probe = probe_data(str(data["series"]), "timeseries", series_length=length)
-        loaded = load_site_data(data["series"], "timeseries", series_length=length)
+        options = SampleFormat(series_length=length)
+        probe, loaded = probe_data(str(data["series"]), "timeseries", options), load_site_data(data["series"], "timeseries", options)
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), loaded.modality)
         assert probe.sample_shape == (3, length or 20)
     for name in ("square", "rgb"):  # data.image_size: the shape the sites train on is the resized one
-        probe, loaded = probe_data(str(data[name]), image_size=(6, 4)), load_site_data(data[name], image_size=(6, 4))
+        resized = SampleFormat(image_size=[6, 4])
+        probe, loaded = probe_data(str(data[name]), options=resized), load_site_data(data[name], options=resized)
         assert probe.sample_shape == loaded.input_shape == (loaded.input_shape[0], 6, 4), name
     # tables with categorical columns: each one-hot block adds its slots, whatever values the rows hold
-    spec = load_config(BASE, ["data.categorical=[job]", "data.categories={home: [rent, owner]}"]).data.categorical_spec
+    schema = load_config(BASE, ["data.categorical=[job]", "data.categories={home: [rent, owner]}"]).data
     with pytest.warns(UserWarning):  # 'missing' and 'other' cells are counted
-        loaded = load_site_data(data["bank"], categorical=spec)
-    probe = probe_data(str(data["bank"]), categorical=spec)
+        loaded = load_site_data(data["bank"], options=schema)
+    probe = probe_data(str(data["bank"]), options=schema)
     assert probe.sample_shape == loaded.input_shape == (1 + 4 + 17,) and probe.count == len(loaded) == 40
     digits = probe_data("digits")
     loaded = load_site_data("digits")

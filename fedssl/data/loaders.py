@@ -7,9 +7,9 @@ at the door, so site training never sees them.
 from __future__ import annotations
 
 import csv
+import functools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,13 +21,14 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.data.idx import read_idx
 from fedssl.data.pixels import fit_images, to_nchw
 from fedssl.data.series import SERIES_SUFFIXES, as_series_array, csv_series, fit_length
-from fedssl.data.text import DEFAULT_MAX_LENGTH, encode_all, read_texts
+from fedssl.data.text import encode_all, read_texts
 # Formats and kind resolution are shared with the torch-free probe, so preflight reads sources as these loaders do.
 from fedssl.data.probe import (
-    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, csv_feature_columns, digits_id, existing_path, image_files, is_digits,
-    resolve_kind, row_id,
+    ID_COLUMN, LABEL_COLUMNS, NPZ_INPUT_KEYS, check_format_fits, csv_feature_columns, digits_id, existing_path,
+    image_files, is_digits, resolve_kind, row_id,
 )
-from fedssl.errors import ConfigError, DataError
+from fedssl.errors import DataError
+from fedssl.sample_format import SampleFormat
 from fedssl.tables import MISSING, OTHER, CategoricalSpec, TableLayout, not_numeric_error, table_layout
 
 DIGITS_MAX_VALUE = 16.0  # sklearn's digits pixels are counts 0..16
@@ -53,47 +54,33 @@ class _Loaded(NamedTuple):
     blocks: tuple[int, ...] = ()  # tables: the one-hot block sizes at the end of each row (fedssl.tables)
 
 
-@dataclass(frozen=True)
-class _ImageOptions:
-    image_size: tuple[int, int] | None  # (height, width); None = first image's size
-    grayscale: bool
-    max_length: int = DEFAULT_MAX_LENGTH  # text: token ids per sample (data.max_length)
-    categorical: CategoricalSpec = CategoricalSpec()  # CSV: data.categorical / data.categories / data.hash_buckets
-    series_length: int = 0  # time series: steps per sample, 0 = the source's own (data.series_length)
+_Loader = Callable[[Path, SampleFormat], _Loaded]  # digits ignores the path
 
 
-_Loader = Callable[[Path, _ImageOptions], _Loaded]  # digits ignores the path
-
-
-def load_site_data(
-    path: str | Path | None,
-    kind: str = "auto",
-    *,
-    image_size: tuple[int, int] | None = None,
-    grayscale: bool = True,
-    max_length: int = DEFAULT_MAX_LENGTH,
-    categorical: CategoricalSpec | None = None,
-    series_length: int = 0,
-) -> SiteDataset:
-    """Load one site's unlabelled data.
+def load_site_data(path: str | Path | None, kind: str = "auto", options: SampleFormat | None = None, *,
+                   grayscale: bool = True) -> SiteDataset:
+    """Load one site's unlabelled data, its samples read as ``options`` says (the config's ``data:`` keys).
 
     ``kind`` is one of ``LOADERS`` or "auto" (a directory is an image folder, otherwise the
     file suffix decides; the bare name "digits", matching ``data.source: digits``, means the
     embedded set unless a file or folder of that name exists; MNIST-style names such as
-    train-images-idx3-ubyte.gz mean IDX). ``image_size`` is (height, width) and affects image
-    folders and IDX images (resized and centre-cropped once, here); ``grayscale`` only image
-    folders. ``categorical`` says which CSV columns are categorical (fedssl.tables). ``series_length`` only
-    time series (kind "timeseries", never auto-detected: fedssl.data.series has the layouts and the length
-    rule). ``path`` is ignored for "digits".
+    train-images-idx3-ubyte.gz mean IDX). ``options`` (default: every key's default) is checked here
+    too; its ``image_size`` affects image folders and IDX images (resized and centre-cropped once, here),
+    ``max_length`` text, the categorical keys CSVs (fedssl.tables) and ``series_length`` time series (kind
+    "timeseries", never auto-detected: fedssl.data.series has the layouts and the length rule).
+    ``grayscale=False`` reads an image folder as RGB; no config sets it (the probe reports greyscale).
+    ``path`` is ignored for "digits".
     """
     if kind != "auto" and kind not in LOADERS:
         raise ValueError(f"unknown data kind {kind!r}; valid choices: auto, {_valid_kinds()}")
-    options = _ImageOptions(_check_image_size(image_size), grayscale, max_length, categorical or CategoricalSpec(),
-                            series_length)
+    options = SampleFormat() if options is None else options
+    options.validate()
     if is_digits(path, kind):
         return _to_dataset(_load_digits(None, options), "digits")
     path = existing_path(path)
-    loader = LOADERS[resolve_kind(path, kind)]
+    resolved = resolve_kind(path, kind)
+    check_format_fits(path, resolved, options)
+    loader = functools.partial(_load_image_folder, grayscale=grayscale) if resolved == "image_folder" else LOADERS[resolved]
     return _to_dataset(loader(path, options), str(path))
 
 
@@ -119,14 +106,6 @@ def _to_dataset(loaded: _Loaded, source: str) -> SiteDataset:
         raise DataError(f"{source}: {error}") from error
 
 
-def _check_image_size(image_size: tuple[int, int] | None) -> tuple[int, int] | None:
-    if image_size is None:
-        return None
-    if len(image_size) != 2 or not all(isinstance(d, int) and d > 0 for d in image_size):
-        raise ConfigError(f"image_size must be two positive integers (height, width), got {image_size!r}")
-    return (image_size[0], image_size[1])
-
-
 def _valid_kinds() -> str:
     return ", ".join(sorted(LOADERS))
 
@@ -134,15 +113,15 @@ def _valid_kinds() -> str:
 # --- image folder -------------------------------------------------------------------------
 
 
-def _load_image_folder(root: Path, options: _ImageOptions) -> _Loaded:
+def _load_image_folder(root: Path, options: SampleFormat, grayscale: bool = True) -> _Loaded:
     if not root.is_dir():
         raise DataError(f"{root} is not a directory; kind image_folder needs a folder of PNG/JPEG files")
     files = image_files(root)
     if not files:
         raise DataError(f"{root} holds no .png/.jpg/.jpeg files (searched recursively); add images or fix the path")
-    mode = "L" if options.grayscale else "RGB"
+    mode = "L" if grayscale else "RGB"
     first = _open_image(files[0], mode)
-    height, width = options.image_size or (first.height, first.width)
+    height, width = options.image_hw or (first.height, first.width)
     # Sorted relative paths make the ids, and so the row order, identical on every run.
     arrays = [_image_array(_open_image(f, mode), height, width) for f in files]
     ids = tuple(f.relative_to(root).as_posix() for f in files)
@@ -168,7 +147,7 @@ def _image_array(image: Image.Image, height: int, width: int) -> np.ndarray:
 # --- numpy ----------------------------------------------------------------------------------
 
 
-def _load_text(path: Path, options: _ImageOptions) -> _Loaded:
+def _load_text(path: Path, options: SampleFormat) -> _Loaded:
     """A .txt file (a sample per line, ids ``line-i``) or a folder of .txt files (ids: file names), as byte ids."""
     try:
         texts = read_texts(path)
@@ -180,11 +159,11 @@ def _load_text(path: Path, options: _ImageOptions) -> _Loaded:
     return _Loaded(np.asarray(encode_all(texts, options.max_length), dtype=np.float32), ids, "text")
 
 
-def _load_npy(path: Path, _: _ImageOptions) -> _Loaded:
+def _load_npy(path: Path, _: SampleFormat) -> _Loaded:
     return _from_array(*_npy_array(path), path)
 
 
-def _load_npz(path: Path, _: _ImageOptions) -> _Loaded:
+def _load_npz(path: Path, _: SampleFormat) -> _Loaded:
     return _from_array(*_npz_array(path), path)
 
 
@@ -245,7 +224,7 @@ def _from_array(array: np.ndarray, ids: tuple[str, ...], path: Path) -> _Loaded:
 # --- time series ----------------------------------------------------------------------------
 
 
-def _load_timeseries(path: Path, options: _ImageOptions) -> _Loaded:
+def _load_timeseries(path: Path, options: SampleFormat) -> _Loaded:
     """``N x L`` / ``N x C x L`` arrays or a CSV of one series per row, fitted to ``series_length`` steps."""
     suffix = path.suffix.lower()
     if suffix not in SERIES_SUFFIXES:
@@ -269,7 +248,7 @@ def _load_timeseries(path: Path, options: _ImageOptions) -> _Loaded:
 # --- idx ------------------------------------------------------------------------------------
 
 
-def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
+def _load_idx(path: Path, options: SampleFormat) -> _Loaded:
     """N x H x W (greyscale) or N x H x W x C images, or N x D vectors; uint8 images stay uint8."""
     array = read_idx(path)
     if array.ndim == 1:
@@ -278,14 +257,14 @@ def _load_idx(path: Path, options: _ImageOptions) -> _Loaded:
         )
     if array.ndim == 2:
         return _Loaded(array, _row_ids(len(array)), "vector")
-    images = fit_images(to_nchw(array, path), options.image_size)
+    images = fit_images(to_nchw(array, path), options.image_hw)
     return _Loaded(images, _row_ids(len(images)), "image", pixels=images.dtype == np.uint8)
 
 
 # --- csv ------------------------------------------------------------------------------------
 
 
-def _load_csv(path: Path, options: _ImageOptions) -> _Loaded:
+def _load_csv(path: Path, options: SampleFormat) -> _Loaded:
     header, rows = _read_csv(path)
     lowered = [name.strip().lower() for name in header]
     id_index = lowered.index(ID_COLUMN) if ID_COLUMN in lowered else None
@@ -293,11 +272,12 @@ def _load_csv(path: Path, options: _ImageOptions) -> _Loaded:
     features = csv_feature_columns(header)
     if not features:
         raise DataError(f"{path}: no feature columns besides id/label; add numeric feature columns")
-    layout = table_layout(header, features, options.categorical, path)
+    spec = options.categorical_spec
+    layout = table_layout(header, features, spec, path)
     cells = [[_csv_number(row, i, header, line, path) for i in layout.numeric] for line, row in rows]
     values = _impute_missing(cells, [header[i] for i in layout.numeric], path)
     if layout.categorical:
-        values = np.concatenate([values, _one_hot(rows, header, layout, options.categorical, path)], axis=1)
+        values = np.concatenate([values, _one_hot(rows, header, layout, spec, path)], axis=1)
     ids = tuple(row[id_index].strip() for _, row in rows) if id_index is not None else _row_ids(len(rows))
     return _Loaded(values, ids, "vector", blocks=layout.blocks)
 
@@ -393,7 +373,7 @@ def _digits() -> tuple[_Loaded, np.ndarray]:
     return _Loaded(images, ids, "image"), digits.target.astype(np.int64)
 
 
-def _load_digits(_: Path | None, __: _ImageOptions) -> _Loaded:
+def _load_digits(_: Path | None, __: SampleFormat) -> _Loaded:
     return _digits()[0]
 
 

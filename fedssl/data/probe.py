@@ -23,8 +23,9 @@ import numpy as np
 
 from fedssl.data.idx import looks_like_idx, read_idx_header
 from fedssl.data.series import SERIES_SUFFIXES, series_sample_shape
-from fedssl.data.text import DEFAULT_MAX_LENGTH, is_text_source, read_texts
+from fedssl.data.text import is_text_source, read_texts
 from fedssl.errors import DataError
+from fedssl.sample_format import SampleFormat
 from fedssl.tables import CategoricalSpec, not_numeric_error, table_layout
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -119,36 +120,39 @@ def image_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def probe_data(source: str, kind: str = "auto", *, image_size: tuple[int, int] | None = None,
-               labels: str | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-               categorical: CategoricalSpec | None = None, series_length: int = 0) -> DataProbe:
+def probe_data(source: str, kind: str = "auto", options: SampleFormat | None = None, *,
+               labels: str | None = None) -> DataProbe:
     """What ``source`` holds, from headers only; a DataError (one line) when it cannot be read as data.
 
-    ``image_size`` (height, width) is ``data.image_size``: image folders and IDX images are resized to
-    it at load, so that is the shape the sites train on; ``series_length`` is ``data.series_length`` for
-    time series (0: the source's own length). ``labels`` is ``data.labels`` (:func:`probe_labels` checks
-    it). ``categorical`` is the CSV's categorical columns (fedssl.tables): each adds its one-hot block to
-    the width."""
+    ``options`` are the config's reading keys (fedssl.sample_format), read as the loaders read them:
+    image folders and IDX images are resized to ``image_size`` at load, so that is the shape the sites
+    train on; ``series_length`` fits time series (0: the source's own length); ``max_length`` is a text
+    sample's length; a CSV's categorical columns each add their one-hot block to the width. ``labels`` is
+    ``data.labels`` (:func:`probe_labels` checks it)."""
     if kind != "auto" and kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; valid choices: auto, {', '.join(KINDS)}")
+    options = SampleFormat() if options is None else options
     if is_digits(source, kind):
         return DataProbe(DIGITS, DIGITS, "image", DIGITS_SHAPE, DIGITS_COUNT, labelled=True)
     path = existing_path(source)
     resolved = resolve_kind(path, kind)
+    check_format_fits(path, resolved, options)
     if resolved == "text":
-        return DataProbe(str(source), resolved, "text", (max_length,), _count_texts(path), labelled=labels is not None,
-                         labels=labels)
-    if categorical is not None and categorical.columns and resolved != "csv":
-        raise DataError(f"{path} is {resolved} data, not a CSV; data.categorical / data.categories apply to CSV sources only")
-    if resolved == "timeseries":
-        shape, count = _probe_series(path, series_length)
-        return DataProbe(str(source), resolved, "timeseries", shape, count, labelled=labels is not None, labels=labels)
-    shape, count = _probe_csv(path, categorical or CategoricalSpec()) if resolved == "csv" else _PROBES[resolved](path)
-    if image_size is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
-        shape = (shape[0], *image_size)
-    labelled = labels is not None
-    return DataProbe(str(source), resolved, "image" if len(shape) == 3 else "vector", shape, count, labelled=labelled,
-                     labels=labels)
+        modality, shape, count = "text", (options.max_length,), _count_texts(path)
+    elif resolved == "timeseries":
+        modality, (shape, count) = "timeseries", _probe_series(path, options.series_length)
+    else:
+        shape, count = _probe_csv(path, options.categorical_spec) if resolved == "csv" else _PROBES[resolved](path)
+        if options.image_hw is not None and len(shape) == 3 and resolved in ("image_folder", "idx"):
+            shape = (shape[0], *options.image_hw)
+        modality = "image" if len(shape) == 3 else "vector"
+    return DataProbe(str(source), resolved, modality, shape, count, labelled=labels is not None, labels=labels)
+
+
+def check_format_fits(path: Path, kind: str, options: SampleFormat) -> None:
+    """A DataError unless ``options`` suit a source of (resolved) ``kind``: categorical columns need a CSV."""
+    if kind != "csv" and options.categorical_spec.columns:
+        raise DataError(f"{path} is {kind} data, not a CSV; data.categorical / data.categories apply to CSV sources only")
 
 
 def _count_texts(path: Path) -> int:

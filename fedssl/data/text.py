@@ -18,9 +18,6 @@ from pathlib import Path
 
 from fedssl.inputs import CLS, MASK, PAD, SPECIALS, VOCAB_SIZE  # noqa: F401 - re-exported; the models share the ids
 
-DEFAULT_MAX_LENGTH = 128  # data.max_length
-
-
 def encode(text: str, max_length: int) -> list[int]:
     """Token ids of ``text``: CLS + UTF-8 bytes, truncated then padded to ``max_length``."""
     if max_length < 2:

@@ -22,6 +22,7 @@ from fedssl.data import (
 )
 from fedssl.data.partition import UNLABELLED, partition
 from fedssl.errors import ConfigError, DataError
+from fedssl.sample_format import SampleFormat
 
 # --- helpers --------------------------------------------------------------------------------
 
@@ -155,7 +156,7 @@ def test_image_folder_recursive_resized_scaled(tmp_path: Path) -> None:
 
 def test_image_folder_explicit_size_and_colour(tmp_path: Path) -> None:
     Image.new("RGB", (5, 5), color=(255, 0, 0)).save(tmp_path / "red.png")
-    data = load_site_data(tmp_path, kind="image_folder", image_size=(3, 2), grayscale=False)
+    data = load_site_data(tmp_path, "image_folder", SampleFormat(image_size=[3, 2]), grayscale=False)
     assert data.inputs.shape == (1, 3, 3, 2)
     assert data.inputs[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
 
@@ -258,8 +259,8 @@ def test_auto_rejects_unknown_suffix(tmp_path: Path) -> None:
 
 
 def test_bad_image_size_is_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="image_size"):
-        load_site_data(tmp_path, image_size=(0, 4))
+    with pytest.raises(ConfigError, match="^data.image_size: "):
+        load_site_data(tmp_path, options=SampleFormat(image_size=[0, 4]))
 
 
 # --- partitioners ---------------------------------------------------------------------------

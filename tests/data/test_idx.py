@@ -19,6 +19,7 @@ from fedssl.data.idx import IdxLabelSource, read_idx, read_idx_header, write_idx
 from fedssl.data.pixels import fit_images, unit_float
 from fedssl.errors import ConfigError, ConsentError, DataError
 from fedssl.experiment import central_data_for, simulated_site_from_config
+from fedssl.sample_format import SampleFormat
 from fedssl.training.local import train_round
 
 
@@ -183,7 +184,7 @@ def test_per_batch_conversion_equals_the_image_folder_float_path(tmp_path: Path)
 )
 def test_resize_and_crop_to_the_configured_size(tmp_path: Path, size: tuple[int, int], expected: tuple[int, int]) -> None:
     images, _, _ = _fashion_like(tmp_path, count=3)
-    data = load_site_data(images, image_size=size)
+    data = load_site_data(images, options=SampleFormat(image_size=list(size)))
     assert data.inputs.shape == (3, 1, *expected) and data.inputs.dtype == torch.uint8
 
 
@@ -287,5 +288,5 @@ def test_site_yaml_image_size_is_checked_and_applied(tmp_path: Path) -> None:
     images, _, _ = _fashion_like(tmp_path, count=3)
     site = SiteData(path=str(images), kind="idx", image_size=[9, 7])
     site.validate()
-    dataset = _cached_dataset(str(images), 0, 0, site.kind, site.image_hw)
+    dataset = _cached_dataset(str(images), 0, 0, site.kind, site.sample_format)
     assert dataset.is_pixels and dataset.inputs.shape == (3, 1, 9, 7)

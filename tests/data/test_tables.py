@@ -13,6 +13,7 @@ from fedssl.config import load_config
 from fedssl.data.loaders import MissingValuesImputedWarning, UnknownCategoryWarning, load_site_data
 from fedssl.data.probe import probe_data
 from fedssl.errors import ConfigError, DataError
+from fedssl.sample_format import SampleFormat
 from fedssl.tables import CategoricalSpec, categorical_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +24,7 @@ BANK = ("id,age,home,job,income,label\n"
         "c2,41,owner,,3.0,1\n"
         "c3,,castle,freelance,1.0,0\n"
         "c4,25,,fixed,0.5,1\n")
-SPEC = categorical_spec(["job"], {"home": ["rent", "owner"]}, buckets=4)
+BANK_FORMAT = SampleFormat(categorical=["job"], categories={"home": ["rent", "owner"]}, hash_buckets=4)
 
 
 def _csv(tmp_path: Path, text: str = BANK) -> Path:
@@ -35,7 +36,7 @@ def _csv(tmp_path: Path, text: str = BANK) -> Path:
 def test_declared_and_hashed_columns_become_one_hot_blocks_after_the_numbers(tmp_path: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_site_data(_csv(tmp_path), categorical=SPEC)
+        data = load_site_data(_csv(tmp_path), options=BANK_FORMAT)
     x = data.inputs.numpy()
     # numeric age, income; home: rent, owner, other, missing; job: 4 buckets, missing
     assert data.input_shape == (2 + 4 + 5,) and data.feature_blocks == (4, 5)
@@ -60,15 +61,15 @@ def test_hash_buckets_do_not_depend_on_the_data() -> None:
 
 def test_a_text_column_not_declared_names_the_keys_that_declare_it(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
-        load_site_data(_csv(tmp_path), categorical=categorical_spec(["job"], {}))
+        load_site_data(_csv(tmp_path), options=SampleFormat(categorical=["job"]))
     assert "column 'home' is not numeric" in str(err.value) and "data.categorical: [home]" in str(err.value)
     with pytest.raises(DataError, match="data.categorical: \\[home\\]"):
-        probe_data(str(_csv(tmp_path)), categorical=categorical_spec(["job"], {}))
+        probe_data(str(_csv(tmp_path)), options=SampleFormat(categorical=["job"]))
 
 
 def test_a_categorical_column_not_in_the_header_is_one_line(tmp_path: Path) -> None:
-    spec = categorical_spec(["job", "hom"], {"home": ["rent"]})
-    for read in (lambda: load_site_data(_csv(tmp_path), categorical=spec), lambda: probe_data(str(_csv(tmp_path)), categorical=spec)):
+    options = SampleFormat(categorical=["job", "hom"], categories={"home": ["rent"]})
+    for read in (lambda: load_site_data(_csv(tmp_path), options=options), lambda: probe_data(str(_csv(tmp_path)), options=options)):
         with pytest.raises(DataError) as err:
             read()
         assert "'hom'" in str(err.value) and "\n" not in str(err.value) and "bank.csv" in str(err.value)
@@ -97,11 +98,11 @@ def test_config_keys_reach_the_spec() -> None:
 
 def test_the_probe_agrees_with_the_loader_on_tables(tmp_path: Path) -> None:
     path = _csv(tmp_path)
-    for spec in (SPEC, categorical_spec(["home", "job"], {}, buckets=3)):
+    for options in (BANK_FORMAT, SampleFormat(categorical=["home", "job"], hash_buckets=3)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = load_site_data(path, categorical=spec)
-        probe = probe_data(str(path), categorical=spec)
+            loaded = load_site_data(path, options=options)
+        probe = probe_data(str(path), options=options)
         assert (probe.sample_shape, probe.count, probe.modality) == (loaded.input_shape, len(loaded), "vector")
     assert np.isfinite(loaded.inputs.numpy()).all()
 
@@ -122,7 +123,7 @@ def test_credit_converter_writes_features_without_the_label_and_an_id_label_csv(
         "id,Income,Home", "row-0,4.86753,rent", "row-1,,", "row-2,0,owner"]  # log1p; NA stays empty
     assert (tmp_path / "labels.csv").read_text().split() == ["id,label", "row-0,0", "row-1,1", "row-2,0"]
     with pytest.warns(MissingValuesImputedWarning):
-        data = load_site_data(tmp_path / "credit.csv", categorical=categorical_spec([], {"Home": ["rent", "owner"]}))
+        data = load_site_data(tmp_path / "credit.csv", options=SampleFormat(categories={"Home": ["rent", "owner"]}))
     assert data.sample_ids == ("row-0", "row-1", "row-2") and data.input_shape == (1 + 4,)
 
 
@@ -135,10 +136,10 @@ def test_credit_data_converts_and_fits_the_declared_schema(tmp_path: Path) -> No
     module = _converter()
     columns, numeric = module.read_lazyload(MODELDATA.with_suffix(""), "credit_data")
     assert module.write_table(columns, numeric, tmp_path, "Status", "bad") == 4454
-    spec = load_config(ROOT / "configs" / "experiments" / "credit-vime.yaml").data.categorical_spec
+    options = load_config(ROOT / "configs" / "experiments" / "credit-vime.yaml").data
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_site_data(tmp_path / "credit.csv", categorical=spec)
+        data = load_site_data(tmp_path / "credit.csv", options=options)
     assert not [w for w in caught if w.category is UnknownCategoryWarning]  # the schema names every value
     assert data.input_shape == (34,) and len(data) == 4454
 

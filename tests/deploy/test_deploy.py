@@ -181,6 +181,45 @@ def test_deployed_site_encodes_its_table_by_the_schema_in_site_yaml(site_dir):
     assert dataset.input_shape == (1 + 4,) and dataset.feature_blocks == (4,)
 
 
+def _site_reads(path: Path) -> tuple[tuple[int, ...], str]:
+    """What a deployed site trains on (its sample shape and modality) and what its preflight says of the data."""
+    from fedssl.deploy.site.config import deployed_site, load_site_config
+    from fedssl.deploy.site.preflight import preflight
+
+    dataset, _ = deployed_site(str(path))
+    data_check = checks_by_name(preflight(load_site_config(path), check_coordinator=False))["data"]
+    assert data_check.ok, data_check.detail
+    return dataset.input_shape, data_check.detail
+
+
+def test_deployed_text_site_reads_data_max_length_from_site_yaml(site_dir):
+    """data.max_length in site.yaml sets a text site's token rows, as in a simulation (it used to be dropped)."""
+    (site_dir / "data" / "notes.txt").write_text("a first note\nanother, somewhat longer note than the first\nthird\n")
+    shape, detail = _site_reads(write_site(site_dir, **{"data.path": "data/notes.txt", "data.max_length": 16}))
+    assert shape == (16,) and "3 samples, text, shape [16]" in detail
+
+
+def test_deployed_timeseries_site_reads_data_series_length_from_site_yaml(site_dir):
+    """data.series_length in site.yaml fits a time-series site's series, as in a simulation (it used to be dropped)."""
+    np.save(site_dir / "data" / "s.npy", np.arange(5 * 10, dtype=np.float32).reshape(5, 10))
+    path = write_site(site_dir, **{"data.path": "data/s.npy", "data.kind": "timeseries", "data.series_length": 24})
+    shape, detail = _site_reads(path)
+    assert shape == (1, 24) and "5 samples, timeseries, shape [1, 24]" in detail
+
+
+@pytest.mark.parametrize(("changes", "rule"), [
+    ({"data.max_length": 1}, "data.max_length: must be in [2, 4096] (CLS and at least one byte), got 1"),
+    ({"data.series_length": -3}, "data.series_length: must be an integer in [0, 1000000]"),
+    ({"data.kind": "npy", "data.categorical": ["job"]}, "data.categorical: applies to CSV sources only"),
+])
+def test_site_yaml_reading_keys_are_checked_like_the_experiments(site_dir, changes, rule):
+    from fedssl.deploy.site.config import load_site_config
+
+    with pytest.raises(ConfigError) as err:
+        load_site_config(write_site(site_dir, **changes))
+    assert str(err.value).startswith(rule) and "\n" not in str(err.value)
+
+
 def test_deployed_site_caches_and_reloads(site_dir):
     from fedssl.deploy.site.config import deployed_site
 

@@ -11,6 +11,7 @@ from fedssl.inputs import TEXT, encoder_input_problem, pretext_input_problem
 from fedssl.models import build_encoder
 from fedssl.pretext import get_pretext
 from fedssl.pretext.masked_tokens import masked_token_loss, token_mask
+from fedssl.sample_format import SampleFormat
 
 
 def test_tokenizer_round_trip_and_length_rule():
@@ -110,7 +111,7 @@ def test_loader_reads_text_sources_as_byte_ids_and_bad_ones_in_one_line(tmp_path
 
     lines = tmp_path / "s.txt"
     lines.write_text("hello\nworld wide\n", encoding="utf-8")
-    data = load_site_data(lines, max_length=6)
+    data = load_site_data(lines, options=SampleFormat(max_length=6))
     assert data.modality == TEXT and data.input_shape == (6,) and data.sample_ids == ("row-0", "row-1")
     assert decode([int(v) for v in data.inputs[1]]) == "world"  # CLS + 5 bytes: truncated
     (tmp_path / "empty.txt").write_text("")

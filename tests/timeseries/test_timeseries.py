@@ -15,6 +15,7 @@ from fedssl.pretext import get_pretext
 from fedssl.pretext.masked_segment import masked_segment_loss, segment_mask
 from fedssl.pretext.simsiam import simsiam_loss
 from fedssl.pretext.ts_augment import SeriesAugmenter, SeriesAugmentParams, permutation_index, random_crop
+from fedssl.sample_format import SampleFormat
 
 # Opacus hooks warn when the input itself needs no gradient, which is always the case here.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -43,7 +44,7 @@ def test_arrays_load_as_channels_by_length(tmp_path):
     for name, shape in (("uni.npy", (1, 9)), ("multi.npz", (3, 7))):
         probe = probe_data(str(tmp_path / name), "timeseries")
         assert (probe.modality, probe.sample_shape, probe.count) == (TIMESERIES, shape, 5 if name == "uni.npy" else 4)
-    assert probe_data(str(tmp_path / "multi.npz"), "timeseries", series_length=20).sample_shape == (3, 20)
+    assert probe_data(str(tmp_path / "multi.npz"), "timeseries", SampleFormat(series_length=20)).sample_shape == (3, 20)
 
 
 def test_length_rule_crops_the_tail_and_zero_pads_the_end_and_nan_tails_are_shorter_series(tmp_path):
@@ -52,9 +53,9 @@ def test_length_rule_crops_the_tail_and_zero_pads_the_end_and_nan_tails_are_shor
     np.save(tmp_path / "s.npy", x)
     own = load_site_data(tmp_path / "s.npy", "timeseries").inputs.numpy()
     assert own.shape == (2, 2, 6) and np.allclose(own[0], x[0]) and np.allclose(own[1, :, 4:], 0)
-    longer = load_site_data(tmp_path / "s.npy", "timeseries", series_length=8).inputs.numpy()
+    longer = load_site_data(tmp_path / "s.npy", "timeseries", SampleFormat(series_length=8)).inputs.numpy()
     assert np.allclose(longer[0, :, :6], x[0]) and np.allclose(longer[:, :, 6:], 0)
-    shorter = load_site_data(tmp_path / "s.npy", "timeseries", series_length=3).inputs.numpy()
+    shorter = load_site_data(tmp_path / "s.npy", "timeseries", SampleFormat(series_length=3)).inputs.numpy()
     assert np.allclose(shorter[0], x[0, :, :3]) and np.allclose(shorter[1], x[1, :, :3])
 
 

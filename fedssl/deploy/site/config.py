@@ -12,13 +12,12 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fedssl.config import PrivacyConfig, check_device, check_image_size
+from fedssl.config import PrivacyConfig, check_device
 from fedssl.data.dataset import SiteDataset
 from fedssl.deploy.site.pinning import is_app_hash
 from fedssl.errors import ConfigError
-from fedssl.tables import DEFAULT_HASH_BUCKETS, CategoricalSpec, categorical_spec
+from fedssl.sample_format import SampleFormat
 from fedssl.training.local import SiteSettings
 from fedssl.typed_yaml import check, load_config_file, resolve_path, validate_sections
 
@@ -36,34 +35,21 @@ class SiteIdentity:
 
 
 @dataclass
-class SiteData:
+class SiteData(SampleFormat):
+    """Where the site's data is; how its samples are read (image_size, max_length, categorical, categories,
+    hash_buckets, series_length) is the experiment's own ``data:`` type, so a site reads as a simulation does.
+    They must give the experiment's model.input_shape; the categorical schema is the one every site shares."""
+
     path: str = ""
     kind: str = "auto"
-    # [height, width]: images are resized and centre-cropped once, at load; must give the
-    # experiment's model.input_shape. Empty: the data's own size.
-    image_size: list[int] = field(default_factory=list)
-    # A CSV's categorical columns, as the experiment's data section names them (fedssl/tables.py): the
-    # public schema every site shares, so the encoder's input width is the same everywhere.
-    categorical: list[str] = field(default_factory=list)
-    categories: dict[str, Any] = field(default_factory=dict)
-    hash_buckets: int = DEFAULT_HASH_BUCKETS
-
-    @property
-    def categorical_spec(self) -> CategoricalSpec:
-        return categorical_spec(self.categorical, self.categories, self.hash_buckets)
 
     def validate(self) -> None:
         from fedssl.data.loaders import LOADERS
 
-        self.categorical_spec  # noqa: B018 - raises its own one-line errors
-
+        super().validate()
         check(bool(self.path), "data.path", "must name the site's data (image folder, .npy, .npz, .csv or IDX)", self.path)
         check(self.kind == "auto" or self.kind in LOADERS, "data.kind", f"valid choices: auto, {', '.join(sorted(LOADERS))}", self.kind)
-        check_image_size("data.image_size", self.image_size)
-
-    @property
-    def image_hw(self) -> tuple[int, int] | None:
-        return (self.image_size[0], self.image_size[1]) if self.image_size else None
+        self.check_kind(self.kind)
 
 
 @dataclass
@@ -183,7 +169,7 @@ def deployed_site(path: str) -> tuple[SiteDataset, SiteSettings]:
     """
     config = current_site_config(path)
     data_key = _file_key(Path(config.data.path)) if Path(config.data.path).exists() else (config.data.path, 0, 0)
-    dataset = _cached_dataset(*data_key, config.data.kind, config.data.image_hw, config.data.categorical_spec)
+    dataset = _cached_dataset(*data_key, config.data.kind, config.data.sample_format)
     return dataset, config.settings()
 
 
@@ -207,8 +193,7 @@ def _cached_config(path: str, mtime_ns: int, size: int) -> SiteConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str, image_size: tuple[int, int] | None = None,
-                    categorical: CategoricalSpec | None = None) -> SiteDataset:
+def _cached_dataset(path: str, mtime_ns: int, size: int, kind: str, options: SampleFormat | None = None) -> SiteDataset:
     from fedssl.data.loaders import load_site_data
 
-    return load_site_data(path, kind, image_size=image_size, categorical=categorical)
+    return load_site_data(path, kind, options)

@@ -49,8 +49,7 @@ def preflight(config: SiteConfig, *, check_coordinator: bool = True) -> list[Che
     try:
         from fedssl.data.loaders import load_site_data
 
-        dataset = load_site_data(config.data.path, config.data.kind, image_size=config.data.image_hw,
-                                 categorical=config.data.categorical_spec)
+        dataset = load_site_data(config.data.path, config.data.kind, config.data)
         checks.append(Check("data", True, f"{config.data.path}: {len(dataset)} samples, {dataset.modality}, shape {list(dataset.input_shape)}"))
     except (DataError, ConfigError, ValueError) as err:
         checks.append(Check("data", False, f"data.path: {err}"))
