@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 # The dashboard's fixtures (a tiny run, the dashboard process, the browser): only the tests that ask build them.
-pytest_plugins = ["dashboard_fixtures"]
+pytest_plugins = ["dashboard_fixtures", "reference_run"]
 
 WIDTH, DEPTH = 8, 2
 NUM_SAMPLES, BATCH_SIZE = 64, 8

@@ -1,4 +1,4 @@
-"""Dashboard fixtures: one real tiny federation per session, the real `fedssl dashboard` process, and
+"""Dashboard fixtures: the session's one real tiny federation (tests/reference_run.py), the real `fedssl dashboard` process, and
 Debian's chromium driven by Playwright. Registered by tests/conftest.py (``pytest_plugins``): a
 tests/dashboard/conftest.py would shadow the shared conftest for every ``from conftest import ...``.
 
@@ -32,13 +32,11 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory) -> Path:
-    """A finished real 2-site x 2-round DP simulation (digits-tiny), evaluated and reported. Do not modify."""
-    output = tmp_path_factory.mktemp("dashboard-run")
-    done = subprocess.run([FEDSSL, "simulate", str(TINY), "--set", f"run.output_dir={output}", "--overwrite", "--quiet"],
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    return output / "digits-tiny"
+def tiny_run(reference_run) -> Path:
+    """A finished real 2-site x 2-round DP simulation (digits-tiny), evaluated and reported: the session's
+    shared run (tests/reference_run.py). Do not modify."""
+    assert reference_run.returncode == 0, reference_run.stderr[-3000:] + reference_run.stdout[-3000:]
+    return reference_run.dir
 
 
 @pytest.fixture

@@ -7,38 +7,22 @@ unconnected UDP socket of every process the simulation starts is bound to 127.0.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from fedssl.run.flower_runtime import flower_env
-from listeners import processes, watch
-
-ROOT = Path(__file__).resolve().parents[2]
-TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 
 
 @pytest.mark.slow
-def test_a_network_attacker_finds_no_simulation_service_beyond_loopback(tmp_path):
-    output_dir = tmp_path / "runs"
-    cmd = [str(Path(sys.executable).parent / "fedssl"), "simulate", str(TINY), "--set", f"run.output_dir={output_dir}",
-           "--set", "federation.rounds=1", "--skip-evaluation", "--quiet", "--overwrite"]
-    sim = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # The simulation's own processes: fedssl's tree, and anything detached that carries this run's FLWR_HOME.
-    marker = f"FLWR_HOME={output_dir}"
-    try:
-        seen_pids, seen = watch(lambda: processes(roots=[sim.pid], environ_contains=marker), until=lambda: sim.poll() is not None)
-    finally:
-        if sim.poll() is None:
-            sim.kill()
-        output = sim.communicate(timeout=60)[0]
-    assert sim.returncode == 0, output[-3000:]
-    commands = " ".join(item.command for item in seen)
+def test_a_network_attacker_finds_no_simulation_service_beyond_loopback(reference_run):
+    # The scan ran alongside the session's reference simulation (tests/reference_run.py): every process of
+    # fedssl's tree, and anything detached that carries that run's FLWR_HOME, polled until the run ended.
+    assert reference_run.returncode == 0, reference_run.stderr[-3000:]
+    seen = reference_run.listeners
+    commands = " ".join(item["command"] for item in seen)
     # Not vacuous: the scan saw Ray's services and Flower's SuperLink listening.
-    assert "gcs_server" in commands and "raylet" in commands and "flower-superlink" in commands, "\n".join(map(str, seen))
-    exposed = [str(item) for item in seen if not item.loopback]
+    assert "gcs_server" in commands and "raylet" in commands and "flower-superlink" in commands, \
+        "\n".join(item["text"] for item in seen)
+    exposed = [item["text"] for item in seen if not item["loopback"]]
     assert not exposed, f"{len(exposed)} simulation listener(s) reachable beyond loopback:\n" + "\n".join(exposed)
 
 

@@ -21,37 +21,25 @@ TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 TARGET_EPSILON = 8.0  # digits-tiny includes privacy/eps8.yaml
 
 
-class Run:
-    def __init__(self, root: Path) -> None:
-        self.output_dir = root / "runs"
-        self.done = subprocess.run(
-            [str(Path(sys.executable).parent / "fedssl"), "simulate", str(TINY), "--set", f"run.output_dir={self.output_dir}", "--overwrite"],
-            capture_output=True, text=True, timeout=900, cwd=ROOT,
-        )
-        self.dir = self.output_dir / "digits-tiny"
-
-    def records(self, kind: str) -> list[dict]:
-        lines = (self.dir / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, filter(None, lines)) if r["kind"] == kind]
-
-    def site_epsilons(self) -> dict[int, list[float]]:
-        by_site: dict[int, list[tuple[int, float]]] = {}
-        for r in self.records("site_round"):
-            by_site.setdefault(r["site_id"], []).append((r["round"], r["epsilon"]))
-        return {site: [eps for _, eps in sorted(rounds)] for site, rounds in by_site.items()}
+def site_epsilons(run) -> dict[int, list[float]]:
+    by_site: dict[int, list[tuple[int, float]]] = {}
+    for r in run.records("site_round"):
+        by_site.setdefault(r["site_id"], []).append((r["round"], r["epsilon"]))
+    return {site: [eps for _, eps in sorted(rounds)] for site, rounds in by_site.items()}
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Run:
-    return Run(tmp_path_factory.mktemp("simulate"))
+def run(reference_run):
+    """The session's finished digits-tiny run (tests/reference_run.py)."""
+    return reference_run
 
 
 def test_simulate_exits_0_and_writes_the_run(run):
-    assert run.done.returncode == 0, run.done.stderr[-3000:] + run.done.stdout[-3000:]
-    assert "Traceback" not in run.done.stderr
+    assert run.returncode == 0, run.stderr[-3000:] + run.stdout[-3000:]
+    assert "Traceback" not in run.stderr
     for name in ("config.yaml", "metrics.jsonl", "encoder.pt", "server_done.json", "report.md", "evaluation.json"):
         assert (run.dir / name).is_file(), name
-    assert "report written" in run.done.stdout
+    assert "report written" in run.stdout
     assert (run.dir / "report.md").read_text().strip()
 
 
@@ -65,7 +53,7 @@ def test_two_sites_trained_two_rounds(run):
 
 
 def test_epsilon_grows_per_site_and_stays_within_budget(run):
-    for site, (eps1, eps2) in run.site_epsilons().items():
+    for site, (eps1, eps2) in site_epsilons(run).items():
         assert 0 < eps1 < eps2 <= TARGET_EPSILON, site
         assert eps2 >= TARGET_EPSILON - 0.01, site  # the plan is calibrated to spend the budget
     for r in run.records("round"):
@@ -85,7 +73,7 @@ def test_final_encoder_has_exactly_the_encoders_keys(run):
 
 
 def test_each_site_state_matches_what_the_server_recorded(run):
-    last = {site: epsilons[-1] for site, epsilons in run.site_epsilons().items()}
+    last = {site: epsilons[-1] for site, epsilons in site_epsilons(run).items()}
     delta = yaml.safe_load((run.dir / "config.yaml").read_text())["privacy"]["delta"]
     for site in (0, 1):
         state_dir = run.dir / "sites" / f"site-{site:03d}"
