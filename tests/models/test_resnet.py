@@ -1,11 +1,7 @@
-"""ResNet-GN: its shape is ResNet-18's, Opacus accepts it, and a 2-site DP round trains it end to end."""
+"""ResNet-GN: its shape is ResNet-18's and Opacus accepts it. A 2-site DP Flower simulation trains it end to end
+in tests/run/test_simulation_idx.py."""
 
 from __future__ import annotations
-
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +10,6 @@ from torch import nn
 
 from fedssl.models import IMAGE_ENCODERS, build_encoder, encoder_state_keys
 from fedssl.models.resnet import ResNetGNEncoder
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (1, 8, 8), (3, 32, 32)])
@@ -56,24 +50,3 @@ def test_opacus_accepts_it_and_server_and_site_build_the_same_keys():
 def test_vector_inputs_are_refused_in_one_line():
     with pytest.raises(ValueError, match="model.encoder=resnet needs image inputs.*use model.encoder=mlp"):
         build_encoder("resnet", (64,), width=4, depth=1)
-
-
-@pytest.mark.slow
-def test_a_two_site_dp_round_trains_the_resnet(tmp_path):
-    """The real path: `fedssl simulate` with 2 DP sites, one round, the ResNet-GN on digits."""
-    done = subprocess.run(
-        [str(Path(sys.executable).parent / "fedssl"), "simulate", str(ROOT / "configs" / "experiments" / "digits-tiny.yaml"),
-         "--set", f"run.output_dir={tmp_path}", "--set", "run.name=resnet", "--set", "model.encoder=resnet",
-         "--set", "model.width=4", "--set", "model.depth=1", "--set", "federation.rounds=1", "--skip-evaluation", "--quiet"],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
-    )
-    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    run_dir = tmp_path / "resnet"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    sites = [r for r in records if r["kind"] == "site_round"]
-    assert sorted((r["site_id"], r["status"]) for r in sites) == [(0, "trained"), (1, "trained")]
-    assert all(0 < r["epsilon"] <= 8.0 for r in sites)
-    final = torch.load(run_dir / "encoder.pt")
-    initial = build_encoder("resnet", (1, 8, 8), width=4, depth=1, seed=0).state_dict()
-    assert set(final) == set(initial)
-    assert any(not torch.equal(final[k], initial[k]) for k in initial if initial[k].is_floating_point())
