@@ -238,14 +238,25 @@ class EvaluationConfig:
 @dataclass
 class SimulationConfig:
     client_cpus: float = 1.0
-    max_parallel_sites: int = 2
+    # How many simulated sites train at once (Flower's Ray actors; each imports torch, Opacus and fedssl once,
+    # ~4 CPU-s, and then trains site after site). 0: as many as the machine's CPUs allow at client_cpus each.
+    max_parallel_sites: int = 0
     # The chance that a sampled simulated site fails its round before training, as a crashed or unreachable
     # site would: to try a federation's dropout tolerance. Drawn from (run.seed, round, site), so reproducible.
     dropout: float = 0.0
 
     def validate(self) -> None:
         check(self.client_cpus > 0, "simulation.client_cpus", "must be > 0", self.client_cpus)
-        check(self.max_parallel_sites >= 1, "simulation.max_parallel_sites", "must be >= 1", self.max_parallel_sites)
+        check(isinstance(self.max_parallel_sites, int) and self.max_parallel_sites >= 0, "simulation.max_parallel_sites",
+              "must be an integer >= 1, or 0 for as many as the machine's CPUs allow", self.max_parallel_sites)
+        check(float(self.max_parallel_sites * self.client_cpus).is_integer(), "simulation.max_parallel_sites",
+              f"times simulation.client_cpus ({self.client_cpus:g}) must be a whole number of CPUs (Ray's CPU count)",
+              self.max_parallel_sites)
+
+    @property
+    def ray_cpus(self) -> int | None:
+        """The CPUs Ray is told it has, so that max_parallel_sites actors fit; None: Ray counts the machine's."""
+        return int(self.max_parallel_sites * self.client_cpus) if self.max_parallel_sites else None
         check(0 <= self.dropout < 1, "simulation.dropout", "must be in [0, 1)", self.dropout)
 
 

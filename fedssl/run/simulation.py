@@ -76,12 +76,7 @@ class Simulation:
         fleet_port, control_port = free_port(), free_port()
         env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(fleet_port)
         env["FLWR_LOCAL_CONTROL_API_PORT"] = str(control_port)
-        sim = config.simulation
-        federation = (
-            f"num-supernodes={config.federation.num_sites} "
-            f"client-resources-num-cpus={_toml_number(sim.client_cpus)} "
-            f"client-resources-num-gpus=0"
-        )
+        federation = federation_config(config)
         mark("driver_start")
         app_dir = stage_app(APP_DIR, flwr_home / APP_STAGE_DIR)
         # Started here rather than by `flwr run`, whose own start gives a SuperLink 15 s (hard-coded)
@@ -95,6 +90,19 @@ class Simulation:
         cmd = [flwr, "run", str(app_dir), CONNECTION, "--stream", "--run-config", run_config(run_dir, resume=resume), "--federation-config", federation]
         return FlwrRun(cmd, run_dir=run_dir, env=env, cwd=APP_DIR, stream=self.stream, echo=self.echo, on_exit=clean_up,
                        error=SimulationError)
+
+
+def federation_config(config: ExperimentConfig) -> str:
+    """`flwr run --federation-config`: the simulated sites and what each Ray actor gets."""
+    sim = config.simulation
+    federation = (
+        f"num-supernodes={config.federation.num_sites} "
+        f"client-resources-num-cpus={_toml_number(sim.client_cpus)} "
+        f"client-resources-num-gpus=0"
+    )
+    if sim.ray_cpus is not None:  # Flower sizes its actor pool as Ray's CPUs / client_cpus
+        federation += f" init-args-num-cpus={sim.ray_cpus}"
+    return federation
 
 
 def run_federation(config: ExperimentConfig, run_dir: Path, stream: bool = True) -> RunOutcome:

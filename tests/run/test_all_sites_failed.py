@@ -28,6 +28,7 @@ def test_a_round_where_every_site_failed_stops_the_run_with_its_error(tmp_path):
     source = tmp_path / "scans.npy"
     np.save(source, images)
     overrides = [f"data.source={source}", "data.partition=iid", "evaluation.enabled=false", "federation.num_sites=2",
+                 "simulation.max_parallel_sites=1",
                  "federation.rounds=2", "model.input_shape=[1,8,8]", "model.width=8", "model.depth=2",
                  "training.local_steps=1", "training.batch_size=4", "privacy.enabled=false",
                  f"run.output_dir={tmp_path / 'runs'}", "run.name=nan-row"]

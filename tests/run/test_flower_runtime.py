@@ -124,3 +124,17 @@ def test_the_pipeline_aborts_a_run_that_fails_before_its_results(tmp_path):
     assert calls == ["start", ("wait", 7.0), "abort"]
     assert config.model.input_shape == [1, 8, 8] and (tmp_path / config.run.name / "config.yaml").is_file()
     assert said[-1].startswith("fedssl: run digits-tiny: fake -> ")
+
+
+def test_max_parallel_sites_sizes_flowers_actor_pool_through_rays_cpu_count():
+    """Flower makes Ray's CPUs / client_cpus actors: max_parallel_sites sets Ray's CPUs; 0 leaves Ray to count."""
+    from fedssl.config import load_config
+    from fedssl.run.simulation import federation_config
+
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "experiments" / "digits-tiny.yaml")
+    assert federation_config(load_config(tiny)).split() == [
+        "num-supernodes=2", "client-resources-num-cpus=1", "client-resources-num-gpus=0", "init-args-num-cpus=1"]
+    two = load_config(tiny, ["simulation.max_parallel_sites=2", "simulation.client_cpus=1.5"])
+    assert "init-args-num-cpus=3" in federation_config(two).split()
+    machine = load_config(tiny, ["simulation.max_parallel_sites=0"])
+    assert not any(arg.startswith("init-args") for arg in federation_config(machine).split())
