@@ -153,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="model.width (the demo's 64)")
     parser.add_argument("--depth", type=int, default=3, help="model.depth (cnn: 3 convs; resnet: blocks per stage, 2 = ResNet-18)")
     parser.add_argument("--steps", type=int, default=5)
-    # Not base.yaml's 32: 100000 / 32 = 3125 batches, and Opacus' loader has int(1 / (1 / 3125)) = 3124 steps, so its
-    # accountant books q = 1/3124 against the 1/3125 the site charged and train_round refuses to release (a known issue).
+    # 64, not base.yaml's 32, as in the published results. (At 32: 100000 / 32 = 3125 batches, where Opacus' loader has
+    # int(1 / (1 / 3125)) = 3124 and books q = 1/3124; sites now charge what Opacus books: fedssl.privacy.feasibility.)
     parser.add_argument("--batch", type=int, default=64, help="expected Poisson batch")
     parser.add_argument("--skip-float", action="store_true", help="measure the uint8 path only")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from conftest import DELTA, LOCAL_STEPS, PLANNED_ROUNDS, SAMPLE_RATE, TARGET_EPSILON
 from fedssl.errors import PrivacyError
+from fedssl.fl.plan import TrainPlan
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.pretext import get_pretext
 from fedssl.training.local import OPACUS_PREFIX, STATUS_TRAINED, poisson_sample_rate, train_round
@@ -39,6 +40,24 @@ def saved_accountant(state_dir) -> dict:
 def test_sample_rate_is_what_opacus_derives(digits_site):
     assert poisson_sample_rate(len(digits_site), 8) == SAMPLE_RATE
     assert poisson_sample_rate(65, 8) == 1 / 9
+    # 93 batches: Opacus' Poisson loader has int(1 / (1 / 93)) = 92, and its accountant books 1/92
+    assert poisson_sample_rate(93 * 8, 8) == 1 / 92 and poisson_sample_rate(3125 * 32, 32) == 1 / 3124
+
+
+def test_a_site_whose_batch_count_rounds_down_in_opacus_trains_and_is_charged_what_opacus_books(make_site, tmp_path):
+    """93 rows at batch 1: Opacus samples at 1/93 and books 1/92; the site charged 1/93 before, found the
+    steps taken differing from the steps charged and discarded the round it had paid for."""
+    from fedssl.data.loaders import load_digits_labeled
+
+    rows = load_digits_labeled()[0].subset(list(range(93)))
+    plan = TrainPlan(run_id="rounding", server_round=1, planned_rounds=1, pretext="rotation", encoder="cnn", width=4,
+                     depth=1, local_steps=2, batch_size=1, lr=0.05)
+    start = build_encoder("cnn", rows.input_shape, width=4, depth=1, seed=0).state_dict()
+    result = train_round(rows, start, plan, make_site(tmp_path / "state"))
+    assert result.status == STATUS_TRAINED, result.reason
+    history = saved_accountant(tmp_path / "state")["history"]
+    assert history == [[history[0][0], 1 / 92, 2]]
+    assert result.epsilon == pytest.approx(opacus_epsilon([tuple(history[0])]), rel=1e-9)
 
 
 def test_epsilon_grows_and_equals_a_fresh_opacus_accountant(trained_site):
