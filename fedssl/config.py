@@ -252,12 +252,12 @@ class SimulationConfig:
         check(float(self.max_parallel_sites * self.client_cpus).is_integer(), "simulation.max_parallel_sites",
               f"times simulation.client_cpus ({self.client_cpus:g}) must be a whole number of CPUs (Ray's CPU count)",
               self.max_parallel_sites)
+        check(0 <= self.dropout < 1, "simulation.dropout", "must be in [0, 1)", self.dropout)
 
     @property
     def ray_cpus(self) -> int | None:
         """The CPUs Ray is told it has, so that max_parallel_sites actors fit; None: Ray counts the machine's."""
         return int(self.max_parallel_sites * self.client_cpus) if self.max_parallel_sites else None
-        check(0 <= self.dropout < 1, "simulation.dropout", "must be in [0, 1)", self.dropout)
 
 
 WARM_START_SOURCES = ("none", "synthetic", "path")
