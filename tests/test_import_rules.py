@@ -195,7 +195,8 @@ def test_leaves_stay_leaves(leaf):
 
 
 # The preflight answers before torch loads (seconds): nothing it reaches may import the training stack.
-TORCH_FREE = ("fedssl.preflight", "fedssl.config", "fedssl.inputs", "fedssl.data.probe", "fedssl.privacy.feasibility")
+TORCH_FREE = ("fedssl.preflight", "fedssl.config", "fedssl.inputs", "fedssl.sample_format", "fedssl.data.probe",
+              "fedssl.privacy.feasibility")
 HEAVY = ("torch", "flwr", "ray", "opacus", "sklearn")
 
 
