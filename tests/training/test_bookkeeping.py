@@ -456,38 +456,34 @@ def test_train_round_with_each_clipping_engine(tmp_path, digits_site, global_enc
     assert set(result.encoder_state) == set(global_encoder)
 
 
-@pytest.mark.parametrize("clipping", ["bookkeeping", "opacus"])
-def test_train_round_trains_the_vit_by_masked_patches_with_each_clipping_engine(tmp_path, digits_site, make_plan, clipping):
+def _trains_with_engine(dataset, encoder: str, pretext: str, clipping: str, state_dir, make_plan) -> None:
+    """One DP round of ``encoder`` by ``pretext`` under ``clipping`` trains every weight."""
     from fedssl.config import PrivacyConfig
     from fedssl.training.local import STATUS_TRAINED, SiteSettings, train_round
 
-    initial = build_encoder("vit", digits_site.input_shape, width=16, depth=1, seed=0).state_dict()
-    site = SiteSettings(site_id=0, state_dir=tmp_path, device="cpu",
+    initial = build_encoder(encoder, dataset.input_shape, width=16, depth=1, seed=0).state_dict()
+    site = SiteSettings(site_id=0, state_dir=state_dir, device="cpu",
                         privacy=PrivacyConfig(enabled=True, target_epsilon=1.0, clipping=clipping))
-    plan = make_plan(encoder="vit", width=16, depth=1, pretext="masked_reconstruction")
-    result = train_round(digits_site, initial, plan, site)
+    result = train_round(dataset, initial, make_plan(encoder=encoder, width=16, depth=1, pretext=pretext), site)
     assert result.status == STATUS_TRAINED and result.steps == 2
     assert set(result.encoder_state) == set(initial)
     assert all(not torch.equal(result.encoder_state[k], v) for k, v in initial.items() if k.endswith("weight"))
+
+
+@pytest.mark.parametrize("clipping", ["bookkeeping", "opacus"])
+def test_train_round_trains_the_vit_by_masked_patches_with_each_clipping_engine(tmp_path, digits_site, make_plan, clipping):
+    _trains_with_engine(digits_site, "vit", "masked_reconstruction", clipping, tmp_path, make_plan)
 
 
 @pytest.mark.parametrize("clipping", ["bookkeeping", "opacus"])
 def test_train_round_trains_the_text_transformer_on_padded_texts_with_each_clipping_engine(tmp_path, make_plan, clipping):
-    from fedssl.config import PrivacyConfig
     from fedssl.data import SiteDataset
     from fedssl.data.text import encode_all
-    from fedssl.training.local import STATUS_TRAINED, SiteSettings, train_round
 
     texts = [f"{word} {i}" for i, word in enumerate(["card lost", "fee", "a much longer line of text", "hi"] * 16)]
     dataset = SiteDataset(torch.tensor(encode_all(texts, 24), dtype=torch.float32), tuple(f"row-{i}" for i in range(64)), "text")
-    initial = build_encoder("transformer", (24,), width=16, depth=1, seed=0).state_dict()
-    site = SiteSettings(site_id=0, state_dir=tmp_path, device="cpu",
-                        privacy=PrivacyConfig(enabled=True, target_epsilon=1.0, clipping=clipping))
-    plan = make_plan(encoder="transformer", width=16, depth=1, pretext="masked_tokens")
-    result = train_round(dataset, initial, plan, site)
-    assert result.status == STATUS_TRAINED and result.steps == 2
-    assert set(result.encoder_state) == set(initial)
-    assert all(not torch.equal(result.encoder_state[k], v) for k, v in initial.items() if k.endswith("weight"))
+    _trains_with_engine(dataset, "transformer", "masked_tokens", clipping, tmp_path, make_plan)
+
 
 # ---------------------------------------------------------------------------------------------
 # Conv2d per-sample gradients, every layout the rule uses (channels-last im2col from 8 input
