@@ -115,3 +115,23 @@ def test_the_learning_goal_is_judged_against_the_best_zero_cost_start():
     per_seed = rows(random=0.90, warm=0.88, **{"fed-warm-eps8": 0.91})
     gains, met = gains_over_starts(per_seed, summarise(per_seed))
     assert gains["fed-warm-eps8 - best start (random) | probe 0.05"]["mean_points"] == pytest.approx(1.0) and met == []
+
+
+@pytest.mark.slow
+def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference_run, monkeypatch):
+    """benchmarks/modalities.py on the session's finished run (its --quick mode would be two more simulations):
+    each row's accuracy per label fraction, and the gain over the random-init control paired by seed."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import modalities
+
+    read = modalities.run_rows(reference_run.dir)
+    probe, control = read["rows"]["pretrained_probe"]["0.1"], read["rows"]["random_init_probe"]["0.1"]
+    assert 0 < probe <= 1 and 0 < control <= 1 and 0 < read["max_epsilon"] <= 8
+    shifted = {**read, "rows": {**read["rows"], "pretrained_probe": {"0.1": probe + 0.1}}}
+    runs = [{"seed": 0, "private": True, **read}, {"seed": 1, "private": True, **shifted},
+            {"seed": 0, "private": False, "error": ["failed"]}]
+    summary = modalities.summarize(runs)
+    assert set(summary) == {"dp"}  # a failed run is reported, never averaged
+    gain = summary["dp"]["0.1"]["gain_over_random_init"]
+    assert gain["n"] == 2 and gain["mean"] == pytest.approx(probe - control + 0.05)
+    assert gain["std"] == pytest.approx(0.1 / 2 ** 0.5) and gain["beyond_spread"] == (abs(gain["mean"]) > gain["std"])

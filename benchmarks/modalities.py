@@ -1,0 +1,154 @@
+"""Every modality's experiment config, run as a user runs it: wall time and label efficiency, over seeds.
+
+For each modality's config on its real data set (images: the embedded digits; text: Debian's fortunes; tables:
+r-cran-modeldata's credit_data; time series: UEA JapaneseVowels from the aeon wheel; each converted once by
+the command the README gives), `fedssl simulate CONFIG --set run.seed=S` runs with DP as configured (ε = 8)
+and with `privacy.enabled=false`, for every seed S. Each run is the whole product path (Flower simulation,
+evaluation, report) and reports, at the config's two label budgets, its own controls: the raw-feature baseline,
+the random-init encoder's probe, and the pretrained encoder's probe (and fine-tunes where the config has them).
+
+Printed and written (results/modalities.json): per config, its wall time per run (the ≤ 5 min target on 2
+cores), and per privacy setting and label budget the pretrained probe's gain over the random-init control,
+paired by seed (each run's gain is its pretrained probe minus its own random-init probe, both averaged over
+the config's label seeds), as mean ± std over the seeds; "beyond spread" when |mean| > std. The raw-feature
+row is data-only (the same in every run).
+
+    python benchmarks/modalities.py                       # every config whose data is present, seeds 0 1 2
+    python benchmarks/modalities.py --config fortunes-mlm --seeds 0 1 2
+    python benchmarks/modalities.py --quick               # digits-tiny, one seed: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
+
+CONFIGS = PROJECT_ROOT / "configs" / "experiments"
+# name -> (modality, the data file the config reads, how to make it)
+MODALITIES = {
+    "digits-demo": ("images", None, "embedded"),
+    "fortunes-mlm": ("text", "data/fortunes/fortunes.txt", "python simulations/fortunes_to_text.py data/fortunes"),
+    "credit-vime": ("tables", "data/credit/credit.csv", "python simulations/credit_to_table.py data/credit"),
+    "japanese-vowels": ("time series", "data/japanese-vowels/JapaneseVowels.npy",
+                        "python simulations/ucr_to_series.py data/japanese-vowels"),
+}
+QUICK = {"digits-tiny": ("images", None, "embedded")}
+PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
+FEDSSL = str(Path(sys.executable).parent / "fedssl")
+
+
+def run_once(config: str, seed: int, private: bool, output_dir: Path) -> dict:
+    """One `fedssl simulate`: its wall time and each row's mean accuracy per label fraction."""
+    name = f"{config}-{'dp' if private else 'nodp'}-s{seed}"
+    cmd = [FEDSSL, "simulate", str(CONFIGS / f"{config}.yaml"), "--quiet", "--overwrite",
+           "--set", f"run.seed={seed}", "--set", f"run.name={name}", "--set", f"run.output_dir={output_dir}"]
+    if not private:
+        cmd += ["--set", "privacy.enabled=false"]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        return {"seed": seed, "private": private, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1:]}
+    return {"seed": seed, "private": private, "seconds": seconds, **run_rows(output_dir / name)}
+
+
+def run_rows(run_dir: Path) -> dict:
+    """A finished run's evaluation: {row: {fraction: mean accuracy over its label seeds}} and its max ε."""
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    rows: dict[str, dict[str, float]] = {}
+    for cell in evaluation["cells"]:
+        rows.setdefault(cell["row"], {})[f"{cell['fraction']:g}"] = cell["mean"]
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epsilons = [r["epsilon"] for r in metrics if r["kind"] == "site_round" and r.get("epsilon") is not None]
+    return {"rows": rows, "max_epsilon": max(epsilons, default=None), "num_test": evaluation["num_test"]}
+
+
+def paired_gain(runs: list[dict], fraction: str) -> dict:
+    """The pretrained probe minus the same run's random-init probe, over seeds: mean, std, n."""
+    gains = [r["rows"][PROBE][fraction] - r["rows"][CONTROL][fraction] for r in runs if "rows" in r]
+    mean = statistics.fmean(gains) if gains else float("nan")
+    std = statistics.stdev(gains) if len(gains) > 1 else 0.0
+    return {"mean": mean, "std": std, "n": len(gains), "beyond_spread": len(gains) > 1 and abs(mean) > std}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per privacy setting and label fraction: each row's mean over seeds and the paired gain."""
+    out: dict[str, dict] = {}
+    for private in (True, False):
+        chosen = [r for r in runs if r["private"] is private and "rows" in r]
+        if not chosen:
+            continue
+        fractions = sorted(chosen[0]["rows"][PROBE], key=float)
+        out["dp" if private else "no_dp"] = {
+            fraction: {
+                **{row: statistics.fmean(r["rows"][row][fraction] for r in chosen)
+                   for row in chosen[0]["rows"] if fraction in chosen[0]["rows"][row]},
+                "gain_over_random_init": paired_gain(chosen, fraction),
+            }
+            for fraction in fractions
+        }
+    return out
+
+
+def _print(config: str, modality: str, runs: list[dict], summary: dict) -> None:
+    walls = [r["seconds"] for r in runs]
+    print(f"\n{config} ({modality}): {len(runs)} runs, wall {min(walls):.0f}-{max(walls):.0f} s"
+          f" (max {max(walls) / 60:.1f} min)")
+    for setting, by_fraction in summary.items():
+        for fraction, cells in by_fraction.items():
+            gain = cells["gain_over_random_init"]
+            verdict = "beyond spread" if gain["beyond_spread"] else "within spread"
+            print(f"  {setting:6s} {float(fraction):>5.0%} labels: raw {cells.get(RAW, float('nan')):.3f}  "
+                  f"random-init {cells[CONTROL]:.3f}  pretrained {cells[PROBE]:.3f}  "
+                  f"gain {gain['mean']:+.3f} ± {gain['std']:.3f} (n={gain['n']}, {verdict})")
+    for r in runs:
+        if "error" in r:
+            print(f"  seed {r['seed']} {'dp' if r['private'] else 'no dp'}: FAILED {r['error']}")
+
+
+def _earlier_results(quick: bool) -> dict[str, dict]:
+    from _common import results_dir
+
+    try:
+        return json.loads((results_dir(quick) / "modalities.json").read_text())["configs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", action="append", choices=sorted(MODALITIES), help="default: every one with data")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--no-dp-only", action="store_true", help="skip the DP runs")
+    parser.add_argument("--quick", action="store_true", help="digits-tiny, seed 0: a smoke run")
+    args = parser.parse_args(argv)
+    table = QUICK if args.quick else {name: MODALITIES[name] for name in (args.config or MODALITIES)}
+    seeds = [0] if args.quick else args.seeds
+    results = _earlier_results(args.quick)  # a run of some configs keeps the others' numbers
+    with tempfile.TemporaryDirectory(prefix="fedssl-modalities-") as tmp:
+        for config, (modality, data, make) in table.items():
+            if data and not (PROJECT_ROOT / data).exists():
+                print(f"\n{config}: skipped, {data} is missing; make it with: {make}")
+                results[config] = {"modality": modality, "skipped": f"{data} missing ({make})"}
+                continue
+            runs = [run_once(config, seed, private, Path(tmp))
+                    for private in ((False,) if args.no_dp_only else (True, False)) for seed in seeds]
+            summary = summarize(runs)
+            _print(config, modality, runs, summary)
+            results[config] = {"modality": modality, "runs": runs, "summary": summary}
+            write_result("modalities", {"machine": machine_info(), "seeds": seeds, "configs": results}, args.quick)
+    failed = [c for c in table if "runs" in results[c] and any("error" in run for run in results[c]["runs"])]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
