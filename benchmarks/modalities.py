@@ -15,6 +15,7 @@ row is data-only (the same in every run).
 
     python benchmarks/modalities.py                       # every config whose data is present, seeds 0 1 2
     python benchmarks/modalities.py --config fortunes-mlm --seeds 0 1 2
+    python benchmarks/modalities.py --config japanese-vowels --pretext ts_views   # another method, same data
     python benchmarks/modalities.py --quick               # digits-tiny, one seed: a smoke run
 """
 
@@ -46,11 +47,14 @@ PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
 
-def run_once(config: str, seed: int, private: bool, output_dir: Path) -> dict:
-    """One `fedssl simulate`: its wall time and each row's mean accuracy per label fraction."""
-    name = f"{config}-{'dp' if private else 'nodp'}-s{seed}"
+def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: str | None = None) -> dict:
+    """One `fedssl simulate` (``pretext``: another method, its default parameters, in place of the config's):
+    its wall time and each row's mean accuracy per label fraction."""
+    name = f"{config}-{pretext or 'config'}-{'dp' if private else 'nodp'}-s{seed}"
     cmd = [FEDSSL, "simulate", str(CONFIGS / f"{config}.yaml"), "--quiet", "--overwrite",
            "--set", f"run.seed={seed}", "--set", f"run.name={name}", "--set", f"run.output_dir={output_dir}"]
+    if pretext:
+        cmd += ["--set", f"pretext.name={pretext}", "--set", "pretext.params={}"]
     if not private:
         cmd += ["--set", "privacy.enabled=false"]
     started = time.perf_counter()
@@ -129,24 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", choices=sorted(MODALITIES), help="default: every one with data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-dp-only", action="store_true", help="skip the DP runs")
+    parser.add_argument("--pretext", help="another pretext method in place of each config's (results: CONFIG+METHOD)")
     parser.add_argument("--quick", action="store_true", help="digits-tiny, seed 0: a smoke run")
     args = parser.parse_args(argv)
     table = QUICK if args.quick else {name: MODALITIES[name] for name in (args.config or MODALITIES)}
     seeds = [0] if args.quick else args.seeds
     results = _earlier_results(args.quick)  # a run of some configs keeps the others' numbers
+    ran: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fedssl-modalities-") as tmp:
         for config, (modality, data, make) in table.items():
             if data and not (PROJECT_ROOT / data).exists():
                 print(f"\n{config}: skipped, {data} is missing; make it with: {make}")
-                results[config] = {"modality": modality, "skipped": f"{data} missing ({make})"}
+                results.setdefault(config, {"modality": modality, "skipped": f"{data} missing ({make})"})
                 continue
-            runs = [run_once(config, seed, private, Path(tmp))
+            runs = [run_once(config, seed, private, Path(tmp), args.pretext)
                     for private in ((False,) if args.no_dp_only else (True, False)) for seed in seeds]
             summary = summarize(runs)
-            _print(config, modality, runs, summary)
-            results[config] = {"modality": modality, "runs": runs, "summary": summary}
-            write_result("modalities", {"machine": machine_info(), "seeds": seeds, "configs": results}, args.quick)
-    failed = [c for c in table if "runs" in results[c] and any("error" in run for run in results[c]["runs"])]
+            key = f"{config}+{args.pretext}" if args.pretext else config
+            _print(key, modality, runs, summary)
+            ran.append(key)
+            results[key] = {"modality": modality, "pretext": args.pretext or "the config's", "seeds": seeds,
+                            "machine": machine_info(), "runs": runs, "summary": summary}
+            write_result("modalities", {"configs": results}, args.quick)
+    failed = [key for key in ran if any("error" in run for run in results[key]["runs"])]
     return 1 if failed else 0
 
 
