@@ -123,9 +123,14 @@ def _earlier_results(quick: bool) -> dict[str, dict]:
     from _common import results_dir
 
     try:
-        return json.loads((results_dir(quick) / "modalities.json").read_text())["configs"]
+        earlier = json.loads((results_dir(quick) / "modalities.json").read_text())
+        configs = earlier["configs"]
     except (OSError, ValueError, KeyError):
         return {}
+    for entry in configs.values():  # files written before each entry kept its own machine facts
+        entry.setdefault("machine", earlier.get("machine"))
+        entry.setdefault("seeds", earlier.get("seeds"))
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:
