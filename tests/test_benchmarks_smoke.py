@@ -135,3 +135,28 @@ def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference
     gain = summary["dp"]["0.1"]["gain_over_random_init"]
     assert gain["n"] == 2 and gain["mean"] == pytest.approx(probe - control + 0.05)
     assert gain["std"] == pytest.approx(0.1 / 2 ** 0.5) and gain["beyond_spread"] == (abs(gain["mean"]) > gain["std"])
+
+
+@pytest.mark.slow
+def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
+    """benchmarks/flagship.py --quick on tiny files in Fashion-MNIST's format and names (CI has no Fashion-MNIST)."""
+    import numpy as np
+
+    from fedssl.data.idx import write_idx
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "fashion"
+    data.mkdir()
+    for split, count in (("train", 300), ("t10k", 100)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8))
+        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
+    out = tmp_path / "out"
+    proc = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data)], out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = json.loads((out / "flagship_table.json").read_text())
+    assert record["quick"] is True and {"raw", "random", "fed-eps8"} <= set(record["per_seed"])
+    # --quick scores 100 labels only, and one seed is never "met" (no spread to be beyond)
+    assert [t["status"] for t in record["targets"]] == ["not measured", "not measured", "not met"]
+    missing = _run([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
+    assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout

