@@ -21,7 +21,7 @@ by >= 5 points at 100 labels.
 
     python benchmarks/flagship.py --part tune
     python benchmarks/flagship.py                                  # 3 seeds, eps 1 2 4 8 inf: hours on 2 cores
-    python benchmarks/flagship.py --seeds 0 --epsilons 8 inf       # what a short CPU session affords
+    python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf --rounds 5 --local-steps 10   # a short CPU session
     python benchmarks/flagship.py --quick --data DIR               # smoke run on tiny IDX files in DIR
 """
 
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilons", type=float, nargs="+", help="per-site eps; inf = no DP")
     parser.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS))
     parser.add_argument("--lr", type=float, help="the private step's lr (pick it with --part tune)")
+    parser.add_argument("--rounds", type=int, help=f"federation rounds (default {FLAGSHIP.rounds})")
+    parser.add_argument("--local-steps", type=int, help=f"DP-SGD steps per site per round (default {FLAGSHIP.local_steps})")
+    parser.add_argument("--finetune-epochs", type=int, help=f"default {FLAGSHIP.finetune_epochs}")
     parser.add_argument("--warm-steps", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup = QUICK if args.quick else FLAGSHIP
     setup = dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
-                                epsilons=tuple(args.epsilons or setup.epsilons))
+                                epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
+                                local_steps=args.local_steps or setup.local_steps,
+                                finetune_epochs=args.finetune_epochs or setup.finetune_epochs)
     data = load_fashion(args.data, limit=2000 if args.quick else None)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fedssl-flagship-") as tmp:
