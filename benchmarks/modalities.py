@@ -47,14 +47,16 @@ PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
 
-def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: str | None = None) -> dict:
-    """One `fedssl simulate` (``pretext``: another method, its default parameters, in place of the config's):
-    its wall time and each row's mean accuracy per label fraction."""
+def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: str | None = None,
+             overrides: tuple[str, ...] = ()) -> dict:
+    """One `fedssl simulate` (``pretext``: another method, its default parameters, in place of the config's;
+    ``overrides``: more `--set KEY=VALUE`): its wall time and each row's mean accuracy per label fraction."""
     name = f"{config}-{pretext or 'config'}-{'dp' if private else 'nodp'}-s{seed}"
     cmd = [FEDSSL, "simulate", str(CONFIGS / f"{config}.yaml"), "--quiet", "--overwrite",
            "--set", f"run.seed={seed}", "--set", f"run.name={name}", "--set", f"run.output_dir={output_dir}"]
     if pretext:
         cmd += ["--set", f"pretext.name={pretext}", "--set", "pretext.params={}"]
+    cmd += [arg for override in overrides for arg in ("--set", override)]
     if not private:
         cmd += ["--set", "privacy.enabled=false"]
     started = time.perf_counter()
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-dp-only", action="store_true", help="skip the DP runs")
     parser.add_argument("--pretext", help="another pretext method in place of each config's (results: CONFIG+METHOD)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (results: CONFIG+...+KEY=VALUE)")
     parser.add_argument("--quick", action="store_true", help="digits-tiny, seed 0: a smoke run")
     args = parser.parse_args(argv)
     table = QUICK if args.quick else {name: MODALITIES[name] for name in (args.config or MODALITIES)}
@@ -151,13 +155,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{config}: skipped, {data} is missing; make it with: {make}")
                 results.setdefault(config, {"modality": modality, "skipped": f"{data} missing ({make})"})
                 continue
-            runs = [run_once(config, seed, private, Path(tmp), args.pretext)
+            runs = [run_once(config, seed, private, Path(tmp), args.pretext, tuple(args.set))
                     for private in ((False,) if args.no_dp_only else (True, False)) for seed in seeds]
             summary = summarize(runs)
-            key = f"{config}+{args.pretext}" if args.pretext else config
+            key = "+".join([config, *([args.pretext] if args.pretext else []), *args.set])
             _print(key, modality, runs, summary)
             ran.append(key)
-            results[key] = {"modality": modality, "pretext": args.pretext or "the config's", "seeds": seeds,
+            results[key] = {"modality": modality, "pretext": args.pretext or "the config's", "overrides": args.set, "seeds": seeds,
                             "machine": machine_info(), "runs": runs, "summary": summary}
             write_result("modalities", {"configs": results}, args.quick)
     failed = [key for key in ran if any("error" in run for run in results[key]["runs"])]
