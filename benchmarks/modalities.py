@@ -17,6 +17,7 @@ row is data-only (the same in every run).
     python benchmarks/modalities.py --config fortunes-mlm --seeds 0 1 2
     python benchmarks/modalities.py --config japanese-vowels --pretext ts_views   # another method, same data
     python benchmarks/modalities.py --quick               # digits-tiny, one seed: a smoke run
+    python benchmarks/modalities.py --table               # the results file as a markdown table (gains in points)
 """
 
 from __future__ import annotations
@@ -121,6 +122,32 @@ def _print(config: str, modality: str, runs: list[dict], summary: dict) -> None:
             print(f"  seed {r['seed']} {'dp' if r['private'] else 'no dp'}: FAILED {r['error']}")
 
 
+def markdown(results: dict[str, dict]) -> str:
+    """One row per (config variant, label fraction): the controls and the paired gains, in points."""
+    lines = ["| config (+ variant) | modality | wall per run | labels | raw | random-init probe | DP ε=8 probe (gain) "
+             "| no-DP probe (gain) |", "|---|---|---|---|---|---|---|---|"]
+    for key, entry in results.items():
+        if "summary" not in entry:
+            continue
+        walls = [r["seconds"] for r in entry["runs"]]
+        by_setting = entry["summary"]
+        fractions = next(iter(by_setting.values())).keys()
+        for fraction in fractions:
+            cells = {setting: by_setting[setting][fraction] for setting in by_setting}
+            any_cells = next(iter(cells.values()))
+
+            def probe(setting: str) -> str:
+                if setting not in cells:
+                    return "—"
+                gain = cells[setting]["gain_over_random_init"]
+                mark = "**" if gain["beyond_spread"] and gain["mean"] > 0 else ""
+                return f"{cells[setting][PROBE]:.3f} ({mark}{100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}{mark})"
+
+            lines.append(f"| {key} | {entry['modality']} | {min(walls):.0f}-{max(walls):.0f} s | {float(fraction):.0%} | "
+                         f"{any_cells.get(RAW, float('nan')):.3f} | {any_cells[CONTROL]:.3f} | {probe('dp')} | {probe('no_dp')} |")
+    return "\n".join(lines)
+
+
 def _earlier_results(quick: bool) -> dict[str, dict]:
     from _common import results_dir
 
@@ -144,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (results: CONFIG+...+KEY=VALUE)")
     parser.add_argument("--quick", action="store_true", help="digits-tiny, seed 0: a smoke run")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the results file; run nothing")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown(_earlier_results(args.quick)))
+        return 0
     table = QUICK if args.quick else {name: MODALITIES[name] for name in (args.config or MODALITIES)}
     seeds = [0] if args.quick else args.seeds
     results = _earlier_results(args.quick)  # a run of some configs keeps the others' numbers

@@ -135,6 +135,10 @@ def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference
     gain = summary["dp"]["0.1"]["gain_over_random_init"]
     assert gain["n"] == 2 and gain["mean"] == pytest.approx(probe - control + 0.05)
     assert gain["std"] == pytest.approx(0.1 / 2 ** 0.5) and gain["beyond_spread"] == (abs(gain["mean"]) > gain["std"])
+    runs = [{**run, "seconds": 30.0} for run in runs]
+    table = modalities.markdown({"digits-tiny": {"modality": "images", "runs": runs, "summary": summary}})
+    assert f"| digits-tiny | images | 30-30 s | 10% | {read['rows']['raw_input']['0.1']:.3f} | {control:.3f} |" in table
+    assert table.splitlines()[-1].endswith(f"({100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}) | — |")
 
 
 @pytest.mark.slow
