@@ -45,6 +45,7 @@ MODALITIES = {
 }
 QUICK = {"digits-tiny": ("images", None, "embedded")}
 PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
+FINETUNE, SCRATCH = "pretrained_finetune", "scratch_finetune"
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
 
@@ -79,9 +80,13 @@ def run_rows(run_dir: Path) -> dict:
     return {"rows": rows, "max_epsilon": max(epsilons, default=None), "num_test": evaluation["num_test"]}
 
 
-def paired_gain(runs: list[dict], fraction: str) -> dict:
-    """The pretrained probe minus the same run's random-init probe, over seeds: mean, std, n."""
-    gains = [r["rows"][PROBE][fraction] - r["rows"][CONTROL][fraction] for r in runs if "rows" in r]
+def paired_gain(runs: list[dict], fraction: str, row: str = PROBE, control: str = CONTROL) -> dict:
+    """``row`` minus the same run's ``control`` (default: the pretrained probe minus the random-init probe),
+    over seeds: mean, std, n."""
+    gains = [r["rows"][row][fraction] - r["rows"][control][fraction] for r in runs
+             if "rows" in r and fraction in r["rows"].get(row, {}) and fraction in r["rows"].get(control, {})]
+    if not gains:
+        return {"mean": float("nan"), "std": 0.0, "n": 0, "beyond_spread": False}
     mean = statistics.fmean(gains) if gains else float("nan")
     std = statistics.stdev(gains) if len(gains) > 1 else 0.0
     return {"mean": mean, "std": std, "n": len(gains), "beyond_spread": len(gains) > 1 and abs(mean) > std}
@@ -100,6 +105,7 @@ def summarize(runs: list[dict]) -> dict:
                 **{row: statistics.fmean(r["rows"][row][fraction] for r in chosen)
                    for row in chosen[0]["rows"] if fraction in chosen[0]["rows"][row]},
                 "gain_over_random_init": paired_gain(chosen, fraction),
+                "finetune_gain_over_scratch": paired_gain(chosen, fraction, FINETUNE, SCRATCH),
             }
             for fraction in fractions
         }
@@ -117,6 +123,10 @@ def _print(config: str, modality: str, runs: list[dict], summary: dict) -> None:
             print(f"  {setting:6s} {float(fraction):>5.0%} labels: raw {cells.get(RAW, float('nan')):.3f}  "
                   f"random-init {cells[CONTROL]:.3f}  pretrained {cells[PROBE]:.3f}  "
                   f"gain {gain['mean']:+.3f} ± {gain['std']:.3f} (n={gain['n']}, {verdict})")
+            tuned = cells["finetune_gain_over_scratch"]
+            if tuned["n"]:
+                print(f"  {'':6s} {'':>5s}  fine-tune: scratch {cells[SCRATCH]:.3f}  pretrained {cells[FINETUNE]:.3f}  "
+                      f"gain {tuned['mean']:+.3f} ± {tuned['std']:.3f}")
     for r in runs:
         if "error" in r:
             print(f"  seed {r['seed']} {'dp' if r['private'] else 'no dp'}: FAILED {r['error']}")
@@ -125,26 +135,33 @@ def _print(config: str, modality: str, runs: list[dict], summary: dict) -> None:
 def markdown(results: dict[str, dict]) -> str:
     """One row per (config variant, label fraction): the controls and the paired gains, in points."""
     lines = ["| config (+ variant) | modality | wall per run | labels | raw | random-init probe | DP ε=8 probe (gain) "
-             "| no-DP probe (gain) |", "|---|---|---|---|---|---|---|---|"]
+             "| no-DP probe (gain) | scratch fine-tune | DP ε=8 fine-tune (gain) | no-DP fine-tune (gain) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, entry in results.items():
-        if "summary" not in entry:
+        by_setting = summarize(entry.get("runs", []))  # recomputed: files written before a gain was added
+        if not by_setting:
             continue
         walls = [r["seconds"] for r in entry["runs"]]
-        by_setting = entry["summary"]
         fractions = next(iter(by_setting.values())).keys()
         for fraction in fractions:
             cells = {setting: by_setting[setting][fraction] for setting in by_setting}
             any_cells = next(iter(cells.values()))
 
-            def probe(setting: str) -> str:
-                if setting not in cells:
+            def cell(setting: str, row: str, gain_key: str) -> str:
+                if setting not in cells or row not in cells[setting]:
                     return "—"
-                gain = cells[setting]["gain_over_random_init"]
+                gain = cells[setting].get(gain_key, {"n": 0})
+                if not gain["n"]:
+                    return f"{cells[setting][row]:.3f}"
                 mark = "**" if gain["beyond_spread"] and gain["mean"] > 0 else ""
-                return f"{cells[setting][PROBE]:.3f} ({mark}{100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}{mark})"
+                return f"{cells[setting][row]:.3f} ({mark}{100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}{mark})"
 
+            scratch = f"{any_cells[SCRATCH]:.3f}" if SCRATCH in any_cells else "—"
             lines.append(f"| {key} | {entry['modality']} | {min(walls):.0f}-{max(walls):.0f} s | {float(fraction):.0%} | "
-                         f"{any_cells.get(RAW, float('nan')):.3f} | {any_cells[CONTROL]:.3f} | {probe('dp')} | {probe('no_dp')} |")
+                         f"{any_cells.get(RAW, float('nan')):.3f} | {any_cells[CONTROL]:.3f} | "
+                         f"{cell('dp', PROBE, 'gain_over_random_init')} | {cell('no_dp', PROBE, 'gain_over_random_init')} | "
+                         f"{scratch} | {cell('dp', FINETUNE, 'finetune_gain_over_scratch')} | "
+                         f"{cell('no_dp', FINETUNE, 'finetune_gain_over_scratch')} |")
     return "\n".join(lines)
 
 
