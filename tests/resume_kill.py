@@ -22,10 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"
 ROUNDS, KILL_AFTER = 3, 1
+# Steps per site round: enough that a round takes seconds, so the kill (within ~0.5 s of the checkpoint of round
+# KILL_AFTER appearing) lands before any site has finished the next round. digits-tiny's 3 steps took 0.2 s, and
+# a site that had already trained the next round keeps its pretext head, so the encoders differed (a flake).
+LOCAL_STEPS = 60
 
 
 def _args(tmp_path: Path, name: str, *extra: str) -> list[str]:
-    sets = [f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}", f"federation.rounds={ROUNDS}", *extra]
+    sets = [f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}", f"federation.rounds={ROUNDS}",
+            f"training.local_steps={LOCAL_STEPS}", *extra]
     return [FEDSSL, "simulate", str(TINY), *[a for s in sets for a in ("--set", s)], "--quiet"]
 
 
