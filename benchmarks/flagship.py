@@ -90,7 +90,10 @@ def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
     return dataclasses.replace(setup, fractions=tuple(b / pool for b in budgets))
 
 
-def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: int, tmp: Path, log) -> dict:
+def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: int, tmp: Path, log,
+              save=lambda partial: None) -> dict:
+    """Every row for every seed; ``save`` gets the table so far after each seed, so a run stopped after
+    hours keeps the seeds it finished."""
     setup = with_budgets(setup, len(data.train_y), budgets)
     parts = learning.site_parts(data, setup.sites, setup.alpha)
     per_seed: dict[str, dict[int, dict]] = {}
@@ -102,7 +105,7 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
         per_seed.setdefault(row, {})[seed] = {"accuracy": accuracy, **info}
         log(f"{row} seed {seed}: {accuracy} (evaluated in {time.perf_counter() - started:.0f}s)")
 
-    for seed in setup.seeds:
+    for done, seed in enumerate(setup.seeds, 1):
         record("raw", seed, None, methods=("probe",))
         record("random", seed, learning.random_state(setup, seed))
         started = time.perf_counter()
@@ -118,8 +121,11 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
             seconds[row] = time.perf_counter() - started
             log(f"{row} seed {seed}: federated in {seconds[row]:.0f}s, {info}")
             record(row, seed, state, **info)
-    return {"per_seed": per_seed, "summary": summarise(per_seed), "federation_seconds": seconds,
-            "targets": targets(per_seed, setup, budgets)}
+        table = {"per_seed": per_seed, "summary": summarise(per_seed), "federation_seconds": seconds,
+                 "targets": targets(per_seed, setup, budgets), "seeds_done": done}
+        save(table)
+    return table
+
 
 
 def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...]) -> list[dict]:
@@ -175,20 +181,24 @@ def main(argv: list[str] | None = None) -> int:
                                 finetune_epochs=args.finetune_epochs or setup.finetune_epochs)
     data = load_fashion(args.data, limit=2000 if args.quick else None)
     started = time.perf_counter()
+
+    def save(result: dict) -> Path:
+        return write_result(f"flagship_{args.part}", {"machine": machine_info(), "setup": dataclasses.asdict(setup),
+                                                        "budgets": args.budgets, "seconds": time.perf_counter() - started,
+                                                        **result}, args.quick)
+
     with tempfile.TemporaryDirectory(prefix="fedssl-flagship-") as tmp:
         if args.part == "tune":
             result = run_tune(setup, data, Path(tmp), print)
         else:
             budgets = (100,) if args.quick else tuple(args.budgets)
-            result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print)
+            result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print, save)
     for target in result.get("targets", []):
         gain = target.get("gain", {})
         print(f"target {target['row']} vs {target['base']} ({target['method']}, {target['budget']} labels, "
               f">= {target['points']:g} points): {target['status']}"
               + (f" ({gain['mean_points']:+.1f} ± {gain['std_points']:.1f} points, n={gain['n']})" if gain.get("n") else ""))
-    path = write_result(f"flagship_{args.part}", {"machine": machine_info(), "setup": dataclasses.asdict(setup),
-                                                    "budgets": args.budgets, "seconds": time.perf_counter() - started,
-                                                    **result}, args.quick)
+    path = save(result)
     print(f"flagship: wrote {path} in {time.perf_counter() - started:.0f}s")
     return 0
 

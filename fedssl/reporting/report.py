@@ -10,6 +10,7 @@ from fedssl.evaluation.results import (
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
+    RAW_INPUT,
     SCRATCH_FINETUNE,
     WARM_START_FINETUNE,
     WARM_START_PROBE,
@@ -33,6 +34,10 @@ WARM_START_COMPARISONS = {
     "probe": (PRETRAINED_PROBE, WARM_START_PROBE),
     "finetune": (PRETRAINED_FINETUNE, WARM_START_FINETUNE),
 }
+# Each pretrained row is also judged against the raw input read out by a linear classifier on the
+# same labels: a representation that loses to the input it was computed from is not worth using.
+# Paired by label seed (both rows have one run per label seed).
+RAW_INPUT_COMPARISONS = {"probe": (PRETRAINED_PROBE, RAW_INPUT), "finetune": (PRETRAINED_FINETUNE, RAW_INPUT)}
 NAME_WIDTH, CELL_WIDTH = 28, 15
 SITE_COLUMN_WIDTHS = (4, 6, 7, 7, 5)  # site, rounds, eps, budget, used; status runs free
 
@@ -141,6 +146,60 @@ def _pretraining_gains(results: EvalResults) -> dict[str, list[Gain]]:
     return _gains(results, COMPARISONS, results.gain)
 
 
+def _raw_input_gains(results: EvalResults) -> dict[str, list[Gain]]:
+    """Pretrained minus the raw-input classifier, paired by label seed."""
+    return _gains(results, RAW_INPUT_COMPARISONS, results.paired_gain)
+
+
+def _counts(gain: Gain) -> bool:
+    return gain.spread_known and not gain.within_spread and gain.delta > 0
+
+
+def headline(results: EvalResults) -> list[str]:
+    """Where the pretrained encoder beat both honest controls beyond the seed spread, or that it did nowhere.
+
+    The two controls are the same network without pretraining (random-init probe, or trained from
+    scratch) and the raw input; a gain over only one of them is not what pretraining is for.
+    """
+    over_random, over_raw = _pretraining_gains(results), _raw_input_gains(results)
+    found = []
+    for readout in [name for name in over_random if name in over_raw]:
+        for control, raw in zip(over_random[readout], over_raw[readout]):
+            if _counts(control) and _counts(raw):
+                found.append(
+                    f"At {format_fraction(control.fraction)} labels the pretrained {readout} beat both controls "
+                    f"beyond the seed spread: {control.delta:+.3f} ± {control.spread:.3f} over {control.baseline}, "
+                    f"{raw.delta:+.3f} ± {raw.spread:.3f} over {raw.baseline}."
+                )
+    if found or not over_random:
+        return found
+    return [
+        "At no label fraction did a pretrained readout beat both its random-init control and the raw input "
+        "beyond the seed spread: this run shows no measurable gain from pretraining."
+    ]
+
+
+def raw_input_verdict(results: EvalResults) -> list[str]:
+    """What each pretrained readout scored against the raw-input classifier on the same labels."""
+    return [
+        describe_paired_gain(results, gain, "the raw input")
+        for gains in _raw_input_gains(results).values()
+        for gain in gains
+    ]
+
+
+def describe_paired_gain(results: EvalResults, gain: Gain, baseline: str) -> str:
+    """One sentence for a paired comparison with `baseline` (words)."""
+    ours, theirs = results.cell(gain.row, gain.fraction), results.cell(gain.baseline, gain.fraction)
+    head = f"At {format_fraction(gain.fraction)} labels, {gain.row} {ours.mean:.3f} vs {gain.baseline} {theirs.mean:.3f}"
+    if not gain.spread_known:
+        return f"{head}: {gain.delta:+.3f} from a single label seed, so the spread is unknown."
+    measured = f"{head}: {gain.delta:+.3f} ± {gain.spread:.3f} (over {gain.seeds} paired label seeds)"
+    if gain.within_spread:
+        return f"{measured}, within the seed spread: no better than {baseline}."
+    return f"{measured}, beyond the seed spread: {'better' if gain.delta > 0 else 'worse'} than {baseline}."
+
+
 def pretraining_verdict(results: EvalResults) -> list[str]:
     """What pretraining added, measured only against the random-init controls."""
     return [describe_gain(results, gain) for gains in _pretraining_gains(results).values() for gain in gains]
@@ -207,6 +266,18 @@ def _evaluation_section(run: RunFiles) -> list[str]:
             "",
             *(f"- {sentence}" for sentence in verdict),
         ]
+    against_raw = raw_input_verdict(results)
+    if against_raw:
+        lines += [
+            "",
+            "### Against the raw input",
+            "",
+            "The raw input read out by a linear classifier on the same labels (pixels, feature columns, or TF-IDF "
+            "of text), run by run on the same label subsets: an encoder that loses to its own input is not worth "
+            "using, whatever it gains over a random one.",
+            "",
+            *(f"- {sentence}" for sentence in against_raw),
+        ]
     warm_start = warm_start_verdict(results)
     if warm_start:
         lines += [
@@ -236,6 +307,12 @@ def _pretext_loss_note(run: RunFiles) -> list[str]:
     ]
 
 
+def _headline_lines(run: RunFiles) -> list[str]:
+    if run.evaluation is None:
+        return []
+    return ["**Headline.** " + " ".join(headline(run.evaluation)), ""] if headline(run.evaluation) else []
+
+
 def write_report(run_dir: Path) -> Path:
     """Write report.md and its PNG plots into `run_dir`; returns the report path."""
     run = load_run(Path(run_dir))
@@ -262,6 +339,7 @@ def write_report(run_dir: Path) -> Path:
         "",
         "## Label efficiency",
         "",
+        *_headline_lines(run),
         *_evaluation_section(run),
         "",
         "## Privacy statement",
@@ -280,6 +358,11 @@ def _gain_mark(gain: Gain) -> str:
     return " ns" if gain.within_spread else ""
 
 
+def _gain_line(name: str, gains: list[Gain]) -> str:
+    cells = [f"{g.delta:+.3f}{_gain_mark(g)}" for g in gains]
+    return f"{name:<{NAME_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells)
+
+
 def _terminal_evaluation(results: EvalResults) -> list[str]:
     fractions = results.evaluated_fractions()
     lines = [f"{'accuracy':<{NAME_WIDTH}}" + "".join(f"{format_fraction(f):>{CELL_WIDTH}}" for f in fractions)]
@@ -287,13 +370,14 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
         cells = [results.cell(row, f) for f in fractions]
         lines.append(f"{results.row_title(row):<{NAME_WIDTH}}" + "".join(f"{f'{c.mean:.3f}±{c.std:.3f}':>{CELL_WIDTH}}" for c in cells))
     for readout, gains in _pretraining_gains(results).items():
-        cells = [f"{g.delta:+.3f}{_gain_mark(g)}" for g in gains]
-        lines.append(f"{f'pretraining gain ({readout})':<{NAME_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+        lines.append(_gain_line(f"pretraining gain ({readout})", gains))
+    for readout, gains in _raw_input_gains(results).items():
+        lines.append(_gain_line(f"gain over raw input ({readout})", gains))
     warm_start_gains = _warm_start_gains(results)
     for readout, gains in warm_start_gains.items():
-        cells = [f"{g.delta:+.3f}{_gain_mark(g)}" for g in gains]
-        lines.append(f"{f'private-step gain ({readout})':<{NAME_WIDTH}}" + "".join(f"{c:>{CELL_WIDTH}}" for c in cells))
+        lines.append(_gain_line(f"private-step gain ({readout})", gains))
     lines += results.skip_notes()
+    lines += headline(results)
     if warm_start_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
     return lines + ["gain = pretrained minus random-init control; ns = within the seed spread, 1s = single seed: "

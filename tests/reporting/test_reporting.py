@@ -22,8 +22,10 @@ from fedssl.evaluation import (
     SeedRun,
 )
 from fedssl.reporting import (
+    headline,
     pretraining_verdict,
     privacy_statement,
+    raw_input_verdict,
     terminal_summary,
     warm_start_verdict,
     write_report,
@@ -146,6 +148,38 @@ def test_report_credits_pretraining_only_beyond_the_random_init_spread(run_dir: 
            "beyond the seed spread (±0.020): pretraining added 0.100 accuracy." in report  # fmt: skip
 
 
+def test_report_judges_each_pretrained_row_against_the_raw_input_too(run_dir: Path) -> None:
+    report = write_report(run_dir).read_text()
+    assert "### Against the raw input" in report
+    assert "- At 1% labels, pretrained_probe 0.620 vs raw_input 0.520: +0.100 ± 0.000 (over 3 paired label seeds), " \
+           "beyond the seed spread: better than the raw input." in report  # fmt: skip
+    results = evaluation()
+    results.cells[(RAW_INPUT, 0.01)] = cell([0.61, 0.60, 0.66])  # differences -0.01, +0.02, -0.02
+    assert raw_input_verdict(results)[0].endswith("(over 3 paired label seeds), within the seed spread: "
+                                                  "no better than the raw input.")  # fmt: skip
+
+
+def test_headline_credits_only_a_gain_over_both_controls(run_dir: Path) -> None:
+    # At 1% the pretrained probe beats raw input but not its random-init control; at 10% both.
+    both = ("At 10% labels the pretrained probe beat both controls beyond the seed spread: +0.100 ± 0.020 over "
+            "random_init_probe, +0.200 ± 0.000 over raw_input.")  # fmt: skip
+    assert headline(evaluation()) == [both]
+    assert f"**Headline.** {both}" in write_report(run_dir).read_text()
+    assert both in terminal_summary(run_dir).splitlines()
+    # The same gain over random init, but the raw input is as good: no headline gain anywhere.
+    results = evaluation()
+    results.cells[(RAW_INPUT, 0.1)] = cell([0.91, 0.90, 0.93])
+    assert headline(results) == [
+        "At no label fraction did a pretrained readout beat both its random-init control and the raw input "
+        "beyond the seed spread: this run shows no measurable gain from pretraining."
+    ]
+    # Nor from a single label seed, whatever the difference.
+    results = evaluation()
+    for row, accuracy in ((RAW_INPUT, 0.5), (RANDOM_INIT_PROBE, 0.5), (PRETRAINED_PROBE, 0.99)):
+        results.cells[(row, 0.1)] = cell([accuracy], init_seed=0 if row == RANDOM_INIT_PROBE else None)
+    assert headline(results)[0].startswith("At no label fraction")
+
+
 def test_report_without_warm_start_has_no_warm_start_rows_or_verdict(run_dir: Path) -> None:
     report = write_report(run_dir).read_text()
     assert "warm_start" not in report and "private-step gain" not in report and "over its warm start" not in report
@@ -216,6 +250,7 @@ def test_terminal_summary_is_a_fixed_width_table(run_dir: Path) -> None:
     assert lines[failed + 1] == "  round 2, node 7: timeout"  # each failure on its own line, with its reason
     assert any(line.split() == ["pretrained_probe", "0.620±0.020", "0.910±0.010"] for line in lines)
     assert any(line.split() == ["pretraining", "gain", "(probe)", "+0.010", "ns", "+0.100"] for line in lines)
+    assert any(line.split() == ["gain", "over", "raw", "input", "(probe)", "+0.100", "+0.200"] for line in lines)
 
 
 def test_run_without_dp_shows_no_epsilon(tmp_path: Path) -> None:
