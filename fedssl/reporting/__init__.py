@@ -1,15 +1,14 @@
 """Run reports: report.md, PNG plots and a terminal summary from a run directory."""
 
 from fedssl.reporting.privacy import privacy_statement
-from fedssl.reporting.report import (
+from fedssl.reporting.report import terminal_summary, write_report
+from fedssl.reporting.verdicts import (
     describe_gain,
     describe_warm_start_gain,
     headline,
     pretraining_verdict,
     raw_input_verdict,
-    terminal_summary,
     warm_start_verdict,
-    write_report,
 )
 from fedssl.reporting.run_files import RunFiles, load_run
 from fedssl.runlog import RoundRecord, SiteRound
