@@ -85,10 +85,11 @@ class FractionInfo:
 class Gain:
     """Mean accuracy of `row` minus `baseline`, and the seed spread it must exceed to count.
 
-    Unpaired (``paired=False``): `spread` is the sum of both cells' stds and `seeds` the runs
-    behind the thinner cell. Paired (``paired=True``): `delta` is the mean of the per-run
-    differences between runs with the same label seed (and init seed), `spread` their sample
-    std, and `seeds` the number of pairs.
+    Paired (``paired=True``, what every verdict uses): `delta` is the mean of the differences
+    between runs on the same label subset (label seed), `spread` their sample std, and `seeds`
+    the number of pairs. Unpaired (``paired=False``): `spread` is the sum of both cells' stds and
+    `seeds` the runs behind the thinner cell; it counts the label-subset noise both rows share
+    twice, so it is kept only to show what pairing removes.
     """
 
     row: str
@@ -139,31 +140,36 @@ class EvalResults:
         return Gain(row, baseline, fraction, ours.mean - theirs.mean, ours.std + theirs.std, min(ours.n, theirs.n))
 
     def paired_gain(self, row: str, baseline: str, fraction: float) -> Gain:
-        """`row` minus `baseline` run by run, pairing runs on (label seed, init seed).
+        """`row` minus `baseline` label seed by label seed: the runs on one label subset are a pair.
 
-        Both rows must hold exactly the same pairs (they do when they were evaluated on the
-        same label subsets); the shared label-subset noise then cancels out of each difference.
+        Both rows must hold the same label seeds (they do when they were evaluated on the same
+        label subsets); the label-subset noise they share then cancels out of each difference. A
+        row with several init seeds on one subset (the random-init probe) enters as their mean, so
+        the control's init spread is in the differences. `spread` is the sample std of the
+        differences: the seed spread a gain must exceed.
         """
-        ours, theirs = self._runs_by_seed(row, fraction), self._runs_by_seed(baseline, fraction)
+        ours, theirs = self._mean_by_label_seed(row, fraction), self._mean_by_label_seed(baseline, fraction)
         if ours.keys() != theirs.keys():
             raise ValueError(
                 f"{row} and {baseline} at label fraction {fraction} do not share their seeds "
-                f"({sorted(ours, key=str)} vs {sorted(theirs, key=str)}): they cannot be paired"
+                f"({sorted(ours)} vs {sorted(theirs)}): they cannot be paired"
             )
-        differences = np.array([ours[key] - theirs[key] for key in ours])
+        differences = np.array([ours[seed] - theirs[seed] for seed in ours])
         spread = float(differences.std(ddof=1)) if len(differences) > 1 else 0.0
         return Gain(row, baseline, fraction, float(differences.mean()), spread, len(differences), paired=True)
 
-    def _runs_by_seed(self, row: str, fraction: float) -> dict[tuple[int, int | None], float]:
+    def _mean_by_label_seed(self, row: str, fraction: float) -> dict[int, float]:
         runs = self.cell(row, fraction).runs
-        by_seed = {(run.label_seed, run.init_seed): run.accuracy for run in runs}
-        if len(by_seed) != len(runs):
+        if len({(run.label_seed, run.init_seed) for run in runs}) != len(runs):
             raise ValueError(f"{row} at label fraction {fraction} has two runs with the same seeds: cannot pair")
-        return by_seed
+        by_label_seed: dict[int, list[float]] = {}
+        for run in runs:
+            by_label_seed.setdefault(run.label_seed, []).append(run.accuracy)
+        return {seed: float(np.mean(accuracies)) for seed, accuracies in by_label_seed.items()}
 
     def gain_over_random_init(self, fraction: float) -> Gain:
-        """What pretraining added to the probe beyond what a random encoder already gives."""
-        return self.gain(PRETRAINED_PROBE, RANDOM_INIT_PROBE, fraction)
+        """What pretraining added to the probe beyond what a random encoder already gives, paired by label seed."""
+        return self.paired_gain(PRETRAINED_PROBE, RANDOM_INIT_PROBE, fraction)
 
     def gain_over_warm_start(self, fraction: float, finetune: bool = False) -> Gain:
         """What the private federated step added over its zero-cost warm start, paired by label seed.

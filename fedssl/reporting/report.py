@@ -179,7 +179,8 @@ def _pretext_loss_note(run: RunFiles) -> list[str]:
 def _headline_lines(run: RunFiles) -> list[str]:
     if run.evaluation is None:
         return []
-    return ["**Headline.** " + " ".join(headline(run.evaluation)), ""] if headline(run.evaluation) else []
+    sentences = headline(run.evaluation)
+    return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), ""] if sentences else []
 
 
 def write_report(run_dir: Path) -> Path:
@@ -249,7 +250,8 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
     lines += headline(results)
     if private_step_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
-    return lines + ["gain = pretrained minus random-init control; ns = within the seed spread, 1s = single seed: "
+    return lines + ["pretraining gain = pretrained minus its random-init control (scratch for finetune), paired by "
+                    "label seed; ns = within the seed spread, 1s = single seed: "
                     "neither is a measurable gain"]
 
 

@@ -20,7 +20,8 @@ from fedssl.evaluation.results import (
     format_fraction,
 )
 
-# Each pretrained row is judged only against the row that differs from it by pretraining alone.
+# Each pretrained row is judged only against the row that differs from it by pretraining alone,
+# run by run on the same label subsets (paired by label seed), as the benchmarks pair by seed.
 COMPARISONS = {"probe": (PRETRAINED_PROBE, RANDOM_INIT_PROBE), "finetune": (PRETRAINED_FINETUNE, SCRATCH_FINETUNE)}
 # With a warm start, each pretrained row is also judged against the encoder the federation began
 # from (public data, no ε), paired run by run: what the private federated step itself added.
@@ -61,8 +62,8 @@ def _gains(results: EvalResults, comparisons: dict[str, tuple[str, str]], gain) 
 
 
 def pretraining_gains(results: EvalResults) -> dict[str, list[Gain]]:
-    """Pretrained minus its random-init control (init seeds averaged, so unpaired)."""
-    return _gains(results, COMPARISONS, results.gain)
+    """Pretrained minus its random-init control, paired by label seed (the control's init seeds averaged)."""
+    return _gains(results, COMPARISONS, results.paired_gain)
 
 
 def raw_input_gains(results: EvalResults) -> dict[str, list[Gain]]:
@@ -75,27 +76,31 @@ def _counts(gain: Gain) -> bool:
 
 
 def headline(results: EvalResults) -> list[str]:
-    """Where the pretrained encoder beat both honest controls beyond the seed spread, or that it did nowhere.
+    """Where the pretrained encoder beat both honest controls beyond the seed spread (or that it did
+    nowhere), then where it did worse than its random-init control beyond the spread.
 
     The two controls are the same network without pretraining (random-init probe, or trained from
     scratch) and the raw input; a gain over only one of them is not what pretraining is for.
     """
     over_random, over_raw = pretraining_gains(results), raw_input_gains(results)
-    found = []
+    found, hurt = [], []
     for readout in [name for name in over_random if name in over_raw]:
         for control, raw in zip(over_random[readout], over_raw[readout]):
+            at = f"At {format_fraction(control.fraction)} labels the pretrained {readout}"
             if _counts(control) and _counts(raw):
                 found.append(
-                    f"At {format_fraction(control.fraction)} labels the pretrained {readout} beat both controls "
-                    f"beyond the seed spread: {control.delta:+.3f} ± {control.spread:.3f} over {control.baseline}, "
-                    f"{raw.delta:+.3f} ± {raw.spread:.3f} over {raw.baseline}."
+                    f"{at} beat both controls beyond the seed spread: {control.delta:+.3f} ± {control.spread:.3f} "
+                    f"over {control.baseline}, {raw.delta:+.3f} ± {raw.spread:.3f} over {raw.baseline}."
                 )
-    if found or not over_random:
-        return found
-    return [
-        "At no label fraction did a pretrained readout beat both its random-init control and the raw input "
-        "beyond the seed spread: this run shows no measurable gain from pretraining."
-    ]
+            elif control.spread_known and not control.within_spread and control.delta < 0:
+                hurt.append(f"{at} did worse than {control.baseline} beyond the seed spread "
+                            f"({control.delta:+.3f} ± {control.spread:.3f}).")
+    if not over_random:
+        return []
+    if not found:
+        found = ["At no label fraction did a pretrained readout beat both its random-init control and the raw input "
+                 "beyond the seed spread: this run shows no measurable gain from pretraining."]
+    return found + hurt
 
 
 def raw_input_verdict(results: EvalResults) -> list[str]:

@@ -206,14 +206,29 @@ def results_with(pretrained: list[float], random_init: list[float]) -> EvalResul
                        [FractionInfo(0.1, 10)], cells, 100, 100, 50, 0.0)
 
 
-def test_gain_over_random_init_reports_spread() -> None:
-    clear = results_with([0.90, 0.92, 0.94], [0.70, 0.72, 0.74]).gain_over_random_init(0.1)
-    assert clear.delta == pytest.approx(0.20) and clear.spread == pytest.approx(0.04)
+def test_gain_over_random_init_is_paired_by_label_seed_and_reports_spread() -> None:
+    # Label subsets of very different difficulty, the same +0.05 on each: paired, a clear gain;
+    # unpaired, the subsets' spread would swamp it.
+    clear = results_with([0.80, 0.90, 1.00], [0.75, 0.85, 0.95]).gain_over_random_init(0.1)
+    assert clear.paired and clear.delta == pytest.approx(0.05) and clear.spread == pytest.approx(0.0, abs=1e-9)
     assert not clear.within_spread
-    noisy = results_with([0.80, 0.90, 1.00], [0.75, 0.85, 0.95]).gain_over_random_init(0.1)
-    assert noisy.delta == pytest.approx(0.05) and noisy.within_spread
+    noisy = results_with([0.80, 0.90, 1.00], [0.85, 0.80, 0.95]).gain_over_random_init(0.1)  # -0.05, +0.10, +0.05
+    assert noisy.delta == pytest.approx(0.10 / 3) and noisy.spread == pytest.approx(np.std([-0.05, 0.10, 0.05], ddof=1))
+    assert noisy.within_spread
     single = results_with([0.9], [0.7]).gain_over_random_init(0.1)
     assert single.within_spread is False and single.spread_known is False
+
+
+def test_random_init_control_enters_each_pair_as_the_mean_over_its_init_seeds() -> None:
+    results = results_with([0.90, 0.80], [0.0, 0.0])
+    results.cells[(RANDOM_INIT_PROBE, 0.1)] = Cell(tuple(
+        SeedRun(label_seed, init_seed, accuracy)
+        for label_seed, accuracies in ((0, (0.84, 0.86)), (1, (0.70, 0.74)))
+        for init_seed, accuracy in zip((3, 4), accuracies)
+    ))  # fmt: skip
+    gain = results.gain_over_random_init(0.1)  # differences 0.90 - 0.85, 0.80 - 0.72
+    assert gain.seeds == 2 and gain.delta == pytest.approx((0.05 + 0.08) / 2)
+    assert gain.spread == pytest.approx(np.std([0.05, 0.08], ddof=1))
 
 
 def runs(accuracies: dict[int, float], init_seed: int | None = None) -> Cell:
