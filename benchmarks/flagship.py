@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import tempfile
@@ -45,6 +46,7 @@ import learning  # noqa: E402  (the federation, evaluation and pairing this benc
 from learning import Data, Setup, eps_name, paired_gain, summarise  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+FASHION_TRAIN = 60000
 BUDGETS = (100, 600, 6000)
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 TUNE_LRS = (0.02, 0.05, 0.1)
@@ -141,6 +143,97 @@ def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...]) -> list[dict
     return out
 
 
+def _row_label(row: str) -> str:
+    if row.startswith("fed-eps"):
+        tail = row[len("fed-eps"):]
+        return "federated, no DP" if tail == "inf" else f"federated, ε = {tail}"
+    return {"raw": "raw pixels", "random": "random init / scratch", "public-warm": "public-MNIST warm start (ε = 0)"}[row]
+
+
+def _epsilon_of(row: str) -> float:
+    tail = row[len("fed-eps"):]
+    return math.inf if tail == "inf" else float(tail)
+
+
+def render_table(result: dict) -> str:
+    """Markdown: each row's probe and fine-tune accuracy (mean ± std over seeds, in %) at every budget,
+    then each federated row's paired gain over random init and raw pixels, then the targets."""
+    budgets, fractions = result["budgets"], [f"{b / result['pool']:g}" for b in result["budgets"]]
+    summary = result["summary"]
+    cells = [(method, budget, fraction) for method in ("probe", "finetune") for budget, fraction in zip(budgets, fractions)]
+    header = "| row | " + " | ".join(f"{m.replace('finetune', 'fine-tune')}, {b} labels" for m, b, _ in cells) + " |"
+    lines = [header, "|---" * (len(cells) + 1) + "|"]
+
+    def pm(cell: dict | None) -> str:
+        return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}" if cell else "—"
+
+    for row in summary:
+        lines.append(f"| {_row_label(row)} | " + " | ".join(pm(summary[row].get(m, {}).get(f)) for m, _, f in cells) + " |")
+    lines += ["", "Paired gains in points (mean ± std over seeds; **bold** = beyond the spread):", "",
+              "| row | " + " | ".join(f"{m.replace('finetune', 'fine-tune')} {b} vs {base}" for m, b, _ in cells
+                                      for base in (("random", "raw") if m == "probe" else ("random",))) + " |"]
+    lines.append("|---" * (1 + sum(2 if m == "probe" else 1 for m, _, _ in cells)) + "|")
+    per_seed = result["per_seed"]
+    for row in [r for r in per_seed if r.startswith("fed-eps") or r == "public-warm"]:
+        gains = []
+        for method, _, fraction in cells:
+            for base in (("random", "raw") if method == "probe" else ("random",)):
+                gain = paired_gain(per_seed, row, base, method, fraction)
+                text = f"{gain['mean_points']:+.1f} ± {gain['std_points']:.1f}" if gain.get("n") else "—"
+                gains.append(f"**{text}**" if gain.get("beyond_spread") else text)
+        lines.append(f"| {_row_label(row)} | " + " | ".join(gains) + " |")
+    lines.append("")
+    for target in result.get("targets", []):
+        gain = target.get("gain", {})
+        lines.append(f"- target: {target['row']} vs {target['base']}, {target['method']} at {target['budget']} labels, "
+                     f">= {target['points']:g} points: **{target['status']}**"
+                     + (f" ({gain['mean_points']:+.1f} ± {gain['std_points']:.1f}, n = {gain['n']})" if gain.get("n") else ""))
+    return "\n".join(lines) + "\n"
+
+
+def plot_epsilon_curve(result: dict, path: Path) -> None:
+    """Accuracy against per-site ε for the target cells (probe at the middle budget, fine-tune at the
+    smallest), with the controls as horizontal lines; no DP is drawn at the right as ∞."""
+    from matplotlib.figure import Figure
+
+    summary, budgets = result["summary"], result["budgets"]
+    fractions = {b: f"{b / result['pool']:g}" for b in budgets}
+    curves = [("probe", budgets[min(1, len(budgets) - 1)], "C0"), ("finetune", budgets[0], "C2")]
+    fed = sorted((r for r in summary if r.startswith("fed-eps")), key=_epsilon_of)
+    finite = [_epsilon_of(r) for r in fed if math.isfinite(_epsilon_of(r))]
+    right = max(finite) * 2 if finite else 16.0
+    figure = Figure(figsize=(6.4, 4.0))
+    axes = figure.add_subplot()
+    for method, budget, color in curves:
+        points = [(r, summary[r].get(method, {}).get(fractions[budget])) for r in fed]
+        points = [(right if math.isinf(_epsilon_of(r)) else _epsilon_of(r), c) for r, c in points if c]
+        if points:
+            axes.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points], yerr=[100 * c["std"] for _, c in points],
+                          fmt="-o", color=color, capsize=3, label=f"federated {method}, {budget} labels")
+        for row, style in (("random", ":"), ("raw", "--"), ("public-warm", "-.")):
+            cell = summary.get(row, {}).get(method, {}).get(fractions[budget])
+            if cell:
+                axes.axhline(100 * cell["mean"], color=color, linestyle=style, linewidth=1, alpha=0.7,
+                             label=f"{_row_label(row)} {method}, {budget}")
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(finite + [right], [f"{e:g}" for e in finite] + ["∞"])
+    axes.set_xlabel("ε per site (δ = 1e-5); ∞ = no DP")
+    axes.set_ylabel("Fashion-MNIST test accuracy (%)")
+    axes.legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def render(path: Path) -> int:
+    """The markdown table and the ε plot of a result file, written beside it."""
+    record = json.loads(path.read_text())
+    record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
+    path.with_suffix(".md").write_text(render_table(record))
+    plot_epsilon_curve(record, path.with_name("flagship_vs_epsilon.png"))
+    print(render_table(record))
+    return 0
+
+
 def run_tune(setup: Setup, data: Data, tmp: Path, log) -> dict:
     """The private step's lr on a validation split of the pool (seed 0, eps 8, probe at 600 labels)."""
     validation = learning.validation_data(data)
@@ -169,8 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, help=f"default {FLAGSHIP.finetune_epochs}")
     parser.add_argument("--warm-steps", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="only rewrite the table (.md beside it) and the ε plot from a finished result file")
     args = parser.parse_args(argv)
     quiet_warnings()
+    if args.render:
+        return render(args.render)
     if not (args.data / "train-images-idx3-ubyte.gz").exists():
         print(f"flagship: no Fashion-MNIST in {args.data}; apt-get install dataset-fashion-mnist (or --data DIR)")
         return 2
@@ -183,15 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def save(result: dict) -> Path:
-        return write_result(f"flagship_{args.part}", {"machine": machine_info(), "setup": dataclasses.asdict(setup),
-                                                        "budgets": args.budgets, "seconds": time.perf_counter() - started,
-                                                        **result}, args.quick)
+        record = {"machine": machine_info(), "setup": dataclasses.asdict(setup), "budgets": list(budgets),
+                  "pool": len(data.train_y), "seconds": time.perf_counter() - started, **result}
+        path = write_result(f"flagship_{args.part}", record, args.quick)
+        if "summary" in result:
+            path.with_suffix(".md").write_text(render_table(record))
+            plot_epsilon_curve(record, path.with_name("flagship_vs_epsilon.png"))
+        return path
 
+    budgets = (100,) if args.quick else tuple(args.budgets)
     with tempfile.TemporaryDirectory(prefix="fedssl-flagship-") as tmp:
         if args.part == "tune":
             result = run_tune(setup, data, Path(tmp), print)
         else:
-            budgets = (100,) if args.quick else tuple(args.budgets)
             result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print, save)
     for target in result.get("targets", []):
         gain = target.get("gain", {})

@@ -163,5 +163,14 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     assert record["quick"] is True and {"raw", "random", "fed-eps8"} <= set(record["per_seed"])
     # --quick scores 100 labels only, and one seed is never "met" (no spread to be beyond)
     assert [t["status"] for t in record["targets"]] == ["not measured", "not measured", "not met"]
+    table = (out / "flagship_table.md").read_text()
+    random_probe = record["summary"]["random"]["probe"][f"{100 / 300:g}"]["mean"]
+    assert f"| random init / scratch | {100 * random_probe:.1f} ± 0.0 |" in table
+    assert "| federated, ε = 8 |" in table and "target: fed-eps8 vs random, finetune at 100 labels" in table
+    assert (out / "flagship_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
+    # --render rewrites both from the result file alone
+    (out / "flagship_table.md").unlink()
+    rendered = _run([str(BENCH / "flagship.py"), "--render", str(out / "flagship_table.json")], out, timeout=120)
+    assert rendered.returncode == 0 and (out / "flagship_table.md").read_text() == table
     missing = _run([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
