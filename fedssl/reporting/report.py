@@ -124,43 +124,42 @@ def _evaluation_section(run: RunFiles) -> list[str]:
     if results.evaluated_fractions():
         plot_label_efficiency(results, run.run_dir / LABEL_EFFICIENCY_PLOT)
         lines += ["", f"![label efficiency]({LABEL_EFFICIENCY_PLOT})"]
-    verdict = pretraining_verdict(results)
-    if verdict:
-        lines += [
-            "",
-            "### What pretraining added",
-            "",
-            "Measured against a randomly initialised encoder of the same shape, read out the same way on the "
-            "same label subsets; a gain the random encoder also gets is not credited to pretraining.",
-            "",
-            *(f"- {sentence}" for sentence in verdict),
-        ]
-    against_raw = raw_input_verdict(results)
-    if against_raw:
-        lines += [
-            "",
-            "### Against the raw input",
-            "",
-            "The raw input read out by a linear classifier on the same labels (pixels, feature columns, or TF-IDF "
-            "of text), run by run on the same label subsets: an encoder that loses to its own input is not worth "
-            "using, whatever it gains over a random one.",
-            "",
-            *(f"- {sentence}" for sentence in against_raw),
-        ]
-    warm_start = warm_start_verdict(results)
-    if warm_start:
-        lines += [
-            "",
-            "### What the private federated step added over its warm start",
-            "",
-            "The federation started from a warm start pretrained on public data at no privacy cost, so the "
-            "gains above include what that warm start already gave. Here each pretrained row is compared with "
-            "the warm start read out the same way, run by run on the same label subsets and seeds: the gain is "
-            "the mean ± std of the per-seed differences, and a gain within that spread is not credited to the "
-            "ε spent.",
-            "",
-            *(f"- {sentence}" for sentence in warm_start),
-        ]
+    return lines + _verdict_subsections(results)
+
+
+# (heading, what the comparison is, the verdict function): one report subsection each, when it has sentences.
+VERDICT_SUBSECTIONS = (
+    (
+        "What pretraining added",
+        "Measured against a randomly initialised encoder of the same shape, read out the same way on the "
+        "same label subsets (paired by label seed); a gain the random encoder also gets is not credited to pretraining.",
+        pretraining_verdict,
+    ),
+    (
+        "Against the raw input",
+        "The raw input read out by a linear classifier on the same labels (pixels, feature columns, or TF-IDF "
+        "of text), run by run on the same label subsets: an encoder that loses to its own input is not worth "
+        "using, whatever it gains over a random one.",
+        raw_input_verdict,
+    ),
+    (
+        "What the private federated step added over its warm start",
+        "The federation started from a warm start pretrained on public data at no privacy cost, so the "
+        "gains above include what that warm start already gave. Here each pretrained row is compared with "
+        "the warm start read out the same way, run by run on the same label subsets and seeds: the gain is "
+        "the mean ± std of the per-seed differences, and a gain within that spread is not credited to the "
+        "ε spent.",
+        warm_start_verdict,
+    ),
+)
+
+
+def _verdict_subsections(results: EvalResults) -> list[str]:
+    lines: list[str] = []
+    for heading, explanation, verdict in VERDICT_SUBSECTIONS:
+        sentences = verdict(results)
+        if sentences:
+            lines += ["", f"### {heading}", "", explanation, "", *(f"- {sentence}" for sentence in sentences)]
     return lines
 
 
