@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import learning  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
-from learning import Data, Setup, eps_name, paired_gain, summarise  # noqa: E402
+from learning import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_TRAIN = 60000
@@ -138,7 +138,6 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
     return table
 
 
-
 def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...], prefix: str = "fed-") -> list[dict]:
     out = []
     for target in ({**t, "row": t["row"].replace("fed-", prefix, 1)} for t in TARGETS):
@@ -154,15 +153,10 @@ def targets(per_seed: dict, setup: Setup, budgets: tuple[int, ...], prefix: str 
 
 def _row_label(row: str) -> str:
     if row.startswith("fed-"):
-        tail = row.rsplit("eps", 1)[1]
-        privacy = "no DP" if tail == "inf" else f"ε = {tail}"
+        epsilon = row_epsilon(row)
+        privacy = f"ε = {epsilon:g}" if math.isfinite(epsilon) else "no DP"
         return f"federated from the warm start, {privacy}" if row.startswith("fed-warm-") else f"federated, {privacy}"
     return {"raw": "raw pixels", "random": "random init / scratch", "public-warm": "public-MNIST warm start (ε = 0)"}[row]
-
-
-def _epsilon_of(row: str) -> float:
-    tail = row.rsplit("eps", 1)[1]
-    return math.inf if tail == "inf" else float(tail)
 
 
 def render_table(result: dict) -> str:
@@ -223,14 +217,14 @@ def plot_epsilon_curve(result: dict, path: Path) -> None:
     summary, budgets = result["summary"], result["budgets"]
     fractions = {b: f"{b / result['pool']:g}" for b in budgets}
     curves = [("probe", budgets[min(1, len(budgets) - 1)], "C0"), ("finetune", budgets[0], "C2")]
-    fed = sorted((r for r in summary if r.startswith("fed-")), key=_epsilon_of)
-    finite = [_epsilon_of(r) for r in fed if math.isfinite(_epsilon_of(r))]
+    fed = sorted((r for r in summary if r.startswith("fed-")), key=row_epsilon)
+    finite = [row_epsilon(r) for r in fed if math.isfinite(row_epsilon(r))]
     right = max(finite) * 2 if finite else 16.0
     figure = Figure(figsize=(6.4, 4.0))
     axes = figure.add_subplot()
     for method, budget, color in curves:
         points = [(r, summary[r].get(method, {}).get(fractions[budget])) for r in fed]
-        points = [(right if math.isinf(_epsilon_of(r)) else _epsilon_of(r), c) for r, c in points if c]
+        points = [(right if math.isinf(row_epsilon(r)) else row_epsilon(r), c) for r, c in points if c]
         if points:
             axes.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points], yerr=[100 * c["std"] for _, c in points],
                           fmt="-o", color=color, capsize=3, label=f"{_row_label(fed[0]).split(',')[0]} {method}, {budget} labels")
@@ -248,13 +242,19 @@ def plot_epsilon_curve(result: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def write_renderings(record: dict, path: Path) -> str:
+    """The markdown table (returned) and the ε plot of the result saved at ``path``, written beside it."""
+    table = render_table(record)
+    path.with_suffix(".md").write_text(table)
+    plot_epsilon_curve(record, plot_path(path))
+    return table
+
+
 def render(path: Path) -> int:
-    """The markdown table and the ε plot of a result file, written beside it."""
+    """The table and the plot again from a finished result file."""
     record = json.loads(path.read_text())
     record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
-    path.with_suffix(".md").write_text(render_table(record))
-    plot_epsilon_curve(record, plot_path(path))
-    print(render_table(record))
+    print(write_renderings(record, path))
     return 0
 
 
@@ -311,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         suffix = "_warm" if args.part == "table" and args.start == "public-warm" else ""
         path = write_result(f"flagship_{args.part}{suffix}", record, args.quick)
         if "summary" in result:
-            path.with_suffix(".md").write_text(render_table(record))
-            plot_epsilon_curve(record, plot_path(path))
+            write_renderings(record, path)
         return path
 
     budgets = (100,) if args.quick else tuple(args.budgets)

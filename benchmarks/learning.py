@@ -596,7 +596,7 @@ def gains_over_starts(per_seed: dict[str, dict[int, dict]], summary: dict) -> tu
                 gains[f"{row} - {own} | {method} {f}"] = gain = paired_gain(per_seed, row, own, method, f)
                 if best != own:
                     gains[f"{row} - best start ({best}) | {method} {f}"] = gain = paired_gain(per_seed, row, best, method, f)
-                private = _row_epsilon(row) <= 8.0
+                private = row_epsilon(row) <= 8.0
                 if private and f == "0.05" and gain.get("n") and gain["mean_points"] >= 2.0 and gain["beyond_spread"]:
                     met.append(f"{row} - best start ({best}) | {method} {f}")
     return gains, met
@@ -680,8 +680,8 @@ def part_mnist16_screen(setup: Setup, tmp: Path, log) -> dict:
             "label_draws": TUNE_LABEL_DRAWS, "data": {"pool": len(data.train_y), "validation": len(data.test_y)}}
 
 
-def _row_epsilon(row: str) -> float:
-    """The epsilon in a row name like fed-warm-eps8 or fed-warm-eps8-5sites."""
+def row_epsilon(row: str) -> float:
+    """The epsilon in a row name like fed-warm-eps8 or fed-warm-eps8-5sites (the inverse of eps_name)."""
     tail = row.split("-eps", 1)[1].split("-", 1)[0]
     return math.inf if tail == "inf" else float(tail)
 
