@@ -143,9 +143,8 @@ def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference
     assert table.splitlines()[-1].endswith(f"({100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}) | — | — | — | — |")
 
 
-@pytest.mark.slow
-def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
-    """benchmarks/flagship.py --quick on tiny files in Fashion-MNIST's format and names (CI has no Fashion-MNIST)."""
+def _tiny_fashion(tmp_path: Path) -> Path:
+    """Tiny files in Fashion-MNIST's IDX format and names (CI has no Fashion-MNIST)."""
     import numpy as np
 
     from fedssl.data.idx import write_idx
@@ -157,6 +156,13 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         labels = np.arange(count, dtype=np.uint8) % 10
         write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8))
         write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
+    return data
+
+
+@pytest.mark.slow
+def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
+    """benchmarks/flagship.py --quick on tiny files in Fashion-MNIST's format and names."""
+    data = _tiny_fashion(tmp_path)
     out = tmp_path / "out"
     proc = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data)], out)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -190,4 +196,19 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         assert "| federated from the warm start, ε = 8 |" in (out / "flagship_table_warm.md").read_text()
         assert (out / "flagship_warm_vs_epsilon.png").is_file()
     missing = _run([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
+    assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
+
+
+@pytest.mark.slow
+def test_readout_screen_adds_one_entry_per_call(tmp_path):
+    """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
+    data, out = _tiny_fashion(tmp_path), tmp_path / "out"
+    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation"]):
+        proc = _run([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    raw, rotation = json.loads((out / "readout_screen.json").read_text())["runs"]
+    assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw")
+    # probed at random init, then at half and all of --quick's two steps
+    assert rotation["readout"] == 4 and set(rotation["pretrained_probe"]) == {"1", "2"}
+    missing = _run([str(BENCH / "readout_screen.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
