@@ -48,6 +48,10 @@ def build(width: int, depth: int, readout: int, side: int):
     net = build_encoder("cnn", (1, side, side), width=width, depth=depth, seed=0)
     net.pool = nn.AdaptiveAvgPool2d((readout, readout))
     net.out_dim = width * readout * readout
+    with torch.no_grad():  # the grid must be the one the features go through, not a module the forward ignores
+        features = net(torch.zeros(1, 1, side, side)).shape[1]
+    if features != net.out_dim:
+        raise SystemExit(f"readout_screen: the cnn's forward gives {features} features, not {net.out_dim}: its pool moved")
     return net
 
 
