@@ -25,6 +25,7 @@ by >= 5 points at 100 labels.
     python benchmarks/flagship.py                                  # 3 seeds, eps 1 2 4 8 inf: hours on 2 cores
     python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf --rounds 5 --local-steps 10   # a short CPU session
     python benchmarks/flagship.py --start public-warm --epsilons 8 inf   # federations from the warm start
+    python benchmarks/flagship.py --readout 2 --suffix _readout2   # the encoder's features pooled 2x2, not fedssl's 4x4
     python benchmarks/flagship.py --quick --data DIR               # smoke run on tiny IDX files in DIR
     python benchmarks/flagship.py --render benchmarks/results/flagship_table.json   # table + plot again
 """
@@ -48,6 +49,8 @@ import torch  # noqa: E402
 
 import learning  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
 from learning import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
+
+from fedssl.inputs import readout_grid  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_TRAIN = 60000
@@ -87,8 +90,8 @@ def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Te
     from fedssl.warmstart.pretrain import pretrain_encoder
 
     images = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(1)
-    return pretrain_encoder(images, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps, pretext="rotation",
-                            batch_size=64, lr=0.05, seed=seed)
+    return pretrain_encoder(images, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout, steps=steps,
+                            pretext="rotation", batch_size=64, lr=0.05, seed=seed)
 
 
 def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
@@ -279,6 +282,15 @@ def run_tune(setup: Setup, data: Data, tmp: Path, log) -> dict:
     return {"validation_probe_at_600": scores, "best_lr": max(scores, key=lambda k: next(iter(scores[k].values())))}
 
 
+def setup_from(args: argparse.Namespace) -> Setup:
+    """The flagship's (or --quick's) settings with the command line's changes."""
+    setup = QUICK if args.quick else FLAGSHIP
+    return dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
+                               epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
+                               local_steps=args.local_steps or setup.local_steps,
+                               finetune_epochs=args.finetune_epochs or setup.finetune_epochs, readout=args.readout)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("table", "tune"), default="table")
@@ -291,30 +303,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-steps", type=int, help=f"DP-SGD steps per site per round (default {FLAGSHIP.local_steps})")
     parser.add_argument("--finetune-epochs", type=int, help=f"default {FLAGSHIP.finetune_epochs}")
     parser.add_argument("--warm-steps", type=int, default=1500)
+    parser.add_argument("--readout", type=int, default=FLAGSHIP.readout,
+                        help="model.readout (0: fedssl's grid, 4x4 at 28x28; the committed flagship_table was 2)")
+    parser.add_argument("--suffix", default="", help="appended to the result files' names: a variant keeps the committed table")
     parser.add_argument("--start", choices=tuple(STARTS), default="random",
                         help="where the federations start: random init, or the public-MNIST warm start")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the table (.md beside it) and the ε plot from a finished result file")
     args = parser.parse_args(argv)
+    if not all(c.isalnum() or c in "_-" for c in args.suffix):
+        parser.error(f"--suffix {args.suffix!r}: letters, digits, _ and - only (it becomes part of a file name)")
     quiet_warnings()
     if args.render:
         return render(args.render)
     if not (args.data / "train-images-idx3-ubyte.gz").exists():
         print(f"flagship: no Fashion-MNIST in {args.data}; apt-get install dataset-fashion-mnist (or --data DIR)")
         return 2
-    setup = QUICK if args.quick else FLAGSHIP
-    setup = dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
-                                epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
-                                local_steps=args.local_steps or setup.local_steps,
-                                finetune_epochs=args.finetune_epochs or setup.finetune_epochs)
+    setup = setup_from(args)
     data = load_fashion(args.data, limit=2000 if args.quick else None)
     started = time.perf_counter()
 
     def save(result: dict) -> Path:
         record = {"machine": machine_info(), "setup": dataclasses.asdict(setup), "budgets": list(budgets),
+                  "readout_grid": readout_grid(setup.readout, (1, setup.side, setup.side)),
                   "pool": len(data.train_y), "seconds": time.perf_counter() - started, **result}
-        suffix = "_warm" if args.part == "table" and args.start == "public-warm" else ""
+        suffix = ("_warm" if args.part == "table" and args.start == "public-warm" else "") + args.suffix
         path = write_result(f"flagship_{args.part}{suffix}", record, args.quick)
         if "summary" in result:
             write_renderings(record, path)

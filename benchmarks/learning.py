@@ -82,6 +82,7 @@ class Setup:
     warm_batch: int = 64
     warm_lr: float = 0.05  # the warm start's own lr: tuning the private step's lr must not change its start
     side: int = 8  # images are 1 x side x side
+    readout: int = 0  # model.readout: 0 = fedssl's grid for the image size (2x2 up to 16 px, 4x4 above)
     finetune_epochs: int = 30
     finetune_epochs_full: int = 8  # at 100% labels (1257 examples): reduced to keep the sweep affordable
     finetune_lr: float = 0.003
@@ -190,7 +191,8 @@ def site_parts(data: Data, sites: int, alpha: float) -> list[np.ndarray]:
 def _build(setup: Setup, seed: int):
     from fedssl.models import build_encoder
 
-    return build_encoder("cnn", (1, setup.side, setup.side), width=setup.width, depth=setup.depth, seed=seed)
+    return build_encoder("cnn", (1, setup.side, setup.side), width=setup.width, depth=setup.depth, seed=seed,
+                         readout=setup.readout)
 
 
 def random_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
@@ -205,11 +207,11 @@ def warm_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
     from fedssl.config import WarmStartConfig
     from fedssl.warmstart.pretrain import synthetic_warm_start
 
-    key = (setup.width, setup.depth, setup.warm_samples, setup.warm_steps, setup.warm_batch, setup.warm_lr, setup.side, seed)
+    key = (setup.width, setup.depth, setup.readout, setup.warm_samples, setup.warm_steps, setup.warm_batch, setup.warm_lr, setup.side, seed)
     if key not in _WARM_CACHE:
         ws = WarmStartConfig(source="synthetic", num_samples=setup.warm_samples, steps=setup.warm_steps,
                              batch_size=setup.warm_batch, lr=setup.warm_lr, seed=seed)
-        state, _ = synthetic_warm_start(ws, encoder="cnn", width=setup.width, depth=setup.depth,
+        state, _ = synthetic_warm_start(ws, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout,
                                         input_shape=(1, setup.side, setup.side))
         _WARM_CACHE[key] = state
     return _WARM_CACHE[key]
@@ -221,7 +223,7 @@ def central_state(setup: Setup, data: Data, seed: int, init: dict[str, torch.Ten
     from fedssl.warmstart.pretrain import pretrain_encoder
 
     steps = setup.rounds * setup.local_steps * setup.sites
-    return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, steps=steps,
+    return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout, steps=steps,
                             pretext=setup.pretext, pretext_params=setup.pretext_params,
                             batch_size=setup.batch_size, lr=setup.lr, seed=seed, init_state=init)
 
@@ -244,7 +246,7 @@ def federated_state(setup: Setup, data: Data, parts: list[np.ndarray], init: dic
                             **BENCH_SITE_POLICY)
     plan = TrainPlan(run_id=f"learning-{seed}", server_round=1, planned_rounds=setup.rounds, pretext=setup.pretext,
                      pretext_params=dict(setup.pretext_params), encoder="cnn", width=setup.width, depth=setup.depth,
-                     local_steps=setup.local_steps, batch_size=setup.batch_size,
+                     readout=setup.readout, local_steps=setup.local_steps, batch_size=setup.batch_size,
                      lr=setup.lr, optimizer=setup.optimizer, momentum=setup.momentum, seed=seed)
     datasets = [SiteDataset(data.train_x[torch.as_tensor(p)], tuple(f"s{i}" for i in p), "image") for p in parts]
     state = {k: v.clone() for k, v in init.items()}
@@ -667,7 +669,8 @@ def part_mnist16_screen(setup: Setup, tmp: Path, log) -> dict:
     for pretext in SCREEN_PRETEXTS if not quick else SCREEN_PRETEXTS[:1]:
         for start, init in starts.items():
             started = time.perf_counter()
-            state = pretrain_encoder(data.train_x, encoder="cnn", width=local.width, depth=local.depth, pretext=pretext,
+            state = pretrain_encoder(data.train_x, encoder="cnn", width=local.width, depth=local.depth, readout=local.readout,
+                                     pretext=pretext,
                                      seed=seed, init_state=init, **pooled)
             record(f"pooled non-DP {pretext} from {start}", state, started)
     parts = site_parts(data, local.sites, local.alpha)

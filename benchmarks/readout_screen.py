@@ -7,7 +7,7 @@ pretext move the probe that far, and how much does the encoder's readout (the ad
 before flattening) change the controls themselves?
 
 One configuration per call (the 2-core machine runs two side by side): the CNN is built exactly as fedssl
-builds it, its pool grid is set to ``--readout`` (a pool has no weights, so the state dict is unchanged), and
+builds it with ``model.readout`` = ``--readout`` (a pool has no weights, so the state dict is unchanged), and
 it is scored by the same standardized logistic-regression probe as the flagship, at 600 labels on two label
 seeds, on a validation split carved from the Fashion-MNIST training pool (the test set is never read), at
 random init and after half and all of ``--steps`` SGD steps of batch 256. Each call adds its entry to
@@ -31,12 +31,12 @@ from _common import command_line, machine_info, quiet_warnings, results_dir, wri
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 import flagship  # noqa: E402
 import learning  # noqa: E402
 
 LABELS = 600
+DIGITS_LABELS = 100  # 10 per class of the embedded digits' ~1,000-image pool
 LABEL_SEEDS = (0, 1)
 BATCH = 256
 NAME = "readout_screen"
@@ -45,17 +45,10 @@ NAME = "readout_screen"
 def build(width: int, depth: int, readout: int, side: int):
     from fedssl.models import build_encoder
 
-    net = build_encoder("cnn", (1, side, side), width=width, depth=depth, seed=0)
-    net.pool = nn.AdaptiveAvgPool2d((readout, readout))
-    net.out_dim = width * readout * readout
-    with torch.no_grad():  # the grid must be the one the features go through, not a module the forward ignores
-        features = net(torch.zeros(1, 1, side, side)).shape[1]
-    if features != net.out_dim:
-        raise SystemExit(f"readout_screen: the cnn's forward gives {features} features, not {net.out_dim}: its pool moved")
-    return net
+    return build_encoder("cnn", (1, side, side), width=width, depth=depth, seed=0, readout=readout)
 
 
-def probe(net, data: learning.Data, labels: int) -> float:
+def probe(net, data: learning.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS) -> float:
     """Mean validation accuracy of the linear probe over the label seeds; ``net=None`` probes raw pixels."""
     from fedssl.data.sampling import stratified_subset
     from fedssl.evaluation.probes import encode, flatten_inputs, linear_probe_accuracy
@@ -65,19 +58,22 @@ def probe(net, data: learning.Data, labels: int) -> float:
     else:
         pool, validation = encode(net, data.train_x), encode(net, data.test_x)
     scores = []
-    for seed in LABEL_SEEDS:
+    for seed in label_seeds:
         subset = stratified_subset(data.train_y, labels, seed)
         scores.append(linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, 1.0))
     return float(np.mean(scores))
 
 
 def screen(args, data: learning.Data, labels: int) -> dict:
-    """Random-init probe, then central SGD on the pretext with probes at half and all of the steps."""
+    """Random-init probe, then central SGD on the pretext with probes at half and all of the steps (none for --steps 0)."""
     from fedssl.pretext.registry import get_pretext
 
     net = build(args.width, args.depth, args.readout, data.train_x.shape[-1])
-    entry = {"readout": args.readout, "pretext": args.pretext, "params": args.params, "steps": args.steps,
-             "lr": args.lr, "width": args.width, "depth": args.depth, "random_probe": probe(net, data, labels)}
+    entry = {"readout": args.readout, "grid": net.readout, "pretext": args.pretext, "params": args.params,
+             "steps": args.steps, "lr": args.lr, "width": args.width, "depth": args.depth,
+             "random_probe": probe(net, data, labels, args.label_seeds)}
+    if args.steps == 0:
+        return entry
     started = time.perf_counter()
     torch.manual_seed(0)
     model = get_pretext(args.pretext, args.params).build_model(net)
@@ -93,7 +89,7 @@ def screen(args, data: learning.Data, labels: int) -> dict:
         optimizer.step()
         model.after_optimizer_step()
         if step in (args.steps // 2, args.steps):
-            entry["pretrained_probe"][str(step)] = probe(model.encoder, data, labels)
+            entry["pretrained_probe"][str(step)] = probe(model.encoder, data, labels, args.label_seeds)
     entry["final_loss"] = float(loss.detach())
     entry["train_seconds"] = time.perf_counter() - started
     return entry
@@ -103,30 +99,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=flagship.FASHION, help="the folder of the Fashion-MNIST IDX files")
     parser.add_argument("--raw", action="store_true", help="add the raw-pixel probe instead of an encoder")
-    parser.add_argument("--readout", type=int, default=2, help="pool grid side: 2 = fedssl's CNN (4 x width features)")
+    parser.add_argument("--readout", type=int, default=2, help="model.readout: the pool grid side (2: 4 x width features; 0: fedssl's choice for the image)")
     parser.add_argument("--pretext", default="rotation")
     parser.add_argument("--params", type=json.loads, default={}, help='pretext params as JSON, e.g. \'{"tau": 0.996}\'')
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--digits", action="store_true",
+                        help=f"the embedded 8x8 digits (make demo's data) instead of Fashion-MNIST, {DIGITS_LABELS} labels")
+    parser.add_argument("--label-seeds", type=int, nargs="+", default=list(LABEL_SEEDS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
-    if not (args.data / "train-images-idx3-ubyte.gz").exists():
+    if args.steps < 0:
+        parser.error(f"--steps {args.steps}: 0 (random init only) or more")
+    if not args.digits and not (args.data / "train-images-idx3-ubyte.gz").exists():
         print(f"readout_screen: no Fashion-MNIST in {args.data}; apt-get install dataset-fashion-mnist (or --data DIR)")
         return 2
     quiet_warnings()
     torch.set_num_threads(1)
     if args.quick:
-        args.steps, args.width, args.depth = 2, 4, 1
-    data = learning.validation_data(flagship.load_fashion(args.data, limit=2000 if args.quick else None))
-    labels = 50 if args.quick else LABELS
-    entry = {"raw_probe": probe(None, data, labels)} if args.raw else screen(args, data, labels)
-    entry["command"] = command_line()
+        args.steps, args.width, args.depth = min(args.steps, 2), 4, 1
+    source = learning.load_data() if args.digits else flagship.load_fashion(args.data, limit=2000 if args.quick else None)
+    data = learning.validation_data(source)
+    labels = 50 if args.quick else DIGITS_LABELS if args.digits else LABELS
+    entry = {"raw_probe": probe(None, data, labels, args.label_seeds)} if args.raw else screen(args, data, labels)
+    entry.update(data="digits" if args.digits else "fashion-mnist", labels=labels, label_seeds=args.label_seeds,
+                 command=command_line())
     previous = results_dir(args.quick) / f"{NAME}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []
-    path = write_result(NAME, {"machine": machine_info(), "labels": labels, "label_seeds": list(LABEL_SEEDS),
-                               "runs": runs + [entry]}, args.quick)
+    path = write_result(NAME, {"machine": machine_info(), "runs": runs + [entry]}, args.quick)
     print(json.dumps(entry))
     print(f"wrote {path}")
     return 0

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fedssl.inputs import ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec
+from fedssl.inputs import AUTO_READOUT, ENCODER_NAMES, IMAGE_ENCODERS, MAX_READOUT, READOUT_ENCODERS, is_custom_spec
 from fedssl.sample_format import SampleFormat
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
@@ -146,6 +146,9 @@ class ModelConfig:
     # Shape of one input sample; empty = read from the data when the run starts. The
     # server needs it to build the initial encoder without touching any data.
     input_shape: list[int] = field(default_factory=list)
+    # The image encoders' features: their last map averaged over a readout x readout grid. 0 = from
+    # the image size (2x2 up to 16 px, 4x4 above; fedssl.inputs.readout_grid says why), 1 = global.
+    readout: int = AUTO_READOUT
 
     def validate(self) -> None:
         check(all(d >= 1 for d in self.input_shape), "model.input_shape", "must be positive sizes, e.g. [1, 8, 8]", self.input_shape)
@@ -159,6 +162,10 @@ class ModelConfig:
         )
         check(1 <= self.width <= 4096, "model.width", "must be in [1, 4096]", self.width)
         check(1 <= self.depth <= 16, "model.depth", "must be in [1, 16]", self.depth)
+        check(0 <= self.readout <= MAX_READOUT, "model.readout",
+              f"must be a grid side in [1, {MAX_READOUT}], or 0 to pick it from the image size", self.readout)
+        check(self.readout == AUTO_READOUT or self.encoder in READOUT_ENCODERS, "model.readout",
+              f"only the {', '.join(sorted(READOUT_ENCODERS))} encoders pool to a grid; leave it 0 for {self.encoder}", self.readout)
 
 
 @dataclass

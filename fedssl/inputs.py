@@ -25,6 +25,15 @@ ENCODER_NAMES = ("cnn", "conv1d", "mlp", "resnet", "transformer", "vit")  # feds
 IMAGE_ENCODERS = frozenset({"cnn", "resnet", "vit"})  # these take (channels, height, width); mlp flattens any shape
 TEXT_ENCODERS = frozenset({"transformer"})  # these take token ids (max_length,) and only them
 SERIES_ENCODERS = frozenset({"conv1d"})  # these take series (channels, length) and only them
+# The image encoders end in an average over a readout x readout grid of their last feature map (model.readout).
+# 0 picks it from the image: 2x2 up to AUTO_READOUT_COARSE_MAX px on the smaller side, 4x4 above. Measured
+# with the random-init CNN's linear probe: on 8x8 digits a 2x2 grid keeps what the probe needs (each cell a
+# 4x4 patch); on 28x28 Fashion-MNIST a 2x2 grid averages 14x14-pixel regions and the probe gains 3.1
+# points through 4x4 (benchmarks/README.md §10, readout_screen.py). 1 is the paper-style global average.
+READOUT_ENCODERS = IMAGE_ENCODERS
+AUTO_READOUT = 0
+AUTO_READOUT_COARSE_MAX = 16
+MAX_READOUT = 8
 CUSTOM_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")  # dotted.module.path:factory_name
 
 # The inputs each registered pretext task works on (fedssl.pretext reads its tasks' modalities from here).
@@ -62,6 +71,14 @@ VOCAB_SIZE = 256 + SPECIALS
 def is_custom_spec(kind: str) -> bool:
     """True for a brought-your-own encoder, ``package.module:factory``."""
     return bool(CUSTOM_SPEC.match(kind))
+
+
+def readout_grid(readout: int, shape: Sequence[int]) -> int:
+    """The side of the grid an image encoder averages its features over: ``readout``, or for
+    :data:`AUTO_READOUT` the grid this image size calls for."""
+    if readout != AUTO_READOUT:
+        return int(readout)
+    return 2 if min(int(d) for d in shape[1:]) <= AUTO_READOUT_COARSE_MAX else 4
 
 
 def modality_of_shape(shape: Sequence[int]) -> str:

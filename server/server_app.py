@@ -26,7 +26,7 @@ from fedssl.errors import ConfigError
 from fedssl.fl.keys import RUN_COORDINATOR_DIR, RUN_RESUME
 from fedssl.fl.plan import TrainPlan, plan_from_config
 from fedssl.layout import RunDir
-from fedssl.models import build_encoder
+from fedssl.models import encoder_for
 from fedssl.phases import mark
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
@@ -105,8 +105,7 @@ def _starting_point(context: Context, config: ExperimentConfig, run_dir: RunDir,
         log(INFO, "fedssl: resuming run %s after round %d of %d (%d server-ledger record(s) of the interrupted round kept)",
             checkpoint.run_id, checkpoint.round, checkpoint.planned_rounds, superseded)
         return Start(checkpoint.encoder, checkpoint.round, checkpoint.run_id, resumed=True)
-    encoder = build_encoder(config.model.encoder, config.model.input_shape, width=config.model.width,
-                            depth=config.model.depth, seed=config.run.seed)
+    encoder = encoder_for(config.model, seed=config.run.seed)
     if config.warm_start.enabled:
         # Written by the coordinator before the run (fedssl.warmstart.pretrain); checked against this encoder.
         load_warm_start(run_dir.warm_start, encoder)

@@ -85,6 +85,7 @@ CONFIG_CASES = [
     config_case("test-fraction-above-1", {"data": {"test_fraction": 1.5}}, "data.test_fraction"),
     config_case("unknown-pretext", {"pretext": {"name": "colorize"}}, "pretext.name"),
     config_case("unknown-encoder", {"model": {"encoder": "vgg"}}, "model.encoder"),
+    config_case("readout-grid-too-fine", {"model": {"readout": 16}}, "model.readout"),
     config_case("unknown-partition", {"data": {"partition": "random"}}, "data.partition"),
     config_case("unknown-device", {"run": {"device": "tpu"}}, "run.device"),
     config_case("yaml-syntax", "run: {name: [unclosed\n", "experiment.yaml"),

@@ -203,12 +203,14 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
 def test_readout_screen_adds_one_entry_per_call(tmp_path):
     """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
     data, out = _tiny_fashion(tmp_path), tmp_path / "out"
-    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation"]):
+    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation"], ["--digits", "--readout", "0", "--steps", "0"]):
         proc = _run([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    raw, rotation = json.loads((out / "readout_screen.json").read_text())["runs"]
-    assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw")
+    raw, rotation, digits = json.loads((out / "readout_screen.json").read_text())["runs"]
+    assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw") and raw["data"] == "fashion-mnist"
     # probed at random init, then at half and all of --quick's two steps
-    assert rotation["readout"] == 4 and set(rotation["pretrained_probe"]) == {"1", "2"}
+    assert rotation["grid"] == 4 and set(rotation["pretrained_probe"]) == {"1", "2"}
+    # fedssl's own grid for 8x8 digits, at random init only
+    assert (digits["data"], digits["grid"], digits["labels"]) == ("digits", 2, 50) and "pretrained_probe" not in digits
     missing = _run([str(BENCH / "readout_screen.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout

@@ -122,8 +122,11 @@ def test_wrong_type(tmp_path, text, key):
         ("model:\n  width: 0\n", "model.width"),
         ("federation:\n  num_sites: 2\n  min_sites: 3\n", "federation.min_sites"),
         ("model:\n  encoder: vgg\n", "model.encoder"),
+        ("model:\n  readout: 9\n", "model.readout"),
+        ("model:\n  encoder: mlp\n  readout: 2\n", "model.readout"),
     ],
-    ids=["eps-negative", "eps-inf", "delta", "test-fraction", "lr-zero", "lr-nan", "width", "min-sites", "encoder"],
+    ids=["eps-negative", "eps-inf", "delta", "test-fraction", "lr-zero", "lr-nan", "width", "min-sites", "encoder",
+         "readout-above-8", "readout-on-mlp"],
 )
 def test_out_of_range_value(tmp_path, text, key):
     message = config_error(write(tmp_path / "c.yaml", text))

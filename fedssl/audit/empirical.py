@@ -50,7 +50,7 @@ from fedssl.data.dataset import SiteDataset
 from fedssl.data.pixels import unit_float
 from fedssl.errors import ConfigError
 from fedssl.experiment import simulated_site_from_config
-from fedssl.models import build_encoder
+from fedssl.models import encoder_for
 from fedssl.pretext import PretextModel
 from fedssl.progress import tick
 from fedssl.audit.canaries import GradientCanaries
@@ -206,7 +206,7 @@ def _train_and_score(config: ExperimentConfig, attack: str, train_set: SiteDatas
     lower meaning "more likely a member" for both attacks."""
     settings = replace(settings, state_dir=state_dir, highwater_path=None)  # its mark with its throwaway state, not the run's
     m = config.model
-    encoder = build_encoder(m.encoder, train_set.input_shape, width=m.width, depth=m.depth, seed=config.run.seed)
+    encoder = encoder_for(m, train_set.input_shape, seed=config.run.seed)
     plan = plan_from_config(config, run_id="empirical-audit")
     gradient_canaries = None
     if attack == "gradient":

@@ -19,7 +19,7 @@ from fedssl.evaluation.label_efficiency import evaluate_label_efficiency
 from fedssl.evaluation.results import EvalResults
 from fedssl.experiment import central_data_for
 from fedssl.layout import RunDir
-from fedssl.models import build_encoder
+from fedssl.models import encoder_for
 from fedssl.warmstart.checkpoint import run_warm_start
 
 
@@ -36,7 +36,7 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
     m = config.model
 
     def encoder_factory(seed: int | None):
-        return build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=seed)
+        return encoder_for(m, seed=seed)
 
     # Same file, same checks as the ServerApp's load: the rows score exactly what the sites started from.
     warm_start_state = run_warm_start(config, layout.path, encoder_factory(None))

@@ -13,6 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from fedssl.errors import ConfigError
+from fedssl.inputs import AUTO_READOUT, MAX_READOUT
 
 # Where a site's local training starts each round: the global encoder (FedAvg), or FedEMA's
 # divergence-aware mix of it with the site's own last encoder (fedssl/training/fedema.py).
@@ -32,6 +33,7 @@ class TrainPlan:
     local_steps: int
     batch_size: int
     lr: float
+    readout: int = AUTO_READOUT  # model.readout: the same grid at every site (a default: an older server sends none)
     optimizer: str = "sgd"
     momentum: float = 0.9
     seed: int = 0
@@ -70,6 +72,8 @@ class TrainPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"train config: {_wire_key(name)} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(self.readout, int) and 0 <= self.readout <= MAX_READOUT):
+            raise ConfigError(f"train config: readout must be an integer in [0, {MAX_READOUT}], got {self.readout!r}")
         if not self.lr > 0:
             raise ConfigError(f"train config: lr must be > 0, got {self.lr!r}")
         if self.local_update not in LOCAL_UPDATES:
@@ -96,6 +100,7 @@ def plan_from_config(config, run_id: str) -> TrainPlan:
         encoder=config.model.encoder,
         width=config.model.width,
         depth=config.model.depth,
+        readout=config.model.readout,
         local_steps=config.training.local_steps,
         batch_size=config.training.batch_size,
         lr=config.training.lr,

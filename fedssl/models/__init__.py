@@ -7,6 +7,6 @@ per-sample gradients and so DP-SGD (Opacus rejects it).
 """
 
 from fedssl.models.encoders import Encoder
-from fedssl.models.registry import ENCODERS, IMAGE_ENCODERS, build_encoder, encoder_state_keys
+from fedssl.models.registry import ENCODERS, IMAGE_ENCODERS, build_encoder, encoder_for, encoder_state_keys
 
-__all__ = ["ENCODERS", "IMAGE_ENCODERS", "Encoder", "build_encoder", "encoder_state_keys"]
+__all__ = ["ENCODERS", "IMAGE_ENCODERS", "Encoder", "build_encoder", "encoder_for", "encoder_state_keys"]

@@ -7,12 +7,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from fedssl.inputs import AUTO_READOUT, readout_grid
+
 
 class Encoder(nn.Module):
     """Base class: maps a batch of inputs to a (batch, out_dim) feature matrix."""
 
     out_dim: int
     input_shape: tuple[int, ...]
+    readout: int | None = None  # the image encoders' pooling grid side (model.readout resolved); None: no grid
 
 
 def groups_for(channels: int) -> int:
@@ -24,13 +27,13 @@ def groups_for(channels: int) -> int:
 
 
 class ConvEncoder(Encoder):
-    """Three 3x3 conv blocks with GroupNorm, then adaptive 2x2 average pooling.
+    """``depth`` 3x3 conv blocks with GroupNorm, then adaptive average pooling to a readout grid.
 
-    The 2x2-pooled feature map (4 * width values) keeps coarse spatial layout, which
-    linear probes on small images such as 8x8 digits rely on.
+    The pooled feature map (``readout**2 * width`` values) keeps the spatial layout a linear probe
+    relies on; ``readout`` 0 picks the grid from the image size (fedssl.inputs.readout_grid says how).
     """
 
-    def __init__(self, input_shape: Sequence[int], width: int = 64, depth: int = 3) -> None:
+    def __init__(self, input_shape: Sequence[int], width: int = 64, depth: int = 3, readout: int = AUTO_READOUT) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
@@ -48,8 +51,9 @@ class ConvEncoder(Encoder):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d((2, 2))
-        self.out_dim = width * 4
+        self.readout = readout_grid(readout, self.input_shape)
+        self.pool = nn.AdaptiveAvgPool2d((self.readout, self.readout))
+        self.out_dim = width * self.readout**2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.pool(self.features(x)), 1)

@@ -7,7 +7,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from fedssl.inputs import IMAGE_ENCODERS, is_custom_spec  # noqa: F401 - IMAGE_ENCODERS re-exported
+from fedssl.config import ModelConfig
+from fedssl.inputs import AUTO_READOUT, IMAGE_ENCODERS, READOUT_ENCODERS, is_custom_spec  # noqa: F401 - IMAGE_ENCODERS re-exported
 from fedssl.models.custom import build_custom_encoder
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
@@ -22,13 +23,21 @@ ENCODERS: dict[str, Callable[..., Encoder]] = {"cnn": ConvEncoder, "conv1d": Con
 
 
 def build_encoder(
-    kind: str, input_shape: Sequence[int], width: int = 64, depth: int = 3, seed: int | None = None
+    kind: str, input_shape: Sequence[int], width: int = 64, depth: int = 3, seed: int | None = None,
+    readout: int = AUTO_READOUT,
 ) -> Encoder:
-    """Build an encoder by name or ``package.module:factory`` spec; the same call on server and sites gives the same keys."""
+    """Build an encoder by name or ``package.module:factory`` spec; the same call on server and sites gives the same keys.
+
+    ``readout``: the image encoders' pooling grid (model.readout; 0 = chosen from the image size). It
+    holds no weights, so it changes the features, not the keys."""
     if kind not in ENCODERS and not is_custom_spec(kind):
         raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}, or 'package.module:factory'")
+    if readout != AUTO_READOUT and kind not in READOUT_ENCODERS:
+        raise ValueError(f"readout {readout}: only the {', '.join(sorted(READOUT_ENCODERS))} encoders have a readout grid")
 
     def build() -> Encoder:
+        if kind in READOUT_ENCODERS:
+            return ENCODERS[kind](input_shape, width=width, depth=depth, readout=readout)
         if kind in ENCODERS:
             return ENCODERS[kind](input_shape, width=width, depth=depth)
         return build_custom_encoder(kind, input_shape, width, depth)
@@ -38,6 +47,12 @@ def build_encoder(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def encoder_for(model: ModelConfig, input_shape: Sequence[int] | None = None, seed: int | None = None) -> Encoder:
+    """The encoder a run's ``model`` settings describe, on ``input_shape`` (default: model.input_shape)."""
+    shape = model.input_shape if input_shape is None else input_shape
+    return build_encoder(model.encoder, shape, width=model.width, depth=model.depth, seed=seed, readout=model.readout)
 
 
 def encoder_state_keys(encoder: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -17,9 +17,10 @@ Dosovitskiy et al., "An Image is Worth 16x16 Words: Transformers for Image Recog
   take an optional per-sample key-padding mask (:func:`attention_mask`) for the text encoder
   (fedssl.models.text); the ViT has no padding and passes none.
 - **LayerNorm, never BatchNorm**; no class token (it would be another bare parameter).
-- **Readout: the tokens averaged over each quadrant of the patch grid, then the final LayerNorm**,
-  ``4 x width`` features: the same 2x2 spatial layout the CNN and ResNet-GN readouts keep for a
-  linear probe, instead of one global token average.
+- **Readout: the tokens averaged over each cell of a ``readout x readout`` grid over the patch grid,
+  then the final LayerNorm**, ``readout**2 x width`` features: the same spatial layout the CNN and
+  ResNet-GN readouts keep for a linear probe (the same rule picks the grid, fedssl.inputs.readout_grid),
+  instead of one global token average.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedssl.inputs import AUTO_READOUT, readout_grid
 from fedssl.models.encoders import Encoder
 
 MAX_TOKENS = 64
@@ -95,7 +97,7 @@ class TransformerBlock(nn.Module):
 class ViTEncoder(Encoder):
     """A small ViT; ``width`` is the token dimension, ``depth`` the number of transformer blocks."""
 
-    def __init__(self, input_shape: Sequence[int], width: int = 64, depth: int = 4) -> None:
+    def __init__(self, input_shape: Sequence[int], width: int = 64, depth: int = 4, readout: int = AUTO_READOUT) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(
@@ -115,7 +117,8 @@ class ViTEncoder(Encoder):
             heads = 1
         self.blocks = nn.Sequential(*[TransformerBlock(width, heads) for _ in range(depth)])
         self.norm = nn.LayerNorm(width)
-        self.out_dim = 4 * width
+        self.readout = readout_grid(readout, self.input_shape)
+        self.out_dim = self.readout**2 * width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
@@ -123,5 +126,5 @@ class ViTEncoder(Encoder):
         tokens = tokens + self.position_embedding(self.positions.expand(batch, -1))
         tokens = self.blocks(tokens)
         grid = tokens.transpose(1, 2).reshape(batch, -1, *self.grid)
-        quadrants = F.adaptive_avg_pool2d(grid, (2, 2)).flatten(2).transpose(1, 2)  # (B, 4, width)
-        return self.norm(quadrants).flatten(1)
+        cells = F.adaptive_avg_pool2d(grid, (self.readout, self.readout)).flatten(2).transpose(1, 2)  # (B, cells, width)
+        return self.norm(cells).flatten(1)

@@ -83,7 +83,7 @@ def build_pretext_model(
     encoder into its target network at build time. ``feature_blocks``: the site's table layout
     (SiteDataset.feature_blocks)."""
     task = get_pretext(plan.pretext, plan.pretext_params)
-    encoder = build_encoder(plan.encoder, input_shape, width=plan.width, depth=plan.depth)
+    encoder = build_encoder(plan.encoder, input_shape, width=plan.width, depth=plan.depth, readout=plan.readout)
     encoder.load_state_dict(dict(encoder_state), strict=True)
     return task.build_model(encoder, feature_blocks)
 

@@ -29,7 +29,8 @@ import torch
 from fedssl.config import ExperimentConfig, WarmStartConfig
 from fedssl.data import synthetic
 from fedssl.errors import ConfigError
-from fedssl.models import build_encoder
+from fedssl.inputs import AUTO_READOUT
+from fedssl.models import build_encoder, encoder_for
 from fedssl.pretext import get_pretext
 from fedssl.progress import Progress, tick
 from fedssl.warmstart.checkpoint import check_fits, read_checkpoint, save_warm_start
@@ -42,6 +43,7 @@ def pretrain_encoder(
     encoder: str,
     width: int,
     depth: int,
+    readout: int = AUTO_READOUT,
     pretext: str = "rotation",
     pretext_params: Mapping[str, Any] | None = None,
     steps: int = 2000,
@@ -58,7 +60,7 @@ def pretrain_encoder(
     a given ``seed`` (on one thread).
     """
     input_shape = tuple(inputs.shape[1:])
-    net = build_encoder(encoder, input_shape, width=width, depth=depth, seed=seed)
+    net = build_encoder(encoder, input_shape, width=width, depth=depth, seed=seed, readout=readout)
     if init_state is not None:
         net.load_state_dict(dict(init_state))
     with torch.random.fork_rng(devices=[]):
@@ -87,7 +89,8 @@ def pretrain_encoder(
 
 
 def synthetic_warm_start(
-    ws: WarmStartConfig, *, encoder: str, width: int, depth: int, input_shape: tuple[int, ...], progress: Progress | None = None
+    ws: WarmStartConfig, *, encoder: str, width: int, depth: int, input_shape: tuple[int, ...], readout: int = AUTO_READOUT,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Render synthetic digits and pretrain on them; returns (weights, provenance)."""
     shape = tuple(input_shape)
@@ -103,7 +106,7 @@ def synthetic_warm_start(
     if progress:
         progress(f"warm start: rendered {ws.num_samples} synthetic digits in {time.perf_counter() - started:.0f}s; pretraining")
     state = pretrain_encoder(
-        torch.from_numpy(images), encoder=encoder, width=width, depth=depth, pretext=ws.pretext, steps=ws.steps,
+        torch.from_numpy(images), encoder=encoder, width=width, depth=depth, readout=readout, pretext=ws.pretext, steps=ws.steps,
         batch_size=ws.batch_size, lr=ws.lr, momentum=ws.momentum, seed=ws.seed, progress=progress,
     )
     provenance = {
@@ -131,11 +134,12 @@ def prepare_warm_start(config: ExperimentConfig, run_dir: Path, progress: Progre
         raise ConfigError("model.input_shape: must be known before a warm start (the CLI fills it from the data)")
     if ws.source == "synthetic":
         state, provenance = synthetic_warm_start(
-            ws, encoder=m.encoder, width=m.width, depth=m.depth, input_shape=tuple(m.input_shape), progress=progress
+            ws, encoder=m.encoder, width=m.width, depth=m.depth, input_shape=tuple(m.input_shape), readout=m.readout,
+            progress=progress,
         )
     else:
         state, recorded = read_checkpoint(Path(ws.path))
-        check_fits(state, build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth), f"warm_start.path: {ws.path}")
+        check_fits(state, encoder_for(m), f"warm_start.path: {ws.path}")
         provenance = {
             "source": "path",
             "path": str(Path(ws.path).resolve()),

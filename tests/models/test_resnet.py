@@ -10,16 +10,22 @@ from torch import nn
 
 from fedssl.models import IMAGE_ENCODERS, build_encoder, encoder_state_keys
 from fedssl.models.resnet import ResNetGNEncoder
+from tests.readout import pooled_by_hand
 
 
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 64, 64), (1, 8, 8), (3, 32, 32)])
-def test_features_are_the_last_stage_pooled_to_2x2(shape):
-    encoder = build_encoder("resnet", shape, width=4, depth=1, seed=0)
-    out = encoder(torch.randn(2, *shape))
-    assert out.shape == (2, 4 * 8 * 4) == (2, encoder.out_dim)
+# readout 0 picks the grid from the image: 2x2 up to 16 px on the smaller side, 4x4 above
+@pytest.mark.parametrize("shape, readout, grid", [((1, 28, 28), 0, 4), ((3, 64, 64), 0, 4), ((1, 8, 8), 0, 2),
+                                                  ((3, 16, 16), 0, 2), ((3, 17, 24), 0, 4), ((1, 28, 28), 2, 2),
+                                                  ((3, 32, 32), 1, 1), ((1, 28, 28), 3, 3)])
+def test_features_are_the_last_stage_pooled_to_the_readout_grid(shape, readout, grid):
+    encoder = build_encoder("resnet", shape, width=4, depth=1, seed=0, readout=readout)
+    x = torch.randn(2, *shape)
+    feature_map = encoder.features(x)
     # three stride-2 stages: the map before pooling is ceil(H / 8) on a side
-    feature_map = encoder.features(torch.randn(1, *shape))
     assert feature_map.shape[-2:] == tuple(-(-s // 8) for s in shape[1:])
+    out = encoder(x)
+    assert encoder.readout == grid and out.shape == (2, 4 * 8 * grid * grid) == (2, encoder.out_dim)
+    torch.testing.assert_close(out, pooled_by_hand(feature_map, grid))
 
 
 def test_depth_2_is_resnet_18_shaped():

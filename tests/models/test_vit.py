@@ -12,6 +12,7 @@ from opacus.validators import ModuleValidator
 
 from fedssl.models import IMAGE_ENCODERS, build_encoder, encoder_state_keys
 from fedssl.models.vit import SelfAttention, patch_size_for
+from tests.readout import pooled_by_hand
 
 
 @pytest.mark.parametrize(("side", "patch", "tokens"), [(8, 1, 64), (28, 4, 49), (32, 4, 64), (64, 8, 64), (9, 3, 9)])
@@ -19,10 +20,18 @@ def test_patch_is_the_smallest_divisor_with_at_most_64_tokens(side, patch, token
     assert patch_size_for(side, side) == patch and (side // patch) ** 2 == tokens
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32), (3, 12, 16)])
-def test_features_are_four_quadrants_of_width(shape):
-    encoder = build_encoder("vit", shape, width=16, depth=1, seed=0)
-    assert encoder(torch.randn(3, *shape)).shape == (3, 4 * 16) == (3, encoder.out_dim)
+@pytest.mark.parametrize("shape, readout, grid", [((1, 8, 8), 0, 2), ((1, 28, 28), 0, 4), ((3, 32, 32), 0, 4),
+                                                  ((3, 12, 16), 0, 2), ((1, 28, 28), 2, 2), ((1, 28, 28), 1, 1)])
+def test_features_are_the_token_grid_averaged_per_readout_cell(shape, readout, grid):
+    encoder = build_encoder("vit", shape, width=16, depth=1, seed=0, readout=readout)
+    x = torch.randn(3, *shape)
+    out = encoder(x)
+    assert encoder.readout == grid and out.shape == (3, grid * grid * 16) == (3, encoder.out_dim)
+    # by hand: the blocks' tokens laid out on the patch grid, each readout cell's mean, the final LayerNorm per cell
+    tokens = encoder.patch_embedding(x).flatten(2).transpose(1, 2) + encoder.position_embedding.weight
+    tokens = encoder.blocks(tokens).transpose(1, 2).reshape(3, 16, *encoder.grid)
+    cells = pooled_by_hand(tokens, grid).reshape(3, 16, grid * grid).transpose(1, 2)
+    torch.testing.assert_close(out, encoder.norm(cells).flatten(1))
 
 
 def attention_by_hand(attention: SelfAttention, x: torch.Tensor, pad: torch.Tensor | None = None) -> torch.Tensor:

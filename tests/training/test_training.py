@@ -202,3 +202,19 @@ def test_a_round_leaves_no_garbage_cycles_behind(digits_site, global_encoder, ma
         assert left < 50, f"the round left {left} objects of its model or DP engine in reference cycles"
     finally:
         gc.enable()
+
+
+def test_the_plan_carries_the_readout_grid_each_site_trains_through(digits_site, global_encoder, make_plan):
+    """model.readout reaches every site in the plan: the pretext head reads the features the probe will."""
+    from conftest import WIDTH
+    from fedssl.errors import ConfigError
+    from fedssl.training.local import build_pretext_model
+
+    plan = TrainPlan.from_wire(make_plan(readout=1).to_wire())
+    model = build_pretext_model(plan, digits_site.input_shape, global_encoder)
+    assert plan.readout == 1 and model.encoder.readout == 1 and model.encoder.out_dim == WIDTH
+    # a server from before model.readout sends none: the site picks the image's grid (2x2 at 8x8), as encoder_for does
+    older = {key: value for key, value in plan.to_wire().items() if key != "readout"}
+    assert build_pretext_model(TrainPlan.from_wire(older), digits_site.input_shape, global_encoder).encoder.readout == 2
+    with pytest.raises(ConfigError, match=r"train config: readout must be an integer in \[0, 8\], got 9"):
+        TrainPlan.from_wire({**plan.to_wire(), "readout": 9})
