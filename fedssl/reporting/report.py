@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from fedssl.evaluation.results import EvalResults, Gain, format_fraction
+from fedssl.inputs import AUTO_READOUT, READOUT_ENCODERS, readout_grid
 from fedssl.layout import EPSILON_PLOT, LABEL_EFFICIENCY_PLOT, PRETEXT_PLOT, RunDir
 from fedssl.reporting.plots import plot_epsilon, plot_label_efficiency, plot_pretext_loss
 from fedssl.reporting.privacy import privacy_statement
@@ -50,6 +51,15 @@ def _wall_time(run: RunFiles) -> str:
     return f"{seconds:.1f} s" if isinstance(seconds, (int, float)) else "not recorded (no summary.json)"
 
 
+def _readout(model: dict) -> str:
+    """", features pooled 4x4" for an image encoder: the grid every probe and fine-tune row reads through."""
+    shape = model.get("input_shape") or []
+    if model.get("encoder") not in READOUT_ENCODERS or len(shape) != 3:
+        return ""
+    grid = readout_grid(int(model.get("readout", AUTO_READOUT)), shape)
+    return f", features pooled {grid}x{grid}"
+
+
 def _run_summary(run: RunFiles) -> list[str]:
     federation, model = _section(run.config, "federation"), _section(run.config, "model")
     planned_sites, planned_rounds = federation.get("num_sites", "?"), federation.get("rounds", "?")
@@ -57,7 +67,7 @@ def _run_summary(run: RunFiles) -> list[str]:
         ("sites", f"{len(run.site_ids)} reporting (planned {planned_sites})"),
         ("rounds", f"{len(run.rounds)} completed (planned {planned_rounds})"),
         ("pretext", str(_section(run.config, "pretext").get("name", "unknown (no config.yaml)"))),
-        ("encoder", f"{model.get('encoder', '?')}, width {model.get('width', '?')}, depth {model.get('depth', '?')}"),
+        ("encoder", f"{model.get('encoder', '?')}, width {model.get('width', '?')}, depth {model.get('depth', '?')}{_readout(model)}"),
         ("strategy", str(federation.get("strategy", "?"))),
         ("privacy target", _privacy_target(run)),
         ("wall time", _wall_time(run)),

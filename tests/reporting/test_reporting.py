@@ -34,7 +34,7 @@ from fedssl.reporting import (
 CONFIG = {
     "run": {"name": "tiny"},
     "federation": {"num_sites": 2, "rounds": 3, "strategy": "fedavg"},
-    "model": {"encoder": "cnn", "width": 16, "depth": 2},
+    "model": {"encoder": "cnn", "width": 16, "depth": 2, "input_shape": [1, 28, 28], "readout": 0},
     "pretext": {"name": "rotation"},
     "privacy": {"enabled": True, "target_epsilon": 3.0, "delta": 1e-5, "max_grad_norm": 1.0, "accountant": "rdp"},
 }
@@ -126,6 +126,7 @@ def test_report_has_plots_and_the_input_numbers(run_dir: Path) -> None:
     assert "| -1 |" not in report and "- round 2, node 7: timeout" in report
     assert "| rounds | 3 completed (planned 3) |" in report
     assert "| wall time | 42.2 s |" in report
+    assert "| encoder | cnn, width 16, depth 2, features pooled 4x4 |" in report  # readout 0 resolved for 28x28
     assert "| pretrained_probe | 0.620 ± 0.020 | 0.910 ± 0.010 |" in report
     assert "| raw_input (pixels) | 0.520 ± 0.020 | 0.710 ± 0.010 |" in report
 
