@@ -218,3 +218,5 @@ def test_the_plan_carries_the_readout_grid_each_site_trains_through(digits_site,
     assert build_pretext_model(TrainPlan.from_wire(older), digits_site.input_shape, global_encoder).encoder.readout == 2
     with pytest.raises(ConfigError, match=r"train config: readout must be an integer in \[0, 8\], got 9"):
         TrainPlan.from_wire({**plan.to_wire(), "readout": 9})
+    with pytest.raises(ConfigError, match="train config: readout 2 for the mlp encoder, which pools to no grid"):
+        TrainPlan.from_wire({**plan.to_wire(), "encoder": "mlp", "readout": 2})
