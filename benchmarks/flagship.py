@@ -279,8 +279,8 @@ def run_tune(setup: Setup, data: Data, tmp: Path, log) -> dict:
     scores = {}
     for lr in TUNE_LRS:
         candidate = dataclasses.replace(tuned, lr=lr)
-        state, _ = learning_kit.federated_state(candidate, validation, parts, learning_kit.random_state(candidate, 0), 8.0, 0,
-                                            tmp / f"tune-lr{lr:g}")
+        start = learning_kit.random_state(candidate, 0)
+        state, _ = learning_kit.federated_state(candidate, validation, parts, start, 8.0, 0, tmp / f"tune-lr{lr:g}")
         scores[f"{lr:g}"] = learning_kit.evaluate(state, candidate, validation, 0, ("probe",))["probe"]
         log(f"tune lr {lr:g}: validation probe {scores[f'{lr:g}']}")
     return {"validation_probe_at_600": scores, "best_lr": max(scores, key=lambda k: next(iter(scores[k].values())))}
