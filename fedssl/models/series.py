@@ -7,7 +7,7 @@ mix samples, which voids per-sample clipping (Opacus' ModuleValidator refuses it
 normalises within one sample. Both clipping engines support Conv1d and GroupNorm.
 
 Readout: global average pooling over time, as the fully convolutional time-series classifiers
-do (Wang, Yan, Oates, IJCNN 2017). Why global here where the image encoders keep a 2x2 grid:
+do (Wang, Yan, Oates, IJCNN 2017). Why global here where the image encoders keep a spatial grid (model.readout):
 (1) the weights then do not depend on the series length, so sites whose series differ in length
 still share one encoder, and ``data.series_length`` can change without changing the model;
 (2) a motif means the same wherever in the window it occurs (windows of sensor streams are not
