@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from fedssl.inputs import AUTO_READOUT, ENCODER_NAMES, IMAGE_ENCODERS, MAX_READOUT, READOUT_ENCODERS, is_custom_spec
+from fedssl.inputs import AUTO_READOUT, ENCODER_NAMES, IMAGE_ENCODERS, is_custom_spec, readout_problem
 from fedssl.sample_format import SampleFormat
 
 # The privacy sections live with the privacy code; importing them here keeps `fedssl.config` the one entry point.
@@ -162,10 +162,8 @@ class ModelConfig:
         )
         check(1 <= self.width <= 4096, "model.width", "must be in [1, 4096]", self.width)
         check(1 <= self.depth <= 16, "model.depth", "must be in [1, 16]", self.depth)
-        check(0 <= self.readout <= MAX_READOUT, "model.readout",
-              f"must be a grid side in [1, {MAX_READOUT}], or 0 to pick it from the image size", self.readout)
-        check(self.readout == AUTO_READOUT or self.encoder in READOUT_ENCODERS, "model.readout",
-              f"only the {', '.join(sorted(READOUT_ENCODERS))} encoders pool to a grid; leave it 0 for {self.encoder}", self.readout)
+        problem = readout_problem(self.encoder, self.readout)
+        check(problem is None, "model.readout", problem or "", self.readout)
 
 
 @dataclass

@@ -81,6 +81,16 @@ def readout_grid(readout: int, shape: Sequence[int]) -> int:
     return 2 if min(int(d) for d in shape[1:]) <= AUTO_READOUT_COARSE_MAX else 4
 
 
+def readout_problem(encoder: str, readout: Any) -> str | None:
+    """Whether ``readout`` is a grid ``encoder`` can pool to: None, else the rule it breaks (the config, the
+    site's check of a plan and the encoder factory all apply this one rule)."""
+    if isinstance(readout, bool) or not isinstance(readout, int) or not 0 <= readout <= MAX_READOUT:
+        return f"must be a grid side in [1, {MAX_READOUT}], or 0 to pick it from the image size"
+    if readout != AUTO_READOUT and encoder not in READOUT_ENCODERS:
+        return f"only the {', '.join(sorted(READOUT_ENCODERS))} encoders pool to a grid; leave it 0 for {encoder}"
+    return None
+
+
 def modality_of_shape(shape: Sequence[int]) -> str:
     """``"image"`` for (channels, height, width), ``"vector"`` for anything else."""
     return IMAGE if len(shape) == 3 else VECTOR

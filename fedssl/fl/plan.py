@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from fedssl.errors import ConfigError
-from fedssl.inputs import AUTO_READOUT, MAX_READOUT, READOUT_ENCODERS
+from fedssl.inputs import AUTO_READOUT, readout_problem
 
 # Where a site's local training starts each round: the global encoder (FedAvg), or FedEMA's
 # divergence-aware mix of it with the site's own last encoder (fedssl/training/fedema.py).
@@ -72,11 +72,9 @@ class TrainPlan:
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ConfigError(f"train config: {_wire_key(name)} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(self.readout, int) and 0 <= self.readout <= MAX_READOUT):
-            raise ConfigError(f"train config: readout must be an integer in [0, {MAX_READOUT}], got {self.readout!r}")
-        if self.readout != AUTO_READOUT and self.encoder not in READOUT_ENCODERS:
-            raise ConfigError(f"train config: readout {self.readout} for the {self.encoder} encoder, which pools to no grid; "
-                              "only 0 is valid for it")
+        problem = readout_problem(self.encoder, self.readout)
+        if problem:
+            raise ConfigError(f"train config: readout {problem}, got {self.readout!r}")
         if not self.lr > 0:
             raise ConfigError(f"train config: lr must be > 0, got {self.lr!r}")
         if self.local_update not in LOCAL_UPDATES:

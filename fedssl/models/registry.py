@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fedssl.config import ModelConfig
-from fedssl.inputs import AUTO_READOUT, IMAGE_ENCODERS, READOUT_ENCODERS, is_custom_spec  # noqa: F401 - IMAGE_ENCODERS re-exported
+from fedssl.inputs import AUTO_READOUT, IMAGE_ENCODERS, READOUT_ENCODERS, is_custom_spec, readout_problem  # noqa: F401 - IMAGE_ENCODERS re-exported
 from fedssl.models.custom import build_custom_encoder
 from fedssl.models.encoders import ConvEncoder, Encoder, MLPEncoder
 from fedssl.models.resnet import ResNetGNEncoder
@@ -32,8 +32,9 @@ def build_encoder(
     holds no weights, so it changes the features, not the keys."""
     if kind not in ENCODERS and not is_custom_spec(kind):
         raise ValueError(f"unknown encoder {kind!r}; valid choices: {', '.join(sorted(ENCODERS))}, or 'package.module:factory'")
-    if readout != AUTO_READOUT and kind not in READOUT_ENCODERS:
-        raise ValueError(f"readout {readout}: only the {', '.join(sorted(READOUT_ENCODERS))} encoders have a readout grid")
+    problem = readout_problem(kind, readout)
+    if problem:
+        raise ValueError(f"readout {problem}, got {readout!r}")
 
     def build() -> Encoder:
         if kind in READOUT_ENCODERS:

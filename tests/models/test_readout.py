@@ -42,5 +42,5 @@ def test_a_runs_model_settings_build_its_grid():
 
 @pytest.mark.parametrize("kind, shape", [("mlp", (64,)), ("conv1d", (2, 32)), ("transformer", (24,))])
 def test_encoders_without_a_grid_refuse_one(kind, shape):
-    with pytest.raises(ValueError, match="only the cnn, resnet, vit encoders have a readout grid"):
+    with pytest.raises(ValueError, match=f"readout only the cnn, resnet, vit encoders pool to a grid; leave it 0 for {kind}, got 2"):
         build_encoder(kind, shape, width=8, depth=1, readout=2)

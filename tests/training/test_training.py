@@ -216,7 +216,7 @@ def test_the_plan_carries_the_readout_grid_each_site_trains_through(digits_site,
     # a server from before model.readout sends none: the site picks the image's grid (2x2 at 8x8), as encoder_for does
     older = {key: value for key, value in plan.to_wire().items() if key != "readout"}
     assert build_pretext_model(TrainPlan.from_wire(older), digits_site.input_shape, global_encoder).encoder.readout == 2
-    with pytest.raises(ConfigError, match=r"train config: readout must be an integer in \[0, 8\], got 9"):
+    with pytest.raises(ConfigError, match=r"train config: readout must be a grid side in \[1, 8\], or 0 .*, got 9$"):
         TrainPlan.from_wire({**plan.to_wire(), "readout": 9})
-    with pytest.raises(ConfigError, match="train config: readout 2 for the mlp encoder, which pools to no grid"):
+    with pytest.raises(ConfigError, match="train config: readout only the cnn, resnet, vit encoders pool to a grid; leave it 0 for mlp, got 2"):
         TrainPlan.from_wire({**plan.to_wire(), "encoder": "mlp", "readout": 2})
