@@ -64,18 +64,14 @@ def replay(config, state_root: Path) -> dict:
 
     from fedssl.experiment import central_data_for, site_partitions, site_settings
     from fedssl.data.partition import make_site_dataset
-    from fedssl.models import build_encoder
+    from fedssl.models import encoder_for
     from fedssl.training.local import train_round
-    from fedssl.fl.plan import TrainPlan
+    from fedssl.fl.plan import plan_from_config
 
     data = central_data_for(config)
     parts = site_partitions(config)
-    m, t = config.model, config.training
-    state = build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth, seed=config.run.seed).state_dict()
-    plan = TrainPlan(run_id="replay", server_round=1, planned_rounds=config.federation.rounds, pretext=config.pretext.name,
-                     pretext_params=config.pretext.params, encoder=m.encoder, width=m.width, depth=m.depth,
-                     local_steps=t.local_steps, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                     momentum=t.momentum, seed=config.run.seed)
+    state = encoder_for(config.model, seed=config.run.seed).state_dict()
+    plan = plan_from_config(config, run_id="replay")  # the plan the real run's coordinator sends, readout included
     steps_s = round_s = 0.0
     per_round = []
     for server_round in range(1, config.federation.rounds + 1):
@@ -218,7 +214,7 @@ def micro(config, with_subprocesses: bool) -> dict:
     from flwr.app import ArrayRecord
 
     from fedssl import experiment
-    from fedssl.models import build_encoder
+    from fedssl.models import encoder_for
 
     out: dict[str, float] = {}
     experiment.central_data.cache_clear()
@@ -228,8 +224,7 @@ def micro(config, with_subprocesses: bool) -> dict:
     started = time.perf_counter()
     experiment.site_partitions(config)
     out["data_load_and_partition_cached_s"] = time.perf_counter() - started
-    m = config.model
-    state = build_encoder(m.encoder, m.input_shape, width=m.width, depth=m.depth).state_dict()
+    state = encoder_for(config.model).state_dict()
     started = time.perf_counter()
     for _ in range(20):
         ArrayRecord(state).to_torch_state_dict()
