@@ -48,8 +48,13 @@ def build(width: int, depth: int, readout: int, side: int):
     return build_encoder("cnn", (1, side, side), width=width, depth=depth, seed=0, readout=readout)
 
 
-def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS) -> float:
-    """Mean validation accuracy of the linear probe over the label seeds; ``net=None`` probes raw pixels."""
+def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS,
+          probe_Cs: tuple[float, ...] = (1.0,)) -> float | dict[str, float]:
+    """Mean validation accuracy of the linear probe over the label seeds; ``net=None`` probes raw pixels.
+
+    One C gives one number (the flagship's probe, C = 1); several give one per C, so each row's
+    regularization can be picked on this validation split rather than fixed for every row.
+    """
     from fedssl.data.sampling import stratified_subset
     from fedssl.evaluation.probes import encode, flatten_inputs, linear_probe_accuracy
 
@@ -57,11 +62,14 @@ def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...
         pool, validation = flatten_inputs(data.train_x), flatten_inputs(data.test_x)
     else:
         pool, validation = encode(net, data.train_x), encode(net, data.test_x)
-    scores = []
-    for seed in label_seeds:
-        subset = stratified_subset(data.train_y, labels, seed)
-        scores.append(linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, 1.0))
-    return float(np.mean(scores))
+    by_C = {}
+    for C in probe_Cs:
+        scores = []
+        for seed in label_seeds:
+            subset = stratified_subset(data.train_y, labels, seed)
+            scores.append(linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, C))
+        by_C[f"{C:g}"] = float(np.mean(scores))
+    return next(iter(by_C.values())) if len(by_C) == 1 else by_C
 
 
 def screen(args, data: learning_kit.Data, labels: int) -> dict:
@@ -71,7 +79,7 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
     net = build(args.width, args.depth, args.readout, data.train_x.shape[-1])
     entry = {"readout": args.readout, "grid": net.readout, "pretext": args.pretext, "params": args.params,
              "steps": args.steps, "lr": args.lr, "width": args.width, "depth": args.depth,
-             "random_probe": probe(net, data, labels, args.label_seeds)}
+             "random_probe": probe(net, data, labels, args.label_seeds, args.probe_C)}
     if args.steps == 0:
         return entry
     started = time.perf_counter()
@@ -89,7 +97,7 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
         optimizer.step()
         model.after_optimizer_step()
         if step in (args.steps // 2, args.steps):
-            entry["pretrained_probe"][str(step)] = probe(model.encoder, data, labels, args.label_seeds)
+            entry["pretrained_probe"][str(step)] = probe(model.encoder, data, labels, args.label_seeds, args.probe_C)
     entry["final_loss"] = float(loss.detach())
     entry["train_seconds"] = time.perf_counter() - started
     return entry
@@ -109,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digits", action="store_true",
                         help=f"the embedded 8x8 digits (make demo's data) instead of Fashion-MNIST, {DIGITS_LABELS} labels")
     parser.add_argument("--label-seeds", type=int, nargs="+", default=list(LABEL_SEEDS))
+    parser.add_argument("--probe-C", type=float, nargs="+", default=[1.0],
+                        help="the probe's inverse L2 strength; several score each on the validation split")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     args = parser.parse_args(argv)
+    if min(args.probe_C) <= 0:
+        parser.error(f"--probe-C {min(args.probe_C)}: every C must be > 0")
     if args.steps < 0:
         parser.error(f"--steps {args.steps}: 0 (random init only) or more")
     if not args.digits and not (args.data / "train-images-idx3-ubyte.gz").exists():
@@ -123,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     source = learning_kit.load_data() if args.digits else flagship.load_fashion(args.data, limit=2000 if args.quick else None)
     data = learning_kit.validation_data(source)
     labels = 50 if args.quick else DIGITS_LABELS if args.digits else LABELS
-    entry = {"raw_probe": probe(None, data, labels, args.label_seeds)} if args.raw else screen(args, data, labels)
+    entry = {"raw_probe": probe(None, data, labels, args.label_seeds, args.probe_C)} if args.raw else screen(args, data, labels)
     entry.update(data="digits" if args.digits else "fashion-mnist", labels=labels, label_seeds=args.label_seeds,
+                 probe_C=args.probe_C,
                  command=command_line())
     previous = results_dir(args.quick) / f"{NAME}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -184,6 +185,24 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         refused = _run([str(BENCH / "flagship.py"), "--render", str(bad)], out, timeout=120)
         assert refused.returncode == 2 and "not a flagship table result file" in refused.stdout
         assert "Traceback" not in refused.stderr
+    # Runs that split the ε grid (side by side) merge into one table; their control rows must agree exactly.
+    no_dp = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--epsilons", "inf", "--suffix", "_inf"], out)
+    assert no_dp.returncode == 0, no_dp.stderr[-2000:]
+    parts = [str(out / "flagship_table.json"), str(out / "flagship_table_inf.json")]
+    merged = _run([str(BENCH / "flagship_merge.py"), *parts, "--suffix", "_curve"], out, timeout=120)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    curve = json.loads((out / "flagship_table_curve.json").read_text())
+    rows = [row for row in curve["per_seed"] if row != "public-warm"]  # the warm start's row needs mlxtend
+    assert rows == ["raw", "random", "fed-eps8", "fed-epsinf"] and curve["setup"]["epsilons"] == [8, math.inf]
+    assert curve["summary"]["random"] == record["summary"]["random"] and curve["targets"] == record["targets"]
+    assert "| federated, no DP |" in (out / "flagship_table_curve.md").read_text()
+    assert (out / "flagship_curve_vs_epsilon.png").is_file()
+    tampered = json.loads((out / "flagship_table_inf.json").read_text())
+    tampered["per_seed"]["random"]["0"]["accuracy"]["probe"] = {"x": 1.0}
+    (out / "tampered.json").write_text(json.dumps(tampered))
+    refused = _run([str(BENCH / "flagship_merge.py"), parts[0], str(out / "tampered.json"), "--suffix", "_bad"], out, timeout=120)
+    assert refused.returncode == 2 and "row 'random' differs" in refused.stdout and "Traceback" not in refused.stderr
+    assert not (out / "flagship_table_bad.json").exists()
     # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
     tune = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
                  "--suffix", "_jigsaw"], out)
@@ -211,13 +230,17 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
 def test_readout_screen_adds_one_entry_per_call(tmp_path):
     """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
     data, out = _tiny_fashion(tmp_path), tmp_path / "out"
-    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation"], ["--digits", "--readout", "0", "--steps", "0"]):
+    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation", "--probe-C", "0.1", "1"],
+                 ["--digits", "--readout", "0", "--steps", "0"]):
         proc = _run([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
         assert proc.returncode == 0, proc.stderr[-2000:]
     raw, rotation, digits = json.loads((out / "readout_screen.json").read_text())["runs"]
     assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw") and raw["data"] == "fashion-mnist"
     # probed at random init, then at half and all of --quick's two steps
     assert rotation["grid"] == 4 and set(rotation["pretrained_probe"]) == {"1", "2"}
+    # several probe Cs: one validation score per C at every probe point
+    assert set(rotation["random_probe"]) == set(rotation["pretrained_probe"]["2"]) == {"0.1", "1"}
+    assert rotation["probe_C"] == [0.1, 1.0] and raw["probe_C"] == [1.0]
     # fedssl's own grid for 8x8 digits, at random init only
     assert (digits["data"], digits["grid"], digits["labels"]) == ("digits", 2, 50) and "pretrained_probe" not in digits
     missing = _run([str(BENCH / "readout_screen.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
