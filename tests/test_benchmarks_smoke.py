@@ -161,6 +161,27 @@ def _tiny_fashion(tmp_path: Path) -> Path:
     return data
 
 
+def _check_merge_of_split_runs(data: Path, out: Path, record: dict) -> None:
+    """Runs that split the ε grid (side by side) merge into one table; their control rows must agree exactly."""
+    no_dp = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--epsilons", "inf", "--suffix", "_inf"], out)
+    assert no_dp.returncode == 0, no_dp.stderr[-2000:]
+    parts = [str(out / "flagship_table.json"), str(out / "flagship_table_inf.json")]
+    merged = _run([str(BENCH / "flagship_merge.py"), *parts, "--suffix", "_curve"], out, timeout=120)
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    curve = json.loads((out / "flagship_table_curve.json").read_text())
+    rows = [row for row in curve["per_seed"] if row != "public-warm"]  # the warm start's row needs mlxtend
+    assert rows == ["raw", "random", "fed-eps8", "fed-epsinf"] and curve["setup"]["epsilons"] == [8, math.inf]
+    assert curve["summary"]["random"] == record["summary"]["random"] and curve["targets"] == record["targets"]
+    assert "| federated, no DP |" in (out / "flagship_table_curve.md").read_text()
+    assert (out / "flagship_curve_vs_epsilon.png").is_file()
+    tampered = json.loads((out / "flagship_table_inf.json").read_text())
+    tampered["per_seed"]["random"]["0"]["accuracy"]["probe"] = {"x": 1.0}
+    (out / "tampered.json").write_text(json.dumps(tampered))
+    refused = _run([str(BENCH / "flagship_merge.py"), parts[0], str(out / "tampered.json"), "--suffix", "_bad"], out, timeout=120)
+    assert refused.returncode == 2 and "row 'random' differs" in refused.stdout and "Traceback" not in refused.stderr
+    assert not (out / "flagship_table_bad.json").exists()
+
+
 @pytest.mark.slow
 def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     """benchmarks/flagship.py --quick on tiny files in Fashion-MNIST's format and names."""
@@ -185,24 +206,7 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         refused = _run([str(BENCH / "flagship.py"), "--render", str(bad)], out, timeout=120)
         assert refused.returncode == 2 and "not a flagship table result file" in refused.stdout
         assert "Traceback" not in refused.stderr
-    # Runs that split the ε grid (side by side) merge into one table; their control rows must agree exactly.
-    no_dp = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--epsilons", "inf", "--suffix", "_inf"], out)
-    assert no_dp.returncode == 0, no_dp.stderr[-2000:]
-    parts = [str(out / "flagship_table.json"), str(out / "flagship_table_inf.json")]
-    merged = _run([str(BENCH / "flagship_merge.py"), *parts, "--suffix", "_curve"], out, timeout=120)
-    assert merged.returncode == 0, merged.stderr[-2000:]
-    curve = json.loads((out / "flagship_table_curve.json").read_text())
-    rows = [row for row in curve["per_seed"] if row != "public-warm"]  # the warm start's row needs mlxtend
-    assert rows == ["raw", "random", "fed-eps8", "fed-epsinf"] and curve["setup"]["epsilons"] == [8, math.inf]
-    assert curve["summary"]["random"] == record["summary"]["random"] and curve["targets"] == record["targets"]
-    assert "| federated, no DP |" in (out / "flagship_table_curve.md").read_text()
-    assert (out / "flagship_curve_vs_epsilon.png").is_file()
-    tampered = json.loads((out / "flagship_table_inf.json").read_text())
-    tampered["per_seed"]["random"]["0"]["accuracy"]["probe"] = {"x": 1.0}
-    (out / "tampered.json").write_text(json.dumps(tampered))
-    refused = _run([str(BENCH / "flagship_merge.py"), parts[0], str(out / "tampered.json"), "--suffix", "_bad"], out, timeout=120)
-    assert refused.returncode == 2 and "row 'random' differs" in refused.stdout and "Traceback" not in refused.stderr
-    assert not (out / "flagship_table_bad.json").exists()
+    _check_merge_of_split_runs(data, out, record)
     # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
     tune = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
                  "--suffix", "_jigsaw"], out)
