@@ -172,7 +172,8 @@ def render_table(result: dict) -> str:
     header = "| row | " + " | ".join(f"{m.replace('finetune', 'fine-tune')}, {b} labels" for m, b, _ in cells) + " |"
     setup, grid = result["setup"], result.get("readout_grid", 2)  # files from before model.readout pooled 2x2
     lines = [f"Sites' pretext {setup['pretext']}, {setup['sites']} sites x {setup['rounds']} rounds x {setup['local_steps']} "
-             f"steps, batch {setup['batch_size']}; CNN w{setup['width']} d{setup['depth']}, {grid}x{grid} readout.", "",
+             f"steps, batch {setup['batch_size']}; CNN w{setup['width']} d{setup['depth']}, {grid}x{grid} readout; "
+             f"probe C {setup.get('probe_C', 1.0):g}.", "",
              header, "|---" * (len(cells) + 1) + "|"]
 
     def pm(cell: dict | None) -> str:
@@ -293,7 +294,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
                                epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
                                local_steps=args.local_steps or setup.local_steps,
                                finetune_epochs=args.finetune_epochs or setup.finetune_epochs, readout=args.readout,
-                               pretext=args.pretext)
+                               pretext=args.pretext, probe_C=args.probe_C or setup.probe_C)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="model.readout (0: fedssl's grid, 4x4 at 28x28; the committed flagship_table was 2)")
     parser.add_argument("--pretext", default=FLAGSHIP.pretext, choices=sorted(n for n, kinds in PRETEXT_MODALITIES.items() if IMAGE in kinds),
                         help=f"the sites' pretext task (default {FLAGSHIP.pretext}); the public warm start stays rotation")
+    parser.add_argument("--probe-C", type=float, help=f"every probe row's inverse L2 strength (default {FLAGSHIP.probe_C:g}, "
+                        "the committed tables'; readout_screen.py --probe-C picks it on the validation split)")
     parser.add_argument("--suffix", default="", help="appended to the result files' names: a variant keeps the committed table")
     parser.add_argument("--start", choices=tuple(STARTS), default="random",
                         help="where the federations start: random init, or the public-MNIST warm start")
@@ -321,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not all(c.isalnum() or c in "_-" for c in args.suffix):
         parser.error(f"--suffix {args.suffix!r}: letters, digits, _ and - only (it becomes part of a file name)")
+    if args.probe_C is not None and args.probe_C <= 0:
+        parser.error(f"--probe-C {args.probe_C:g}: must be > 0")
     quiet_warnings()
     if args.render:
         return render(args.render)

