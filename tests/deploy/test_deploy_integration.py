@@ -110,26 +110,10 @@ def plant_canary(site_dir: Path) -> Path:
 # ---------------------------------------------------------------------------- federation 1
 
 
-def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
-    from fedssl.deploy.localfed import make_local_federation
-    from fedssl.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY
-
-    root = tmp_path_factory.mktemp("fed1")
-    fed = make_local_federation(root, ["site-a", "site-b", "site-x"], registered=["site-a", "site-b"], rounds=2)
-    other = make_local_federation(tmp_path_factory.mktemp("other-ca"), ["site-q"])  # only for its CA
-    certs = root / "coordinator" / "certs"
-    canary_file = plant_canary(fed.site_dir("site-a"))
-    recorder = TLSRecorder(fed.port, certs / SERVER_CERT, certs / SERVER_KEY, certs / CA_CERT)
-    set_site(fed.site_yamls["site-a"], **{"data.path": str(canary_file), "coordinator.address": f"127.0.0.1:{recorder.port}"})
-
-    server, server_log = procs.start("server1", [FEDSSL, "server", "start", "--config", str(fed.server_yaml)])
-    wait_until(lambda: "registered site site-b" in text(server_log) or server.poll() is not None, 120, "the SuperLink to start")
-    assert server.poll() is None, text(server_log)
-
-    agent_a, log_a = procs.start("site-a", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-a"])])
-    agent_b, log_b = procs.start("site-b", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-b"])])
-
-    # --- refusals, against the live SuperLink -----------------------------------------
+def _check_refused_clients(procs, fed, other) -> None:
+    """An unregistered node key, a plaintext SuperNode and one trusting another CA are all refused by the live
+    SuperLink, and preflight names the wrong CA before any connection."""
+    from fedssl.deploy.pki import CA_CERT
     from fedssl.run.flower_runtime import free_port
 
     node_config = f"site-config='{fed.site_yamls['site-x']}'"
@@ -157,18 +141,9 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
     assert preflight_wrong_ca.returncode == 2
     assert "[FAIL] coordinator" in preflight_wrong_ca.stdout and "does not verify" in preflight_wrong_ca.stdout, preflight_wrong_ca.stdout
 
-    # --- the run ----------------------------------------------------------------------
-    assert server.wait(timeout=600) == 0, text(server_log)
-    out = text(server_log)
-    assert "round 2/2: 2/2 sites trained" in out, out
-    run_dir = root / "runs" / f"deploy-{root.name}"
-    assert (run_dir / "report.md").exists() and (run_dir / "encoder.pt").exists()
-    report = (run_dir / "report.md").read_text()
-    records = site_round_records(run_dir)
-    assert {(r["round"], r["site_id"], r["status"]) for r in records} == {(1, 0, "trained"), (1, 1, "trained"), (2, 0, "trained"), (2, 1, "trained")}
-    assert len({r["node_id"] for r in records}) == 2  # no refused client ever took part
 
-    # per-site ε: what the server recorded is what each site's own accountant says
+def _check_site_epsilons(fed, records: list[dict], report: str) -> None:
+    """Each site's last reported ε is what its own accountant and budget view say, within its target, in the report."""
     from fedssl.privacy.analysis import epsilon_of
     from fedssl.deploy.site.config import load_site_config
     from fedssl.deploy.site.status import budget_view
@@ -183,9 +158,9 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
         assert budget_view(config).spent == pytest.approx(last["epsilon"], rel=1e-9)
         assert f"{last['epsilon']:.3f}" in report
 
-    # --- wire check: nothing of site a's data, ids or labels left the site ---------------
-    recorder.close()
-    sent = bytes(recorder.sent)
+
+def _check_wire(sent: bytes, canary_file: Path) -> None:
+    """Site a's replies as recorded on the wire: its ε and encoder weights, nothing of its data, ids or labels."""
     assert b"epsilon" in sent, "the recorder did not see the site's replies"
     assert b"pretext-loss" not in sent, "a DP site released its exact (unnoised) pretext loss"
     assert len(sent) > 2 * 4 * 500, "the recorder saw no encoder weights"
@@ -193,6 +168,47 @@ def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
     assert CANARY_TEXT not in sent
     assert CANARY_FLOATS.tobytes() not in sent
     assert all(row.tobytes()[:64] not in sent for row in raw_rows[:50])
+
+
+def test_two_site_run_with_refusals_and_wire_check(tmp_path_factory, procs):
+    from fedssl.deploy.localfed import make_local_federation
+    from fedssl.deploy.pki import CA_CERT, SERVER_CERT, SERVER_KEY
+
+    root = tmp_path_factory.mktemp("fed1")
+    fed = make_local_federation(root, ["site-a", "site-b", "site-x"], registered=["site-a", "site-b"], rounds=2)
+    other = make_local_federation(tmp_path_factory.mktemp("other-ca"), ["site-q"])  # only for its CA
+    certs = root / "coordinator" / "certs"
+    canary_file = plant_canary(fed.site_dir("site-a"))
+    recorder = TLSRecorder(fed.port, certs / SERVER_CERT, certs / SERVER_KEY, certs / CA_CERT)
+    set_site(fed.site_yamls["site-a"], **{"data.path": str(canary_file), "coordinator.address": f"127.0.0.1:{recorder.port}"})
+
+    server, server_log = procs.start("server1", [FEDSSL, "server", "start", "--config", str(fed.server_yaml)])
+    wait_until(lambda: "registered site site-b" in text(server_log) or server.poll() is not None, 120, "the SuperLink to start")
+    assert server.poll() is None, text(server_log)
+
+    agent_a, log_a = procs.start("site-a", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-a"])])
+    agent_b, log_b = procs.start("site-b", [FEDSSL, "site", "start", "--config", str(fed.site_yamls["site-b"])])
+
+    # --- refusals, against the live SuperLink -----------------------------------------
+    _check_refused_clients(procs, fed, other)
+
+    # --- the run ----------------------------------------------------------------------
+    assert server.wait(timeout=600) == 0, text(server_log)
+    out = text(server_log)
+    assert "round 2/2: 2/2 sites trained" in out, out
+    run_dir = root / "runs" / f"deploy-{root.name}"
+    assert (run_dir / "report.md").exists() and (run_dir / "encoder.pt").exists()
+    report = (run_dir / "report.md").read_text()
+    records = site_round_records(run_dir)
+    assert {(r["round"], r["site_id"], r["status"]) for r in records} == {(1, 0, "trained"), (1, 1, "trained"), (2, 0, "trained"), (2, 1, "trained")}
+    assert len({r["node_id"] for r in records}) == 2  # no refused client ever took part
+
+    # per-site ε: what the server recorded is what each site's own accountant says
+    _check_site_epsilons(fed, records, report)
+
+    # --- wire check: nothing of site a's data, ids or labels left the site ---------------
+    recorder.close()
+    _check_wire(bytes(recorder.sent), canary_file)
 
     # --- budget spent: site b refuses to start --------------------------------------------
     assert stop_agent(agent_b) == 0
