@@ -78,6 +78,18 @@ def flower_site_commands(site_yaml: Path, isolation: str) -> tuple[list[str], li
     return supernode, [flower_bin("flower-superexec"), "--insecure", "--runtime-api-address", f"127.0.0.1:{port}"], env
 
 
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """Each process group: SIGTERM, then SIGKILL if it is still there 30 s later."""
+    for proc in procs:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=30)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+
+
 def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dict:
     from fedssl.deploy.localfed import make_local_federation
 
@@ -124,18 +136,18 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
             start_site(name, path)
         code = server.wait(timeout=timeout)
     finally:
-        for proc in procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                    proc.wait(timeout=30)
-                    break
-                except (ProcessLookupError, subprocess.TimeoutExpired):
-                    continue
+        stop_all(procs)
     total = time.perf_counter() - started
     if code != 0:
         raise SystemExit(f"deployment run failed (exit {code}); see {logs / 'server.log'}:\n{(logs / 'server.log').read_text()[-3000:]}")
     run_dir = root / "runs" / f"deploy-{root.name}"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {"per_round": round_overheads(run_dir, phase_log), "federation_seconds": summary.get("federation_seconds"),
+            "wall_seconds": total}
+
+
+def round_overheads(run_dir: Path, phase_log: Path) -> list[dict]:
+    """Each round's wall time against the slower site's training time (the sites' site_done phase marks)."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     site_done = [m for m in phases.read(phase_log) if m["phase"] == "site_done"]
     per_round = []
@@ -145,8 +157,7 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
             raise SystemExit(f"round {r['round']}: only {len(train)} site(s) trained; see {run_dir / 'metrics.jsonl'}")
         per_round.append({"round": r["round"], "seconds": r["seconds"], "max_train_seconds": max(train),
                           "overhead_seconds": r["seconds"] - max(train), "sites_trained": len(train)})
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"per_round": per_round, "federation_seconds": summary.get("federation_seconds"), "wall_seconds": total}
+    return per_round
 
 
 def describe(rounds: list[dict]) -> dict:
