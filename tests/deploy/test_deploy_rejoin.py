@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +23,36 @@ pytestmark = pytest.mark.slow
 # ---------------------------------------------------------------------------- federation 2
 
 
+def _check_refused_every_round(records: list[dict], site_id: int, state: Path, rounds: int) -> None:
+    """The site never trained or charged; each round's refusal is in its own events, naming the bundle's hash."""
+    refused_nodes = {r["node_id"] for r in records if r["status"] == "failed" and "app refused" in r.get("reason", "")}
+    assert len(refused_nodes) == 1
+    assert not [r for r in records if r["site_id"] == site_id]
+    assert ledger_records(state, "dp_event") == []
+    events = [json.loads(line) for line in (state / "site_events.jsonl").read_text().splitlines()]
+    refusals = [e for e in events if e["kind"] == "app_refused"]
+    assert len(refusals) == rounds
+    # what was hashed is the bundle the coordinator sent, checked by the site runner before any use
+    assert all(e["app_hash"].startswith("sha256:") and "is not in apps.allowed_hashes" in e["reason"] for e in refusals), refusals
+
+
+def _check_epsilon_covers_every_charge(trained: list[dict], state: Path) -> None:
+    """Each reported ε is at least the spend of the rounds surely trained by then; the ledger also holds the
+    round cut off by the crash, and its chain verifies."""
+    from fedssl.privacy.analysis import epsilon_of
+    from fedssl.privacy.ledger import Ledger
+
+    history, delta, accountant = accountant_state(state)
+    charged_rounds = [r["body"]["round"] for r in ledger_records(state, "dp_event")]
+    assert 1 in charged_rounds and len(history) == len(charged_rounds) >= len(trained)
+    for i, record in enumerate(trained, start=1):
+        assert record["epsilon"] >= epsilon_of(history[:i], delta, accountant) * (1 - 1e-9)
+    assert epsilon_of(history, delta, accountant) >= epsilon_of(history[: len(trained)], delta, accountant)
+    assert Ledger(state).verify().ok
+
+
 def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs):
     from fedssl.deploy.localfed import make_local_federation
-    from fedssl.privacy.analysis import epsilon_of
     from fedssl.deploy.site.config import load_site_config
 
     root = tmp_path_factory.mktemp("fed2")
@@ -53,15 +81,7 @@ def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs)
     records = site_round_records(run_dir)
 
     # site d never trained: every round refused before training, logged at the site
-    d_node = {r["node_id"] for r in records if r["status"] == "failed" and "app refused" in r.get("reason", "")}
-    assert len(d_node) == 1
-    assert not [r for r in records if r["site_id"] == 1]
-    assert ledger_records(d_config.state_path, "dp_event") == []
-    events = [json.loads(line) for line in (d_config.state_path / "site_events.jsonl").read_text().splitlines()]
-    refusals = [e for e in events if e["kind"] == "app_refused"]
-    assert len(refusals) == 2
-    # what was hashed is the bundle the coordinator sent, checked by the site runner before any use
-    assert all(e["app_hash"].startswith("sha256:") and "is not in apps.allowed_hashes" in e["reason"] for e in refusals), refusals
+    _check_refused_every_round(records, 1, d_config.state_path, rounds=2)
 
     # site c rejoined after the crash and trained again
     c_trained = sorted((r for r in records if r["site_id"] == 0 and r["status"] == "trained"), key=lambda r: r["round"])
@@ -70,16 +90,7 @@ def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs)
 
     # ε never below the true spend: every ε the site reported covers at least the rounds it
     # actually trained, and its ledger also counts the round that was cut off by the crash
-    history, delta, accountant = accountant_state(c_config.state_path)
-    charged_rounds = [r["body"]["round"] for r in ledger_records(c_config.state_path, "dp_event")]
-    assert 1 in charged_rounds and len(history) == len(charged_rounds) >= len(c_trained)
-    for i, record in enumerate(c_trained, start=1):
-        true_spend = epsilon_of(history[:i], delta, accountant)  # i rounds surely trained by then
-        assert record["epsilon"] >= true_spend * (1 - 1e-9)
-    assert epsilon_of(history, delta, accountant) >= epsilon_of(history[: len(c_trained)], delta, accountant)
-    from fedssl.privacy.ledger import Ledger
-
-    assert Ledger(c_config.state_path).verify().ok
+    _check_epsilon_covers_every_charge(c_trained, c_config.state_path)
 
     for agent in (restarted, agent_d):
         assert stop_agent(agent) == 0
