@@ -301,10 +301,12 @@ def flagship_section(results: Path) -> list[str]:
     the table and ε plot flagship.py rendered beside it."""
     from flagship import plot_path
 
-    paths = sorted(results.glob("flagship_table*.json"))
-    lines = ["## 10. The Fashion-MNIST flagship (benchmarks/README.md §10 reads it)", ""] if paths else []
-    for path in paths:
-        data, table, plot = _load(results, path.stem), path.with_suffix(".md"), plot_path(path)
+    records = {path: _load(results, path.stem) for path in sorted(results.glob("flagship_table*.json"))}
+    # a run merged into another table is shown there, once, with the rows of the runs beside it
+    merged = {part["file"] for data in records.values() for part in data.get("merged_from", [])}
+    lines = ["## 10. The Fashion-MNIST flagship (benchmarks/README.md §10 reads it)", ""] if records else []
+    for path, data in ((p, d) for p, d in records.items() if p.name not in merged):
+        table, plot = path.with_suffix(".md"), plot_path(path)
         sources = "; ".join(f"`{m['command']}`" for m in data.get("merged_from", []))
         lines += [f"### {path.stem}", "", f"`{data['command']}` — {_machine_line(data)}", ""]
         lines += [f"Merged from: {sources}", ""] if sources else []

@@ -68,17 +68,20 @@ def test_summary_renders_from_quick_results(tmp_path):
     import shutil
 
     shutil.copy(BENCH / "results" / "communication.json", tmp_path / "communication.json")
-    for name in ("flagship_table_readout4.json", "flagship_table_readout4.md", "flagship_readout4_vs_epsilon.png"):
+    for name in ("flagship_table_readout4.json", "flagship_table_readout4.md", "flagship_readout4_vs_epsilon.png",
+                 "flagship_table_readout4_curve.json", "flagship_table_readout4_curve.md", "flagship_readout4_curve_vs_epsilon.png"):
         shutil.copy(BENCH / "results" / name, tmp_path / name)
     proc = _run([str(BENCH / "summarize.py"), str(tmp_path)], tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = (tmp_path / "SUMMARY.md").read_text()
     assert "Communication" in text and "upload" in text
-    # the flagship's section: each table run with its rendered table and its ε plot
+    # the flagship's section: each table run with its rendered table and its ε plot; a run merged into another
+    # table (here the ε = 8 / no-DP run, part of the whole curve) is shown once, as a source of that table
     flagship = text.split("## 10. The Fashion-MNIST flagship", 1)[1]
-    assert "### flagship_table_readout4" in flagship and "--suffix _readout4`" in flagship
-    assert (tmp_path / "flagship_table_readout4.md").read_text().strip() in flagship
-    assert "](flagship_readout4_vs_epsilon.png)" in flagship and "skipped" not in text
+    assert "### flagship_table_readout4_curve" in flagship and "### flagship_table_readout4\n" not in flagship
+    assert (tmp_path / "flagship_table_readout4_curve.md").read_text().strip() in flagship
+    assert "Merged from: `python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf" in flagship
+    assert "](flagship_readout4_curve_vs_epsilon.png)" in flagship and "skipped" not in text
 
 
 
