@@ -45,7 +45,7 @@ def _load(path: Path) -> dict:
 
 def merge_records(records: dict[Path, dict]) -> dict:
     """The merged record: the first run's setup with the union of the ε grids, every row once."""
-    (first_path, first), *others = records.items()
+    first_path, first = next(iter(records.items()))
     same_setup = {k: v for k, v in first["setup"].items() if k not in SPLIT_FIELDS}
     per_seed: dict[str, dict[str, dict]] = {}
     owner: dict[str, Path] = {}
@@ -70,19 +70,21 @@ def merge_records(records: dict[Path, dict]) -> dict:
     epsilons = sorted({row_epsilon(r) for r in per_seed if r.startswith("fed-")})
     setup = {**first["setup"], "epsilons": epsilons}
     budgets = tuple(first["budgets"])
-    fractions = Setup(**{k: v for k, v in setup.items() if k in {f.name for f in dataclasses.fields(Setup)}})
-    fractions = flagship.with_budgets(fractions, first["pool"], budgets)
-    prefix = flagship.STARTS[first.get("start", "random")]
+    # the targets' label fractions, as the table run computed them from its budgets and pool
+    scored = Setup(**{k: v for k, v in setup.items() if k in {f.name for f in dataclasses.fields(Setup)}})
+    scored = flagship.with_budgets(scored, first["pool"], budgets)
+    start = first.get("start", "random")
     return {
         "quick": bool(first.get("quick")), "setup": setup, "budgets": list(budgets),
-        "readout_grid": first.get("readout_grid"), "pool": first["pool"], "start": first.get("start", "random"), "per_seed": per_seed, "summary": summarise(per_seed),
-        "targets": flagship.targets(per_seed, fractions, budgets, prefix),
+        "readout_grid": first.get("readout_grid"), "pool": first["pool"], "start": start,
+        "per_seed": per_seed, "summary": summarise(per_seed),
+        "targets": flagship.targets(per_seed, scored, budgets, flagship.STARTS[start]),
         "federation_seconds": {k: v for r in records.values() for k, v in r.get("federation_seconds", {}).items()},
         "seconds": sum(r.get("seconds", 0.0) for r in records.values()),
         "seeds_done": min(r.get("seeds_done", 0) for r in records.values()),
         "merged_from": [{"file": p.name, "command": r.get("command"), "seconds": r.get("seconds"),
-                         "git_commit": r.get("machine", {}).get("git_commit"), "date_utc": r.get("machine", {}).get("date_utc")}
-                        for p, r in records.items()],
+                         "git_commit": r.get("machine", {}).get("git_commit"),
+                         "date_utc": r.get("machine", {}).get("date_utc")} for p, r in records.items()],
     }
 
 
