@@ -11,6 +11,9 @@ PYTEST_ARGS ?=
 # 20.2 vs 19.5 min on clean clones): the longest test files set the pace. `make test TEST_WORKERS=0` runs
 # them serially.
 TEST_WORKERS ?= 3
+# --no-loadscope-reorder keeps tests/conftest.py's order (modules with real-process tests first). By default
+# pytest-xdist reorders files by their number of tests, which hands the one-test, minutes-long real-process
+# files out last: on 2026-12-07 the CI's final minutes were those files alone on a few workers.
 # The dashboard's browser tests drive Debian's chromium through Playwright (no browser download at run time).
 # CI runs as root on a fresh Debian machine: `setup` installs it once; present, it is left alone.
 CHROMIUM ?= /usr/bin/chromium
@@ -40,7 +43,7 @@ demo: setup
 
 # pytest exits 5 when a filtered subset collects no tests: not a failure.
 test: setup
-	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
+	$(TEST_THREADS) $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25 $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
 
 test-quick: setup
 	$(TEST_THREADS) $(BIN)/python -m pytest -q -m 'not slow' $(PYTEST_ARGS); code=$$?; [ $$code -eq 5 ] && exit 0; exit $$code
