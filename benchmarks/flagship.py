@@ -297,7 +297,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
                                pretext=args.pretext, probe_C=args.probe_C or setup.probe_C)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("table", "tune"), default="table")
     parser.add_argument("--data", type=Path, default=FASHION, help="the folder of the four Fashion-MNIST IDX files")
@@ -321,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the table (.md beside it) and the ε plot from a finished result file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not all(c.isalnum() or c in "_-" for c in args.suffix):
         parser.error(f"--suffix {args.suffix!r}: letters, digits, _ and - only (it becomes part of a file name)")
