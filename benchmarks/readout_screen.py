@@ -62,13 +62,9 @@ def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...
         pool, validation = flatten_inputs(data.train_x), flatten_inputs(data.test_x)
     else:
         pool, validation = encode(net, data.train_x), encode(net, data.test_x)
-    by_C = {}
-    for C in probe_Cs:
-        scores = []
-        for seed in label_seeds:
-            subset = stratified_subset(data.train_y, labels, seed)
-            scores.append(linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, C))
-        by_C[f"{C:g}"] = float(np.mean(scores))
+    subsets = [stratified_subset(data.train_y, labels, seed) for seed in label_seeds]
+    by_C = {f"{C:g}": float(np.mean([linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, C)
+                                     for subset in subsets])) for C in probe_Cs}
     return next(iter(by_C.values())) if len(by_C) == 1 else by_C
 
 

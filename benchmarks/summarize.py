@@ -301,7 +301,8 @@ def flagship_section(results: Path) -> list[str]:
     the table and ε plot flagship.py rendered beside it."""
     from flagship import plot_path
 
-    records = {path: _load(results, path.stem) for path in sorted(results.glob("flagship_table*.json"))}
+    loaded = {path: _load(results, path.stem) for path in sorted(results.glob("flagship_table*.json"))}
+    records = {path: data for path, data in loaded.items() if data}  # an unreadable file is left out, not fatal
     # a run merged into another table is shown there, once, with the rows of the runs beside it
     merged = {part["file"] for data in records.values() for part in data.get("merged_from", [])}
     lines = ["## 10. The Fashion-MNIST flagship (benchmarks/README.md §10 reads it)", ""] if records else []
@@ -348,15 +349,15 @@ def _gain_rows(gains: dict) -> list[str]:
 
 
 def _plot_vs_eps(data: dict, results: Path) -> str:
-    from learning_kit import row_epsilon as _eps_value  # the one parser of row names' ε
+    from learning_kit import row_epsilon  # the one parser of row names' ε
 
     summary = data["summary"]
     figure, axes = _figure()
-    finite = sorted({_eps_value(r) for r in summary if "-eps" in r and math.isfinite(_eps_value(r))})
+    finite = sorted({row_epsilon(r) for r in summary if "-eps" in r and math.isfinite(row_epsilon(r))})
     inf_x = (max(finite) * 2) if finite else 16.0
     for prefix, style in (("fed-warm", "-o"), ("fed-rand", "-s")):
         for method, fraction, color in (("probe", "0.05", "C0"), ("probe", "0.1", "C1"), ("finetune", "0.05", "C2")):
-            pts = sorted((_eps_value(r), summary[r][method][fraction]) for r in summary
+            pts = sorted((row_epsilon(r), summary[r][method][fraction]) for r in summary
                          if r.startswith(prefix) and fraction in summary[r].get(method, {}))
             if not pts:
                 continue
