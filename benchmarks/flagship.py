@@ -258,16 +258,30 @@ def write_renderings(record: dict, path: Path) -> str:
     return table
 
 
+class TableFileError(ValueError):
+    """A file that is not a flagship table result; the message names the file and what is wrong."""
+
+
+def load_table(path: Path) -> dict:
+    """A flagship table result file (a table run's or flagship_merge.py's), checked for the parts every
+    reader of it uses; the one parser of that format."""
+    try:
+        record = json.loads(path.read_text())
+        record["summary"], record["per_seed"], record["setup"], record["budgets"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise TableFileError(f"{path}: not a flagship table result file ({type(err).__name__}: {err}); "
+                             "give a flagship_table*.json that a table run or flagship_merge.py wrote") from None
+    record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
+    return record
+
+
 def render(path: Path) -> int:
     """The table and the plot again from a finished result file."""
     try:
-        record = json.loads(path.read_text())
-        record["summary"], record["per_seed"], record["budgets"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"flagship: --render {path}: not a flagship table result file ({type(err).__name__}: {err}); "
-              "give the flagship_table*.json a table run wrote")
+        record = load_table(path)
+    except TableFileError as err:
+        print(f"flagship: --render {err}")
         return 2
-    record.setdefault("pool", FASHION_TRAIN)  # result files written before the pool size was recorded
     print(write_renderings(record, path))
     return 0
 

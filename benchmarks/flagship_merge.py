@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 from pathlib import Path
@@ -32,15 +31,6 @@ SAME_RECORD_FIELDS = ("quick", "budgets", "pool", "readout_grid", "start")
 
 class MergeError(ValueError):
     """Runs that are not parts of one table; the message names the file and the field."""
-
-
-def _load(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-        record["per_seed"], record["setup"], record["budgets"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise MergeError(f"{path}: not a flagship table result file ({type(err).__name__}: {err})") from None
-    return record
 
 
 def merge_records(records: dict[Path, dict]) -> dict:
@@ -98,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(args.results)) < 2:
         parser.error("give two or more different result files")
     try:
-        merged = merge_records({path: _load(path) for path in args.results})
-    except MergeError as err:
+        merged = merge_records({path: flagship.load_table(path) for path in args.results})
+    except (flagship.TableFileError, MergeError) as err:
         print(f"flagship_merge: {err}")
         return 2
     # seconds summed over runs that ran side by side: the compute, not the wall time (merged_from has each)

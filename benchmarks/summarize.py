@@ -299,10 +299,14 @@ def _learning_side_lines(results: Path) -> list[str]:
 def flagship_section(results: Path) -> list[str]:
     """§10: every flagship table run (flagship.py, or flagship_merge.py's union of side-by-side runs) with
     the table and ε plot flagship.py rendered beside it."""
-    from flagship import plot_path
+    from flagship import TableFileError, load_table, plot_path
 
-    loaded = {path: _load(results, path.stem) for path in sorted(results.glob("flagship_table*.json"))}
-    records = {path: data for path, data in loaded.items() if data}  # an unreadable file is left out, not fatal
+    records = {}
+    for path in sorted(results.glob("flagship_table*.json")):
+        try:
+            records[path] = load_table(path)
+        except TableFileError:
+            pass  # an unreadable file is left out, not fatal
     # a run merged into another table is shown there, once, with the rows of the runs beside it
     merged = {part["file"] for data in records.values() for part in data.get("merged_from", [])}
     lines = ["## 10. The Fashion-MNIST flagship (benchmarks/README.md §10 reads it)", ""] if records else []

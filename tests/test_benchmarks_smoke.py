@@ -190,6 +190,9 @@ def _check_merge_of_split_runs(data: Path, out: Path, record: dict) -> None:
     refused = _run([str(BENCH / "flagship_merge.py"), parts[0], str(out / "tampered.json"), "--suffix", "_bad"], out, timeout=120)
     assert refused.returncode == 2 and "row 'random' differs" in refused.stdout and "Traceback" not in refused.stderr
     assert not (out / "flagship_table_bad.json").exists()
+    (out / "no_setup.json").write_text(json.dumps({k: v for k, v in tampered.items() if k != "setup"}))
+    refused = _run([str(BENCH / "flagship_merge.py"), parts[0], str(out / "no_setup.json"), "--suffix", "_bad"], out, timeout=120)
+    assert refused.returncode == 2 and "no_setup.json: not a flagship table result file (KeyError: 'setup')" in refused.stdout
 
 
 @pytest.mark.slow
