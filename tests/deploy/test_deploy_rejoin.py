@@ -56,9 +56,13 @@ def test_unapproved_app_refused_and_killed_site_rejoins(tmp_path_factory, procs)
     from fedssl.deploy.site.config import load_site_config
 
     root = tmp_path_factory.mktemp("fed2")
-    # Round 1 waits out the killed site's missing reply (the local default, 90 s): the restarted site
-    # must be back before round 2 is sampled, which on a loaded 2-core machine can take over 40 s.
-    fed = make_local_federation(root, ["site-c", "site-d"], rounds=2)
+    # The restarted site c can join only once the coordinator releases its old session, 60 s after its last
+    # heartbeat (Flower's fixed 2 x 30 s); Flower then fails c's round-1 message, round 1 ends, and round 2
+    # waits for federation.min_sites (2) nodes, the restarted c among them. That holds only if round 1 does not
+    # end first at its timeout: on a loaded 2-core machine the kill comes up to 45 s into round 1 (the ClientApp's
+    # start-up), so the release up to ~105 s in. With the local default of 90 s round 2 once went ahead with c's
+    # dead session and c missed it (CI, load 9). With 140 s round 1 ends at the release, so it costs no time.
+    fed = make_local_federation(root, ["site-c", "site-d"], rounds=2, experiment_overrides=["federation.round_timeout=140"])
     set_site(fed.site_yamls["site-d"], **{"apps.allowed_hashes": ["sha256:" + "0" * 64]})
     c_config, d_config = load_site_config(fed.site_yamls["site-c"]), load_site_config(fed.site_yamls["site-d"])
 
