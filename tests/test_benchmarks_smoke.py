@@ -108,7 +108,7 @@ def test_the_learning_goal_is_judged_against_the_best_zero_cost_start():
     the goal is met only by a private row >= +2 points at 5 % over that best start, beyond the seed spread."""
     sys.path.insert(0, str(BENCH))
     try:
-        from learning import gains_over_starts
+        from learning_mnist import gains_over_starts
         from learning_kit import summarise
     finally:
         sys.path.remove(str(BENCH))
