@@ -210,7 +210,6 @@ def _subprocess_seconds(code: str, env_extra: dict[str, str] | None = None) -> f
 
 
 def micro(config, with_subprocesses: bool) -> dict:
-    import torch
     from flwr.app import ArrayRecord
 
     from fedssl import experiment

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from fedssl.fl import keys
 from fedssl.fl.plan import TrainPlan

@@ -14,12 +14,10 @@ from __future__ import annotations
 import ssl
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from deploy_processes import (  # noqa: F401  (procs is a fixture)
     FEDSSL, FLOWER_SUPERNODE, accountant_state, ledger_records, procs, set_site, site_round_records, stop_agent, text, wait_until,

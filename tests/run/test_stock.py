@@ -6,7 +6,6 @@ The real `flwr run .` end to end is in tests/run/test_simulation.py (slow)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
