@@ -13,21 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from learning_kit import (  # (the rows' settings, data, states, evaluation and pairing)
-    Data,
-    Setup,
-    central_state,
-    eps_name,
-    evaluate,
-    federated_state,
-    load_data,
-    paired_gain,
-    random_state,
-    row_epsilon,
-    site_parts,
-    summarise,
-    validation_data,
-    warm_state,
+from learning_kit import (  # the rows' settings, data, states, evaluation and pairing
+    Data, Setup, central_state, eps_name, evaluate, federated_state, load_data, paired_gain, random_state, row_epsilon,
+    site_parts, summarise, validation_data, warm_state,
 )
 
 
