@@ -306,7 +306,7 @@ def setup_from(args: argparse.Namespace) -> Setup:
     setup = QUICK if args.quick else FLAGSHIP
     return dataclasses.replace(setup, seeds=tuple(args.seeds or setup.seeds), lr=args.lr or setup.lr,
                                epsilons=tuple(args.epsilons or setup.epsilons), rounds=args.rounds or setup.rounds,
-                               local_steps=args.local_steps or setup.local_steps,
+                               local_steps=args.local_steps or setup.local_steps, width=args.width or setup.width,
                                finetune_epochs=args.finetune_epochs or setup.finetune_epochs, readout=args.readout,
                                pretext=args.pretext, probe_C=args.probe_C or setup.probe_C)
 
@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, help=f"federation rounds (default {FLAGSHIP.rounds})")
     parser.add_argument("--local-steps", type=int, help=f"DP-SGD steps per site per round (default {FLAGSHIP.local_steps})")
     parser.add_argument("--finetune-epochs", type=int, help=f"default {FLAGSHIP.finetune_epochs}")
+    parser.add_argument("--width", type=int, help=f"the CNN's channels (default {FLAGSHIP.width}; the readout screen found w64 gains more)")
     parser.add_argument("--warm-steps", type=int, default=1500)
     parser.add_argument("--readout", type=int, default=FLAGSHIP.readout,
                         help="model.readout (0: fedssl's grid, 4x4 at 28x28; the committed flagship_table was 2)")

