@@ -346,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--suffix {args.suffix!r}: letters, digits, _ and - only (it becomes part of a file name)")
     if args.probe_C is not None and args.probe_C <= 0:
         parser.error(f"--probe-C {args.probe_C:g}: must be > 0")
+    if args.width is not None and args.width < 1:
+        parser.error(f"--width {args.width}: must be >= 1 (the CNN's channels; default {FLAGSHIP.width})")
     quiet_warnings()
     if args.render:
         return render(args.render)

@@ -103,6 +103,8 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         assert record["targets"][2]["row"] == "fed-warm-eps8"
         assert "| federated from the warm start, ε = 8 |" in (out / "flagship_table_warm.md").read_text()
         assert (out / "flagship_warm_vs_epsilon.png").is_file()
+    refused = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--width", "0"], out, timeout=120)
+    assert refused.returncode == 2 and "--width 0: must be >= 1" in refused.stderr and "Traceback" not in refused.stderr
     missing = run_bench([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
 
