@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # 20.2 vs 19.5 min on clean clones): the longest test files set the pace. `make test TEST_WORKERS=0` runs
 # them serially.
 TEST_WORKERS ?= 3
-# --no-loadscope-reorder keeps tests/conftest.py's order (modules with real-process tests first, longest first). By default
+# --no-loadscope-reorder keeps tests/slow_order.py's order (modules with real-process tests first, longest first). By default
 # pytest-xdist reorders files by their number of tests, which hands the one-test, minutes-long real-process
 # files out last: on 2026-12-07 the CI's final minutes were those files alone on a few workers.
 # The dashboard's browser tests drive Debian's chromium through Playwright (no browser download at run time).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import SLOW_MODULE_SECONDS
+from slow_order import SLOW_MODULE_SECONDS
 
 
 def test_every_module_the_slow_order_names_exists_and_has_slow_tests():
