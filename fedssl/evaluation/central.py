@@ -20,6 +20,7 @@ from fedssl.evaluation.results import EvalResults
 from fedssl.experiment import central_data_for
 from fedssl.layout import RunDir
 from fedssl.models import encoder_for
+from fedssl.training.device import resolve_device
 from fedssl.warmstart.checkpoint import run_warm_start
 
 
@@ -49,6 +50,7 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
         labels=data.labels,
         plan=config.evaluation,
         progress=progress,
+        device=resolve_device(config.run.device),
     )
     layout.evaluation.write_text(json.dumps(results.to_dict(), indent=1))
     return results

@@ -75,6 +75,7 @@ class _Bench:
     random_inits: dict[int, Encoder]
     views: list[_ProbeView]
     warm_start: Encoder | None = None
+    device: torch.device | None = None  # where encoders run (None: the CPU); features and probes stay on the host
 
 
 def _consented_pool(train: SiteDataset, labels: ConsentedLabels) -> tuple[torch.Tensor, np.ndarray]:
@@ -93,9 +94,10 @@ def _probe_views(
     plan: EvaluationConfig,
     raw: RawBaseline,
     warm_start: Encoder | None = None,
+    device: torch.device | None = None,
 ) -> list[_ProbeView]:
     def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
-        return _ProbeView(row, init_seed, encode(encoder, pool_inputs), encode(encoder, test_inputs))
+        return _ProbeView(row, init_seed, encode(encoder, pool_inputs, device), encode(encoder, test_inputs, device))
 
     # The raw input is always probed (pixels, feature columns, TF-IDF of text: fedssl.evaluation.baselines):
     # it is the floor any learned representation must beat.
@@ -119,6 +121,7 @@ def _build_bench(
     labels: ConsentedLabels,
     plan: EvaluationConfig,
     warm_start_state: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
 ) -> _Bench:
     # Test labels first: an unconsented test id stops the run before any train label is read.
     test_labels = np.asarray(labels.labels_for(test.sample_ids))
@@ -132,8 +135,9 @@ def _build_bench(
         warm_start.load_state_dict(warm_start_state)
     # uint8 pixels become [0, 1] floats here, as in training: only the consented pool and the test set.
     test_inputs = unit_float(test.inputs)
-    views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, raw_baseline(train.modality), warm_start)
-    return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start)
+    views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, raw_baseline(train.modality), warm_start,
+                         device)
+    return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start, device)
 
 
 def _runs_on_subset(
@@ -169,6 +173,7 @@ def _runs_on_subset(
             lr=plan.finetune_lr,
             batch_size=plan.finetune_batch_size,
             seed=label_seed,  # same head init and batch order for every row: paired
+            device=bench.device,
         )
         yield row, SeedRun(label_seed, start_seed, accuracy)
 
@@ -209,6 +214,7 @@ def evaluate_label_efficiency(
     plan: EvaluationConfig,
     progress: Progress | None = None,
     warm_start_state: dict[str, torch.Tensor] | None = None,
+    device: torch.device | None = None,
 ) -> EvalResults:
     """Accuracy of each row at each label fraction, over label seeds (and init seeds for random rows).
 
@@ -216,6 +222,7 @@ def evaluate_label_efficiency(
     only as the container for `pretrained_state` (and `warm_start_state`). With `warm_start_state`
     (the encoder the federation started from) the warm-start rows are added, read out exactly like
     the pretrained rows on the same label subsets and seeds; without it there are none.
+    ``device`` runs the encoders (features, fine-tuning) there, e.g. on a GPU; the probes run on the host.
     Raises ConsentError if a test id is unconsented.
     A fraction needing more labels than there are consented train examples is skipped, with the
     reason recorded in the results.
@@ -224,7 +231,7 @@ def evaluate_label_efficiency(
     say = progress or (lambda _message: None)
     started = time.perf_counter()
     with _single_threaded():
-        bench = _build_bench(encoder_factory, pretrained_state, train, test, labels, plan, warm_start_state)
+        bench = _build_bench(encoder_factory, pretrained_state, train, test, labels, plan, warm_start_state, device)
         num_train, num_consented = len(train.sample_ids), len(bench.pool_labels)
         num_classes = len(np.unique(bench.pool_labels))
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")

@@ -16,12 +16,24 @@ from fedssl.models.encoders import Encoder
 FEATURE_BATCH = 512
 
 
-def encode(model: nn.Module, inputs: torch.Tensor) -> np.ndarray:
-    """Frozen outputs, computed in no-grad batches so large pools fit in memory."""
+def encode(model: nn.Module, inputs: torch.Tensor, device: torch.device | None = None) -> np.ndarray:
+    """Frozen outputs, computed in no-grad batches so large pools fit in memory (and, on ``device``, in
+    the GPU's: the pool stays in host memory and goes over one batch at a time). The model is left where it was."""
     model.eval()
-    with torch.no_grad():
-        # torch.split keeps one empty batch for an empty input, so an empty pool still has a shape.
-        return torch.cat([model(batch) for batch in torch.split(inputs, FEATURE_BATCH)]).numpy()
+    home = _device_of(model)
+    target = device or home
+    model.to(target)
+    try:
+        with torch.no_grad():
+            # torch.split keeps one empty batch for an empty input, so an empty pool still has a shape.
+            return torch.cat([model(batch.to(target, non_blocking=True)).cpu()
+                              for batch in torch.split(inputs, FEATURE_BATCH)]).numpy()
+    finally:
+        model.to(home)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
 def flatten_inputs(inputs: torch.Tensor) -> np.ndarray:
@@ -62,10 +74,13 @@ def finetune_accuracy(
     lr: float,
     batch_size: int,
     seed: int,
+    device: torch.device | None = None,
 ) -> float:
-    """Train a copy of `encoder` plus a linear head end-to-end with Adam; return test accuracy.
+    """Train a copy of `encoder` plus a linear head end-to-end with Adam (on ``device``, default the encoder's);
+    return test accuracy.
 
-    The caller's encoder is left untouched, so one pretrained model serves every label subset.
+    The caller's encoder is left untouched, so one pretrained model serves every label subset. The head's init
+    and the batch order come from CPU generators, so they are the same on every device.
     """
     classes, targets = np.unique(train_y, return_inverse=True)
     generator = torch.Generator().manual_seed(seed)
@@ -73,12 +88,16 @@ def finetune_accuracy(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = nn.Linear(model.out_dim, len(classes))
-    net = nn.Sequential(model, head)
+    target = device or _device_of(model)
+    net = nn.Sequential(model, head).to(target)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    target_tensor = torch.as_tensor(targets, dtype=torch.long)
+    # The labelled subset is small: it moves to the device once, not per batch.
+    train_inputs = train_inputs.to(target)
+    target_tensor = torch.as_tensor(targets, dtype=torch.long, device=target)
     net.train()
     for _ in range(epochs):
         for batch in torch.randperm(len(train_inputs), generator=generator).split(batch_size):
+            batch = batch.to(target)
             optimizer.zero_grad()
             loss = nn.functional.cross_entropy(net(train_inputs[batch]), target_tensor[batch])
             loss.backward()

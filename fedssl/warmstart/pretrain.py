@@ -33,6 +33,7 @@ from fedssl.inputs import AUTO_READOUT
 from fedssl.models import build_encoder, encoder_for
 from fedssl.pretext import get_pretext
 from fedssl.progress import Progress, tick
+from fedssl.training.device import resolve_device
 from fedssl.warmstart.checkpoint import check_fits, read_checkpoint, save_warm_start
 
 
@@ -53,11 +54,13 @@ def pretrain_encoder(
     seed: int = 0,
     init_state: Mapping[str, torch.Tensor] | None = None,
     progress: Progress | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Non-private self-supervised pretraining of a fresh encoder on ``inputs``; returns its weights.
+    """Non-private self-supervised pretraining of a fresh encoder on ``inputs`` (on ``device``, default the
+    CPU; ``inputs`` stay in host memory and go over a batch at a time); returns its weights, on the CPU.
 
     Only for data that are public: nothing here is differentially private. Deterministic for
-    a given ``seed`` (on one thread).
+    a given ``seed`` (on one thread, on the CPU).
     """
     input_shape = tuple(inputs.shape[1:])
     net = build_encoder(encoder, input_shape, width=width, depth=depth, seed=seed, readout=readout)
@@ -65,7 +68,7 @@ def pretrain_encoder(
         net.load_state_dict(dict(init_state))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = get_pretext(pretext, dict(pretext_params or {})).build_model(net)
+        model = get_pretext(pretext, dict(pretext_params or {})).build_model(net).to(device or "cpu")
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr, momentum=momentum)
         generator = torch.Generator().manual_seed(seed)
         model.train()
@@ -75,7 +78,7 @@ def pretrain_encoder(
         for step in range(1, steps + 1):
             if cursor + batch_size > len(order):
                 order, cursor = torch.randperm(len(inputs), generator=generator), 0
-            batch = inputs[order[cursor : cursor + batch_size]]
+            batch = inputs[order[cursor : cursor + batch_size]].to(device or "cpu", non_blocking=True)
             cursor += batch_size
             optimizer.zero_grad(set_to_none=True)
             loss = model(batch).mean()
@@ -90,9 +93,9 @@ def pretrain_encoder(
 
 def synthetic_warm_start(
     ws: WarmStartConfig, *, encoder: str, width: int, depth: int, input_shape: tuple[int, ...], readout: int = AUTO_READOUT,
-    progress: Progress | None = None,
+    progress: Progress | None = None, device: torch.device | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Render synthetic digits and pretrain on them; returns (weights, provenance)."""
+    """Render synthetic digits and pretrain on them (on ``device``, default the CPU); returns (weights, provenance)."""
     shape = tuple(input_shape)
     if len(shape) != 3 or shape[0] != 1 or shape[1] != shape[2] or shape[1] not in synthetic.SIDES:
         sides = ", ".join(f"1x{s}x{s}" for s in synthetic.SIDES)
@@ -107,7 +110,7 @@ def synthetic_warm_start(
         progress(f"warm start: rendered {ws.num_samples} synthetic digits in {time.perf_counter() - started:.0f}s; pretraining")
     state = pretrain_encoder(
         torch.from_numpy(images), encoder=encoder, width=width, depth=depth, readout=readout, pretext=ws.pretext, steps=ws.steps,
-        batch_size=ws.batch_size, lr=ws.lr, momentum=ws.momentum, seed=ws.seed, progress=progress,
+        batch_size=ws.batch_size, lr=ws.lr, momentum=ws.momentum, seed=ws.seed, progress=progress, device=device,
     )
     provenance = {
         "source": "synthetic",
@@ -117,6 +120,7 @@ def synthetic_warm_start(
         "uses_site_data": False,
         "pretraining": {k: v for k, v in asdict(ws).items() if k not in ("source", "path", "description")},
         "seconds": round(time.perf_counter() - started, 1),
+        "device": str(device or "cpu"),
     }
     return state, provenance
 
@@ -135,7 +139,7 @@ def prepare_warm_start(config: ExperimentConfig, run_dir: Path, progress: Progre
     if ws.source == "synthetic":
         state, provenance = synthetic_warm_start(
             ws, encoder=m.encoder, width=m.width, depth=m.depth, input_shape=tuple(m.input_shape), readout=m.readout,
-            progress=progress,
+            progress=progress, device=resolve_device(config.run.device),
         )
     else:
         state, recorded = read_checkpoint(Path(ws.path))

@@ -13,7 +13,7 @@ import torch
 from fedssl.data import synthetic
 from fedssl.errors import ConfigError
 from fedssl.models import build_encoder
-from fedssl.config import ModelConfig, WarmStartConfig
+from fedssl.config import ModelConfig, RunConfig, WarmStartConfig
 from fedssl.layout import WARM_START_FILE, WARM_START_INFO
 from fedssl.warmstart.checkpoint import (
     load_warm_start,
@@ -28,9 +28,9 @@ WIDTH, DEPTH = 8, 2
 
 
 def _config(**warm_start) -> SimpleNamespace:
-    """The two sections prepare_warm_start reads, shaped like ExperimentConfig's."""
+    """The sections prepare_warm_start reads, shaped like ExperimentConfig's."""
     model = ModelConfig(encoder="cnn", width=WIDTH, depth=DEPTH, input_shape=[1, 8, 8])
-    return SimpleNamespace(model=model, warm_start=WarmStartConfig(**warm_start))
+    return SimpleNamespace(model=model, warm_start=WarmStartConfig(**warm_start), run=RunConfig(device="cpu"))
 
 
 # --------------------------------------------------------------------------- synthetic digits
