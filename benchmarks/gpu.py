@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                "settings": {"encoder": "resnet", "width": spec.width, "depth": spec.depth, "input": list(shape), "reps": reps,
                             "pretext": "rotation", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
                "batches": results}
-    path = write_result(f"gpu_{device.type}", payload, args.quick)
+    path = write_result(f"gpu_{device.type}_{'x'.join(map(str, shape))}", payload, args.quick)  # one file per input size
     print(f"gpu: wrote {path}")
     return 0
 

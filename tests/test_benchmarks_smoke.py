@@ -36,7 +36,7 @@ def test_gpu_benchmark_smoke_runs_on_the_cpu_when_asked(tmp_path):
     on a device, pinned copies, interleaved timing) is exercised here on the CPU."""
     proc = run_bench([str(BENCH / "gpu.py"), "--allow-cpu", "--quick"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    record = json.loads((tmp_path / "gpu_cpu.json").read_text())
+    record = json.loads((tmp_path / "gpu_cpu_3x16x16.json").read_text())
     assert set(record["batches"]["16"]) == {"plain", "bookkeeping", "hooks"}
     assert all("samples_per_s" in engine for engine in record["batches"]["16"].values())
 

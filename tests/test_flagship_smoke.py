@@ -13,24 +13,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench_run import BENCH, run_bench
-
-
-def _tiny_fashion(tmp_path: Path) -> Path:
-    """Tiny files in Fashion-MNIST's IDX format and names (CI has no Fashion-MNIST)."""
-    import numpy as np
-
-    from fedssl.data.idx import write_idx
-
-    rng = np.random.default_rng(0)
-    data = tmp_path / "fashion"
-    data.mkdir()
-    for split, count in (("train", 300), ("t10k", 100)):
-        labels = np.arange(count, dtype=np.uint8) % 10
-        write_idx(data / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8))
-        write_idx(data / f"{split}-labels-idx1-ubyte.gz", labels)
-    return data
+from bench_run import BENCH, run_bench, tiny_fashion
 
 
 def _check_merge_of_split_runs(data: Path, out: Path, record: dict) -> None:
@@ -60,12 +45,13 @@ def _check_merge_of_split_runs(data: Path, out: Path, record: dict) -> None:
 @pytest.mark.slow
 def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     """benchmarks/flagship.py --quick on tiny files in Fashion-MNIST's format and names."""
-    data = _tiny_fashion(tmp_path)
+    data = tiny_fashion(tmp_path)
     out = tmp_path / "out"
     proc = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data)], out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((out / "flagship_table.json").read_text())
     assert record["quick"] is True and {"raw", "random", "fed-eps8"} <= set(record["per_seed"])
+    assert record["machine"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     # --quick scores 100 labels only, and one seed is never "met" (no spread to be beyond)
     assert [t["status"] for t in record["targets"]] == ["not measured", "not measured", "not met"]
     table = (out / "flagship_table.md").read_text()
@@ -105,6 +91,8 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         assert (out / "flagship_warm_vs_epsilon.png").is_file()
     refused = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--width", "0"], out, timeout=120)
     assert refused.returncode == 2 and "--width 0: must be >= 1" in refused.stderr and "Traceback" not in refused.stderr
+    refused = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--device", "mps"], out, timeout=120)
+    assert refused.returncode == 2 and "--device: must be auto, cpu, cuda or cuda:<index>, got 'mps'" in refused.stderr
     missing = run_bench([str(BENCH / "flagship.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
 
@@ -112,13 +100,14 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
 @pytest.mark.slow
 def test_readout_screen_adds_one_entry_per_call(tmp_path):
     """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
-    data, out = _tiny_fashion(tmp_path), tmp_path / "out"
+    data, out = tiny_fashion(tmp_path), tmp_path / "out"
     for args in (["--raw"], ["--readout", "4", "--pretext", "rotation", "--probe-C", "0.1", "1"],
                  ["--digits", "--readout", "0", "--steps", "0"]):
         proc = run_bench([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
         assert proc.returncode == 0, proc.stderr[-2000:]
     raw, rotation, digits = json.loads((out / "readout_screen.json").read_text())["runs"]
     assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw") and raw["data"] == "fashion-mnist"
+    assert raw["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # probed at random init, then at half and all of --quick's two steps
     assert rotation["grid"] == 4 and set(rotation["pretrained_probe"]) == {"1", "2"}
     # several probe Cs: one validation score per C at every probe point
