@@ -173,7 +173,7 @@ def render_table(result: dict) -> str:
     setup, grid = result["setup"], result.get("readout_grid", 2)  # files from before model.readout pooled 2x2
     lines = [f"Sites' pretext {setup['pretext']}, {setup['sites']} sites x {setup['rounds']} rounds x {setup['local_steps']} "
              f"steps, batch {setup['batch_size']}; CNN w{setup['width']} d{setup['depth']}, {grid}x{grid} readout; "
-             f"probe C {setup.get('probe_C', 1.0):g}.", "",
+             f"probe C {setup.get('probe_C', 1.0):g}; fine-tune {setup['finetune_epochs']} epoch{'s' * (setup['finetune_epochs'] != 1)}.", "",
              header, "|---" * (len(cells) + 1) + "|"]
 
     def pm(cell: dict | None) -> str:

@@ -58,7 +58,7 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     random_probe = record["summary"]["random"]["probe"][f"{100 / 300:g}"]["mean"]
     assert f"| random init / scratch | {100 * random_probe:.1f} ± 0.0 |" in table
     assert "| federated, ε = 8 |" in table and "target: fed-eps8 vs random, finetune at 100 labels" in table
-    assert table.splitlines()[0].endswith("4x4 readout; probe C 1.")
+    assert table.splitlines()[0].endswith("4x4 readout; probe C 1; fine-tune 1 epoch.")
     assert (out / "flagship_vs_epsilon.png").read_bytes()[:4] == b"\x89PNG"
     # --render rewrites both from the result file alone
     (out / "flagship_table.md").unlink()
