@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # Parallel test workers: the slow tests mostly wait on Flower processes (polls, timeouts, start-up), so
 # three workers on two cores finish sooner than two (10.4 vs 13.4 min for the suite in two runs on this
 # 2-core machine, each beside other work, so a rough ratio). Four did not beat three on 2026-12-06 (pytest
-# 20.2 vs 19.5 min on clean clones): the longest test files set the pace. `make test TEST_WORKERS=0` runs
+# 20.2 vs 19.5 min on clean clones; again on 2026-12-07, 15.1 vs 15.4 min): the longest test files set the pace. `make test TEST_WORKERS=0` runs
 # them serially.
 TEST_WORKERS ?= 3
 # --no-loadscope-reorder keeps tests/slow_order.py's order (modules with real-process tests first, longest first). By default
