@@ -204,6 +204,32 @@ def _planned_rows(plan: EvaluationConfig, warm_start: bool, raw_trees: bool = Fa
     return [row for row in ROW_ORDER if row in rows]
 
 
+def _run_every_fraction(
+    bench: _Bench, plan: EvaluationConfig, num_train: int, num_classes: int, say: Progress, progress: Progress | None
+) -> tuple[dict[tuple[str, float], list[SeedRun]], list[FractionInfo]]:
+    """Every row's runs at each label fraction and seed; a fraction with too few consented labels is skipped."""
+    num_consented = len(bench.pool_labels)
+    runs: dict[tuple[str, float], list[SeedRun]] = defaultdict(list)
+    fractions: list[FractionInfo] = []
+    done, total = 0, len(plan.label_fractions) * len(plan.label_seeds)
+    for fraction in plan.label_fractions:
+        needed = plan.labels_needed(fraction, num_train, num_classes)
+        if needed > num_consented:
+            reason = f"needs {needed} labels but only {num_consented} train examples are consented"
+            fractions.append(FractionInfo(fraction, needed, skipped=reason))
+            say(f"{format_fraction(fraction)} labels: skipped, {reason}")
+            done += len(plan.label_seeds)
+            continue
+        fractions.append(FractionInfo(fraction, needed))
+        for seed_index, label_seed in enumerate(plan.label_seeds):
+            subset = stratified_subset(bench.pool_labels, needed, label_seed)
+            for row, run in _runs_on_subset(bench, subset, seed_index, plan):
+                runs[(row, fraction)].append(run)
+            done += 1
+            tick(progress, f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done", done, total)
+    return runs, fractions
+
+
 def evaluate_label_efficiency(
     *,
     encoder_factory: EncoderFactory,
@@ -235,24 +261,7 @@ def evaluate_label_efficiency(
         num_train, num_consented = len(train.sample_ids), len(bench.pool_labels)
         num_classes = len(np.unique(bench.pool_labels))
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
-        runs: dict[tuple[str, float], list[SeedRun]] = defaultdict(list)
-        fractions: list[FractionInfo] = []
-        done, total = 0, len(plan.label_fractions) * len(plan.label_seeds)
-        for fraction in plan.label_fractions:
-            needed = plan.labels_needed(fraction, num_train, num_classes)
-            if needed > num_consented:
-                reason = f"needs {needed} labels but only {num_consented} train examples are consented"
-                fractions.append(FractionInfo(fraction, needed, skipped=reason))
-                say(f"{format_fraction(fraction)} labels: skipped, {reason}")
-                done += len(plan.label_seeds)
-                continue
-            fractions.append(FractionInfo(fraction, needed))
-            for seed_index, label_seed in enumerate(plan.label_seeds):
-                subset = stratified_subset(bench.pool_labels, needed, label_seed)
-                for row, run in _runs_on_subset(bench, subset, seed_index, plan):
-                    runs[(row, fraction)].append(run)
-                done += 1
-                tick(progress, f"{format_fraction(fraction)} labels ({needed}), label seed {label_seed} done", done, total)
+        runs, fractions = _run_every_fraction(bench, plan, num_train, num_classes, say, progress)
     return EvalResults(
         plan=plan,
         rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw_baseline(train.modality).trees),
