@@ -11,7 +11,8 @@ builds it with ``model.readout`` = ``--readout`` (a pool has no weights, so the 
 it is scored by the same standardized logistic-regression probe as the flagship, at 600 labels on two label
 seeds, on a validation split carved from the Fashion-MNIST training pool (the test set is never read), at
 random init and after half and all of ``--steps`` SGD steps of batch 256. Each call adds its entry to
-``results/readout_screen.json``; ``--raw`` adds the raw-pixel probe.
+``results/readout_screen.json``; ``--raw`` adds the raw-pixel probe, ``--finetune-labels 100`` the flagship's
+fine-tune at the budget of its fine-tune target (encoder and head trained together, at the same points).
 
     python benchmarks/readout_screen.py --raw
     python benchmarks/readout_screen.py --readout 4 --pretext rotation --steps 400
@@ -68,6 +69,27 @@ def probe(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...
     return next(iter(by_C.values())) if len(by_C) == 1 else by_C
 
 
+def finetune(net, data: learning_kit.Data, labels: int, label_seeds: tuple[int, ...] = LABEL_SEEDS,
+             setup: flagship.Setup = flagship.FLAGSHIP) -> float:
+    """Mean validation accuracy of the flagship's fine-tune (encoder + linear head, Adam, its epochs and lr)."""
+    from fedssl.data.sampling import stratified_subset
+    from fedssl.evaluation.probes import finetune_accuracy
+
+    return float(np.mean([finetune_accuracy(net, data.train_x[subset], data.train_y[subset], data.test_x, data.test_y,
+                                            epochs=setup.finetune_epochs, lr=setup.finetune_lr, batch_size=32,
+                                            seed=seed, device=learning_kit.device())
+                          for seed in label_seeds for subset in [stratified_subset(data.train_y, labels, seed)]]))
+
+
+def _score(net, args, data: learning_kit.Data, labels: int) -> dict:
+    """The probe at ``labels`` and, with --finetune-labels, the fine-tune at that budget."""
+    scores = {"probe": probe(net, data, labels, args.label_seeds, args.probe_C)}
+    if args.finetune_labels:
+        setup = flagship.QUICK if args.quick else flagship.FLAGSHIP
+        scores["finetune"] = finetune(net, data, args.finetune_labels, args.label_seeds, setup)
+    return scores
+
+
 def screen(args, data: learning_kit.Data, labels: int) -> dict:
     """Random-init probe, then central SGD on the pretext with probes at half and all of the steps (none for --steps 0)."""
     from fedssl.pretext.registry import get_pretext
@@ -75,7 +97,11 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
     net = build(args.width, args.depth, args.readout, data.train_x.shape[-1])
     entry = {"readout": args.readout, "grid": net.readout, "pretext": args.pretext, "params": args.params,
              "steps": args.steps, "lr": args.lr, "width": args.width, "depth": args.depth,
-             "random_probe": probe(net, data, labels, args.label_seeds, args.probe_C)}
+             "finetune_labels": args.finetune_labels}
+    random_scores = _score(net, args, data, labels)
+    entry["random_probe"] = random_scores["probe"]
+    if "finetune" in random_scores:
+        entry["random_finetune"] = random_scores["finetune"]
     if args.steps == 0:
         return entry
     started = time.perf_counter()
@@ -84,7 +110,7 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
     model = get_pretext(args.pretext, args.params).build_model(net).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr, momentum=0.9)
     generator = torch.Generator().manual_seed(0)
-    entry["pretrained_probe"] = {}
+    entry["pretrained_probe"], finetunes = {}, {}
     for step in range(1, args.steps + 1):
         model.train()
         batch = data.train_x[torch.randint(len(data.train_x), (BATCH,), generator=generator)].to(device, non_blocking=True)
@@ -94,7 +120,12 @@ def screen(args, data: learning_kit.Data, labels: int) -> dict:
         optimizer.step()
         model.after_optimizer_step()
         if step in (args.steps // 2, args.steps):
-            entry["pretrained_probe"][str(step)] = probe(model.encoder, data, labels, args.label_seeds, args.probe_C)
+            scores = _score(model.encoder, args, data, labels)
+            entry["pretrained_probe"][str(step)] = scores["probe"]
+            if "finetune" in scores:
+                finetunes[str(step)] = scores["finetune"]
+    if finetunes:
+        entry["pretrained_finetune"] = finetunes
     entry["final_loss"] = float(loss.detach())
     entry["train_seconds"] = time.perf_counter() - started
     return entry
@@ -116,12 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-seeds", type=int, nargs="+", default=list(LABEL_SEEDS))
     parser.add_argument("--probe-C", type=float, nargs="+", default=[1.0],
                         help="the probe's inverse L2 strength; several score each on the validation split")
+    parser.add_argument("--finetune-labels", type=int, default=0,
+                        help="also score the flagship's fine-tune at this many labels (the target's budget is 100); 0: not")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     learning_kit.add_device_option(parser)
     args = parser.parse_args(argv)
     device = learning_kit.apply_device_option(parser, args)
     if min(args.probe_C) <= 0:
         parser.error(f"--probe-C {min(args.probe_C)}: every C must be > 0")
+    if args.finetune_labels < 0:
+        parser.error(f"--finetune-labels {args.finetune_labels}: 0 (no fine-tune) or a label budget")
     if args.steps < 0:
         parser.error(f"--steps {args.steps}: 0 (random init only) or more")
     if not args.digits and not (args.data / "train-images-idx3-ubyte.gz").exists():

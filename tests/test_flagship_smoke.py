@@ -101,7 +101,7 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
 def test_readout_screen_adds_one_entry_per_call(tmp_path):
     """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
     data, out = tiny_fashion(tmp_path), tmp_path / "out"
-    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation", "--probe-C", "0.1", "1"],
+    for args in (["--raw"], ["--readout", "4", "--pretext", "rotation", "--probe-C", "0.1", "1", "--finetune-labels", "20"],
                  ["--digits", "--readout", "0", "--steps", "0"]):
         proc = run_bench([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
         assert proc.returncode == 0, proc.stderr[-2000:]
@@ -113,7 +113,12 @@ def test_readout_screen_adds_one_entry_per_call(tmp_path):
     # several probe Cs: one validation score per C at every probe point
     assert set(rotation["random_probe"]) == set(rotation["pretrained_probe"]["2"]) == {"0.1", "1"}
     assert rotation["probe_C"] == [0.1, 1.0] and raw["probe_C"] == [1.0]
+    # --finetune-labels: the fine-tune scored at the same points, at its own budget
+    assert rotation["finetune_labels"] == 20 and 0 <= rotation["random_finetune"] <= 1
+    assert set(rotation["pretrained_finetune"]) == {"1", "2"} and "random_finetune" not in digits
     # fedssl's own grid for 8x8 digits, at random init only
     assert (digits["data"], digits["grid"], digits["labels"]) == ("digits", 2, 50) and "pretrained_probe" not in digits
     missing = run_bench([str(BENCH / "readout_screen.py"), "--data", str(tmp_path / "nowhere")], out, timeout=120)
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
+    negative = run_bench([str(BENCH / "readout_screen.py"), "--finetune-labels", "-1"], out, timeout=120)
+    assert negative.returncode == 2 and "--finetune-labels -1: 0 (no fine-tune) or a label budget" in negative.stderr
