@@ -44,6 +44,7 @@ PRETEXT_MODALITIES: dict[str, frozenset[str]] = {
     "simsiam": BOTH,
     "simclr": BOTH,
     "jigsaw": frozenset({IMAGE}),
+    "rotation_jigsaw": frozenset({IMAGE}),  # both on one encoder: both tasks' rules below
     "moco": BOTH,
     "moco_noise": BOTH,
     "masked_tokens": frozenset({TEXT}),
@@ -188,9 +189,9 @@ def pretext_input_problem(
         return "pretext.name", problem
     if modality in (TEXT, TIMESERIES):
         return None
-    if pretext == "rotation" and (problem := rotation_problem(shape)) is not None:
+    if pretext in ("rotation", "rotation_jigsaw") and (problem := rotation_problem(shape)) is not None:
         return "pretext.name", problem
-    if pretext == "jigsaw" and len(shape) == 3:
+    if pretext in ("jigsaw", "rotation_jigsaw") and len(shape) == 3:
         grid = params.get("grid", DEFAULT_JIGSAW_GRID)
         if isinstance(grid, int) and not isinstance(grid, bool) and grid >= 1:
             if (problem := jigsaw_grid_problem(shape, grid)) is not None:

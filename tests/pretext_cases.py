@@ -14,12 +14,12 @@ VECTOR_SHAPE = (12,)
 SERIES_SHAPE = (2, 16)  # (channels, length)
 SHAPES = {"cnn": IMAGE_SHAPE, "mlp": VECTOR_SHAPE, "conv1d": SERIES_SHAPE}
 ALL = ["byol", "jigsaw", "masked_reconstruction", "masked_segment", "masked_tokens", "moco", "moco_noise", "rotation",
-       "scarf", "simclr", "simsiam", "ts_views", "vime"]
+       "rotation_jigsaw", "scarf", "simclr", "simsiam", "ts_views", "vime"]
 PER_SAMPLE = ["byol", "jigsaw", "masked_reconstruction", "masked_segment", "masked_tokens", "moco_noise", "rotation",
-              "simsiam", "ts_views", "vime"]
+              "rotation_jigsaw", "simsiam", "ts_views", "vime"]
 # Per sample within one step; moco couples samples across steps instead (tests/pretext/test_moco.py).
 PER_SAMPLE_WITHIN_A_STEP = [*PER_SAMPLE, "moco"]
-IMAGE_ONLY = {"jigsaw", "rotation"}
+IMAGE_ONLY = {"jigsaw", "rotation", "rotation_jigsaw"}
 TEXT_ONLY = {"masked_tokens"}  # on token ids with the transformer: tests/text/test_text.py
 VECTOR_ONLY = {"scarf", "vime"}  # tables
 SERIES_ONLY = {"masked_segment", "ts_views"}  # time series (C, L) with conv1d; more in tests/timeseries

@@ -47,6 +47,17 @@ def test_every_experiment_config_loads(path):
     assert config.run.name == path.stem
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "pretext").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_pretext_config_names_its_registered_task(tmp_path, path):
+    """configs/pretext/NAME.yaml, included over base.yaml, selects pretext NAME with parameters it accepts."""
+    from fedssl.pretext import get_pretext
+
+    experiment = write(tmp_path / "x.yaml", f"include:\n  - {BASE}\n  - {path}\nrun:\n  name: x\n")
+    config = load_config(experiment)
+    assert config.pretext.name == path.stem
+    get_pretext(config.pretext.name, config.pretext.params)
+
+
 def test_tiny_config_values_merge_includes_and_own_keys():
     config = load_config(TINY)
     assert (config.federation.num_sites, config.federation.rounds) == (2, 2)  # own keys

@@ -82,6 +82,8 @@ CASES = [
     ("square", ["pretext.name=vime"], "pretext.name"),  # tables only
     ("table", ["model.encoder=mlp", "pretext.name=scarf", "privacy.enabled=true"], "pretext.name"),
     ("wide", ["pretext.name=jigsaw", "pretext.params.grid=3"], "pretext.params.grid"),
+    ("wide", ["pretext.name=rotation_jigsaw"], "pretext.name"),  # rotation's rule: a square image
+    ("images", ["pretext.name=rotation_jigsaw", "pretext.params.grid=3"], "pretext.params.grid"),  # 8x8: jigsaw's rule
     ("table", ["model.encoder=vit"], "model.encoder"),
     ("square", ["model.input_shape=[1,8,8]"], "model.input_shape"),
     ("square", ["data.partition=dirichlet"], "data.partition"),

@@ -7,8 +7,8 @@ Opacus wraps); its ``forward`` returns one loss per sample. Methods whose loss c
 
 # Importing each method module registers it.
 from fedssl.pretext import (  # noqa: F401
-    byol, jigsaw, masked_reconstruction, masked_segment, masked_tokens, moco, rotation, scarf, simclr, simsiam,
-    ts_views, vime,
+    byol, jigsaw, masked_reconstruction, masked_segment, masked_tokens, moco, rotation, rotation_jigsaw, scarf, simclr,
+    simsiam, ts_views, vime,
 )
 from fedssl.pretext.base import PretextModel, PretextTask
 from fedssl.pretext.registry import PRETEXT_TASKS, check_config, get_pretext, register_pretext, require_dp_compatible

@@ -90,11 +90,19 @@ class JigsawModel(PretextModel):
 
     def loss_at(self, x: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         """Per-sample loss when image ``i`` is shuffled by permutation ``choice[i]`` of the set."""
-        shuffled = shuffle_tiles(x, self.grid, self.permutations[choice])
-        return jigsaw_loss(self.head(self.encoder(shuffled)), choice)
+        return jigsaw_losses(self.encoder, self.head, x, self.grid, self.permutations, choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.loss_at(x, torch.randint(0, len(self.permutations), (x.shape[0],), device=x.device))
+        return jigsaw_losses(self.encoder, self.head, x, self.grid, self.permutations)
+
+
+def jigsaw_losses(encoder: nn.Module, head: nn.Module, x: torch.Tensor, grid: int, permutations: torch.Tensor,
+                  choice: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample jigsaw loss of ``head`` on ``encoder``, image ``i`` shuffled by permutation ``choice[i]`` of
+    ``permutations`` (drawn at random when not given). A function of the modules, as rotation_losses."""
+    if choice is None:
+        choice = torch.randint(0, len(permutations), (x.shape[0],), device=x.device)
+    return jigsaw_loss(head(encoder(shuffle_tiles(x, grid, permutations[choice]))), choice)
 
 
 @register_pretext
@@ -107,12 +115,17 @@ class Jigsaw(PretextTask):
     params: JigsawParams
 
     def _build(self, encoder: Encoder, modality: str) -> PretextModel:
-        grid, count = self.params.grid, self.params.num_permutations
-        if (problem := jigsaw_grid_problem(encoder.input_shape, grid)) is not None:
-            raise ConfigError(f"pretext.params.grid: {problem}")
-        if count > math.factorial(grid * grid):
-            raise ConfigError(
-                f"pretext.params.num_permutations: a {grid}x{grid} grid has only {math.factorial(grid * grid)} "
-                f"permutations, got {count}; lower it or raise pretext.params.grid"
-            )
-        return JigsawModel(encoder, grid, permutation_set(grid * grid, count))
+        return JigsawModel(encoder, self.params.grid, checked_permutations(encoder, self.params))
+
+
+def checked_permutations(encoder: Encoder, params: JigsawParams) -> torch.Tensor:
+    """The permutation set ``params`` asks for, once its grid fits the encoder's images (else one line)."""
+    grid, count = params.grid, params.num_permutations
+    if (problem := jigsaw_grid_problem(encoder.input_shape, grid)) is not None:
+        raise ConfigError(f"pretext.params.grid: {problem}")
+    if count > math.factorial(grid * grid):
+        raise ConfigError(
+            f"pretext.params.num_permutations: a {grid}x{grid} grid has only {math.factorial(grid * grid)} "
+            f"permutations, got {count}; lower it or raise pretext.params.grid"
+        )
+    return permutation_set(grid * grid, count)

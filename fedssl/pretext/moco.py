@@ -35,7 +35,6 @@ import copy
 import dataclasses
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from fedssl.inputs import COUPLED_PRETEXTS, PRETEXT_MODALITIES

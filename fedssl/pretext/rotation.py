@@ -43,22 +43,31 @@ class RotationParams(PretextParams):
     all_rotations: bool = param(False)
 
 
+def rotation_losses(encoder: nn.Module, head: nn.Module, x: torch.Tensor, all_rotations: bool) -> torch.Tensor:
+    """Per-sample rotation loss of ``head`` on ``encoder``: one random quarter turn per image, or all four averaged.
+
+    A function of the modules, so a task that shares the encoder with another (rotation_jigsaw) computes the
+    same loss without holding a second model, whose state would repeat the encoder's."""
+    batch = x.shape[0]
+
+    def loss_at(quarter_turns: torch.Tensor) -> torch.Tensor:
+        return rotation_loss(head(encoder(rotate(x, quarter_turns))), quarter_turns)
+
+    if all_rotations:
+        # Four forward passes of B samples, not one of 4B: Opacus needs the batch axis to be the sample axis.
+        turns = [torch.full((batch,), k, dtype=torch.long, device=x.device) for k in range(NUM_ROTATIONS)]
+        return torch.stack([loss_at(k) for k in turns]).mean(dim=0)
+    return loss_at(torch.randint(0, NUM_ROTATIONS, (batch,), device=x.device))
+
+
 class RotationModel(PretextModel):
     def __init__(self, encoder: Encoder, all_rotations: bool) -> None:
         super().__init__(encoder)
         self.head = nn.Linear(encoder.out_dim, NUM_ROTATIONS)
         self.all_rotations = all_rotations
 
-    def _loss_at(self, x: torch.Tensor, quarter_turns: torch.Tensor) -> torch.Tensor:
-        return rotation_loss(self.head(self.encoder(rotate(x, quarter_turns))), quarter_turns)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
-        if self.all_rotations:
-            # Four forward passes of B samples, not one of 4B: Opacus needs the batch axis to be the sample axis.
-            turns = [torch.full((batch,), k, dtype=torch.long, device=x.device) for k in range(NUM_ROTATIONS)]
-            return torch.stack([self._loss_at(x, k) for k in turns]).mean(dim=0)
-        return self._loss_at(x, torch.randint(0, NUM_ROTATIONS, (batch,), device=x.device))
+        return rotation_losses(self.encoder, self.head, x, self.all_rotations)
 
 
 @register_pretext

@@ -347,9 +347,10 @@ def test_wide_conv_stack_matches_reference(calls):
     assert clipped > 0 and kept > 0
 
 
-@pytest.mark.parametrize("task", ["rotation", "byol", "jigsaw"])
+@pytest.mark.parametrize("task", ["rotation", "byol", "jigsaw", "rotation_jigsaw"])
 def test_pretext_tasks_with_a_wide_encoder_match_reference(task):
-    """Width 16: the encoder's second and third convolutions take the channels-last path."""
+    """Width 16: the encoder's second and third convolutions take the channels-last path (rotation_jigsaw: the
+    encoder runs twice per step, so each layer's per-sample gradient sums its two uses)."""
     small = {"hidden_dim": 16, "projection_dim": 8} if task == "byol" else {}
 
     def build():
