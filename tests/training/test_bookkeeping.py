@@ -18,55 +18,9 @@ from fedssl.pretext import get_pretext
 from fedssl.training.bookkeeping import BookkeepingEngine, supported_types
 
 from bookkeeping_reference import (  # noqa: F401  (one_thread: an autouse fixture, so imported to apply here)
-    RTOL, SEED, max_rel_error, one_thread, per_sample_grads, pretext_model, reference_clipped_sum,
+    SEED, PerSample, bookkeeping_clipped_sum, bookkeeping_per_sample, check_exact, one_thread, per_sample_grads,
+    pretext_model, seeded,
 )
-
-
-def bookkeeping_clipped_sum(model: nn.Module, x: torch.Tensor, clip: float, seed: int = SEED, reduction: str = "mean"):
-    engine = BookkeepingEngine(model, loss_reduction=reduction)
-    torch.manual_seed(seed)
-    losses = model(x)
-    loss = (losses.mean() if reduction == "mean" else losses.sum()) if losses.numel() else losses.sum()
-    loss.backward()
-    norms = engine.write_clipped_sum(clip)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    engine.remove()
-    return grads, norms
-
-
-def check_exact(build, x: torch.Tensor, reduction: str = "mean", clip_quantile: float = 0.5) -> tuple[int, int]:
-    """BK == reference with C at the ``clip_quantile`` of the per-sample norms; returns (#clipped, #not)."""
-    reference_model = build()
-    _, norms = reference_clipped_sum(reference_model, x, clip=1.0)
-    clip = float(torch.quantile(norms, clip_quantile))
-    want, _ = reference_clipped_sum(reference_model, x, clip=clip)
-    model = build()
-    got, bk_norms = bookkeeping_clipped_sum(model, x, clip, reduction=reduction)
-    assert torch.allclose(bk_norms, norms, rtol=RTOL, atol=1e-7)
-    assert max_rel_error(got, want) < RTOL
-    clipped = int((norms > clip + 1e-6).sum())
-    return clipped, len(norms) - clipped
-
-
-class PerSample(nn.Module):
-    """Wrap a network into a per-sample loss: a fixed nonlinear function of its output."""
-
-    def __init__(self, net: nn.Module, calls: int = 1) -> None:
-        super().__init__()
-        self.net = net
-        self.calls = calls
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = sum(self.net(x * (k + 1)) for k in range(self.calls))  # calls > 1: parameter tying
-        return torch.tanh(out).pow(2).flatten(1).sum(1) + out.flatten(1).sum(1)
-
-
-def seeded(factory):
-    def build():
-        torch.manual_seed(0)
-        return factory()
-
-    return build
 
 
 class _LookupBySign(nn.Module):
@@ -262,108 +216,6 @@ def test_remove_restores_an_ordinary_module():
     assert all(p.grad is not None for p in model.parameters())
 
 
-# ---------------------------------------------------------------------------------------------
-# Conv2d per-sample gradients, every layout the rule uses (channels-last im2col from 8 input
-# channels on, transposed NCHW matmul below that or for non-zero padding modes, grouped einsum)
-
-CONV_CASES = {
-    "cin1_pad1": (dict(in_channels=1, out_channels=8, kernel_size=3, padding=1), "transposed"),
-    "cin1_pad0": (dict(in_channels=1, out_channels=8, kernel_size=3, padding=0), "transposed"),
-    "cin3_pad1": (dict(in_channels=3, out_channels=5, kernel_size=3, padding=1), "transposed"),
-    "cin8_pad1": (dict(in_channels=8, out_channels=5, kernel_size=3, padding=1), "channels_last"),
-    "cin16_pad1": (dict(in_channels=16, out_channels=8, kernel_size=3, padding=1), "channels_last"),
-    "cin16_pad0": (dict(in_channels=16, out_channels=8, kernel_size=3, padding=0), "channels_last"),
-    "cin24_pad2_nobias": (dict(in_channels=24, out_channels=6, kernel_size=3, padding=2, bias=False), "channels_last"),
-    "cin16_rect_pad_stride_dilation": (
-        dict(in_channels=16, out_channels=4, kernel_size=(2, 3), padding=(1, 2), stride=(2, 1), dilation=(1, 2)),
-        "channels_last",
-    ),
-    "cin16_same_reflect": (dict(in_channels=16, out_channels=4, kernel_size=3, padding="same", padding_mode="reflect"), "transposed"),
-    "cin16_groups": (dict(in_channels=16, out_channels=8, kernel_size=3, padding=1, groups=4), "weight"),
-}
-
-
-def _conv_layout(module: nn.Conv2d) -> str:
-    from fedssl.training.clip_rules import _channels_last_ok
-
-    return "channels_last" if _channels_last_ok(module) else ("transposed" if module.groups == 1 else "weight")
-
-
-def _bk_per_sample(model: nn.Module, x: torch.Tensor) -> tuple[list[nn.Parameter], list[list[torch.Tensor]], torch.Tensor]:
-    """Per-sample gradients as the engine's rules form them: finish(one-hot e_i) = g_i."""
-    from fedssl.training.clip_rules import SUPPORTED
-
-    engine = BookkeepingEngine(model, loss_reduction="sum")
-    torch.manual_seed(SEED)
-    model(x).sum().backward()
-    batch = len(x)
-    norm_sq = torch.zeros(batch)
-    finishers = []
-    for module in engine.layers:
-        layer_sq, finish = SUPPORTED[type(module)](module, engine.calls[module], engine._trainable, engine._buffers)
-        norm_sq += layer_sq
-        finishers.append(finish)
-    params = [p for p in model.parameters() if p.requires_grad]
-    per_sample = []
-    for i in range(batch):
-        got = {}
-        for finish in finishers:
-            got.update(finish(torch.eye(batch)[i]))
-        per_sample.append([got[p] for p in params])
-    engine.remove()
-    return params, per_sample, norm_sq.sqrt()
-
-
-@pytest.mark.parametrize("calls", [1, 2])
-@pytest.mark.parametrize("name", sorted(CONV_CASES))
-def test_conv2d_per_sample_gradients_equal_autograd(name, calls):
-    kwargs, layout = CONV_CASES[name]
-    build = seeded(lambda: PerSample(nn.Sequential(nn.Conv2d(**kwargs)), calls=calls))
-    assert _conv_layout(build().net[0]) == layout
-    x = torch.randn(5, kwargs["in_channels"], 7, 6, generator=torch.Generator().manual_seed(9))
-    params, want = per_sample_grads(build(), x, SEED)
-    got_params, got, norms = _bk_per_sample(build(), x)
-    assert [p.shape for p in got_params] == [p.shape for p in params]
-    for i in range(len(x)):
-        for g, w in zip(got[i], want[i]):
-            assert g.shape == w.shape
-            assert float((g - w).abs().max()) <= 1e-5 * float(w.abs().max())
-        want_norm = torch.sqrt(sum(w.pow(2).sum() for w in want[i]))
-        assert torch.allclose(norms[i], want_norm, rtol=1e-5)
-
-
-@pytest.mark.parametrize("calls", [1, 3])
-def test_wide_conv_stack_matches_reference(calls):
-    """Channels-last layers (16 and 24 input channels) with GroupNorm, clipping both ways."""
-    net = lambda: nn.Sequential(  # noqa: E731
-        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(),
-        nn.Conv2d(16, 24, 3, padding=1), nn.GroupNorm(4, 24), nn.ReLU(),
-        nn.Conv2d(24, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 6),
-    )
-    model = seeded(lambda: PerSample(net(), calls=calls))
-    assert [_conv_layout(m) for m in model().modules() if isinstance(m, nn.Conv2d)] == ["transposed", "channels_last", "channels_last"]
-    x = torch.randn(6, 3, 6, 6, generator=torch.Generator().manual_seed(10))
-    clipped, kept = check_exact(model, x)
-    assert clipped > 0 and kept > 0
-
-
-@pytest.mark.parametrize("task", ["rotation", "byol", "jigsaw", "rotation_jigsaw"])
-def test_pretext_tasks_with_a_wide_encoder_match_reference(task):
-    """Width 16: the encoder's second and third convolutions take the channels-last path (rotation_jigsaw: the
-    encoder runs twice per step, so each layer's per-sample gradient sums its two uses)."""
-    small = {"hidden_dim": 16, "projection_dim": 8} if task == "byol" else {}
-
-    def build():
-        encoder = build_encoder("cnn", (1, 8, 8), width=16, depth=3, seed=0)
-        torch.manual_seed(1)
-        return get_pretext(task, small).build_model(encoder)
-
-    assert sum(_conv_layout(m) == "channels_last" for m in build().encoder.modules() if isinstance(m, nn.Conv2d)) == 2
-    x = torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(12))
-    clipped, kept = check_exact(build, x)
-    assert clipped > 0 and kept > 0
-
-
 def test_text_transformer_by_masked_tokens_matches_reference():
     """Token + position Embeddings, attention on (B, T, D), per-token head: BK == per-sample autograd."""
     from fedssl.data.text import encode
@@ -407,7 +259,7 @@ def test_text_transformer_with_padded_inputs_matches_reference(pooled):
     clipped, kept = check_exact(_padded_transformer(pooled), x)
     assert clipped > 0 and kept > 0
     model = _padded_transformer(pooled)()
-    params, got, _ = _bk_per_sample(model, x)
+    params, got, _ = bookkeeping_per_sample(model, x)
     _, want = per_sample_grads(_padded_transformer(pooled)(), x, SEED)
     encoder = model.net if pooled else model.encoder
     index = {id(p): j for j, p in enumerate(params)}
