@@ -143,3 +143,30 @@ def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference
     assert f"| digits-tiny | images | 30-30 s | 10% | {read['rows']['raw_input']['0.1']:.3f} | {control:.3f} |" in table
     # the DP probe's paired gain; no run without DP and no fine-tune rows (the reference run probes only)
     assert table.splitlines()[-1].endswith(f"({100 * gain['mean']:+.1f} ± {100 * gain['std']:.1f}) | — | — | — | — |")
+
+
+@pytest.mark.slow
+def test_demo_repeats_summarises_finished_runs_and_refuses_an_unfinished_one(reference_run, tmp_path, monkeypatch, capsys):
+    """benchmarks/demo_repeats.py --from-runs on the session's finished run, twice (new runs would be two more
+    simulations): each gain per readout and fraction, over the runs, and whether the run's headline credited it."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("FEDSSL_BENCH_OUT", str(tmp_path))
+    import demo_repeats
+
+    from fedssl.reporting import headline, load_run
+
+    assert demo_repeats.main(["--from-runs", str(reference_run.dir), str(reference_run.dir)]) == 0
+    record = json.loads((tmp_path / "demo_repeats.json").read_text())
+    cell = record["runs"][0]["gains"]["probe"]["0.1"]  # digits-tiny: probe only, 10 % labels, one label seed
+    credited_by_headline = any(s.startswith("At 10% labels the pretrained probe beat both")
+                               for s in headline(load_run(reference_run.dir).evaluation))
+    assert cell["credited"] is credited_by_headline and cell["label_seeds"] == 1
+    summary = record["summary"]["probe"]["0.1"]
+    assert summary["n"] == 2 and summary["std"] == 0 and summary["mean"] == pytest.approx(cell["gain"])
+    assert f"| probe, 10% | {cell['gain']:+.1f} ± 0.0 |" in capsys.readouterr().out
+    assert demo_repeats.main(["--from-runs", str(tmp_path)]) == 2  # not a run dir: one line, nothing written over
+    assert capsys.readouterr().out.startswith(f"demo_repeats: {tmp_path}/metrics.jsonl not found")
+    assert json.loads((tmp_path / "demo_repeats.json").read_text()) == record
+    with pytest.raises(SystemExit):
+        demo_repeats.main(["--runs", "1"])
+    assert "--runs 1: at least 2" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from fedssl.reporting.privacy import privacy_statement
 from fedssl.reporting.report import terminal_summary, write_report
 from fedssl.reporting.verdicts import (
+    ONE_RUN_IS_ONE_DRAW,
     describe_gain,
     describe_warm_start_gain,
     headline,
@@ -15,6 +16,7 @@ from fedssl.runlog import RoundRecord, SiteRound
 from fedssl.reporting.site_spend import SiteSpend, site_spends
 
 __all__ = [
+    "ONE_RUN_IS_ONE_DRAW",
     "RoundRecord",
     "RunFiles",
     "SiteSpend",

@@ -14,6 +14,7 @@ from fedssl.reporting.privacy import privacy_statement
 from fedssl.reporting.run_files import RunFiles, load_run
 from fedssl.reporting.site_spend import SiteSpend, format_optional, site_spends
 from fedssl.reporting.verdicts import (
+    ONE_RUN_IS_ONE_DRAW,
     headline,
     pretraining_gains,
     pretraining_verdict,
@@ -189,7 +190,7 @@ def _headline_lines(run: RunFiles) -> list[str]:
     if run.evaluation is None:
         return []
     sentences = headline(run.evaluation)
-    return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), ""] if sentences else []
+    return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), "", ONE_RUN_IS_ONE_DRAW, ""] if sentences else []
 
 
 def write_report(run_dir: Path) -> Path:
@@ -256,7 +257,8 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
     for readout, gains in private_step_gains.items():
         lines.append(_gain_line(f"private-step gain ({readout})", gains))
     lines += results.skip_notes()
-    lines += headline(results)
+    verdicts = headline(results)
+    lines += verdicts + ([ONE_RUN_IS_ONE_DRAW] if verdicts else [])
     if private_step_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
     return lines + ["pretraining gain = pretrained minus its random-init control (scratch for finetune), paired by "
