@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
+
+from fedssl.reporting import load_run  # noqa: E402
 
 CONFIGS = PROJECT_ROOT / "configs" / "experiments"
 # name -> (modality, the data file the config reads, how to make it)
@@ -70,14 +73,14 @@ def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: s
 
 
 def run_rows(run_dir: Path) -> dict:
-    """A finished run's evaluation: {row: {fraction: mean accuracy over its label seeds}} and its max ε."""
-    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    """A finished run's evaluation: {row: {fraction: mean accuracy over its label seeds}} and its max ε
+    (read through fedssl.reporting.load_run, the run dir's one reader)."""
+    run = load_run(run_dir)
     rows: dict[str, dict[str, float]] = {}
-    for cell in evaluation["cells"]:
-        rows.setdefault(cell["row"], {})[f"{cell['fraction']:g}"] = cell["mean"]
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epsilons = [r["epsilon"] for r in metrics if r["kind"] == "site_round" and r.get("epsilon") is not None]
-    return {"rows": rows, "max_epsilon": max(epsilons, default=None), "num_test": evaluation["num_test"]}
+    for (row, fraction), cell in run.evaluation.cells.items():
+        rows.setdefault(row, {})[f"{fraction:g}"] = cell.mean
+    epsilons = [r.epsilon for r in run.site_rounds if not math.isnan(r.epsilon)]  # NaN: not recorded (no DP)
+    return {"rows": rows, "max_epsilon": max(epsilons, default=None), "num_test": run.evaluation.num_test}
 
 
 def paired_gain(runs: list[dict], fraction: str, row: str = PROBE, control: str = CONTROL) -> dict:
