@@ -42,6 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
 from fedssl import phases  # noqa: E402
+from fedssl.layout import RunDir  # noqa: E402
+from fedssl.runlog import read_metrics  # noqa: E402
 
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
@@ -148,15 +150,15 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
 
 def round_overheads(run_dir: Path, phase_log: Path) -> list[dict]:
     """Each round's wall time against the slower site's training time (the sites' site_done phase marks)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    _, rounds = read_metrics(RunDir(run_dir).metrics)
     site_done = [m for m in phases.read(phase_log) if m["phase"] == "site_done"]
     per_round = []
-    for r in (r for r in records if r["kind"] == "round"):
-        train = [float(m["train_s"]) for m in site_done if m["round"] == r["round"]]
+    for r in rounds:
+        train = [float(m["train_s"]) for m in site_done if m["round"] == r.round]
         if len(train) < 2:
-            raise SystemExit(f"round {r['round']}: only {len(train)} site(s) trained; see {run_dir / 'metrics.jsonl'}")
-        per_round.append({"round": r["round"], "seconds": r["seconds"], "max_train_seconds": max(train),
-                          "overhead_seconds": r["seconds"] - max(train), "sites_trained": len(train)})
+            raise SystemExit(f"round {r.round}: only {len(train)} site(s) trained; see {RunDir(run_dir).metrics}")
+        per_round.append({"round": r.round, "seconds": r.seconds, "max_train_seconds": max(train),
+                          "overhead_seconds": r.seconds - max(train), "sites_trained": len(train)})
     return per_round
 
 

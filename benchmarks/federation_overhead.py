@@ -152,8 +152,10 @@ def _noise_multipliers(run_dir: Path) -> list[float]:
 
 def flower_run(config, tmp: Path) -> dict:
     from fedssl import phases
+    from fedssl.layout import RunDir
     from fedssl.run.pipeline import prepare_run_dir
     from fedssl.run.simulation import Simulation
+    from fedssl.runlog import read_metrics
 
     run_dir = prepare_run_dir(config, overwrite=True)
     phase_log = tmp / f"{config.run.name}.phases.jsonl"
@@ -169,11 +171,9 @@ def flower_run(config, tmp: Path) -> dict:
             os.environ.pop(phases.ENV_VAR, None)
         else:
             os.environ[phases.ENV_VAR] = saved
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rounds = [r for r in records if r.get("kind") == "round"]
-    sites = [r for r in records if r.get("kind") == "site_round"]
+    sites, rounds = read_metrics(RunDir(run_dir).metrics)
     server = json.loads((run_dir / "server_done.json").read_text())
-    round_seconds = [float(r["seconds"]) for r in rounds]
+    round_seconds = [r.seconds for r in rounds]
     # A DP site no longer reports its training time to the server (docs/privacy.md): take it from the
     # sites' own phase marks, written on this machine, for every site round.
     site_train = [float(m.get("train_s", 0.0)) for m in phases.read(phase_log) if m["phase"] == "site_done"]
@@ -188,7 +188,7 @@ def flower_run(config, tmp: Path) -> dict:
         "first_round_extra_s": round_seconds[0] - (statistics.median(round_seconds[1:]) if len(round_seconds) > 1 else 0.0),
         "site_train_s_sum": sum(site_train),
         "site_rounds": len(sites),
-        "trained": sum(1 for r in sites if r.get("status") == "trained"),
+        "trained": sum(1 for r in sites if r.status == "trained"),
         "noise_multipliers": _noise_multipliers(run_dir),
         "phases": phase_timeline(phase_log),
         "load_avg_after": list(os.getloadavg()),

@@ -118,8 +118,10 @@ def data_materialisation(num_sites: int) -> dict:
 def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
     from fedssl.config import load_config
     from fedssl.experiment import central_data_for
+    from fedssl.layout import RunDir
     from fedssl.run.pipeline import prepare_run_dir
     from fedssl.run.simulation import run_federation
+    from fedssl.runlog import read_metrics
 
     config = load_config(DEMO, [f"federation.num_sites={num_sites}", f"federation.rounds={rounds}",
                                 f"federation.fraction_train={SAMPLED / num_sites}", f"federation.min_sites={SAMPLED}",
@@ -132,17 +134,15 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
         outcome = run_federation(config, run_dir, stream=False)
     finally:
         peak = sampler.stop()
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    rounds_rec = [r for r in records if r.get("kind") == "round"]
-    site_rounds = [r for r in records if r.get("kind") == "site_round"]
+    site_rounds, rounds_rec = read_metrics(RunDir(run_dir).metrics)
     server = json.loads((run_dir / "server_done.json").read_text())
     state_bytes = sum(f.stat().st_size for f in (run_dir / "sites").rglob("*") if f.is_file()) if (run_dir / "sites").exists() else 0
     return {
         "sites": num_sites, "sampled_per_round": SAMPLED, "rounds": rounds,
         "wall_s": outcome.seconds, "server_s": float(server["seconds"]),
-        "round_s": [float(r["seconds"]) for r in rounds_rec],
-        "sites_trained_per_round": [int(r["num_trained"]) for r in rounds_rec],
-        "distinct_sites_trained": len({r["site_id"] for r in site_rounds}),
+        "round_s": [r.seconds for r in rounds_rec],
+        "sites_trained_per_round": [r.num_trained for r in rounds_rec],
+        "distinct_sites_trained": len({r.site_id for r in site_rounds}),
         "peak_pss_gib": peak, "peak_processes": sampler.peak_procs, "memory_budget_gib": BUDGET_GIB,
         "site_state_bytes_on_disk": state_bytes,
     }
