@@ -52,7 +52,8 @@ def simulate(config: Path, output_dir: Path, overrides: list[str]) -> tuple[Path
 def read_run(run_dir: Path) -> dict:
     """A finished run's paired gains per readout and label fraction, in points, and whether its headline
     credited each."""
-    results = load_run(run_dir).evaluation
+    run = load_run(run_dir)
+    results = run.evaluation
     if results is None:
         raise ValueError(f"{run_dir}: no {EVALUATION_FILE}; pass the dir of a finished, evaluated run")
     over_raw = raw_input_gains(results)
@@ -63,7 +64,7 @@ def read_run(run_dir: Path) -> dict:
                 "gain": 100 * control.delta, "spread": 100 * control.spread, "label_seeds": control.seeds,
                 "over_raw": 100 * raw.delta, "credited": beats_both(control, raw),
             }
-    return {"run_dir": str(run_dir), "gains": gains}
+    return {"run_dir": str(run_dir), "run_name": run.run_name, "gains": gains}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     summary = summarize(runs)
     table = markdown(summary)
-    path = write_result("demo_repeats", {"machine": machine_info(), "config": str(args.config), "overrides": args.overrides,
+    config = None if args.from_runs else str(args.config)  # finished runs: each names its own run
+    path = write_result("demo_repeats", {"machine": machine_info(), "config": config, "overrides": args.overrides,
                                          "runs": runs, "summary": summary, "table": table}, quick=False)
     print(table)
     print(f"demo_repeats: wrote {path}")

@@ -161,6 +161,7 @@ def test_demo_repeats_summarises_finished_runs_and_refuses_an_unfinished_one(ref
     credited_by_headline = any(s.startswith("At 10% labels the pretrained probe beat both")
                                for s in headline(load_run(reference_run.dir).evaluation))
     assert cell["credited"] is credited_by_headline and cell["label_seeds"] == 1
+    assert record["runs"][0]["run_name"] == "digits-tiny" and record["config"] is None  # each run names its own
     summary = record["summary"]["probe"]["0.1"]
     assert summary["n"] == 2 and summary["std"] == 0 and summary["mean"] == pytest.approx(cell["gain"])
     assert f"| probe, 10% | {cell['gain']:+.1f} ± 0.0 |" in capsys.readouterr().out
