@@ -140,13 +140,19 @@ def phase_timeline(path: Path) -> dict:
 
 
 def _noise_multipliers(run_dir: Path) -> list[float]:
-    """The distinct σ the sites calibrated."""
+    """The distinct σ the sites calibrated (read through the sites' accountant, its state file's owner)."""
+    from fedssl.errors import PrivacyError
+    from fedssl.layout import RunDir
+    from fedssl.privacy.accountant import load_accountant
+
     found = set()
-    for path in run_dir.glob("sites/*/accountant.json"):
+    for state_dir in (path for path in RunDir(run_dir).sites.glob("*") if path.is_dir()):
         try:
-            found.add(float(json.loads(path.read_text())["mechanism"]["noise_multiplier"]))
-        except (OSError, ValueError, KeyError, TypeError):
+            state = load_accountant(state_dir)
+        except PrivacyError:  # unreadable: not a σ to report
             continue
+        if state is not None:
+            found.add(state.mechanism.noise_multiplier)
     return sorted(found)
 
 
