@@ -36,9 +36,9 @@ RAW_INPUT_COMPARISONS = {"probe": (PRETRAINED_PROBE, RAW_INPUT), "finetune": (PR
 # What the spread behind every verdict leaves out. The demo's config run 8 times on 2026-12-07: its fine-tune gain
 # over scratch was positive at every label fraction in every run, yet 3 of the 8 reports credited it nowhere
 # (benchmarks/demo_repeats.py, README "One run is one draw").
-ONE_RUN_IS_ONE_DRAW = ("The spread is over label seeds within this one run; the pretraining itself ran once (and its "
-                       "sites' DP noise is drawn afresh each run), so repeat the run to see whether a gain, or its "
-                       "absence, holds.")
+ONE_RUN_IS_ONE_DRAW = ("The spread is over label seeds within this one run; the pretraining itself ran once, so repeat "
+                       "the run (under DP each run draws fresh noise at the sites; without DP, set another run.seed) to "
+                       "see whether a gain, or its absence, holds.")
 
 
 def describe_gain(results: EvalResults, gain: Gain) -> str:
