@@ -106,6 +106,16 @@ def results_dir(quick: bool) -> Path:
     return QUICK_DIR if quick else RESULTS_DIR
 
 
+def fedssl_simulate(config: Path, sets: list[str]) -> tuple[subprocess.CompletedProcess, float]:
+    """``fedssl simulate CONFIG --quiet --overwrite --set ...`` from the checkout, as a user runs it: the finished
+    process (output captured) and its wall seconds."""
+    cmd = [str(Path(sys.executable).parent / "fedssl"), "simulate", str(config), "--quiet", "--overwrite"]
+    cmd += [arg for item in sets for arg in ("--set", item)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    return done, time.perf_counter() - started
+
+
 def write_result(name: str, payload: Mapping[str, Any], quick: bool) -> Path:
     """``benchmarks/results/<name>.json`` (or ``results/quick/`` for --quick smoke runs)."""
     out_dir = results_dir(quick)

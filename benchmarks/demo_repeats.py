@@ -17,36 +17,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
+from _common import PROJECT_ROOT, fedssl_simulate, machine_info, write_result  # noqa: E402
 
 from fedssl.layout import EVALUATION_FILE  # noqa: E402
 from fedssl.reporting import load_run  # noqa: E402
 from fedssl.reporting.verdicts import beats_both, pretraining_gains, raw_input_gains  # noqa: E402
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
-FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
 
 def simulate(config: Path, output_dir: Path, overrides: list[str]) -> tuple[Path, float]:
     """One `fedssl simulate` of ``config`` into ``output_dir``: its run dir and wall seconds."""
-    cmd = [FEDSSL, "simulate", str(config), "--quiet", "--overwrite", "--set", f"run.output_dir={output_dir}"]
-    for item in overrides:
-        cmd += ["--set", item]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
+    done, seconds = fedssl_simulate(config, [f"run.output_dir={output_dir}", *overrides])
     if done.returncode != 0:
-        raise ValueError(f"{' '.join(cmd)} failed (rc {done.returncode}): {done.stderr.strip()[-500:]}")
+        raise ValueError(f"fedssl simulate {config} failed (rc {done.returncode}): {done.stderr.strip()[-500:]}")
     evaluated = sorted(output_dir.glob(f"*/{EVALUATION_FILE}"))
     if not evaluated:
         raise ValueError(f"{config}: its run wrote no {EVALUATION_FILE} (evaluation.enabled: true is needed)")
-    return evaluated[0].parent, time.perf_counter() - started
+    return evaluated[0].parent, seconds
 
 
 def read_run(run_dir: Path) -> dict:

@@ -150,13 +150,14 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
 
 def round_overheads(run_dir: Path, phase_log: Path) -> list[dict]:
     """Each round's wall time against the slower site's training time (the sites' site_done phase marks)."""
-    _, rounds = read_metrics(RunDir(run_dir).metrics)
+    metrics = RunDir(run_dir).metrics
+    _, rounds = read_metrics(metrics)
     site_done = [m for m in phases.read(phase_log) if m["phase"] == "site_done"]
     per_round = []
     for r in rounds:
         train = [float(m["train_s"]) for m in site_done if m["round"] == r.round]
         if len(train) < 2:
-            raise SystemExit(f"round {r.round}: only {len(train)} site(s) trained; see {RunDir(run_dir).metrics}")
+            raise SystemExit(f"round {r.round}: only {len(train)} site(s) trained; see {metrics}")
         per_round.append({"round": r.round, "seconds": r.seconds, "max_train_seconds": max(train),
                           "overhead_seconds": r.seconds - max(train), "sites_trained": len(train)})
     return per_round

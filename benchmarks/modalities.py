@@ -26,14 +26,12 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
+from _common import PROJECT_ROOT, fedssl_simulate, machine_info, write_result  # noqa: E402
 
 from fedssl.reporting import load_run  # noqa: E402
 
@@ -49,7 +47,6 @@ MODALITIES = {
 QUICK = {"digits-tiny": ("images", None, "embedded")}
 PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
 FINETUNE, SCRATCH = "pretrained_finetune", "scratch_finetune"
-FEDSSL = str(Path(sys.executable).parent / "fedssl")
 
 
 def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: str | None = None,
@@ -57,16 +54,13 @@ def run_once(config: str, seed: int, private: bool, output_dir: Path, pretext: s
     """One `fedssl simulate` (``pretext``: another method, its default parameters, in place of the config's;
     ``overrides``: more `--set KEY=VALUE`): its wall time and each row's mean accuracy per label fraction."""
     name = f"{config}-{pretext or 'config'}-{'dp' if private else 'nodp'}-s{seed}"
-    cmd = [FEDSSL, "simulate", str(CONFIGS / f"{config}.yaml"), "--quiet", "--overwrite",
-           "--set", f"run.seed={seed}", "--set", f"run.name={name}", "--set", f"run.output_dir={output_dir}"]
+    sets = [f"run.seed={seed}", f"run.name={name}", f"run.output_dir={output_dir}"]
     if pretext:
-        cmd += ["--set", f"pretext.name={pretext}", "--set", "pretext.params={}"]
-    cmd += [arg for override in overrides for arg in ("--set", override)]
+        sets += [f"pretext.name={pretext}", "pretext.params={}"]
+    sets += list(overrides)
     if not private:
-        cmd += ["--set", "privacy.enabled=false"]
-    started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=PROJECT_ROOT, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
+        sets.append("privacy.enabled=false")
+    done, seconds = fedssl_simulate(CONFIGS / f"{config}.yaml", sets)
     if done.returncode != 0:
         return {"seed": seed, "private": private, "seconds": seconds, "error": done.stderr.strip().splitlines()[-1:]}
     return {"seed": seed, "private": private, "seconds": seconds, **run_rows(output_dir / name)}
