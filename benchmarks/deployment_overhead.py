@@ -29,7 +29,6 @@ per message): importing Flower's ClientApp runtime, and importing fedssl's Clien
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import PROJECT_ROOT, machine_info, write_result  # noqa: E402
 from fedssl import phases  # noqa: E402
 from fedssl.layout import RunDir  # noqa: E402
+from fedssl.reporting import load_run  # noqa: E402
 from fedssl.runlog import read_metrics  # noqa: E402
 
 FEDSSL = str(Path(sys.executable).parent / "fedssl")
@@ -143,8 +143,7 @@ def run_federation(root: Path, variant: str, rounds: int, timeout: float) -> dic
     if code != 0:
         raise SystemExit(f"deployment run failed (exit {code}); see {logs / 'server.log'}:\n{(logs / 'server.log').read_text()[-3000:]}")
     run_dir = root / "runs" / f"deploy-{root.name}"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    return {"per_round": round_overheads(run_dir, phase_log), "federation_seconds": summary.get("federation_seconds"),
+    return {"per_round": round_overheads(run_dir, phase_log), "federation_seconds": load_run(run_dir).summary.get("federation_seconds"),
             "wall_seconds": total}
 
 

@@ -160,6 +160,7 @@ def flower_run(config, tmp: Path) -> dict:
     from fedssl import phases
     from fedssl.layout import RunDir
     from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.server_marks import read_done
     from fedssl.run.simulation import Simulation
     from fedssl.runlog import read_metrics
 
@@ -178,7 +179,7 @@ def flower_run(config, tmp: Path) -> dict:
         else:
             os.environ[phases.ENV_VAR] = saved
     sites, rounds = read_metrics(RunDir(run_dir).metrics)
-    server = json.loads((run_dir / "server_done.json").read_text())
+    server = read_done(RunDir(run_dir))
     round_seconds = [r.seconds for r in rounds]
     # A DP site no longer reports its training time to the server (docs/privacy.md): take it from the
     # sites' own phase marks, written on this machine, for every site round.
@@ -188,8 +189,8 @@ def flower_run(config, tmp: Path) -> dict:
         # SERVER_DONE seen: the results are complete and `fedssl simulate` starts evaluating (Flower and
         # Ray still shut down for a few seconds, overlapped); wall_s is until every Flower process is gone.
         "results_s": results_s,
-        "server_s": float(server["seconds"]),
-        "startup_before_server_s": outcome.seconds - float(server["seconds"]),
+        "server_s": server.seconds,
+        "startup_before_server_s": outcome.seconds - server.seconds,
         "round_s": round_seconds,
         "first_round_extra_s": round_seconds[0] - (statistics.median(round_seconds[1:]) if len(round_seconds) > 1 else 0.0),
         "site_train_s_sum": sum(site_train),

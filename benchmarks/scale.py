@@ -19,7 +19,6 @@ micro.calibration_one_site_s).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -120,6 +119,7 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
     from fedssl.experiment import central_data_for
     from fedssl.layout import RunDir
     from fedssl.run.pipeline import prepare_run_dir
+    from fedssl.run.server_marks import read_done
     from fedssl.run.simulation import run_federation
     from fedssl.runlog import read_metrics
 
@@ -135,11 +135,11 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
     finally:
         peak = sampler.stop()
     site_rounds, rounds_rec = read_metrics(RunDir(run_dir).metrics)
-    server = json.loads((run_dir / "server_done.json").read_text())
+    server = read_done(RunDir(run_dir))
     state_bytes = sum(f.stat().st_size for f in (run_dir / "sites").rglob("*") if f.is_file()) if (run_dir / "sites").exists() else 0
     return {
         "sites": num_sites, "sampled_per_round": SAMPLED, "rounds": rounds,
-        "wall_s": outcome.seconds, "server_s": float(server["seconds"]),
+        "wall_s": outcome.seconds, "server_s": server.seconds,
         "round_s": [r.seconds for r in rounds_rec],
         "sites_trained_per_round": [r.num_trained for r in rounds_rec],
         "distinct_sites_trained": len({r.site_id for r in site_rounds}),

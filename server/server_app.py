@@ -11,7 +11,6 @@ moves weights.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from fedssl.privacy.ledger import ServerLedger
 from fedssl.privacy.site_level import AGGREGATION_SECAGG
 from fedssl.privacy.watermarks import WATERMARKS_FILE, SiteWatermarks
 from fedssl.run.checkpoint import checkpoint_now, load_checkpoint, reconcile_logs
+from fedssl.run.server_marks import ServerDone, write_done, write_failed
 from fedssl.run.stock import POST_RUN_COMMAND, Launch, prepare_stock_run, resolve_launch
 from fedssl.runlog import RunLog
 from fedssl.warmstart.checkpoint import load_warm_start
@@ -61,14 +61,12 @@ def main(grid: Grid, context: Context) -> None:
         final = _run_rounds(PromptGrid(grid), context, config, plan, start, recorder, book, run_dir)
     except AllSitesFailed as err:  # a clean stop: the driver raises this line (fedssl.run.flower_runtime)
         log(ERROR, "fedssl: %s", err)
-        _write_atomically(run_dir.server_failed, {"run_id": context.run_id, "reason": str(err)})
+        write_failed(run_dir, context.run_id, str(err))
         return
     torch.save(final, run_dir.final_encoder)
     mark("server_done")
-    # Atomic: the driver starts on the results the moment this name appears.
-    _write_atomically(run_dir.server_done, {"run_id": start.run_id, "rounds": config.federation.rounds,
-                                            "resumed_after": start.round if start.resumed else None,
-                                            "seconds": time.time() - started})
+    write_done(run_dir, ServerDone(run_id=start.run_id, rounds=config.federation.rounds,
+                                   resumed_after=start.round if start.resumed else None, seconds=time.time() - started))
     if launch.stock:  # nobody waits for the results: say what evaluates and reports them
         log(INFO, "fedssl: federated rounds done; evaluate and write the report with: %s %s", POST_RUN_COMMAND, run_dir.path)
 
@@ -110,12 +108,6 @@ def _starting_point(context: Context, config: ExperimentConfig, run_dir: RunDir,
         # Written by the coordinator before the run (fedssl.warmstart.pretrain); checked against this encoder.
         load_warm_start(run_dir.warm_start, encoder)
     return Start(encoder.state_dict(), 0, str(context.run_id), resumed=False)
-
-
-def _write_atomically(path: Path, body: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
-    tmp.replace(path)
 
 
 def round_recorder(config: ExperimentConfig, run_dir: RunDir, state_dir: Path, book: SiteLevelBook | None = None) -> RoundRecorder:

@@ -10,7 +10,6 @@ exits 0 even when the run failed.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -27,6 +26,7 @@ from fedssl.errors import FedSSLError
 from fedssl.fl.keys import RUN_CONFIG_PATH, RUN_COORDINATOR_DIR, RUN_DIR, RUN_RESUME
 from fedssl.layout import RunDir
 from fedssl.phases import mark
+from fedssl.run.server_marks import stop_reason
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # this checkout: the Flower app fedssl runs by default
 RESULTS_POLL_SECONDS = 0.05
@@ -168,14 +168,6 @@ def _mark_milestone(line: str) -> None:
             return
 
 
-def _server_failure(path: Path) -> str:
-    """The one line the ServerApp left when it stopped the run itself (SERVER_FAILED)."""
-    try:
-        return str(json.loads(path.read_text())["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"the server stopped the run; see {path}"
-
-
 @dataclass(frozen=True)
 class RunOutcome:
     run_dir: Path
@@ -258,8 +250,9 @@ class FlwrRun:
         mark("driver_done")
         seconds = time.perf_counter() - self._started
         log = self._paths.flwr_log
-        if not self._paths.server_done.exists() and self._paths.server_failed.exists():
-            raise self._error(_server_failure(self._paths.server_failed))
+        stopped = None if self._paths.server_done.exists() else stop_reason(self._paths)
+        if stopped is not None:
+            raise self._error(stopped)
         if not self._paths.server_done.exists():
             raise self._error(f"federated run failed (flwr exit {code}): {failure_reason(log.read_text(errors='replace'))}; full log: {log}")
         if code != 0:

@@ -25,6 +25,7 @@ from fedssl.errors import ConfigError, FedSSLError
 from fedssl.layout import RunDir
 from fedssl.preflight import require_preflight
 from fedssl.progress import ProgressDisplay
+from fedssl.run.server_marks import read_done, stop_reason
 
 Echo = Callable[[str], None]
 
@@ -173,14 +174,13 @@ def finish_run_dir(run_dir: Path) -> None:
     if not paths.config.is_file():
         raise FedSSLError(f"{run_dir}: not a run directory (no {paths.config.name}); give the run dir the run printed")
     if not paths.server_done.is_file():
-        failed = paths.server_failed
-        why = f": {json.loads(failed.read_text()).get('reason')}" if failed.is_file() else "; see `flwr log <run id>`"
+        stopped = stop_reason(paths)
+        why = f": {stopped}" if stopped is not None else "; see `flwr log <run id>`"
         raise FedSSLError(f"{run_dir}: the federated run did not finish (no {paths.server_done.name}){why}")
     if not paths.summary.exists():
         from fedssl.config import load_config
 
-        done = json.loads(paths.server_done.read_text())
-        write_summary(run_dir, run_name=load_config(str(paths.config)).run.name, federation_seconds=done.get("seconds"),
+        write_summary(run_dir, run_name=load_config(str(paths.config)).run.name, federation_seconds=read_done(paths).seconds,
                       launcher="flwr run")
 
 

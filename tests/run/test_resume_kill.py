@@ -10,13 +10,14 @@ checkpoint of round k exists, then `fedssl simulate --resume RUN_DIR`, ends like
 
 from __future__ import annotations
 
-import json
 import subprocess
 
 import pytest
 import torch
 
+from fedssl.layout import RunDir
 from fedssl.run.checkpoint import load_checkpoint
+from fedssl.run.server_marks import read_done
 from resume_kill import (  # noqa: F401
     FEDSSL, KILL_AFTER, ROOT, ROUNDS, _args, _assert_one_record_per_round, _killed_after, _records, _resume, _run,
 )
@@ -44,5 +45,5 @@ def test_killed_and_resumed_run_ends_with_the_uninterrupted_encoder(tmp_path):
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
     _assert_one_record_per_round(run_dir, num_sites=2)
-    done = json.loads((run_dir / "server_done.json").read_text())
-    assert done["resumed_after"] >= KILL_AFTER and done["run_id"] == load_checkpoint(run_dir).run_id
+    done = read_done(RunDir(run_dir))
+    assert done.resumed_after >= KILL_AFTER and done.run_id == load_checkpoint(run_dir).run_id

@@ -16,6 +16,7 @@ from fedssl.errors import ConfigError, FedSSLError
 from fedssl.fl.keys import NODE_PARTITION_ID, NODE_SITE_CONFIG, RUN_CONFIG_PATH, RUN_DIR
 from fedssl.layout import RunDir
 from fedssl.run.pipeline import finish_run_dir
+from fedssl.run.server_marks import ServerDone, write_done, write_failed
 from fedssl.run.stock import APP_ROOT, DEFAULT_CONFIG, launch_run_config, prepare_stock_run, resolve_launch
 
 TINY = APP_ROOT / DEFAULT_CONFIG
@@ -90,10 +91,10 @@ def test_finish_needs_a_finished_run_and_writes_its_summary(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(FedSSLError, match="did not finish .*flwr log"):
         finish_run_dir(tmp_path)
-    run.server_failed.write_text(json.dumps({"reason": "every site failed in round 1"}))
+    write_failed(run, 1, "every site failed in round 1")
     with pytest.raises(FedSSLError, match="every site failed in round 1"):
         finish_run_dir(tmp_path)
-    run.server_done.write_text(json.dumps({"seconds": 12.5}))
+    write_done(run, ServerDone(run_id=1, rounds=2, resumed_after=None, seconds=12.5))
     finish_run_dir(tmp_path)
     assert json.loads(run.summary.read_text()) == {"run_name": "flwr-run", "federation_seconds": 12.5, "launcher": "flwr run"}
 
