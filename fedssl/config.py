@@ -197,6 +197,11 @@ class TrainingConfig:
 LINEAR_PROBE = "linear_probe"
 FINETUNE = "finetune"
 EVALUATION_METHODS = (FINETUNE, LINEAR_PROBE)
+# What the evaluation scores on: the held-out test set, or (to choose settings without reading the test set)
+# a validation set carved from the consented training pool (fedssl.experiment.CentralData.validation_view).
+SCORE_ON_TEST = "test"
+SCORE_ON_VALIDATION = "validation"
+SCORE_ON = (SCORE_ON_TEST, SCORE_ON_VALIDATION)
 
 
 @dataclass
@@ -218,6 +223,10 @@ class EvaluationConfig:
     # Below this many labels a stratified sample cannot cover typical class counts, and
     # accuracies from a handful of labels are mostly noise.
     min_labels: int = 10
+    # "validation": score on validation_fraction of the consented training records instead of the test set, whose
+    # labels are then never read: for choosing settings (pretext, lr, rounds, ...) before one run scores the test set.
+    score_on: str = SCORE_ON_TEST
+    validation_fraction: float = 0.3
 
     def validate(self) -> None:
         fractions = self.label_fractions
@@ -234,6 +243,13 @@ class EvaluationConfig:
         check(self.finetune_batch_size >= 1, "evaluation.finetune_batch_size", "must be >= 1", self.finetune_batch_size)
         check(self.probe_C > 0, "evaluation.probe_C", "must be > 0", self.probe_C)
         check(self.min_labels >= 2, "evaluation.min_labels", "must be >= 2", self.min_labels)
+        check(self.score_on in SCORE_ON, "evaluation.score_on", f"valid choices: {', '.join(SCORE_ON)}", self.score_on)
+        check(0 < self.validation_fraction < 1, "evaluation.validation_fraction",
+              "must be in (0, 1): the share of the consented training records scored on", self.validation_fraction)
+
+    @property
+    def scores_validation(self) -> bool:
+        return self.score_on == SCORE_ON_VALIDATION
 
     def labels_needed(self, fraction: float, pool_size: int, num_classes: int) -> int:
         """Label count for a fraction of the central pool: never below the floor or one per class."""

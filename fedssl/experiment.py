@@ -58,6 +58,27 @@ class CentralData:
         out[consented] = self.labels.labels_for(ids[i] for i in consented)
         return out
 
+    def validation_view(self, fraction: float, seed: int) -> CentralData:
+        """The evaluation's view for ``evaluation.score_on: validation``: ``fraction`` of the consented training
+        records (stratified by their consented labels, seeded) become the scored set, the rest stay the pool the
+        label subsets are drawn from, and the test set is left out, so none of its labels is read.
+
+        The sites pretrained on the whole training pool, validation records included (without their labels): the
+        run scored on validation is the run that would be scored on the test set, only its scored set differs."""
+        if self.labels is None:
+            raise ConfigError("evaluation.score_on: validation needs consented labels; this data source has none")
+        ids = self.train.sample_ids
+        consented = np.array([i for i, sample_id in enumerate(ids) if sample_id in self.labels.manifest], dtype=np.int64)
+        size = int(round(len(consented) * fraction))
+        consented_labels = self.labels.labels_for(ids[i] for i in consented)
+        if size < len(np.unique(consented_labels)) or len(consented) - size < 2:
+            raise ConfigError(f"evaluation.validation_fraction: {fraction:g} of the {len(consented)} consented training "
+                              f"records leaves no class-covering validation set and label pool; consent more records "
+                              f"or pick a fraction nearer 0.3")
+        validation = consented[stratified_subset(consented_labels, size, seed)]
+        pool = np.setdiff1d(np.arange(len(ids)), validation)
+        return CentralData(make_site_dataset(self.train, pool), make_site_dataset(self.train, validation), self.labels)
+
 
 @functools.lru_cache(maxsize=4)
 def central_data(source: str, kind: str, test_fraction: float, seed: int,

@@ -195,6 +195,12 @@ def _label_problems(config: ExperimentConfig, probe: DataProbe, *, simulated_sit
         problems.append(Problem("evaluation.enabled", f"data.source {probe.source} has no labels to evaluate on (only the embedded "
                                 "digits and sources with data.labels carry labels, behind the consent manifest); set data.labels to an "
                                 "id,label CSV, or evaluation.enabled=false, or pass --skip-evaluation"))
+    ev = config.evaluation
+    scored = round(consented_train * ev.validation_fraction)
+    if needs_labels and probe.labelled and ev.scores_validation and not ev.min_labels <= scored < consented_train:
+        problems.append(Problem("evaluation.validation_fraction", f"{ev.validation_fraction:g} of the ~{consented_train} "
+                                f"consented training records is {scored} to score on; it must be at least evaluation.min_labels "
+                                f"({ev.min_labels}) and leave a label pool: consent more records or pick a fraction nearer 0.3"))
     return problems
 
 

@@ -34,6 +34,8 @@ def evaluate_run(run_dir: Path, progress: Callable[[str], None] | None = None) -
     if data.labels is None:
         raise ConfigError("evaluation.enabled: this data source has no labels; set evaluation.enabled=false")
     data.labels.manifest.save(layout.consent)
+    if config.evaluation.scores_validation:  # choosing settings: the test set's labels are never read
+        data = data.validation_view(config.evaluation.validation_fraction, config.run.seed)
     m = config.model
 
     def encoder_factory(seed: int | None):

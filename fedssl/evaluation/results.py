@@ -123,6 +123,11 @@ class EvalResults:
     raw_features: str = "pixels"  # what the raw_input row probed (fedssl.evaluation.baselines): pixels, features, tf-idf
     class_names: list[str] | None = None  # class i's name where the labels were names; None for integer labels
 
+    @property
+    def scored_set(self) -> str:
+        """What every accuracy here was measured on: "test", or "validation" (evaluation.score_on)."""
+        return self.plan.score_on
+
     def row_title(self, row: str) -> str:
         """A row's name as tables show it: the raw-input row says which raw features it probed."""
         return f"{row} ({self.raw_features})" if row == RAW_INPUT else row

@@ -81,6 +81,6 @@ def plot_label_efficiency(results: EvalResults, path: Path) -> Path:
     axes.set_xscale("log")
     axes.set_xticks(fractions, [format_fraction(fraction) for fraction in fractions])
     axes.minorticks_off()
-    axes.set(xlabel="labelled fraction of the central pool", ylabel="test accuracy", title="Label efficiency")
+    axes.set(xlabel="labelled fraction of the central pool", ylabel=f"{results.scored_set} accuracy", title="Label efficiency")
     axes.legend(fontsize="small")
     return _save(figure, path)

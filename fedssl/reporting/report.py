@@ -20,6 +20,7 @@ from fedssl.reporting.verdicts import (
     pretraining_verdict,
     raw_input_gains,
     raw_input_verdict,
+    scored_set_note,
     warm_start_gains,
     warm_start_verdict,
 )
@@ -117,9 +118,9 @@ def _evaluation_section(run: RunFiles) -> list[str]:
     if results is None:
         return ["No evaluation.json in this run directory: evaluation was disabled or has not run."]
     lines = [
-        f"Test accuracy (mean ± std over {len(results.plan.label_seeds)} label seeds; random-init rows also over "
-        f"init seeds). Labels come only from consented samples: {results.num_consented_train} of "
-        f"{results.num_train} train examples, {results.num_test} test examples. Every row uses the same label "
+        f"{results.scored_set.capitalize()} accuracy (mean ± std over {len(results.plan.label_seeds)} label seeds; "
+        f"random-init rows also over init seeds). Labels come only from consented samples: {results.num_consented_train} of "
+        f"{results.num_train} train examples, {results.num_test} {results.scored_set} examples. Every row uses the same label "
         f"subsets."
         + (
             " The warm_start rows score the encoder the federation started from (pretrained on public data, no ε "
@@ -190,7 +191,10 @@ def _headline_lines(run: RunFiles) -> list[str]:
     if run.evaluation is None:
         return []
     sentences = headline(run.evaluation)
-    return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), "", ONE_RUN_IS_ONE_DRAW, ""] if sentences else []
+    if not sentences:
+        return []
+    return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), "", ONE_RUN_IS_ONE_DRAW, "",
+            *(line for note in scored_set_note(run.evaluation) for line in (note, ""))]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -245,7 +249,7 @@ def _gain_line(name: str, gains: list[Gain]) -> str:
 
 def _terminal_evaluation(results: EvalResults) -> list[str]:
     fractions = results.evaluated_fractions()
-    lines = [f"{'accuracy':<{NAME_WIDTH}}" + "".join(f"{format_fraction(f):>{CELL_WIDTH}}" for f in fractions)]
+    lines = [f"{results.scored_set + ' accuracy':<{NAME_WIDTH}}" + "".join(f"{format_fraction(f):>{CELL_WIDTH}}" for f in fractions)]
     for row in results.rows:
         cells = [results.cell(row, f) for f in fractions]
         lines.append(f"{results.row_title(row):<{NAME_WIDTH}}" + "".join(f"{f'{c.mean:.3f}±{c.std:.3f}':>{CELL_WIDTH}}" for c in cells))
@@ -258,7 +262,7 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
         lines.append(_gain_line(f"private-step gain ({readout})", gains))
     lines += results.skip_notes()
     verdicts = headline(results)
-    lines += verdicts + ([ONE_RUN_IS_ONE_DRAW] if verdicts else [])
+    lines += verdicts + ([ONE_RUN_IS_ONE_DRAW, *scored_set_note(results)] if verdicts else [])
     if private_step_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
     return lines + ["pretraining gain = pretrained minus its random-init control (scratch for finetune), paired by "

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import fedssl.experiment as experiment
-from fedssl.config import save_config
+from fedssl.config import SCORE_ON, SCORE_ON_TEST, save_config
 from fedssl.data.consent import ConsentManifest
 from fedssl.data.loaders import load_digits_labeled
 from fedssl.data.partition import PARTITIONERS
@@ -48,9 +48,9 @@ def _relabelled_digits(manifest: ConsentManifest):
     return lambda: (data, permuted)
 
 
-def _config(out: Path, manifest_path: Path, partition: str):
+def _config(out: Path, manifest_path: Path, partition: str, score_on: str = SCORE_ON_TEST):
     config = load_experiment(TINY, [f"run.output_dir={out}", f"evaluation.consent_manifest={manifest_path}",
-                                    f"data.partition={partition}", "federation.num_sites=5"])
+                                    f"data.partition={partition}", "federation.num_sites=5", f"evaluation.score_on={score_on}"])
     config.model.input_shape = [1, 8, 8]
     return config
 
@@ -67,10 +67,10 @@ def _split_and_partitions(manifest_path: Path) -> dict:
     return seen
 
 
-def _evaluation(run_path: Path, manifest_path: Path) -> dict:
+def _evaluation(run_path: Path, manifest_path: Path, score_on: str) -> dict:
     """What `fedssl evaluate` makes of a fixed encoder: its results and the consent it records."""
     experiment.central_data.cache_clear()
-    config = _config(run_path.parent, manifest_path, "dirichlet")
+    config = _config(run_path.parent, manifest_path, "dirichlet", score_on)
     run_dir = RunDir(run_path)
     run_dir.path.mkdir(parents=True)
     save_config(config, run_dir.config)
@@ -92,11 +92,12 @@ def test_permuting_only_unconsented_labels_changes_no_split_partition_or_evaluat
             attacked = _split_and_partitions(manifest_path)
         for key in honest:
             assert attacked[key] == honest[key], f"{key} changed when only unconsented labels changed"
-        honest = _evaluation(tmp_path / "honest", manifest_path)
-        with monkeypatch.context() as attack:
-            attack.setattr(experiment, "load_digits_labeled", relabelled)
-            attacked = _evaluation(tmp_path / "attacked", manifest_path)
-        for key in honest:
-            assert attacked[key] == honest[key], f"{key} changed when only unconsented labels changed"
+        for score_on in SCORE_ON:  # scored on the test set, or on a validation set carved from the training pool
+            honest = _evaluation(tmp_path / f"honest-{score_on}", manifest_path, score_on)
+            with monkeypatch.context() as attack:
+                attack.setattr(experiment, "load_digits_labeled", relabelled)
+                attacked = _evaluation(tmp_path / f"attacked-{score_on}", manifest_path, score_on)
+            for key in honest:
+                assert attacked[key] == honest[key], f"{key} changed ({score_on}) when only unconsented labels changed"
     finally:
         experiment.central_data.cache_clear()
