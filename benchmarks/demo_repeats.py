@@ -57,7 +57,15 @@ def read_run(run_dir: Path) -> dict:
                 "gain": 100 * control.delta, "spread": 100 * control.spread, "label_seeds": control.seeds,
                 "over_raw": 100 * raw.delta, "credited": beats_both(control, raw),
             }
-    return {"run_dir": str(run_dir), "run_name": run.run_name, "gains": gains}
+    return {"run_dir": str(run_dir), "run_name": run.run_name, "scored_on": results.scored_set, "gains": gains}
+
+
+def scored_on(runs: list[dict]) -> str:
+    """The set every run was scored on (test or validation: evaluation.score_on); runs that differ are not one sample."""
+    sets = sorted({run["scored_on"] for run in runs})
+    if len(sets) > 1:
+        raise ValueError(f"the runs were scored on different sets ({', '.join(sets)}): summarise each set's runs apart")
+    return sets[0]
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -76,8 +84,8 @@ def summarize(runs: list[dict]) -> dict:
     return summary
 
 
-def markdown(summary: dict) -> str:
-    lines = ["| readout, label fraction | gain over its control, mean ± std over runs (points) | smallest | "
+def markdown(summary: dict, scored: str) -> str:
+    lines = [f"| readout, label fraction | gain over its control in {scored} accuracy, mean ± std over runs (points) | smallest | "
              "runs with a positive gain | runs whose headline credits it | gain over raw input (range) |",
              "|---|---|---|---|---|---|"]
     for readout, by_fraction in summary.items():
@@ -110,14 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--runs {args.runs}: at least 2 (one run has no spread over runs)")
     try:
         runs = [read_run(path) for path in args.from_runs] if args.from_runs else run_all(args)
+        scored = scored_on(runs)
     except ValueError as err:
         print(f"demo_repeats: {err}")
         return 2
     summary = summarize(runs)
-    table = markdown(summary)
+    table = markdown(summary, scored)
     config = None if args.from_runs else str(args.config)  # finished runs: each names its own run
     path = write_result("demo_repeats", {"machine": machine_info(), "config": config, "overrides": args.overrides,
-                                         "runs": runs, "summary": summary, "table": table}, quick=False)
+                                         "scored_on": scored, "runs": runs, "summary": summary, "table": table}, quick=False)
     print(table)
     print(f"demo_repeats: wrote {path}")
     return 0

@@ -9,6 +9,7 @@ benchmarks themselves are never part of the timed suite; this runs their tiny mo
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import pytest
@@ -55,7 +56,6 @@ def test_gpu_benchmark_without_cuda_says_so_in_one_line(tmp_path):
 def test_summary_renders_from_quick_results(tmp_path):
     """summarize.py turns whatever results exist into SUMMARY.md without running anything: here the
     committed communication result (communication.py --quick itself is run above)."""
-    import shutil
 
     shutil.copy(BENCH / "results" / "communication.json", tmp_path / "communication.json")
     for name in ("flagship_table_readout4.json", "flagship_table_readout4.md", "flagship_readout4_vs_epsilon.png",
@@ -162,6 +162,7 @@ def test_demo_repeats_summarises_finished_runs_and_refuses_an_unfinished_one(ref
                                for s in headline(load_run(reference_run.dir).evaluation))
     assert cell["credited"] is credited_by_headline and cell["label_seeds"] == 1
     assert record["runs"][0]["run_name"] == "digits-tiny" and record["config"] is None  # each run names its own
+    assert record["scored_on"] == "test" and "in test accuracy" in record["table"]
     summary = record["summary"]["probe"]["0.1"]
     assert summary["n"] == 2 and summary["std"] == 0 and summary["mean"] == pytest.approx(cell["gain"])
     assert f"| probe, 10% | {cell['gain']:+.1f} ± 0.0 |" in capsys.readouterr().out
@@ -171,3 +172,12 @@ def test_demo_repeats_summarises_finished_runs_and_refuses_an_unfinished_one(ref
     with pytest.raises(SystemExit):
         demo_repeats.main(["--runs", "1"])
     assert "--runs 1: at least 2" in capsys.readouterr().err
+    # a run scored on validation (evaluation.score_on) is not one more draw of a run scored on test
+    validated = tmp_path / "validated"
+    shutil.copytree(reference_run.dir, validated)
+    evaluation = json.loads((validated / "evaluation.json").read_text())
+    evaluation["plan"]["score_on"] = "validation"
+    (validated / "evaluation.json").write_text(json.dumps(evaluation))
+    assert demo_repeats.main(["--from-runs", str(reference_run.dir), str(validated)]) == 2
+    assert capsys.readouterr().out.strip() == ("demo_repeats: the runs were scored on different sets (test, validation): "
+                                               "summarise each set's runs apart")
