@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
@@ -167,17 +168,10 @@ def flower_run(config, tmp: Path) -> dict:
     run_dir = prepare_run_dir(config, overwrite=True)
     phase_log = tmp / f"{config.run.name}.phases.jsonl"
     phase_log.unlink(missing_ok=True)
-    saved = os.environ.get(phases.ENV_VAR)
-    os.environ[phases.ENV_VAR] = str(phase_log)
-    try:
+    with mock.patch.dict(os.environ, {phases.ENV_VAR: str(phase_log)}):  # the caller's environment comes back after
         run = Simulation(stream=False).start(config, run_dir)
         results_s = run.wait_for_results()
         outcome = run.finish()
-    finally:
-        if saved is None:
-            os.environ.pop(phases.ENV_VAR, None)
-        else:
-            os.environ[phases.ENV_VAR] = saved
     sites, rounds = read_metrics(RunDir(run_dir).metrics)
     server = read_done(RunDir(run_dir))
     round_seconds = [r.seconds for r in rounds]

@@ -197,11 +197,8 @@ class TrainingConfig:
 LINEAR_PROBE = "linear_probe"
 FINETUNE = "finetune"
 EVALUATION_METHODS = (FINETUNE, LINEAR_PROBE)
-# What the evaluation scores on: the held-out test set, or (to choose settings without reading the test set)
-# a validation set carved from the consented training pool (fedssl.experiment.CentralData.validation_view).
-SCORE_ON_TEST = "test"
-SCORE_ON_VALIDATION = "validation"
-SCORE_ON = (SCORE_ON_TEST, SCORE_ON_VALIDATION)
+# What the evaluation scores on: the test set, or a validation set (fedssl.experiment.CentralData.validation_view).
+SCORE_ON = (SCORE_ON_TEST, SCORE_ON_VALIDATION) = ("test", "validation")
 
 
 @dataclass
