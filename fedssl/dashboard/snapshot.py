@@ -215,9 +215,10 @@ def _evaluation(data: dict[str, Any] | None, errors: list[str]) -> dict[str, Any
         cells = [None if i.skipped else results.cell(row, i.fraction) for i in results.fractions]
         table.append([row] + ["skipped" if c is None else f"{c.mean:.3f} ± {c.std:.3f}" for c in cells])
         series[row] = [None if c is None else c.mean for c in cells]
-    return {"header": header, "rows": table, "notes": results.skip_notes(),
-            "fractions": [i.fraction for i in results.fractions], "series": series,
-            "labels": f"{results.num_consented_train} of {results.num_train} train examples consented; {results.num_test} test"}
+    return {"header": header, "rows": table, "notes": results.skip_notes() + results.scored_set_notes(),
+            "fractions": [i.fraction for i in results.fractions], "series": series, "scored_on": results.scored_set,
+            "labels": f"{results.num_consented_train} of {results.num_train} train examples consented; "
+                      f"{results.num_test} {results.scored_set}"}
 
 
 def _plots(path: Path) -> dict[str, str]:

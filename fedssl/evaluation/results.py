@@ -110,6 +110,12 @@ class Gain:
         return self.seeds >= 2
 
 
+# Said wherever a run scored on validation shows what it found: its numbers choose settings, they are not results.
+SCORED_ON_VALIDATION = ("Scored on a validation set carved from the consented training pool (evaluation.score_on: "
+                        "validation), to choose settings: no test label was read. Report the chosen settings from one "
+                        "run scored on the test set (evaluation.score_on: test).")
+
+
 @dataclass
 class EvalResults:
     plan: EvaluationConfig
@@ -198,6 +204,10 @@ class EvalResults:
             lines.append("| " + " | ".join([self.row_title(row), *values]) + " |")
         notes = [f"- {note}" for note in self.skip_notes()]
         return "\n".join(lines + ([""] + notes if notes else []))
+
+    def scored_set_notes(self) -> list[str]:
+        """SCORED_ON_VALIDATION for a run scored on validation; nothing for one scored on the test set."""
+        return [SCORED_ON_VALIDATION] if self.plan.scores_validation else []
 
     def skip_notes(self) -> list[str]:
         return [f"{format_fraction(info.fraction)}: skipped, {info.skipped}" for info in self.fractions if info.skipped]

@@ -20,7 +20,6 @@ from fedssl.reporting.verdicts import (
     pretraining_verdict,
     raw_input_gains,
     raw_input_verdict,
-    scored_set_note,
     warm_start_gains,
     warm_start_verdict,
 )
@@ -194,7 +193,7 @@ def _headline_lines(run: RunFiles) -> list[str]:
     if not sentences:
         return []
     return ["**Headline**", "", *(f"- {sentence}" for sentence in sentences), "", ONE_RUN_IS_ONE_DRAW, "",
-            *(line for note in scored_set_note(run.evaluation) for line in (note, ""))]
+            *(line for note in run.evaluation.scored_set_notes() for line in (note, ""))]
 
 
 def write_report(run_dir: Path) -> Path:
@@ -262,7 +261,7 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
         lines.append(_gain_line(f"private-step gain ({readout})", gains))
     lines += results.skip_notes()
     verdicts = headline(results)
-    lines += verdicts + ([ONE_RUN_IS_ONE_DRAW, *scored_set_note(results)] if verdicts else [])
+    lines += verdicts + ([ONE_RUN_IS_ONE_DRAW, *results.scored_set_notes()] if verdicts else [])
     if private_step_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
     return lines + ["pretraining gain = pretrained minus its random-init control (scratch for finetune), paired by "

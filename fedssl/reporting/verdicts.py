@@ -40,16 +40,6 @@ ONE_RUN_IS_ONE_DRAW = ("The spread is over label seeds within this one run; the 
                        "the run (under DP each run draws fresh noise at the sites; without DP, set another run.seed) to "
                        "see whether a gain, or its absence, holds.")
 
-# Said wherever a run scored on validation says what it found: its numbers choose settings, they are not results.
-SCORED_ON_VALIDATION = ("Scored on a validation set carved from the consented training pool (evaluation.score_on: "
-                        "validation), to choose settings: no test label was read. Report the chosen settings from one "
-                        "run scored on the test set (evaluation.score_on: test).")
-
-
-def scored_set_note(results: EvalResults) -> list[str]:
-    """SCORED_ON_VALIDATION for a run scored on validation; nothing for one scored on the test set."""
-    return [SCORED_ON_VALIDATION] if results.plan.scores_validation else []
-
 
 def describe_gain(results: EvalResults, gain: Gain) -> str:
     """One sentence per comparison; a gain inside the seed spread is called what it is: nothing measurable."""

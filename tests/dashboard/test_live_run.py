@@ -16,6 +16,7 @@ import pytest
 
 from fedssl.audit.ledgers import audit_path
 from fedssl.dashboard.snapshot import RUN, build_snapshot, signature
+from fedssl.evaluation.results import SCORED_ON_VALIDATION
 from fedssl.privacy.ledger import Ledger
 from fedssl.privacy.records import dp_events
 from fedssl.runlog import KIND_ROUND, KIND_SITE_ROUND, RunLog, read_metrics
@@ -136,6 +137,26 @@ def test_page_shows_every_site_with_its_ledger_epsilon(tiny_run, start_dashboard
     assert page.locator("#participation tbody tr").count() == 2
     assert page.locator("#chart-epsilon canvas").count() == 1  # uPlot drew the ε chart
     assert page.locator("#evaluation tbody tr").count() >= 2 and "What is guaranteed" in page.locator("#statement").inner_text()
+    assert page.locator("#evaluation-labels").inner_text().startswith("Test accuracy, mean ± std over seeds.")
+    assert page.errors == []
+
+
+def _scored_on_validation(run_dir: Path) -> None:
+    """The run's evaluation.json as `evaluation.score_on: validation` writes it (the plan records the setting)."""
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    evaluation["plan"]["score_on"] = "validation"
+    (run_dir / "evaluation.json").write_text(json.dumps(evaluation))
+
+
+def test_a_run_scored_on_validation_says_so_in_the_snapshot_and_on_the_page(run_copy, start_dashboard, page):
+    _scored_on_validation(run_copy)
+    evaluation = build_snapshot(run_copy, audit=False)["evaluation"]
+    assert evaluation["scored_on"] == "validation" and evaluation["labels"].endswith(" validation")
+    assert SCORED_ON_VALIDATION in evaluation["notes"]
+    page.goto(start_dashboard(run_copy).url())
+    page.wait_for_function("document.getElementById('evaluation-labels').textContent.length > 0")
+    assert page.locator("#evaluation-labels").inner_text().startswith("Validation accuracy, mean ± std over seeds.")
+    assert SCORED_ON_VALIDATION in page.locator("#evaluation-notes").inner_text()
     assert page.errors == []
 
 

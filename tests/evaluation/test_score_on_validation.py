@@ -16,13 +16,13 @@ import fedssl.experiment as experiment
 from fedssl.config import save_config
 from fedssl.errors import ConfigError
 from fedssl.evaluation.central import evaluate_run
+from fedssl.evaluation.results import SCORED_ON_VALIDATION
 from fedssl.experiment import central_data_for, load_experiment
 from fedssl.layout import RunDir
 from fedssl.models import build_encoder
 from fedssl.preflight import preflight
 from fedssl.reporting.report import _evaluation_section, _headline_lines, _terminal_evaluation
 from fedssl.reporting.run_files import load_run
-from fedssl.reporting.verdicts import SCORED_ON_VALIDATION
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "experiments" / "digits-tiny.yaml"

@@ -149,7 +149,8 @@
     const ev = s.evaluation;
     $("evaluation-section").hidden = !ev;
     if (ev) {
-      $("evaluation-labels").textContent = "Test accuracy, mean ± std over seeds. " + ev.labels + ".";
+      const scored = ev.scored_on === "validation" ? "Validation" : "Test";
+      $("evaluation-labels").textContent = scored + " accuracy, mean ± std over seeds. " + ev.labels + ".";
       $("evaluation").tHead.replaceChildren(el("tr", {}, ev.header.map((h) => el("th", { text: h }))));
       $("evaluation").tBodies[0].replaceChildren(...ev.rows.map((row) => el("tr", {}, row.map((v) => el("td", { text: v })))));
       $("evaluation-notes").replaceChildren(...ev.notes.map((n) => el("li", { text: n })));
