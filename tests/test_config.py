@@ -73,7 +73,7 @@ def test_tiny_config_values_merge_includes_and_own_keys():
 def test_nested_include_and_later_files_win():
     config = load_config(ROOT / "configs" / "experiments" / "digits-nodp.yaml")
     assert config.privacy.enabled is False  # none.yaml after digits-demo.yaml
-    assert config.pretext.name == "rotation"  # through digits-demo.yaml
+    assert config.pretext.name == "rotation_jigsaw"  # through digits-demo.yaml
     assert config.federation.num_sites == 5
 
 
