@@ -45,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(BIN)/fedssl simulate configs/experiments/digits-demo.yaml --overwrite
-	@echo "make demo: one run is one draw of the sites' DP noise; this config over 8 runs: README.md, 'One run is one draw' (python benchmarks/demo_repeats.py); on Fashion-MNIST: benchmarks/README.md section 10"
+	@echo "make demo: one run is one draw of the sites' DP noise; this config over 6 runs: README.md, 'What it shows, over 6 runs' (python benchmarks/demo_repeats.py); on Fashion-MNIST: benchmarks/README.md section 10"
 
 # pytest exits 5 when a filtered subset collects no tests: not a failure.
 test: setup
