@@ -61,7 +61,7 @@ def main(grid: Grid, context: Context) -> None:
         final = _run_rounds(PromptGrid(grid), context, config, plan, start, recorder, book, run_dir)
     except AllSitesFailed as err:  # a clean stop: the driver raises this line (fedssl.run.flower_runtime)
         log(ERROR, "fedssl: %s", err)
-        write_failed(run_dir, context.run_id, str(err))
+        write_failed(run_dir, str(context.run_id), str(err))
         return
     torch.save(final, run_dir.final_encoder)
     mark("server_done")

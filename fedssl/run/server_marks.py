@@ -21,7 +21,7 @@ from fedssl.layout import RunDir
 class ServerDone:
     """SERVER_DONE: the run's rounds finished."""
 
-    run_id: int
+    run_id: str  # the id the sites saw in every plan (a resumed run keeps its first one: fedssl.run.checkpoint)
     rounds: int  # the rounds the run planned, all of them done
     resumed_after: int | None  # the checkpoint's round when this run resumed; None when it ran from the start
     seconds: float  # the ServerApp's own time, from its start to the last round's end
@@ -36,7 +36,9 @@ def read_done(layout: RunDir) -> ServerDone:
     path = layout.server_done
     try:
         body = json.loads(path.read_text())
-        done = ServerDone(run_id=int(body["run_id"]), rounds=int(body["rounds"]),
+        if not isinstance(body["run_id"], str):
+            raise TypeError(f"run_id {body['run_id']!r} is not the string the sites saw")
+        done = ServerDone(run_id=body["run_id"], rounds=int(body["rounds"]),
                           resumed_after=None if body["resumed_after"] is None else int(body["resumed_after"]),
                           seconds=float(body["seconds"]))
     except FileNotFoundError:
@@ -47,7 +49,7 @@ def read_done(layout: RunDir) -> ServerDone:
     return done
 
 
-def write_failed(layout: RunDir, run_id: int, reason: str) -> None:
+def write_failed(layout: RunDir, run_id: str, reason: str) -> None:
     _write_atomically(layout.server_failed, {"run_id": run_id, "reason": reason})
 
 

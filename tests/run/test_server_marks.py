@@ -17,8 +17,8 @@ from fedssl.run.stock import APP_ROOT, DEFAULT_CONFIG, prepare_stock_run, resolv
 
 def test_done_reads_back_what_was_written_and_leaves_no_temporary_file(tmp_path):
     layout = RunDir(tmp_path)
-    for done in (ServerDone(run_id=7, rounds=3, resumed_after=None, seconds=1.5),
-                 ServerDone(run_id=2**62, rounds=10, resumed_after=4, seconds=0.0)):
+    for done in (ServerDone(run_id="7", rounds=3, resumed_after=None, seconds=1.5),
+                 ServerDone(run_id=str(2**63 - 1), rounds=10, resumed_after=4, seconds=0.0)):
         write_done(layout, done)
         assert read_done(layout) == done
     assert [p.name for p in tmp_path.iterdir()] == [layout.server_done.name]
@@ -27,8 +27,9 @@ def test_done_reads_back_what_was_written_and_leaves_no_temporary_file(tmp_path)
 @pytest.mark.parametrize("body, why", [
     (None, "missing; the federated run did not finish"),
     ("{", "not a server-done record (JSONDecodeError"),
-    ('{"run_id": 1, "rounds": 2, "seconds": 3.0}', "not a server-done record (KeyError: 'resumed_after')"),
-    ('{"run_id": 1, "rounds": "two", "resumed_after": null, "seconds": 3.0}', "not a server-done record (ValueError"),
+    ('{"run_id": "1", "rounds": 2, "seconds": 3.0}', "not a server-done record (KeyError: 'resumed_after')"),
+    ('{"run_id": "1", "rounds": "two", "resumed_after": null, "seconds": 3.0}', "not a server-done record (ValueError"),
+    ('{"run_id": 1, "rounds": 2, "resumed_after": null, "seconds": 3.0}', "not a server-done record (TypeError: run_id 1 is not"),
     ("[1, 2]", "not a server-done record (TypeError"),
 ])
 def test_a_missing_or_changed_done_record_is_one_line_naming_it(tmp_path, body, why):
@@ -43,9 +44,9 @@ def test_a_missing_or_changed_done_record_is_one_line_naming_it(tmp_path, body, 
 def test_stop_reason_is_the_servers_line_or_says_where_to_look(tmp_path):
     layout = RunDir(tmp_path)
     assert stop_reason(layout) is None
-    write_failed(layout, 3, "every site failed in round 2: site 0 refused")
+    write_failed(layout, "3", "every site failed in round 2: site 0 refused")
     assert stop_reason(layout) == "every site failed in round 2: site 0 refused"
-    assert json.loads(layout.server_failed.read_text())["run_id"] == 3
+    assert json.loads(layout.server_failed.read_text())["run_id"] == "3"
     layout.server_failed.write_text("not json")
     assert stop_reason(layout) == f"the server stopped the run; see {layout.server_failed}"
 

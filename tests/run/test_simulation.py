@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 
+from fedssl.layout import RunDir
 from fedssl.models import build_encoder, encoder_state_keys
 from fedssl.privacy.analysis import epsilon_of
+from fedssl.run.server_marks import read_done
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +43,9 @@ def test_simulate_exits_0_and_writes_the_run(run):
         assert (run.dir / name).is_file(), name
     assert "report written" in run.stdout
     assert (run.dir / "report.md").read_text().strip()
+    # the ServerApp's done record, read by its one reader: the run id the sites saw, not resumed
+    done = read_done(RunDir(run.dir))
+    assert done.run_id.isdigit() and done.rounds == 2 and done.resumed_after is None and done.seconds > 0
 
 
 def test_two_sites_trained_two_rounds(run):

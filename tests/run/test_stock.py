@@ -91,10 +91,10 @@ def test_finish_needs_a_finished_run_and_writes_its_summary(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(FedSSLError, match="did not finish .*flwr log"):
         finish_run_dir(tmp_path)
-    write_failed(run, 1, "every site failed in round 1")
+    write_failed(run, "1", "every site failed in round 1")
     with pytest.raises(FedSSLError, match="every site failed in round 1"):
         finish_run_dir(tmp_path)
-    write_done(run, ServerDone(run_id=1, rounds=2, resumed_after=None, seconds=12.5))
+    write_done(run, ServerDone(run_id="1", rounds=2, resumed_after=None, seconds=12.5))
     finish_run_dir(tmp_path)
     assert json.loads(run.summary.read_text()) == {"run_name": "flwr-run", "federation_seconds": 12.5, "launcher": "flwr run"}
 
