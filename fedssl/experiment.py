@@ -53,7 +53,7 @@ class CentralData:
         if self.labels is None:
             return np.full(len(self.train), UNLABELLED, dtype=np.int64)
         ids = self.train.sample_ids
-        consented = [i for i, sample_id in enumerate(ids) if sample_id in self.labels.manifest]
+        consented = consented_rows(ids, self.labels)
         out = np.full(len(ids), UNLABELLED, dtype=np.int64)
         out[consented] = self.labels.labels_for(ids[i] for i in consented)
         return out
@@ -68,7 +68,7 @@ class CentralData:
         if self.labels is None:
             raise ConfigError("evaluation.score_on: validation needs consented labels; this data source has none")
         ids = self.train.sample_ids
-        consented = np.array([i for i, sample_id in enumerate(ids) if sample_id in self.labels.manifest], dtype=np.int64)
+        consented = consented_rows(ids, self.labels)
         size = int(round(len(consented) * fraction))
         consented_labels = self.labels.labels_for(ids[i] for i in consented)
         if size < len(np.unique(consented_labels)) or len(consented) - size < 2:
@@ -125,11 +125,16 @@ def central_data_for(config: ExperimentConfig) -> CentralData:
                         ev.consent_manifest, ev.consented_fraction, data.labels, data.sample_format)
 
 
+def consented_rows(ids: Sequence[str], labels: ConsentedLabels) -> np.ndarray:
+    """The positions in ``ids`` of consented samples, in order: the manifest is read, no label is."""
+    return np.array([i for i, sample_id in enumerate(ids) if sample_id in labels.manifest], dtype=np.int64)
+
+
 def consented_split(ids: Sequence[str], labels: ConsentedLabels, test_fraction: float,
                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(train, test) indices: a test set of ``test_fraction`` of all records, drawn from the consented
     ones and stratified by their labels; every other record, unconsented or not drawn, is training data."""
-    consented = np.array([i for i, sample_id in enumerate(ids) if sample_id in labels.manifest], dtype=np.int64)
+    consented = consented_rows(ids, labels)
     num_test = int(round(len(ids) * test_fraction))
     if num_test > len(consented):
         raise ConfigError(
