@@ -240,9 +240,20 @@ class RoundRecorder:
         )
         log(
             INFO,
-            "fedssl: round %d/%d: %d/%d sites trained, pretext loss %.4f, max site eps %.3f, %.1fs",
-            server_round, self.num_rounds, len(trained), len(reports), mean_loss, max_eps, seconds,
+            "fedssl: round %d/%d: %d/%d sites trained, %s, max site eps %.3f, %.1fs",
+            server_round, self.num_rounds, len(trained), len(reports), loss_phrase(len(losses), len(trained), mean_loss),
+            max_eps, seconds,
         )
+
+
+def loss_phrase(released: int, trained: int, mean_loss: float) -> str:
+    """The round line's pretext loss. A site under DP keeps its loss (an exact statistic of its data), so
+    "nan" would read as a failed run: say who kept it instead."""
+    if trained and not released:
+        return "pretext loss kept by the sites (DP)"
+    if released < trained:
+        return f"pretext loss {mean_loss:.4f} ({released} of {trained} sites released it)"
+    return f"pretext loss {mean_loss:.4f}"
 
 
 def _no_flower_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:

@@ -3,6 +3,7 @@ a round where some failed goes on and lists each failure by site. Real Flower me
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -37,11 +38,12 @@ def failed(node: int, site: int) -> Message:
     return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FLOWER_REASON.format(site=site)), reply_to=_instruction(node))
 
 
-def trained(node: int, site: int) -> Message:
+def trained(node: int, site: int, loss: float | None = 1.0) -> Message:
+    """A trained site's reply; ``loss=None``: the site kept its pretext loss, as a site under DP does."""
     metrics = MetricRecord({
         keys.NUM_EXAMPLES: 10, keys.STATUS: keys.STATUS_CODES["trained"], keys.SITE_ID: site, keys.STEPS: 2,
-        keys.EPSILON: 0.5, keys.TARGET_EPSILON: 8.0, keys.DELTA: 1e-5, keys.PRETEXT_LOSS: 1.0, keys.TRAIN_SECONDS: 0.1,
-        keys.LEDGER_SEQ: 3, keys.DP_ENABLED: 1,
+        keys.EPSILON: 0.5, keys.TARGET_EPSILON: 8.0, keys.DELTA: 1e-5, keys.LEDGER_SEQ: 3, keys.DP_ENABLED: 1,
+        **({} if loss is None else {keys.PRETEXT_LOSS: loss, keys.TRAIN_SECONDS: 0.1}),
     })
     content = RecordDict({keys.METRICS: metrics, keys.ARRAYS: ArrayRecord({"w": torch.full((3,), 1.0)})})
     return Message(content=content, reply_to=_instruction(node))
@@ -143,3 +145,22 @@ def test_a_round_where_a_sampled_site_never_replied_goes_on_and_names_it(tmp_pat
     sent = list(strategy.configure_train(2, ArrayRecord({"w": torch.zeros(3)}), ConfigRecord({}), TwoNodes()))
     with pytest.raises(AllSitesFailed, match="all 2 sampled sites failed"):
         strategy.aggregate_train(2, [failed(node=20, site=1), failed(node=30, site=0)])
+
+
+@pytest.mark.parametrize(("losses", "said"), [
+    ((None, None), "2/2 sites trained, pretext loss kept by the sites (DP), max site eps 0.500"),
+    ((1.0, None), "2/2 sites trained, pretext loss 1.0000 (1 of 2 sites released it), max site eps 0.500"),
+    ((1.0, 3.0), "2/2 sites trained, pretext loss 2.0000, max site eps 0.500"),
+])
+def test_the_round_line_says_who_kept_the_pretext_loss_instead_of_nan(tmp_path, losses, said):
+    """Sites under DP keep their loss: the line a user watches must say so, not print "nan"."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("flwr").addHandler(handler)
+    try:
+        _strategy(tmp_path).aggregate_train(1, [trained(node=10 + i, site=i, loss=loss) for i, loss in enumerate(losses)])
+    finally:
+        logging.getLogger("flwr").removeHandler(handler)
+    (line,) = [line for line in lines if line.startswith("fedssl: round 1/3")]
+    assert said in line and "nan" not in line, line
