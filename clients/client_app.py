@@ -49,12 +49,14 @@ def _name_the_site(err: FedSSLError, node_config) -> None:
 
 @app.train(mods=[site_update_clipping_mod])  # a no-op unless the server asks for site-level DP clipping
 def train(msg: Message, context: Context) -> Message:
+    # The training stack first, between its marks: clients.secagg_app imports it too, and importing that first
+    # left the marks unwritten (federation_overhead's worker phases read null on 2026-12-07).
+    site_round = _site_round_module()
     from clients.secagg_app import app as secagg_app
     from clients.secagg_app import is_secagg_message
 
     if is_secagg_message(msg):
         return secagg_app(msg, context)
-    site_round = _site_round_module()
     mark("site_start")
     try:
         reply = site_round.run_site_round(

@@ -10,7 +10,10 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -322,3 +325,29 @@ def test_strategy_averages_trained_sites_and_records_every_site(tmp_path):
     failed = {r.node_id: r for r in read_metrics(RunDir(tmp_path).metrics)[0] if r.status == "failed"}
     assert failed[2].site_id == -1 and failed[2].last_site_id == site_of_node_2
     assert failed[99].last_site_id == -1
+
+
+def test_the_first_message_times_the_training_stack_import(tmp_path):
+    """A worker's first message imports fedssl.site_round between two phase marks (federation_overhead reads them
+    to say where start-up goes). In a fresh interpreter, as a Ray worker is: another import path that loaded it
+    first (clients.secagg_app does) left both marks unwritten."""
+    log = tmp_path / "phases.jsonl"
+    script = (
+        "import sys, time, uuid\n"
+        "from flwr.app import Context, Message, Metadata, RecordDict\n"
+        "import clients.client_app as client_app\n"
+        "assert 'fedssl.site_round' not in sys.modules, 'imported before the first message'\n"
+        "meta = Metadata(run_id=7, message_id=uuid.uuid4().hex, src_node_id=0, dst_node_id=1, reply_to_message_id='',\n"
+        "                group_id='1', created_at=time.time(), ttl=60.0, message_type='train')\n"
+        "try:\n"
+        "    client_app.train(Message(content=RecordDict({}), metadata=meta),\n"
+        "                     Context(run_id=7, node_id=1, node_config={}, state=RecordDict(), run_config={}))\n"
+        "except Exception:\n"
+        "    pass  # an empty instruction: only the import before it matters here\n"
+    )
+    env = {**os.environ, "FEDSSL_PHASE_LOG": str(log)}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    marks = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    assert [m["phase"] for m in marks][:2] == ["client_modules_loading", "client_modules_loaded"], marks
+    assert marks[1]["t"] > marks[0]["t"]
