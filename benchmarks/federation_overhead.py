@@ -9,19 +9,18 @@ Measured in one run, on this machine:
 * ``replay``: the same site-rounds called in-process, one after the other, exactly as the
   ClientApp calls them (``train_round``): the sum of the DP-SGD step time is the *pure
   training time*; the rest of ``train_round`` is budget bookkeeping and Opacus set-up;
-* micro costs: a fresh Python process importing the apps, ``ray.init``, building the FAB from the
-  checkout vs from the staged app, cold data loading + partitioning, one encoder (de)serialization.
+* micro costs: a fresh process importing the apps, ``ray.init``, the FAB from the checkout vs the staged
+  app, cold data loading + partitioning, one encoder (de)serialization. A site round that did not train stops it.
 
-Ratio = flower wall / sum of the sites' training seconds reported in that run. With two
-workers on two cores the ideal is ~0.5, on a loaded machine ~1.0. Target <= 1.10.
+Ratio = flower wall / sum of the sites' training seconds reported in that run. With two workers on two cores the
+ideal is ~0.5, on a loaded machine ~1.0. Target <= 1.10.
 
     python benchmarks/federation_overhead.py            # 10 sites x 5 rounds (~10 min)
     python benchmarks/federation_overhead.py --quick    # 2 sites x 2 rounds in-process only
     python benchmarks/federation_overhead.py --rounds-sweep 5 10 20   # ratio vs run length (~8 min)
 
-The sweep separates what a run pays once (Flower and Ray start-up and shutdown, the workers'
-imports, the first round's set-up) from what it pays per round, and gives the run length from
-which the ratio is at most the target: fixed + n * round <= 1.10 * n * training per round.
+The sweep separates what a run pays once (Flower and Ray start-up and shutdown, the workers' imports, the first
+round's set-up) from what it pays per round: the ratio is at most the target from fixed + n * round <= 1.10 * n * train.
 """
 
 from __future__ import annotations
@@ -178,6 +177,10 @@ def flower_run(config, tmp: Path) -> dict:
     # A DP site no longer reports its training time to the server (docs/privacy.md): take it from the
     # sites' own phase marks, written on this machine, for every site round.
     site_train = [float(m.get("train_s", 0.0)) for m in phases.read(phase_log) if m["phase"] == "site_done"]
+    trained = sum(1 for r in sites if r.status == "trained")
+    if trained < len(sites) or not sites:  # the ratio divides by the sites' training: every site round must train
+        raise SystemExit(f"federation_overhead: {config.run.name}: {trained} of {len(sites)} site rounds trained; "
+                         "not a measurement of a training federation, nothing written")
     return {
         "wall_s": outcome.seconds,
         # SERVER_DONE seen: the results are complete and `fedssl simulate` starts evaluating (Flower and
@@ -189,7 +192,7 @@ def flower_run(config, tmp: Path) -> dict:
         "first_round_extra_s": round_seconds[0] - (statistics.median(round_seconds[1:]) if len(round_seconds) > 1 else 0.0),
         "site_train_s_sum": sum(site_train),
         "site_rounds": len(sites),
-        "trained": sum(1 for r in sites if r.status == "trained"),
+        "trained": trained,
         "noise_multipliers": _noise_multipliers(run_dir),
         "phases": phase_timeline(phase_log),
         "load_avg_after": list(os.getloadavg()),
