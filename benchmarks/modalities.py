@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", choices=sorted(MODALITIES), help="default: every one with data")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--no-dp-only", action="store_true", help="skip the DP runs")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--no-dp-only", action="store_true", help="skip the DP runs")
+    only.add_argument("--dp-only", action="store_true", help="skip the runs without DP")
     parser.add_argument("--pretext", help="another pretext method in place of each config's (results: CONFIG+METHOD)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every run (results: CONFIG+...+KEY=VALUE)")
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(config, {"modality": modality, "skipped": f"{data} missing ({make})"})
                 continue
             runs = [run_once(config, seed, private, Path(tmp), args.pretext, tuple(args.set))
-                    for private in ((False,) if args.no_dp_only else (True, False)) for seed in seeds]
+                    for private in ((False,) if args.no_dp_only else (True,) if args.dp_only else (True, False)) for seed in seeds]
             summary = summarize(runs)
             key = "+".join([config, *([args.pretext] if args.pretext else []), *args.set])
             _print(key, modality, runs, summary)
