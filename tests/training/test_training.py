@@ -204,6 +204,27 @@ def test_a_round_leaves_no_garbage_cycles_behind(digits_site, global_encoder, ma
         gc.enable()
 
 
+def test_a_round_collects_only_what_it_made_and_leaves_the_hosts_collector_as_it_found_it(
+        digits_site, global_encoder, make_plan, make_site, tmp_path):
+    """The round's closing collection scans only the objects the round made (the rest are frozen meanwhile):
+    afterwards nothing of the host's stays frozen, and a host that had frozen objects itself keeps them frozen."""
+    import gc
+
+    site = make_site(tmp_path / "state")
+    assert gc.get_freeze_count() == 0
+    train_round(digits_site, global_encoder, make_plan(server_round=1), site)
+    assert gc.get_freeze_count() == 0, "the round left the host's objects frozen"
+    gc.freeze()
+    try:
+        host_frozen = gc.get_freeze_count()
+        result = train_round(digits_site, global_encoder, make_plan(server_round=2), site)
+        assert result.status == STATUS_TRAINED
+        # still frozen (unfrozen would read 0); a few frozen objects die by reference count meanwhile
+        assert 0.99 * host_frozen < gc.get_freeze_count() <= host_frozen, (host_frozen, gc.get_freeze_count())
+    finally:
+        gc.unfreeze()
+
+
 def test_the_plan_carries_the_readout_grid_each_site_trains_through(digits_site, global_encoder, make_plan):
     """model.readout reaches every site in the plan: the pretext head reads the features the probe will."""
     from conftest import WIDTH
