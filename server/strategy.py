@@ -249,8 +249,8 @@ class RoundRecorder:
 def loss_phrase(released: int, trained: int, mean_loss: float) -> str:
     """The round line's pretext loss. A site under DP keeps its loss (an exact statistic of its data), so
     "nan" would read as a failed run: say who kept it instead."""
-    if trained and not released:
-        return "pretext loss kept by the sites (DP)"
+    if not released:
+        return "pretext loss kept by the sites (DP)" if trained else "no pretext loss (no site trained)"
     if released < trained:
         return f"pretext loss {mean_loss:.4f} ({released} of {trained} sites released it)"
     return f"pretext loss {mean_loss:.4f}"

@@ -19,7 +19,7 @@ from fedssl.fl import keys
 from fedssl.layout import RunDir
 from fedssl.privacy.ledger import ServerLedger
 from fedssl.runlog import RunLog, read_metrics
-from server.strategy import AllSitesFailed, FedSSLAvg, RoundRecorder, error_line
+from server.strategy import AllSitesFailed, FedSSLAvg, RoundRecorder, error_line, loss_phrase
 
 SERVER_NODE = 1
 # What Flower's simulation engine puts in a failed reply (flwr/server/superlink/fleet/vce/vce_api.py), with a
@@ -164,3 +164,4 @@ def test_the_round_line_says_who_kept_the_pretext_loss_instead_of_nan(tmp_path, 
         logging.getLogger("flwr").removeHandler(handler)
     (line,) = [line for line in lines if line.startswith("fedssl: round 1/3")]
     assert said in line and "nan" not in line, line
+    assert loss_phrase(released=0, trained=0, mean_loss=float("nan")) == "no pretext loss (no site trained)"

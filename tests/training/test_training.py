@@ -212,7 +212,19 @@ def test_a_round_collects_only_what_it_made_and_leaves_the_hosts_collector_as_it
 
     site = make_site(tmp_path / "state")
     assert gc.get_freeze_count() == 0
-    train_round(digits_site, global_encoder, make_plan(server_round=1), site)
+    frozen_during_full_collections: list[int] = []
+
+    def watch(phase: str, info: dict) -> None:
+        if phase == "start" and info["generation"] == 2:
+            frozen_during_full_collections.append(gc.get_freeze_count())
+
+    gc.callbacks.append(watch)
+    try:
+        train_round(digits_site, global_encoder, make_plan(server_round=1), site)
+    finally:
+        gc.callbacks.remove(watch)
+    # the round's closing collection ran with the host's objects frozen, i.e. it did not scan them
+    assert frozen_during_full_collections and frozen_during_full_collections[-1] > 0, frozen_during_full_collections
     assert gc.get_freeze_count() == 0, "the round left the host's objects frozen"
     gc.freeze()
     try:
