@@ -99,6 +99,14 @@ def command_line() -> str:
 OUT_ENV = "FEDSSL_BENCH_OUT"  # redirects every result file (the smoke test writes into a temp dir)
 
 
+def require_every_sampled_site_trained(run: str, trained_per_round: list[int], sampled: int, rounds: int) -> None:
+    """Stop in one line unless each of ``rounds`` rounds trained all ``sampled`` sites: a benchmark that times a
+    federation's rounds measures nothing when replies were refused or dropped (scale.py's 1,000 sites, 2026-12-07)."""
+    if len(trained_per_round) != rounds or min(trained_per_round, default=0) < sampled:
+        raise SystemExit(f"{run}: sites trained per round {trained_per_round}, not {sampled} in each of {rounds} rounds: "
+                         "not a measurement of training rounds; nothing written")
+
+
 def results_dir(quick: bool) -> Path:
     override = os.environ.get(OUT_ENV)
     if override:

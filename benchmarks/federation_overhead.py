@@ -37,7 +37,9 @@ from pathlib import Path
 from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, require_every_sampled_site_trained, write_result,
+)
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 TINY = PROJECT_ROOT / "configs" / "experiments" / "digits-tiny.yaml"
@@ -177,10 +179,8 @@ def flower_run(config, tmp: Path) -> dict:
     # A DP site no longer reports its training time to the server (docs/privacy.md): take it from the
     # sites' own phase marks, written on this machine, for every site round.
     site_train = [float(m.get("train_s", 0.0)) for m in phases.read(phase_log) if m["phase"] == "site_done"]
-    trained = sum(1 for r in sites if r.status == "trained")
-    if trained < len(sites) or not sites:  # the ratio divides by the sites' training: every site round must train
-        raise SystemExit(f"federation_overhead: {config.run.name}: {trained} of {len(sites)} site rounds trained; "
-                         "not a measurement of a training federation, nothing written")
+    require_every_sampled_site_trained(f"federation_overhead: {config.run.name}", [r.num_trained for r in rounds],
+                                       config.federation.num_sites, config.federation.rounds)
     return {
         "wall_s": outcome.seconds,
         # SERVER_DONE seen: the results are complete and `fedssl simulate` starts evaluating (Flower and
@@ -192,7 +192,7 @@ def flower_run(config, tmp: Path) -> dict:
         "first_round_extra_s": round_seconds[0] - (statistics.median(round_seconds[1:]) if len(round_seconds) > 1 else 0.0),
         "site_train_s_sum": sum(site_train),
         "site_rounds": len(sites),
-        "trained": trained,
+        "trained": sum(1 for r in sites if r.status == "trained"),
         "noise_multipliers": _noise_multipliers(run_dir),
         "phases": phase_timeline(phase_log),
         "load_avg_after": list(os.getloadavg()),

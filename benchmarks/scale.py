@@ -27,7 +27,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, quiet_warnings, require_every_sampled_site_trained, write_result,
+)
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 SAMPLED = 10
@@ -141,6 +143,7 @@ def flower_scale(num_sites: int, rounds: int, tmp: Path) -> dict:
     finally:
         peak = sampler.stop()
     site_rounds, rounds_rec = read_metrics(RunDir(run_dir).metrics)
+    require_every_sampled_site_trained(f"scale: {num_sites} sites", [r.num_trained for r in rounds_rec], SAMPLED, rounds)
     server = read_done(RunDir(run_dir))
     state_bytes = sum(f.stat().st_size for f in (run_dir / "sites").rglob("*") if f.is_file()) if (run_dir / "sites").exists() else 0
     return {
@@ -176,10 +179,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"scale: {n} sites: wall {run['wall_s']:.1f}s, rounds {[round(s, 1) for s in run['round_s']]}, "
                       f"sites trained {run['sites_trained_per_round']}, "
                       f"peak PSS {run['peak_pss_gib']:.2f} GiB over {run['peak_processes']} processes", flush=True)
-                if min(run["sites_trained_per_round"], default=0) < SAMPLED:
-                    print(f"scale: {n} sites: a round trained fewer than the {SAMPLED} sites it sampled "
-                          f"({run['sites_trained_per_round']}): not a measurement of training rounds; nothing written")
-                    return 1
     payload = {"machine": machine, "data": data, "flower": runs, "seconds": time.perf_counter() - started,
                "load_avg_end": list(os.getloadavg())}
     path = write_result("scale", payload, args.quick)

@@ -38,7 +38,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, paired_ratio, quiet_warnings, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    BENCH_POLICY_OVERRIDES, PROJECT_ROOT, machine_info, paired_ratio, quiet_warnings, require_every_sampled_site_trained,
+    write_result,
+)
 
 NAME = "secagg_cost"
 BASE = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
@@ -190,7 +193,7 @@ def federation_run(sites: int, rounds: int, shares: dict | None, common: list[st
     run_dir = prepare_run_dir(config, overwrite=True)
     run_federation(config, run_dir, stream=False)
     by_round = {r.round: r for r in read_metrics(RunDir(run_dir).metrics)[1]}
-    assert len(by_round) == rounds and all(r.num_trained == sites for r in by_round.values()), by_round
+    require_every_sampled_site_trained(f"secagg_cost: {name}", [by_round[r].num_trained for r in sorted(by_round)], sites, rounds)
     return {"round1_seconds": by_round[1].seconds, "round_seconds": [by_round[r].seconds for r in sorted(by_round) if r > 1]}
 
 
