@@ -62,18 +62,34 @@ def _rdp_epsilon(history: tuple[Event, ...], delta: float) -> float:
 def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str = "rdp"
 ) -> float:
-    """σ such that ``planned_steps`` Poisson-subsampled Gaussian steps spend exactly the budget.
+    """σ such that ``planned_steps`` Poisson-subsampled Gaussian steps spend exactly the budget: the σ of
+    Opacus' ``get_noise_multiplier`` (tolerance 0.01).
 
     Calibrated once for the whole planned run (not per round): a per-round calibration
-    would spend the full budget every round.
+    would spend the full budget every round. With the RDP accountant the search runs on numpy sums, each
+    decision and the σ found judged by Opacus' exact ε (fedssl.privacy.calibration says how); Opacus'
+    own search runs where that cannot find its σ, and for the other accountants.
     """
     _check_accountant(accountant)
+    steps = int(planned_steps)
+    if accountant == "rdp":
+        from opacus.accountants.rdp import RDPAccountant
+
+        from fedssl.privacy.calibration import EPSILON_TOLERANCE, calibrated_sigma
+
+        assert EPSILON_TOLERANCE == 0.01  # the tolerance below: one search, whichever runs it
+        sigma = calibrated_sigma(
+            target_epsilon, delta, sample_rate, steps, orders=RDPAccountant.DEFAULT_ALPHAS,
+            exact_epsilon=lambda s: _rdp_epsilon(((float(s), float(sample_rate), steps),), float(delta)),
+        )
+        if sigma is not None:
+            return float(sigma)
     return float(
         get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
-            steps=int(planned_steps),
+            steps=steps,
             accountant=accountant,
             epsilon_tolerance=0.01,
         )
