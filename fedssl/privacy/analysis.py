@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
+from fedssl.privacy.calibration import EPSILON_TOLERANCE, calibrated_sigma
 from fedssl.privacy.settings import ACCOUNTANTS
 from fedssl.privacy.records import Event
 
@@ -63,7 +64,7 @@ def noise_for_budget(
     target_epsilon: float, delta: float, sample_rate: float, planned_steps: int, accountant: str = "rdp"
 ) -> float:
     """σ such that ``planned_steps`` Poisson-subsampled Gaussian steps spend exactly the budget: the σ of
-    Opacus' ``get_noise_multiplier`` (tolerance 0.01).
+    Opacus' ``get_noise_multiplier`` (tolerance EPSILON_TOLERANCE, 0.01).
 
     Calibrated once for the whole planned run (not per round): a per-round calibration
     would spend the full budget every round. With the RDP accountant the search runs on numpy sums, each
@@ -75,9 +76,6 @@ def noise_for_budget(
     if accountant == "rdp":
         from opacus.accountants.rdp import RDPAccountant
 
-        from fedssl.privacy.calibration import EPSILON_TOLERANCE, calibrated_sigma
-
-        assert EPSILON_TOLERANCE == 0.01  # the tolerance below: one search, whichever runs it
         sigma = calibrated_sigma(
             target_epsilon, delta, sample_rate, steps, orders=RDPAccountant.DEFAULT_ALPHAS,
             exact_epsilon=lambda s: _rdp_epsilon(((float(s), float(sample_rate), steps),), float(delta)),
@@ -91,6 +89,6 @@ def noise_for_budget(
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
-            epsilon_tolerance=0.01,
+            epsilon_tolerance=EPSILON_TOLERANCE,  # one search, whichever runs it
         )
     )

@@ -21,6 +21,7 @@ So a wrong fast sum could cost time, never budget, and never a refusal Opacus wo
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -96,8 +97,6 @@ def _log_a_fractional_orders(q: float, sigma: float, alphas: tuple[float, ...]) 
 class _IntegerParts:
     """What the integer orders' terms owe to q and α alone (terms past i = α are -inf), kept across σs."""
 
-    _cache: dict[tuple, _IntegerParts] = {}
-
     def __init__(self, q: float, alphas: tuple[float, ...]) -> None:
         i = np.arange(int(max(alphas)) + 1, dtype=float)[None, :]
         alpha = np.asarray(alphas)[:, None]
@@ -107,14 +106,13 @@ class _IntegerParts:
         self.i2_minus_i = i * i - i
 
     @classmethod
+    @functools.lru_cache(maxsize=64)  # a process calibrates at a few sample rates, each again across a search
     def of(cls, q: float, alphas: tuple[float, ...]) -> _IntegerParts:
-        return _cached(cls._cache, (q, alphas), lambda: cls(q, alphas))
+        return cls(q, alphas)
 
 
 class _SeriesParts:
     """What the fractional orders' terms owe to q and α alone, kept across the search's σs."""
-
-    _cache: dict[tuple, _SeriesParts] = {}
 
     def __init__(self, q: float, alphas: tuple[float, ...], count: int) -> None:
         i = np.arange(count, dtype=float)[None, :]
@@ -128,8 +126,9 @@ class _SeriesParts:
         self.base1 = log_coef + j * math.log(q) + i * math.log(1 - q) + math.log(0.5)
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def of(cls, q: float, alphas: tuple[float, ...], count: int) -> _SeriesParts:
-        return _cached(cls._cache, (q, alphas, count), lambda: cls(q, alphas, count))
+        return cls(q, alphas, count)
 
     def log_terms(self, sigma: float) -> tuple[np.ndarray, np.ndarray]:
         """The two series' log terms at σ (the part of them that is the Gaussian's)."""
@@ -138,16 +137,6 @@ class _SeriesParts:
         log_s0 = self.base0 + (i * i - i) / (2 * sigma**2) + _log_erfc((i - z0) / scale)
         log_s1 = self.base1 + (j * j - j) / (2 * sigma**2) + _log_erfc((z0 - j) / scale)
         return log_s0, log_s1
-
-
-def _cached(cache: dict, key: tuple, build: Callable[[], object]):
-    """cache[key], built on first use; the cache is emptied when it grows past 64 (a process calibrates at a
-    few sample rates, the same ones again across a search)."""
-    if key not in cache:
-        if len(cache) >= 64:
-            cache.clear()
-        cache[key] = build()
-    return cache[key]
 
 
 def _log_erfc(x: np.ndarray) -> np.ndarray:
@@ -176,8 +165,9 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
     ``exact_epsilon``.
     """
     orders_vector = np.asarray(orders, dtype=float)
+    thresholds = (target_epsilon, target_epsilon - EPSILON_TOLERANCE)
 
-    def epsilon(sigma: float, thresholds: tuple[float, ...]) -> float:
+    def epsilon(sigma: float) -> float:
         try:
             with warnings.catch_warnings():  # overflow at absurd σ and "optimal order is the largest alpha"
                 warnings.simplefilter("ignore")
@@ -189,16 +179,15 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
             return exact_epsilon(sigma)
         return fast
 
-    thresholds = (target_epsilon, target_epsilon - EPSILON_TOLERANCE)
     eps_high, sigma_low, sigma_high = math.inf, 0.0, FIRST_SIGMA
     while eps_high > target_epsilon:
         sigma_high = 2 * sigma_high
-        eps_high = epsilon(sigma_high, thresholds)
+        eps_high = epsilon(sigma_high)
         if sigma_high > MAX_SIGMA:  # Opacus' search decides (and refuses the budget as too low)
             return None
     while target_epsilon - eps_high > EPSILON_TOLERANCE:
         sigma = (sigma_low + sigma_high) / 2
-        eps = epsilon(sigma, thresholds)
+        eps = epsilon(sigma)
         if eps < target_epsilon:
             sigma_high, eps_high = sigma, eps
         else:
