@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from opacus.accountants.analysis.rdp import get_privacy_spent
 from scipy import special
 
 # Opacus' get_noise_multiplier: its first σ (doubled before the first ask), the σ past which it refuses the
@@ -197,6 +198,5 @@ def calibrated_sigma(target_epsilon: float, delta: float, sample_rate: float, st
 
 
 def _epsilon_from_rdp(orders: np.ndarray, rdp: np.ndarray, delta: float) -> float:
-    """Opacus' conversion from RDP to (ε, δ) (Balle et al. 2020, Theorem 21), minimised over the orders."""
-    eps = rdp - (np.log(delta) + np.log(orders)) / (orders - 1) + np.log((orders - 1) / orders)
-    return math.inf if np.isnan(eps).all() else float(np.nanmin(eps))
+    """Opacus' own conversion from RDP to (ε, δ) (Balle et al. 2020, Theorem 21), minimised over the orders."""
+    return float(get_privacy_spent(orders=orders, rdp=rdp, delta=delta)[0])
