@@ -34,8 +34,7 @@ def gabor_filters(orientations: int = ORIENTATIONS, scales: tuple[float, ...] = 
     if orientations < 1 or not scales or size < 3 or size % 2 == 0:
         raise ValueError(f"a Gabor bank needs >= 1 orientation, >= 1 scale and an odd size >= 3; got "
                          f"{orientations}, {scales}, {size}")
-    offsets = torch.arange(size, dtype=torch.float64) - size // 2
-    y, x = torch.meshgrid(offsets, offsets, indexing="ij")
+    y, x = _pixel_offsets(size)
     filters = []
     for scale in scales:
         envelope = torch.exp(-(x**2 + y**2) / (2 * scale**2))
@@ -51,10 +50,16 @@ def gabor_filters(orientations: int = ORIENTATIONS, scales: tuple[float, ...] = 
 
 def low_pass_filter(size: int = FILTER_SIZE, sigma: float = LOW_PASS_SIGMA) -> torch.Tensor:
     """(1, 1, size, size): a Gaussian that sums to 1."""
-    offsets = torch.arange(size, dtype=torch.float64) - size // 2
-    y, x = torch.meshgrid(offsets, offsets, indexing="ij")
+    y, x = _pixel_offsets(size)
     kernel = torch.exp(-(x**2 + y**2) / (2 * sigma**2))
     return (kernel / kernel.sum())[None, None].float()
+
+
+def _pixel_offsets(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, x): each filter pixel's offset from the centre of a size x size filter."""
+    offsets = torch.arange(size, dtype=torch.float64) - size // 2
+    y, x = torch.meshgrid(offsets, offsets, indexing="ij")
+    return y, x
 
 
 class GaborBank(nn.Module):
