@@ -4,7 +4,8 @@ Each `fedssl simulate` of the same config (the same run.seed: the same init, par
 fresh DP noise at its sites, and its report judges each gain against the spread over its own label seeds only.
 Over the runs this gives each paired gain (pretrained minus its random-init control, or scratch for the
 fine-tune) as mean ± std, its smallest value, and how many runs' headlines credited it (beyond that run's
-label-seed spread over both its control and the raw input: fedssl.reporting.verdicts.beats_both).
+label-seed spread over every control: its random-init control, the raw input and, where the run has them, the
+handcrafted features and the warm start; fedssl.reporting.verdicts.headline_gains).
 
     python benchmarks/demo_repeats.py --runs 8                        # the demo's config, ~2 min a run on 2 cores
     python benchmarks/demo_repeats.py --runs 4 --set 'evaluation.label_seeds=[0,1,2,3,4]'
@@ -26,7 +27,8 @@ from _common import PROJECT_ROOT, fedssl_simulate, machine_info, write_result  #
 
 from fedssl.layout import EVALUATION_FILE  # noqa: E402
 from fedssl.reporting import load_run  # noqa: E402
-from fedssl.reporting.verdicts import beats_both, pretraining_gains, raw_input_gains  # noqa: E402
+from fedssl.evaluation.results import HANDCRAFTED_PROBE, RAW_INPUT  # noqa: E402
+from fedssl.reporting.verdicts import beats_every, headline_gains  # noqa: E402
 
 DEMO = PROJECT_ROOT / "configs" / "experiments" / "digits-demo.yaml"
 
@@ -49,13 +51,14 @@ def read_run(run_dir: Path) -> dict:
     results = run.evaluation
     if results is None:
         raise ValueError(f"{run_dir}: no {EVALUATION_FILE}; pass the dir of a finished, evaluated run")
-    over_raw = raw_input_gains(results)
     gains: dict[str, dict[str, dict]] = {}
-    for readout, controls in pretraining_gains(results).items():
-        for control, raw in zip(controls, over_raw.get(readout, [])):
+    for readout, per_fraction in headline_gains(results).items():
+        for over in per_fraction:
+            control, by_baseline = over[0], {gain.baseline: 100 * gain.delta for gain in over}
             gains.setdefault(readout, {})[f"{control.fraction:g}"] = {
                 "gain": 100 * control.delta, "spread": 100 * control.spread, "label_seeds": control.seeds,
-                "over_raw": 100 * raw.delta, "credited": beats_both(control, raw),
+                "over_raw": by_baseline[RAW_INPUT], "over_handcrafted": by_baseline.get(HANDCRAFTED_PROBE),
+                "credited": beats_every(over),
             }
     return {"run_dir": str(run_dir), "run_name": run.run_name, "scored_on": results.scored_set, "gains": gains}
 
@@ -79,21 +82,36 @@ def summarize(runs: list[dict]) -> dict:
             "n": len(values), "mean": statistics.fmean(values),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values),
             "positive": sum(value > 0 for value in values), "credited": sum(cell["credited"] for cell in found),
-            "over_raw_min": min(cell["over_raw"] for cell in found), "over_raw_max": max(cell["over_raw"] for cell in found),
+            **_range("over_raw", [cell["over_raw"] for cell in found]),
+            **_range("over_handcrafted", [cell.get("over_handcrafted") for cell in found]),
         }
     return summary
 
 
+def _range(name: str, values: list[float | None]) -> dict[str, float]:
+    """``{name}_min`` and ``{name}_max`` over the runs that measured it; nothing when none did (runs without the row)."""
+    measured = [value for value in values if value is not None]
+    return {f"{name}_min": min(measured), f"{name}_max": max(measured)} if measured else {}
+
+
 def markdown(summary: dict, scored: str) -> str:
+    handcrafted = any("over_handcrafted_min" in s for by_fraction in summary.values() for s in by_fraction.values())
     lines = [f"| readout, label fraction | gain over its control in {scored} accuracy, mean ± std over runs (points) | smallest | "
-             "runs with a positive gain | runs whose headline credits it | gain over raw input (range) |",
-             "|---|---|---|---|---|---|"]
+             "runs with a positive gain | runs whose headline credits it | gain over raw input (range) |"
+             + (" gain over handcrafted features (range) |" if handcrafted else ""),
+             "|---|---|---|---|---|---|" + ("---|" if handcrafted else "")]
     for readout, by_fraction in summary.items():
         for fraction, s in by_fraction.items():
+            extra = f" {_span(s, 'over_handcrafted')} |" if handcrafted else ""
             lines.append(f"| {readout}, {float(fraction):.0%} | {s['mean']:+.1f} ± {s['std']:.1f} | {s['min']:+.1f} | "
-                         f"{s['positive']} of {s['n']} | {s['credited']} of {s['n']} | "
-                         f"{s['over_raw_min']:+.1f} to {s['over_raw_max']:+.1f} |")
+                         f"{s['positive']} of {s['n']} | {s['credited']} of {s['n']} | {_span(s, 'over_raw')} |{extra}")
     return "\n".join(lines)
+
+
+def _span(summary: dict, name: str) -> str:
+    if f"{name}_min" not in summary:
+        return "n/a"
+    return f"{summary[f'{name}_min']:+.1f} to {summary[f'{name}_max']:+.1f}"
 
 
 def run_all(args: argparse.Namespace) -> list[dict]:

@@ -158,9 +158,11 @@ def test_demo_repeats_summarises_finished_runs_and_refuses_an_unfinished_one(ref
     assert demo_repeats.main(["--from-runs", str(reference_run.dir), str(reference_run.dir)]) == 0
     record = json.loads((tmp_path / "demo_repeats.json").read_text())
     cell = record["runs"][0]["gains"]["probe"]["0.1"]  # digits-tiny: probe only, 10 % labels, one label seed
-    credited_by_headline = any(s.startswith("At 10% labels the pretrained probe beat both")
+    credited_by_headline = any(s.startswith("At 10% labels the pretrained probe beat every control")
                                for s in headline(load_run(reference_run.dir).evaluation))
     assert cell["credited"] is credited_by_headline and cell["label_seeds"] == 1
+    # digits are images: the gain over the handcrafted features (Gabor bank) is recorded beside the raw input's
+    assert isinstance(cell["over_handcrafted"], float) and "gain over handcrafted features (range)" in record["table"]
     assert record["runs"][0]["run_name"] == "digits-tiny" and record["config"] is None  # each run names its own
     assert record["scored_on"] == "test" and "in test accuracy" in record["table"]
     summary = record["summary"]["probe"]["0.1"]

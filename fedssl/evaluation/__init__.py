@@ -7,6 +7,7 @@ needs torch, only when first asked for, so readers of evaluation.json (the dashb
 from typing import Any
 
 from fedssl.evaluation.results import (
+    HANDCRAFTED_PROBE,
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
@@ -25,6 +26,7 @@ from fedssl.evaluation.results import (
 )
 
 __all__ = [
+    "HANDCRAFTED_PROBE",
     "PRETRAINED_FINETUNE",
     "PRETRAINED_PROBE",
     "RANDOM_INIT_PROBE",

@@ -1,9 +1,14 @@
-"""The raw-input baseline: a linear classifier on features of the inputs themselves, chosen per modality.
+"""The baselines that learn nothing from the sites: linear classifiers on fixed features of the inputs, per modality.
 
-It is the floor any learned representation must beat, so it must be a fair one for the data: flattened
-pixels or feature columns for images and vectors, but for text the flattened byte ids would be a straw
+The raw-input baseline is the floor any learned representation must beat, so it must be a fair one for the data:
+flattened pixels or feature columns for images and vectors, but for text the flattened byte ids would be a straw
 man (a byte's id at position 17 means nothing), so text gets TF-IDF of character n-grams, the standard
 bag-of-n-grams text classifier. One mapping, :data:`RAW_BASELINES`, decides; a new modality adds one entry.
+
+The handcrafted baseline is the best zero-privacy-cost start known for a modality, where one is: features
+built from no data and no training, so any site could use them at ε = 0 (images: a fixed Gabor filter bank,
+fedssl.evaluation.handcrafted). A private encoder that does not beat it has bought nothing with its ε.
+:data:`HANDCRAFTED_BASELINES` holds them; a modality without an entry has no such row.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 import torch
 from scipy import sparse
 
+from fedssl.evaluation.handcrafted import gabor_features
 from fedssl.evaluation.probes import flatten_inputs
 
 Features = np.ndarray | sparse.spmatrix
@@ -23,10 +29,10 @@ FeatureFit = Callable[[torch.Tensor, torch.Tensor], tuple[Features, Features]]
 
 
 @dataclass(frozen=True)
-class RawBaseline:
-    """How the raw-input row reads a modality: its features and the probe that fits them."""
+class FeatureBaseline:
+    """How a baseline row reads a modality: its fixed features and the probe that fits them."""
 
-    name: str  # shown in the report: "raw_input (<name>)"
+    name: str  # shown in the report: "raw_input (<name>)", "handcrafted_probe (<name>)"
     features: FeatureFit
     # Standardize the features (one C fits pixels and encoder features alike); TF-IDF is already scaled.
     standardize: bool = True
@@ -59,16 +65,28 @@ def tfidf(pool: torch.Tensor, test: torch.Tensor) -> tuple[sparse.spmatrix, spar
     return vectorizer.fit_transform(pool_texts), vectorizer.transform(test_texts)
 
 
-PIXELS = RawBaseline("pixels", flattened)
-RAW_BASELINES: dict[str, RawBaseline] = {
+def gabor_bank(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return gabor_features(pool), gabor_features(test)
+
+
+PIXELS = FeatureBaseline("pixels", flattened)
+RAW_BASELINES: dict[str, FeatureBaseline] = {
     "image": PIXELS,
-    "vector": RawBaseline("features", flattened, trees=True),
-    "text": RawBaseline("tf-idf", tfidf, standardize=False, C=TFIDF_C),
-    "timeseries": RawBaseline("series", flattened),  # every channel's every step, standardized
+    "vector": FeatureBaseline("features", flattened, trees=True),
+    "text": FeatureBaseline("tf-idf", tfidf, standardize=False, C=TFIDF_C),
+    "timeseries": FeatureBaseline("series", flattened),  # every channel's every step, standardized
 }
+# Standardized like the encoders' features and read with the plan's probe_C, as on the flagship's validation screens.
+HANDCRAFTED_BASELINES: dict[str, FeatureBaseline] = {"image": FeatureBaseline("gabor bank", gabor_bank)}
 
 
-def raw_baseline(modality: str) -> RawBaseline:
+def raw_baseline(modality: str) -> FeatureBaseline:
     if modality not in RAW_BASELINES:
         raise ValueError(f"no raw-input baseline for modality {modality!r}; valid choices: {', '.join(sorted(RAW_BASELINES))}")
     return RAW_BASELINES[modality]
+
+
+def handcrafted_baseline(modality: str) -> FeatureBaseline | None:
+    """The modality's zero-cost handcrafted features, or None where none is known (every modality but images)."""
+    raw_baseline(modality)  # an unknown modality is refused here too, with the valid choices
+    return HANDCRAFTED_BASELINES.get(modality)

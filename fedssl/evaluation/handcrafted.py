@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,6 +26,12 @@ LOW_PASS_SIGMA = 2.0
 # labels scored 84.8 % at its best C, against 84.1 / 83.7 / 82.4 / 77.9 % through 7x7 / 5x5 / 4x4 / 2x2 cells
 # (`benchmarks/readout_screen.py --gabor`, benchmarks/README.md section 10).
 GRID = 14
+# The grid for any image size: 2-pixel cells, the size both validation screens picked (28x28 Fashion-MNIST: 14 of
+# 2/4/5/7/14 cells; 8x8 digits at 100 labels: 4 of 2/4/8, 95.2 %), capped at GRID per side so the features stay at
+# most 25 · channels · 196 for large images (a cap not screened above 28 px).
+CELL_PIXELS = 2
+# Images filtered per call: the responses of a batch (25 · C · H · W floats each) stay small at any pool size.
+ENCODE_BATCH = 256
 
 
 def gabor_filters(orientations: int = ORIENTATIONS, scales: tuple[float, ...] = SCALES,
@@ -82,8 +89,23 @@ class GaborBank(nn.Module):
             raise ValueError(f"expected images of shape (N, {self.channels}, H, W), got {tuple(images.shape)}")
         responses = F.conv2d(images, self.wavelets, padding=self.size // 2, groups=self.channels)
         n, _, h, w = responses.shape
-        pairs = responses.view(n, -1, 2, h, w)  # (even, odd) of each wavelet
+        pairs = responses.view(n, responses.shape[1] // 2, 2, h, w)  # (even, odd) of each wavelet; n may be 0
         modulus = torch.sqrt(pairs[:, :, 0] ** 2 + pairs[:, :, 1] ** 2)
         low = F.conv2d(images, self.low_pass, padding=self.size // 2, groups=self.channels)
         features = torch.cat([modulus, low], dim=1)
         return F.adaptive_avg_pool2d(features, self.grid).flatten(1)
+
+
+def grid_for(height: int, width: int) -> int:
+    """Cells per side for images of this size: 2-pixel cells, at most GRID (see CELL_PIXELS)."""
+    return max(1, min(GRID, min(height, width) // CELL_PIXELS))
+
+
+def gabor_features(images: torch.Tensor) -> np.ndarray:
+    """Float images (N, C, H, W) -> the bank's features for their size (:func:`grid_for`), as float32 numpy."""
+    if images.dim() != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+    bank = GaborBank(channels=images.shape[1], grid=grid_for(*images.shape[2:]))
+    with torch.no_grad():
+        # torch.split keeps one empty batch for an empty input, so an empty pool still has a shape.
+        return torch.cat([bank(batch) for batch in torch.split(images, ENCODE_BATCH)]).numpy()

@@ -3,7 +3,9 @@
 Every row sees the same stratified label subsets (paired by label seed), and the random-init
 rows are the control: a gain counts only if a random encoder of the same shape does not get it too.
 When the run started from a warm start, that encoder is read out the same way (warm-start rows),
-so the private federated step can be judged against its own zero-cost starting point.
+so the private federated step can be judged against its own zero-cost starting point. Images also get a
+probe of features built from no data (a fixed Gabor bank: fedssl.evaluation.baselines), the zero-cost start any
+site could use without federating at all.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from fedssl.config import FINETUNE, LINEAR_PROBE, EvaluationConfig
-from fedssl.evaluation.baselines import Features, RawBaseline, raw_baseline
+from fedssl.evaluation.baselines import Features, FeatureBaseline, handcrafted_baseline, raw_baseline
 from fedssl.evaluation.probes import encode, finetune_accuracy, linear_probe_accuracy, trees_accuracy
 from fedssl.evaluation.results import (
+    HANDCRAFTED_PROBE,
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
@@ -92,9 +95,10 @@ def _probe_views(
     pretrained: Encoder,
     random_inits: dict[int, Encoder],
     plan: EvaluationConfig,
-    raw: RawBaseline,
+    raw: FeatureBaseline,
     warm_start: Encoder | None = None,
     device: torch.device | None = None,
+    handcrafted: FeatureBaseline | None = None,
 ) -> list[_ProbeView]:
     def frozen(row: str, init_seed: int | None, encoder: Encoder) -> _ProbeView:
         return _ProbeView(row, init_seed, encode(encoder, pool_inputs, device), encode(encoder, test_inputs, device))
@@ -105,6 +109,10 @@ def _probe_views(
     views = [_ProbeView(RAW_INPUT, None, raw_pool, raw_test, raw.standardize, raw.C)]
     if raw.trees:
         views.append(_ProbeView(RAW_TREES, None, raw_pool, raw_test, trees=True))
+    # So is the modality's handcrafted start where one is known (images: a fixed Gabor bank): no data, no ε.
+    if handcrafted is not None:
+        views.append(_ProbeView(HANDCRAFTED_PROBE, None, *handcrafted.features(pool_inputs, test_inputs),
+                                handcrafted.standardize, handcrafted.C))
     if LINEAR_PROBE in plan.methods:
         views += [frozen(RANDOM_INIT_PROBE, seed, encoder) for seed, encoder in random_inits.items()]
         if warm_start is not None:
@@ -136,7 +144,7 @@ def _build_bench(
     # uint8 pixels become [0, 1] floats here, as in training: only the consented pool and the test set.
     test_inputs = unit_float(test.inputs)
     views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, raw_baseline(train.modality), warm_start,
-                         device)
+                         device, handcrafted_baseline(train.modality))
     return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start, device)
 
 
@@ -195,8 +203,8 @@ def _single_threaded() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _planned_rows(plan: EvaluationConfig, warm_start: bool, raw_trees: bool = False) -> list[str]:
-    rows = {RAW_INPUT} | ({RAW_TREES} if raw_trees else set())
+def _planned_rows(plan: EvaluationConfig, warm_start: bool, raw_trees: bool = False, handcrafted: bool = False) -> list[str]:
+    rows = {RAW_INPUT} | ({RAW_TREES} if raw_trees else set()) | ({HANDCRAFTED_PROBE} if handcrafted else set())
     if LINEAR_PROBE in plan.methods:
         rows |= {RANDOM_INIT_PROBE, PRETRAINED_PROBE} | ({WARM_START_PROBE} if warm_start else set())
     if FINETUNE in plan.methods:
@@ -262,15 +270,18 @@ def evaluate_label_efficiency(
         num_classes = len(np.unique(bench.pool_labels))
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
         runs, fractions = _run_every_fraction(bench, plan, num_train, num_classes, say, progress)
+    raw, handcrafted = raw_baseline(train.modality), handcrafted_baseline(train.modality)
     return EvalResults(
         plan=plan,
-        rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw_baseline(train.modality).trees),
+        rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw.trees,
+                           handcrafted=handcrafted is not None),
         fractions=fractions,
         cells={key: Cell(tuple(values)) for key, values in runs.items()},
         num_train=num_train,
         num_consented_train=num_consented,
         num_test=len(bench.test_labels),
         seconds=time.perf_counter() - started,
-        raw_features=raw_baseline(train.modality).name,
+        raw_features=raw.name,
+        handcrafted_features=handcrafted.name if handcrafted else None,
         class_names=list(labels.class_names) if labels.class_names else None,
     )

@@ -11,6 +11,9 @@ from fedssl.config import EvaluationConfig
 
 RAW_INPUT = "raw_input"
 RAW_TREES = "raw_input_trees"  # gradient-boosted trees on the raw features: vectors and tables only
+# A linear probe on features built from no data (images: a fixed Gabor bank; fedssl.evaluation.baselines): the
+# best zero-privacy-cost start for the modality, where one is known. Only present for such modalities.
+HANDCRAFTED_PROBE = "handcrafted_probe"
 RANDOM_INIT_PROBE = "random_init_probe"
 PRETRAINED_PROBE = "pretrained_probe"
 SCRATCH_FINETUNE = "scratch_finetune"
@@ -25,6 +28,7 @@ WARM_START_ROWS = (WARM_START_PROBE, WARM_START_FINETUNE)
 ROW_ORDER = (
     RAW_INPUT,
     RAW_TREES,
+    HANDCRAFTED_PROBE,
     RANDOM_INIT_PROBE,
     WARM_START_PROBE,
     PRETRAINED_PROBE,
@@ -127,6 +131,7 @@ class EvalResults:
     num_test: int
     seconds: float
     raw_features: str = "pixels"  # what the raw_input row probed (fedssl.evaluation.baselines): pixels, features, tf-idf
+    handcrafted_features: str | None = None  # what the handcrafted_probe row probed (gabor bank); None: no such row
     class_names: list[str] | None = None  # class i's name where the labels were names; None for integer labels
 
     @property
@@ -135,8 +140,9 @@ class EvalResults:
         return self.plan.score_on
 
     def row_title(self, row: str) -> str:
-        """A row's name as tables show it: the raw-input row says which raw features it probed."""
-        return f"{row} ({self.raw_features})" if row == RAW_INPUT else row
+        """A row's name as tables show it: the baseline rows say which fixed features they probed."""
+        features = {RAW_INPUT: self.raw_features, HANDCRAFTED_PROBE: self.handcrafted_features}.get(row)
+        return f"{row} ({features})" if features else row
 
     def evaluated_fractions(self) -> list[float]:
         return [info.fraction for info in self.fractions if info.skipped is None]
@@ -239,6 +245,7 @@ class EvalResults:
             "num_test": self.num_test,
             "seconds": self.seconds,
             "raw_features": self.raw_features,
+            "handcrafted_features": self.handcrafted_features,
             "class_names": self.class_names,
         }
 
@@ -258,5 +265,6 @@ class EvalResults:
             num_test=data["num_test"],
             seconds=data["seconds"],
             raw_features=data.get("raw_features", "pixels"),  # files written before it probed pixels
+            handcrafted_features=data.get("handcrafted_features"),  # files written before the row existed have none
             class_names=data.get("class_names"),
         )

@@ -9,11 +9,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedssl.evaluation.results import RANDOM_INIT_PROBE, SCRATCH_FINETUNE, WARM_START_ROWS, EvalResults, format_fraction
+from fedssl.evaluation.results import (
+    HANDCRAFTED_PROBE,
+    RANDOM_INIT_PROBE,
+    SCRATCH_FINETUNE,
+    WARM_START_ROWS,
+    EvalResults,
+    format_fraction,
+)
 from fedssl.runlog import RoundRecord, SiteRound, group_by_site
 
 FIGSIZE = (6.4, 4.0)
 CONTROL_ROWS = (RANDOM_INIT_PROBE, SCRATCH_FINETUNE)  # dashed: no pretraining, the baseline to beat
+ZERO_COST_ROWS = (HANDCRAFTED_PROBE, *WARM_START_ROWS)  # dotted: starts that cost no ε (no data, or public data)
 DPI = 110
 
 
@@ -74,8 +82,7 @@ def plot_label_efficiency(results: EvalResults, path: Path) -> Path:
         cells = [results.cell(row, fraction) for fraction in fractions]
         # Small multiplicative shifts keep overlapping error bars readable on the log axis.
         shifted = [fraction * (1 + 0.03 * (offset - len(results.rows) / 2)) for fraction in fractions]
-        # dotted: the zero-cost warm start the federation began from (runs with a warm start only)
-        style = "--" if row in CONTROL_ROWS else ":" if row in WARM_START_ROWS else "-"
+        style = "--" if row in CONTROL_ROWS else ":" if row in ZERO_COST_ROWS else "-"
         means, stds = [c.mean for c in cells], [c.std for c in cells]
         axes.errorbar(shifted, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=row)
     axes.set_xscale("log")

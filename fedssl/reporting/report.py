@@ -15,6 +15,8 @@ from fedssl.reporting.run_files import RunFiles, load_run
 from fedssl.reporting.site_spend import SiteSpend, format_optional, site_spends
 from fedssl.reporting.verdicts import (
     ONE_RUN_IS_ONE_DRAW,
+    handcrafted_gains,
+    handcrafted_verdict,
     headline,
     pretraining_gains,
     pretraining_verdict,
@@ -26,7 +28,7 @@ from fedssl.reporting.verdicts import (
 from fedssl.runlog import SiteRound
 
 
-NAME_WIDTH, CELL_WIDTH = 28, 15
+NAME_WIDTH, CELL_WIDTH = 34, 15
 SITE_COLUMN_WIDTHS = (4, 6, 7, 7, 5)  # site, rounds, eps, budget, used; status runs free
 
 
@@ -154,6 +156,14 @@ VERDICT_SUBSECTIONS = (
         raw_input_verdict,
     ),
     (
+        "Against features built from no data",
+        "A linear classifier on a fixed Gabor filter bank's responses (the first order of a scattering transform; "
+        "fedssl/evaluation/handcrafted.py), on the same label subsets. The bank is built from no data and trains "
+        "nothing, so any site could use it at ε = 0 without federating: the ε spent buys only what the encoder adds "
+        "over it. Fine-tuned rows are compared with the same probe (the bank has nothing to fine-tune).",
+        handcrafted_verdict,
+    ),
+    (
         "What the private federated step added over its warm start",
         "The federation started from a warm start pretrained on public data at no privacy cost, so the "
         "gains above include what that warm start already gave. Here each pretrained row is compared with "
@@ -256,6 +266,8 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
         lines.append(_gain_line(f"pretraining gain ({readout})", gains))
     for readout, gains in raw_input_gains(results).items():
         lines.append(_gain_line(f"gain over raw input ({readout})", gains))
+    for readout, gains in handcrafted_gains(results).items():
+        lines.append(_gain_line(f"gain over handcrafted ({readout})", gains))
     private_step_gains = warm_start_gains(results)
     for readout, gains in private_step_gains.items():
         lines.append(_gain_line(f"private-step gain ({readout})", gains))

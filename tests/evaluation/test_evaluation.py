@@ -13,6 +13,7 @@ from fedssl.data import ConsentedLabels, ConsentManifest, SiteDataset, label_sou
 from fedssl.errors import ConfigError, ConsentError
 from fedssl.config import EvaluationConfig
 from fedssl.evaluation import (
+    HANDCRAFTED_PROBE,
     PRETRAINED_FINETUNE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
@@ -28,7 +29,10 @@ from fedssl.evaluation import (
     SeedRun,
     evaluate_label_efficiency,
 )
+from fedssl.data.pixels import unit_float
 from fedssl.data.sampling import stratified_subset
+from fedssl.evaluation.handcrafted import gabor_features
+from fedssl.evaluation.probes import linear_probe_accuracy
 from fedssl.evaluation.results import RAW_TREES
 from fedssl.models import Encoder, build_encoder
 
@@ -284,3 +288,30 @@ def test_paired_gain_refuses_rows_that_do_not_share_their_seeds() -> None:
     single.cells[(PRETRAINED_PROBE, 0.1)] = runs({0: 0.80})
     gain = single.gain_over_warm_start(0.1)
     assert gain.delta == pytest.approx(0.03) and gain.seeds == 1 and not gain.spread_known
+
+
+def test_handcrafted_row_is_the_gabor_bank_probed_on_the_same_subsets(digits: Digits) -> None:
+    """The images' zero-cost row, recomputed directly: the bank's features of the consented pool and the test set,
+    the probe on each label seed's subset. Other features, subsets or C break the equality."""
+    plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[0], methods=["linear_probe"])
+    labels = guarded_labels(digits, digits.everything())[0]
+    results = run(digits, labels, plan)
+
+    assert results.rows == [RAW_INPUT, HANDCRAFTED_PROBE, RANDOM_INIT_PROBE, PRETRAINED_PROBE]
+    assert results.handcrafted_features == "gabor bank"
+    assert "| handcrafted_probe (gabor bank) | " in results.markdown_table()
+    pool, test = (gabor_features(unit_float(split.inputs)) for split in (digits.train, digits.test))
+    assert pool.shape == (NUM_TRAIN, 25 * 4 * 4)  # 8x8 digits: 4x4 cells of 2 pixels (handcrafted.grid_for)
+    pool_labels = np.asarray(labels.labels_for(digits.train.sample_ids))
+    test_labels = np.asarray(labels.labels_for(digits.test.sample_ids))
+    expected = []
+    for seed in plan.label_seeds:
+        subset = stratified_subset(pool_labels, 50, seed)
+        expected.append(linear_probe_accuracy(pool[subset], pool_labels[subset], test, test_labels, plan.probe_C))
+    runs = results.cell(HANDCRAFTED_PROBE, 0.10).runs
+    assert [(run.label_seed, run.init_seed) for run in runs] == [(0, None), (1, None)]
+    assert [run.accuracy for run in runs] == expected
+    restored = EvalResults.from_dict(json.loads(json.dumps(results.to_dict())))
+    assert restored.handcrafted_features == "gabor bank" and restored.cells == results.cells
+    written_before = {key: value for key, value in results.to_dict().items() if key != "handcrafted_features"}
+    assert EvalResults.from_dict(written_before).handcrafted_features is None

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import signal
 
-from fedssl.evaluation.handcrafted import GaborBank, gabor_filters, low_pass_filter
+from fedssl.evaluation.handcrafted import GaborBank, gabor_features, gabor_filters, grid_for, low_pass_filter
 
 
 def _direct(image: np.ndarray, orientations: int, scales: tuple[float, ...], size: int, grid: int) -> np.ndarray:
@@ -60,3 +60,21 @@ def test_bad_settings_and_inputs_are_refused_in_one_line():
         GaborBank(grid=0)
     with pytest.raises(ValueError, match=r"expected images of shape \(N, 1, H, W\), got \(2, 3, 8, 8\)"):
         GaborBank()(torch.zeros(2, 3, 8, 8))
+
+
+def test_the_grid_follows_the_image_size_in_two_pixel_cells_up_to_a_cap():
+    # The cells both validation screens picked (8x8 digits: 4; 28x28 Fashion-MNIST: 14), then the cap.
+    assert [grid_for(side, side) for side in (1, 3, 8, 28, 32, 64, 224)] == [1, 1, 4, 14, 14, 14, 14]
+    assert grid_for(8, 28) == 4  # the shorter side decides
+
+
+def test_features_of_a_pool_are_the_bank_over_batches(monkeypatch):
+    images = torch.rand(7, 3, 12, 12)
+    expected = GaborBank(channels=3, grid=6)(images).numpy()
+    monkeypatch.setattr("fedssl.evaluation.handcrafted.ENCODE_BATCH", 3)  # 3 + 3 + 1: batching must not matter
+    features = gabor_features(images)
+    assert features.dtype == np.float32 and features.shape == (7, 3 * 25 * 36)
+    np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)
+    assert gabor_features(images[:0]).shape == (0, 3 * 25 * 36)  # an empty pool keeps its width
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, C, H, W\), got \(7, 144\)"):
+        gabor_features(images.flatten(2)[:, 0])

@@ -12,6 +12,7 @@ from PIL import Image
 from fedssl.errors import DataError
 from fedssl.config import EvaluationConfig
 from fedssl.evaluation import (
+    HANDCRAFTED_PROBE,
     PRETRAINED_PROBE,
     RANDOM_INIT_PROBE,
     RAW_INPUT,
@@ -23,6 +24,7 @@ from fedssl.evaluation import (
 )
 from fedssl.reporting import (
     ONE_RUN_IS_ONE_DRAW,
+    handcrafted_verdict,
     headline,
     pretraining_verdict,
     privacy_statement,
@@ -162,9 +164,13 @@ def test_report_judges_each_pretrained_row_against_the_raw_input_too(run_dir: Pa
                                                   "no better than the raw input.")  # fmt: skip
 
 
+NO_GAIN = ("At no label fraction did a pretrained readout beat every control (raw_input, random_init_probe) beyond "
+           "the seed spread: this run shows no measurable gain from pretraining.")
+
+
 def test_headline_credits_only_a_gain_over_both_controls(run_dir: Path) -> None:
     # At 1% the pretrained probe beats raw input but not its random-init control; at 10% both.
-    both = ("At 10% labels the pretrained probe beat both controls beyond the seed spread: +0.100 ± 0.010 over "
+    both = ("At 10% labels the pretrained probe beat every control beyond the seed spread: +0.100 ± 0.010 over "
             "random_init_probe, +0.200 ± 0.000 over raw_input.")  # fmt: skip
     assert headline(evaluation()) == [both]
     # The verdicts, then what their spread leaves out: the pretraining ran once (one draw of its DP noise).
@@ -175,10 +181,7 @@ def test_headline_credits_only_a_gain_over_both_controls(run_dir: Path) -> None:
     # The same gain over random init, but the raw input is as good: no headline gain anywhere.
     results = evaluation()
     results.cells[(RAW_INPUT, 0.1)] = cell([0.91, 0.90, 0.93])
-    assert headline(results) == [
-        "At no label fraction did a pretrained readout beat both its random-init control and the raw input "
-        "beyond the seed spread: this run shows no measurable gain from pretraining."
-    ]
+    assert headline(results) == [NO_GAIN]
     # A pretrained readout worse than its control beyond the spread is said in the headline too.
     results = evaluation()
     results.cells[(PRETRAINED_PROBE, 0.1)] = cell([0.70, 0.71, 0.72])  # -0.10, -0.11, -0.09 against random init
@@ -190,6 +193,66 @@ def test_headline_credits_only_a_gain_over_both_controls(run_dir: Path) -> None:
     for row, accuracy in ((RAW_INPUT, 0.5), (RANDOM_INIT_PROBE, 0.5), (PRETRAINED_PROBE, 0.99)):
         results.cells[(row, 0.1)] = cell([accuracy], init_seed=0 if row == RANDOM_INIT_PROBE else None)
     assert headline(results)[0].startswith("At no label fraction")
+
+
+def handcrafted_evaluation() -> EvalResults:
+    """evaluation() plus the probe of features built from no data: at 10% it scores 0.93, 0.92, 0.94, above the
+    pretrained probe that beats both other controls there (paired differences -0.03, -0.01, -0.02)."""
+    results = evaluation()
+    results.rows = [RAW_INPUT, HANDCRAFTED_PROBE, RANDOM_INIT_PROBE, PRETRAINED_PROBE]
+    results.handcrafted_features = "gabor bank"
+    results.cells[(HANDCRAFTED_PROBE, 0.01)] = cell([0.55, 0.57, 0.56])
+    results.cells[(HANDCRAFTED_PROBE, 0.1)] = cell([0.93, 0.92, 0.94])
+    return results
+
+
+def test_headline_credits_no_gain_a_zero_cost_start_also_gets(run_dir: Path) -> None:
+    # The attack on the headline: an encoder that beats its random-init control and the raw input but not the
+    # Gabor bank any site could use at ε = 0 must not be credited with a gain from pretraining.
+    results = handcrafted_evaluation()
+    assert headline(results) == [
+        "At no label fraction did a pretrained readout beat every control (raw_input, handcrafted_probe, "
+        "random_init_probe) beyond the seed spread: this run shows no measurable gain from pretraining.",
+        "At 10% labels the pretrained probe beat random_init_probe and raw_input beyond the seed spread but not the "
+        "zero-privacy-cost start (-0.020 ± 0.010 over handcrafted_probe): no gain credited.",
+    ]
+    # The same bank, beaten beyond its spread at 10% (differences +0.05, +0.04, +0.06): credited, over all three.
+    results.cells[(HANDCRAFTED_PROBE, 0.1)] = cell([0.85, 0.87, 0.86])
+    assert headline(results)[0] == ("At 10% labels the pretrained probe beat every control beyond the seed spread: "
+                                    "+0.100 ± 0.010 over random_init_probe, +0.200 ± 0.000 over raw_input, "
+                                    "+0.050 ± 0.010 over handcrafted_probe.")  # fmt: skip
+    # A tie with the bank (differences +0.01, -0.01, +0.02) is no gain either.
+    results.cells[(HANDCRAFTED_PROBE, 0.1)] = cell([0.89, 0.92, 0.90])
+    assert headline(results)[0].startswith("At no label fraction")
+
+
+def test_headline_needs_a_gain_over_the_warm_start_too() -> None:
+    results = warm_start_evaluation()  # at 10% the private step added +0.027 ± 0.006 over the warm start: credited
+    assert headline(results) == ["At 10% labels the pretrained probe beat every control beyond the seed spread: "
+                                 "+0.077 ± 0.021 over random_init_probe, +0.177 ± 0.015 over raw_input, "
+                                 "+0.027 ± 0.006 over warm_start_probe."]  # fmt: skip
+    results.cells[(WARM_START_PROBE, 0.1)] = cell([0.88, 0.89, 0.90])  # the warm start alone was as good
+    assert headline(results)[1] == ("At 10% labels the pretrained probe beat random_init_probe and raw_input beyond "
+                                    "the seed spread but not the zero-privacy-cost start (-0.003 ± 0.015 over "
+                                    "warm_start_probe): no gain credited.")  # fmt: skip
+    assert headline(results)[0].startswith("At no label fraction did a pretrained readout beat every control "
+                                           "(raw_input, random_init_probe, warm_start_probe)")
+
+
+def test_report_judges_each_pretrained_row_against_the_handcrafted_features(run_dir: Path) -> None:
+    assert "features built from no data" not in write_report(run_dir).read_text()  # this run has no such row
+    (run_dir / "evaluation.json").write_text(json.dumps(handcrafted_evaluation().to_dict()))
+    report = write_report(run_dir).read_text()
+    assert "| handcrafted_probe (gabor bank) | 0.560 ± 0.010 | 0.930 ± 0.010 |" in report
+    assert report.index("| raw_input (pixels) |") < report.index("| handcrafted_probe (gabor bank) |") \
+        < report.index("| random_init_probe |")  # fmt: skip
+    assert "### Against features built from no data" in report
+    assert ("- At 10% labels, pretrained_probe 0.910 vs handcrafted_probe 0.930: -0.020 ± 0.010 (over 3 paired label "
+            "seeds), beyond the seed spread: worse than features built from no data.") in report  # fmt: skip
+    lines = terminal_summary(run_dir).splitlines()
+    assert any(line.split() == ["gain", "over", "handcrafted", "(probe)", "+0.060", "-0.020"] for line in lines)
+    assert any(line.split() == ["handcrafted_probe", "(gabor", "bank)", "0.560±0.010", "0.930±0.010"] for line in lines)
+    assert handcrafted_verdict(evaluation()) == []  # no such row (text, tables, series), no such verdict
 
 
 def test_report_without_warm_start_has_no_warm_start_rows_or_verdict(run_dir: Path) -> None:
