@@ -47,8 +47,9 @@ HANDCRAFTED_COMPARISONS = {
 # then each zero-privacy-cost start the evaluation has (handcrafted features, the warm start). A gain is credited
 # only beyond the seed spread over every control present.
 HEADLINE_CONTROLS = {
-    "probe": (PRETRAINED_PROBE, (RANDOM_INIT_PROBE, RAW_INPUT, HANDCRAFTED_PROBE, WARM_START_PROBE)),
-    "finetune": (PRETRAINED_FINETUNE, (SCRATCH_FINETUNE, RAW_INPUT, HANDCRAFTED_PROBE, WARM_START_FINETUNE)),
+    readout: (row, tuple(table[readout][1] for table in
+                         (COMPARISONS, RAW_INPUT_COMPARISONS, HANDCRAFTED_COMPARISONS, WARM_START_COMPARISONS)))
+    for readout, (row, _control) in COMPARISONS.items()
 }
 REQUIRED_CONTROLS = 2
 # What the spread behind every verdict leaves out. The demo's config run 8 times on 2026-12-07: its fine-tune gain
