@@ -217,6 +217,8 @@ class EvaluationConfig:
     finetune_lr: float = 0.003
     finetune_batch_size: int = 32
     probe_C: float = 1.0
+    # Also probe features built from no data (fedssl.evaluation.baselines); off saves ROCKET's ~100 CPU-s per 1,000 x 1,000 series
+    handcrafted: bool = True
     # Below this many labels a stratified sample cannot cover typical class counts, and
     # accuracies from a handful of labels are mostly noise.
     min_labels: int = 10

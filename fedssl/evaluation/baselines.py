@@ -7,7 +7,8 @@ bag-of-n-grams text classifier. One mapping, :data:`RAW_BASELINES`, decides; a n
 
 The handcrafted baseline is the best zero-privacy-cost start known for a modality, where one is: features
 built from no data and no training, so any site could use them at ε = 0 (images: a fixed Gabor filter bank,
-fedssl.evaluation.handcrafted). A private encoder that does not beat it has bought nothing with its ε.
+fedssl.evaluation.handcrafted; time series: ROCKET's random convolutional kernels, fedssl.evaluation.rocket). A
+private encoder that does not beat it has bought nothing with its ε.
 :data:`HANDCRAFTED_BASELINES` holds them; a modality without an entry has no such row.
 """
 
@@ -22,6 +23,7 @@ from scipy import sparse
 
 from fedssl.evaluation.handcrafted import gabor_features
 from fedssl.evaluation.probes import flatten_inputs
+from fedssl.evaluation.rocket import Rocket
 
 Features = np.ndarray | sparse.spmatrix
 # (consented pool inputs, test inputs) -> (pool features, test features); fitted on the pool's inputs only
@@ -69,6 +71,11 @@ def gabor_bank(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.n
     return gabor_features(pool), gabor_features(test)
 
 
+def rocket(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    transform = Rocket(*pool.shape[1:])  # the kernels depend on the series' shape and a fixed seed only
+    return transform(pool), transform(test)
+
+
 PIXELS = FeatureBaseline("pixels", flattened)
 RAW_BASELINES: dict[str, FeatureBaseline] = {
     "image": PIXELS,
@@ -77,7 +84,10 @@ RAW_BASELINES: dict[str, FeatureBaseline] = {
     "timeseries": FeatureBaseline("series", flattened),  # every channel's every step, standardized
 }
 # Standardized like the encoders' features and read with the plan's probe_C, as on the flagship's validation screens.
-HANDCRAFTED_BASELINES: dict[str, FeatureBaseline] = {"image": FeatureBaseline("gabor bank", gabor_bank)}
+HANDCRAFTED_BASELINES: dict[str, FeatureBaseline] = {
+    "image": FeatureBaseline("gabor bank", gabor_bank),
+    "timeseries": FeatureBaseline("rocket", rocket),
+}
 
 
 def raw_baseline(modality: str) -> FeatureBaseline:
@@ -87,6 +97,7 @@ def raw_baseline(modality: str) -> FeatureBaseline:
 
 
 def handcrafted_baseline(modality: str) -> FeatureBaseline | None:
-    """The modality's zero-cost handcrafted features, or None where none is known (every modality but images)."""
+    """The modality's zero-cost handcrafted features, or None where none is known (tables: the trees on the raw
+    columns are the strong baseline; text: TF-IDF, already the raw-input row)."""
     raw_baseline(modality)  # an unknown modality is refused here too, with the valid choices
     return HANDCRAFTED_BASELINES.get(modality)

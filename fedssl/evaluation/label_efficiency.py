@@ -3,9 +3,9 @@
 Every row sees the same stratified label subsets (paired by label seed), and the random-init
 rows are the control: a gain counts only if a random encoder of the same shape does not get it too.
 When the run started from a warm start, that encoder is read out the same way (warm-start rows),
-so the private federated step can be judged against its own zero-cost starting point. Images also get a
-probe of features built from no data (a fixed Gabor bank: fedssl.evaluation.baselines), the zero-cost start any
-site could use without federating at all.
+so the private federated step can be judged against its own zero-cost starting point. Images and time series
+also get a probe of features built from no data (a fixed Gabor bank; ROCKET's random kernels:
+fedssl.evaluation.baselines), the zero-cost start any site could use without federating at all.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def _probe_views(
     views = [_ProbeView(RAW_INPUT, None, raw_pool, raw_test, raw.standardize, raw.C)]
     if raw.trees:
         views.append(_ProbeView(RAW_TREES, None, raw_pool, raw_test, trees=True))
-    # So is the modality's handcrafted start where one is known (images: a fixed Gabor bank): no data, no ε.
+    # So is the modality's handcrafted start where one is known (images, series): no data, no ε.
     if handcrafted is not None:
         views.append(_ProbeView(HANDCRAFTED_PROBE, None, *handcrafted.features(pool_inputs, test_inputs),
                                 handcrafted.standardize, handcrafted.C))
@@ -119,6 +119,11 @@ def _probe_views(
             views.append(frozen(WARM_START_PROBE, None, warm_start))
         views.append(frozen(PRETRAINED_PROBE, None, pretrained))
     return views
+
+
+def _handcrafted(plan: EvaluationConfig, modality: str) -> FeatureBaseline | None:
+    """The modality's handcrafted control, unless the plan turned it off (evaluation.handcrafted)."""
+    return handcrafted_baseline(modality) if plan.handcrafted else None
 
 
 def _build_bench(
@@ -144,7 +149,7 @@ def _build_bench(
     # uint8 pixels become [0, 1] floats here, as in training: only the consented pool and the test set.
     test_inputs = unit_float(test.inputs)
     views = _probe_views(pool_inputs, test_inputs, pretrained, random_inits, plan, raw_baseline(train.modality), warm_start,
-                         device, handcrafted_baseline(train.modality))
+                         device, _handcrafted(plan, train.modality))
     return _Bench(pool_inputs, pool_labels, test_inputs, test_labels, pretrained, random_inits, views, warm_start, device)
 
 
@@ -270,7 +275,7 @@ def evaluate_label_efficiency(
         num_classes = len(np.unique(bench.pool_labels))
         say(f"{num_consented}/{num_train} train examples consented, {len(bench.test_labels)} test examples")
         runs, fractions = _run_every_fraction(bench, plan, num_train, num_classes, say, progress)
-    raw, handcrafted = raw_baseline(train.modality), handcrafted_baseline(train.modality)
+    raw, handcrafted = raw_baseline(train.modality), _handcrafted(plan, train.modality)
     return EvalResults(
         plan=plan,
         rows=_planned_rows(plan, warm_start=warm_start_state is not None, raw_trees=raw.trees,

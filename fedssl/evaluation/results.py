@@ -11,7 +11,8 @@ from fedssl.config import EvaluationConfig
 
 RAW_INPUT = "raw_input"
 RAW_TREES = "raw_input_trees"  # gradient-boosted trees on the raw features: vectors and tables only
-# A linear probe on features built from no data (images: a fixed Gabor bank; fedssl.evaluation.baselines): the
+# A linear probe on features built from no data (images: a fixed Gabor bank; time series: ROCKET's random kernels;
+# fedssl.evaluation.baselines): the
 # best zero-privacy-cost start for the modality, where one is known. Only present for such modalities.
 HANDCRAFTED_PROBE = "handcrafted_probe"
 RANDOM_INIT_PROBE = "random_init_probe"
@@ -131,7 +132,7 @@ class EvalResults:
     num_test: int
     seconds: float
     raw_features: str = "pixels"  # what the raw_input row probed (fedssl.evaluation.baselines): pixels, features, tf-idf
-    handcrafted_features: str | None = None  # what the handcrafted_probe row probed (gabor bank); None: no such row
+    handcrafted_features: str | None = None  # what the handcrafted_probe row probed (gabor bank, rocket); None: none
     class_names: list[str] | None = None  # class i's name where the labels were names; None for integer labels
 
     @property

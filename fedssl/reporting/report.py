@@ -157,10 +157,11 @@ VERDICT_SUBSECTIONS = (
     ),
     (
         "Against features built from no data",
-        "A linear classifier on a fixed Gabor filter bank's responses (the first order of a scattering transform; "
-        "fedssl/evaluation/handcrafted.py), on the same label subsets. The bank is built from no data and trains "
-        "nothing, so any site could use it at ε = 0 without federating: the ε spent buys only what the encoder adds "
-        "over it. Fine-tuned rows are compared with the same probe (the bank has nothing to fine-tune).",
+        "A linear classifier on fixed features built from no data, on the same label subsets: for images a Gabor "
+        "filter bank's responses (the first order of a scattering transform; fedssl/evaluation/handcrafted.py), for "
+        "time series ROCKET's random convolutional kernels (fedssl/evaluation/rocket.py). Nothing in them is "
+        "learned, so any site could use them at ε = 0 without federating: the ε spent buys only what the encoder "
+        "adds over them. Fine-tuned rows are compared with the same probe (fixed features have nothing to fine-tune).",
         handcrafted_verdict,
     ),
     (

@@ -1,7 +1,7 @@
 """Verdicts on an evaluation: what pretraining added, judged only against honest controls.
 
 Each pretrained row is compared with the row that differs from it by pretraining alone (random
-init, scratch), with the raw input, with the handcrafted features built from no data (images), and
+init, scratch), with the raw input, with the handcrafted features built from no data (images, series), and
 with the warm start the federation began from; a difference inside the seed spread is called what it
 is: nothing measurable. The headline credits a gain only over every one of them.
 """
@@ -36,9 +36,9 @@ WARM_START_COMPARISONS = {
 # same labels: a representation that loses to the input it was computed from is not worth using.
 # Paired by label seed (both rows have one run per label seed).
 RAW_INPUT_COMPARISONS = {"probe": (PRETRAINED_PROBE, RAW_INPUT), "finetune": (PRETRAINED_FINETUNE, RAW_INPUT)}
-# And against the features built from no data (images: a fixed Gabor bank), read out by the same linear probe:
+# And against the features built from no data (images: a fixed Gabor bank; series: ROCKET), read out by the same probe:
 # a site could use them at ε = 0 without federating, so the ε spent buys only what the encoder adds over them.
-# The fine-tune is compared with that probe too: the bank has nothing to fine-tune.
+# The fine-tune is compared with that probe too: fixed features have nothing to fine-tune.
 HANDCRAFTED_COMPARISONS = {
     "probe": (PRETRAINED_PROBE, HANDCRAFTED_PROBE),
     "finetune": (PRETRAINED_FINETUNE, HANDCRAFTED_PROBE),
@@ -97,7 +97,7 @@ def raw_input_gains(results: EvalResults) -> dict[str, list[Gain]]:
 
 
 def handcrafted_gains(results: EvalResults) -> dict[str, list[Gain]]:
-    """Pretrained minus the probe of the handcrafted features (images only), paired by label seed."""
+    """Pretrained minus the probe of the handcrafted features (images, series), paired by label seed."""
     return _gains(results, HANDCRAFTED_COMPARISONS, results.paired_gain)
 
 

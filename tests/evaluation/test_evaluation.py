@@ -315,3 +315,11 @@ def test_handcrafted_row_is_the_gabor_bank_probed_on_the_same_subsets(digits: Di
     assert restored.handcrafted_features == "gabor bank" and restored.cells == results.cells
     written_before = {key: value for key, value in results.to_dict().items() if key != "handcrafted_features"}
     assert EvalResults.from_dict(written_before).handcrafted_features is None
+
+
+def test_the_handcrafted_control_can_be_turned_off(digits: Digits) -> None:
+    plan = EvaluationConfig(label_fractions=[0.10], label_seeds=[0, 1], random_init_seeds=[0], methods=["linear_probe"],
+                            handcrafted=False)
+    results = run(digits, guarded_labels(digits, digits.everything())[0], plan)
+    assert results.rows == [RAW_INPUT, RANDOM_INIT_PROBE, PRETRAINED_PROBE] and results.handcrafted_features is None
+    assert not any(row == HANDCRAFTED_PROBE for row, _ in results.cells)

@@ -12,7 +12,7 @@ from fedssl.data import ConsentedLabels, ConsentManifest, SiteDataset, label_sou
 from fedssl.data.text import encode_all
 from fedssl.evaluation import PRETRAINED_FINETUNE, PRETRAINED_PROBE, RANDOM_INIT_PROBE, RAW_INPUT, SCRATCH_FINETUNE
 from fedssl.evaluation import evaluate_label_efficiency
-from fedssl.evaluation.baselines import RAW_BASELINES, raw_baseline, tfidf
+from fedssl.evaluation.baselines import RAW_BASELINES, handcrafted_baseline, raw_baseline, tfidf
 from fedssl.models import build_encoder
 
 MAX_LENGTH = 24
@@ -74,3 +74,8 @@ def test_the_raw_baseline_is_chosen_per_modality_in_one_place() -> None:
                                                             "timeseries": "series"}
     with pytest.raises(ValueError, match="valid choices: image, text, timeseries, vector"):
         raw_baseline("audio")
+    # the zero-cost handcrafted row: where one is known, and an unknown modality is refused there too
+    assert {m: getattr(handcrafted_baseline(m), "name", None) for m in SAMPLE_NDIM} == {
+        "image": "gabor bank", "vector": None, "text": None, "timeseries": "rocket"}
+    with pytest.raises(ValueError, match="valid choices: image, text, timeseries, vector"):
+        handcrafted_baseline("audio")

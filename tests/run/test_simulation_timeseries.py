@@ -1,6 +1,6 @@
 """End to end on time series: `fedssl simulate` pretrains conv1d by masked_segment under DP, 2 sites x 2
 rounds, on a tiny variable-length .npy (NaN tails) with an id,label CSV, then the linear-probe evaluation
-with its controls (the raw baseline on flattened series, the random-init encoder)."""
+with its controls (the raw baseline on flattened series, ROCKET's random kernels, the random-init encoder)."""
 
 from __future__ import annotations
 
@@ -49,4 +49,7 @@ def test_simulate_on_time_series_with_an_evaluation(tmp_path: Path) -> None:
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
     text = json.dumps(evaluation)
     assert "raw" in text and "random" in text  # the controls were scored
+    # ... and the zero-cost start for series: ROCKET's random kernels, probed on the same labels
+    assert evaluation["handcrafted_features"] == "rocket" and "handcrafted_probe" in evaluation["rows"]
+    assert "| handcrafted_probe (rocket) |" in (run_dir / "report.md").read_text()
     assert (run_dir / "report.md").is_file()
