@@ -213,7 +213,8 @@ def _evaluation(data: dict[str, Any] | None, errors: list[str]) -> dict[str, Any
     table, series = [], {}
     for row in results.rows:
         cells = [None if i.skipped else results.cell(row, i.fraction) for i in results.fractions]
-        table.append([row] + ["skipped" if c is None else f"{c.mean:.3f} ± {c.std:.3f}" for c in cells])
+        # Titled as report.md titles it (the baseline rows name their features); the plot's series keep the row names.
+        table.append([results.row_title(row)] + ["skipped" if c is None else f"{c.mean:.3f} ± {c.std:.3f}" for c in cells])
         series[row] = [None if c is None else c.mean for c in cells]
     return {"header": header, "rows": table, "notes": results.skip_notes() + results.scored_set_notes(),
             "fractions": [i.fraction for i in results.fractions], "series": series, "scored_on": results.scored_set,

@@ -60,6 +60,9 @@ def test_snapshot_of_a_finished_run_matches_metrics_ledgers_and_audit(tiny_run):
         assert site["projection"]["refuses_round"] == 3
     assert json.loads(json.dumps(snapshot, allow_nan=False)) == snapshot  # plain JSON, no NaN
     assert snapshot["evaluation"]["rows"] and "label_efficiency.png" in snapshot["plots"]
+    titles = [row[0] for row in snapshot["evaluation"]["rows"]]
+    assert titles[:2] == ["raw_input (pixels)", "handcrafted_probe (gabor bank)"]  # the features each baseline probed
+    assert "handcrafted_probe" in snapshot["evaluation"]["series"]
     assert "What is guaranteed" in snapshot["statement"] and report.statement.endswith(snapshot["statement"])
 
 
