@@ -108,11 +108,9 @@ class Rocket:
             return torch.cat([self._features(normalise(batch.float())) for batch in torch.split(series, ENCODE_BATCH)]).numpy()
 
     def _features(self, series: torch.Tensor) -> torch.Tensor:
-        num_kernels = len(self.kernels)
-        features = torch.empty(series.shape[0], 2 * num_kernels)
+        features = torch.empty(series.shape[0], 2 * len(self.kernels))  # kernel k: PPV in column 2k, max in 2k + 1
         for members, weights, biases, dilation, padding in self.groups:
             response = F.conv1d(series, weights, biases, padding=padding, dilation=dilation)
-            features[:, members] = (response > 0).float().mean(dim=-1)
-            features[:, num_kernels + members] = response.amax(dim=-1)
-        # Kernel by kernel: (PPV, max) of kernel 0, then of kernel 1, ...
-        return features.view(-1, 2, num_kernels).transpose(1, 2).reshape(-1, 2 * num_kernels)
+            features[:, 2 * members] = (response > 0).float().mean(dim=-1)
+            features[:, 2 * members + 1] = response.amax(dim=-1)
+        return features
