@@ -267,7 +267,8 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
         lines.append(_gain_line(f"pretraining gain ({readout})", gains))
     for readout, gains in raw_input_gains(results).items():
         lines.append(_gain_line(f"gain over raw input ({readout})", gains))
-    for readout, gains in handcrafted_gains(results).items():
+    over_handcrafted = handcrafted_gains(results)
+    for readout, gains in over_handcrafted.items():
         lines.append(_gain_line(f"gain over handcrafted ({readout})", gains))
     private_step_gains = warm_start_gains(results)
     for readout, gains in private_step_gains.items():
@@ -277,6 +278,9 @@ def _terminal_evaluation(results: EvalResults) -> list[str]:
     lines += verdicts + ([ONE_RUN_IS_ONE_DRAW, *results.scored_set_notes()] if verdicts else [])
     if private_step_gains:
         lines.append("private-step gain = pretrained minus its warm start (no ε), paired by label seed")
+    if over_handcrafted:
+        lines.append(f"gain over handcrafted = pretrained minus the probe of {results.handcrafted_features} (features "
+                     "built from no data, no ε), paired by label seed")
     return lines + ["pretraining gain = pretrained minus its random-init control (scratch for finetune), paired by "
                     "label seed; ns = within the seed spread, 1s = single seed: "
                     "neither is a measurable gain"]

@@ -241,6 +241,7 @@ def test_headline_needs_a_gain_over_the_warm_start_too() -> None:
 
 def test_report_judges_each_pretrained_row_against_the_handcrafted_features(run_dir: Path) -> None:
     assert "features built from no data" not in write_report(run_dir).read_text()  # this run has no such row
+    assert not any(line.startswith("gain over handcrafted") for line in terminal_summary(run_dir).splitlines())
     (run_dir / "evaluation.json").write_text(json.dumps(handcrafted_evaluation().to_dict()))
     report = write_report(run_dir).read_text()
     assert "| handcrafted_probe (gabor bank) | 0.560 ± 0.010 | 0.930 ± 0.010 |" in report
@@ -251,6 +252,8 @@ def test_report_judges_each_pretrained_row_against_the_handcrafted_features(run_
             "seeds), beyond the seed spread: worse than features built from no data.") in report  # fmt: skip
     lines = terminal_summary(run_dir).splitlines()
     assert any(line.split() == ["gain", "over", "handcrafted", "(probe)", "+0.060", "-0.020"] for line in lines)
+    assert "gain over handcrafted = pretrained minus the probe of gabor bank (features built from no data, no ε), " \
+           "paired by label seed" in lines  # fmt: skip
     assert any(line.split() == ["handcrafted_probe", "(gabor", "bank)", "0.560±0.010", "0.930±0.010"] for line in lines)
     assert handcrafted_verdict(evaluation()) == []  # no such row (text, tables, series), no such verdict
 
