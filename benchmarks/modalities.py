@@ -5,7 +5,8 @@ r-cran-modeldata's credit_data; time series: UEA JapaneseVowels from the aeon wh
 the command the README gives), `fedssl simulate CONFIG --set run.seed=S` runs with DP as configured (ε = 8)
 and with `privacy.enabled=false`, for every seed S. Each run is the whole product path (Flower simulation,
 evaluation, report) and reports, at the config's two label budgets, its own controls: the raw-feature baseline,
-the random-init encoder's probe, and the pretrained encoder's probe (and fine-tunes where the config has them).
+the random-init encoder's probe, the probe of features built from no data (images, series), and the pretrained
+encoder's probe (and fine-tunes where the config has them).
 
 Printed and written (results/modalities.json): per config, its wall time per run (the ≤ 5 min target on 2
 cores), and per privacy setting and label budget the pretrained probe's gain over the random-init control,
@@ -46,6 +47,7 @@ MODALITIES = {
 }
 QUICK = {"digits-tiny": ("images", None, "embedded")}
 PROBE, CONTROL, RAW = "pretrained_probe", "random_init_probe", "raw_input"
+HANDCRAFTED = "handcrafted_probe"  # images and time series: features built from no data (fedssl.evaluation.baselines)
 FINETUNE, SCRATCH = "pretrained_finetune", "scratch_finetune"
 
 
@@ -103,6 +105,7 @@ def summarize(runs: list[dict]) -> dict:
                    for row in chosen[0]["rows"] if fraction in chosen[0]["rows"][row]},
                 "gain_over_random_init": paired_gain(chosen, fraction),
                 "finetune_gain_over_scratch": paired_gain(chosen, fraction, FINETUNE, SCRATCH),
+                "gain_over_handcrafted": paired_gain(chosen, fraction, PROBE, HANDCRAFTED),
             }
             for fraction in fractions
         }
@@ -120,6 +123,10 @@ def _print(config: str, modality: str, runs: list[dict], summary: dict) -> None:
             print(f"  {setting:6s} {float(fraction):>5.0%} labels: raw {cells.get(RAW, float('nan')):.3f}  "
                   f"random-init {cells[CONTROL]:.3f}  pretrained {cells[PROBE]:.3f}  "
                   f"gain {gain['mean']:+.3f} ± {gain['std']:.3f} (n={gain['n']}, {verdict})")
+            over_handcrafted = cells.get("gain_over_handcrafted", {"n": 0})
+            if over_handcrafted["n"]:
+                print(f"  {'':6s} {'':>5s}  handcrafted {cells[HANDCRAFTED]:.3f}: pretrained probe "
+                      f"{over_handcrafted['mean']:+.3f} ± {over_handcrafted['std']:.3f} over it")
             tuned = cells["finetune_gain_over_scratch"]
             if tuned["n"]:
                 print(f"  {'':6s} {'':>5s}  fine-tune: scratch {cells[SCRATCH]:.3f}  pretrained {cells[FINETUNE]:.3f}  "

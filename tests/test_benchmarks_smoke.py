@@ -138,6 +138,9 @@ def test_modalities_benchmark_reads_a_real_run_and_pairs_gains_by_seed(reference
     gain = summary["dp"]["0.1"]["gain_over_random_init"]
     assert gain["n"] == 2 and gain["mean"] == pytest.approx(probe - control + 0.05)
     assert gain["std"] == pytest.approx(0.1 / 2 ** 0.5) and gain["beyond_spread"] == (abs(gain["mean"]) > gain["std"])
+    # digits are images: the pretrained probe is also paired with the Gabor bank's probe (features built from no data)
+    over_bank = summary["dp"]["0.1"]["gain_over_handcrafted"]
+    assert over_bank["n"] == 2 and over_bank["mean"] == pytest.approx(probe - read["rows"]["handcrafted_probe"]["0.1"] + 0.05)
     runs = [{**run, "seconds": 30.0} for run in runs]
     table = modalities.markdown({"digits-tiny": {"modality": "images", "runs": runs, "summary": summary}})
     assert f"| digits-tiny | images | 30-30 s | 10% | {read['rows']['raw_input']['0.1']:.3f} | {control:.3f} |" in table
