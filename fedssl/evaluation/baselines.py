@@ -22,7 +22,7 @@ import torch
 from scipy import sparse
 
 from fedssl.evaluation.handcrafted import gabor_features
-from fedssl.evaluation.probes import flatten_inputs
+from fedssl.evaluation.probes import encode, flatten_inputs
 from fedssl.evaluation.rocket import Rocket
 
 Features = np.ndarray | sparse.spmatrix
@@ -73,7 +73,7 @@ def gabor_bank(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.n
 
 def rocket(pool: torch.Tensor, test: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     transform = Rocket(*pool.shape[1:])  # the kernels depend on the series' shape and a fixed seed only
-    return transform(pool), transform(test)
+    return encode(transform, pool), encode(transform, test)
 
 
 PIXELS = FeatureBaseline("pixels", flattened)

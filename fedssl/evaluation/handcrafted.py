@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from fedssl.evaluation.probes import encode
+
 ORIENTATIONS = 8
 SCALES = (1.5, 2.5, 4.0)  # the Gaussian envelope's σ in pixels; each wavelet's frequency is 1 / (2σ) cycles per pixel
 FILTER_SIZE = 9
@@ -30,8 +32,6 @@ GRID = 14
 # 2/4/5/7/14 cells; 8x8 digits at 100 labels: 4 of 2/4/8, 95.2 %), capped at GRID per side so the features stay at
 # most 25 · channels · 196 for large images (a cap not screened above 28 px).
 CELL_PIXELS = 2
-# Images filtered per call: the responses of a batch (25 · C · H · W floats each) stay small at any pool size.
-ENCODE_BATCH = 256
 
 
 def gabor_filters(orientations: int = ORIENTATIONS, scales: tuple[float, ...] = SCALES,
@@ -105,7 +105,4 @@ def gabor_features(images: torch.Tensor) -> np.ndarray:
     """Float images (N, C, H, W) -> the bank's features for their size (:func:`grid_for`), as float32 numpy."""
     if images.dim() != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    bank = GaborBank(channels=images.shape[1], grid=grid_for(*images.shape[2:]))
-    with torch.no_grad():
-        # torch.split keeps one empty batch for an empty input, so an empty pool still has a shape.
-        return torch.cat([bank(batch) for batch in torch.split(images, ENCODE_BATCH)]).numpy()
+    return encode(GaborBank(channels=images.shape[1], grid=grid_for(*images.shape[2:])), images)  # in batches

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 NUM_KERNELS = 10_000  # the paper's default: 20,000 features
 KERNEL_LENGTHS = (7, 9, 11)
 SEED = 0
-ENCODE_BATCH = 256  # series per convolution call: a batch's responses stay small at any pool size
 NORMALISE_EPS = 1e-8
 
 
@@ -81,10 +81,13 @@ def normalise(series: torch.Tensor) -> torch.Tensor:
     return (series - mean) / (std + NORMALISE_EPS)
 
 
-class Rocket:
-    """Series (N, C, L) -> (N, 2 · num_kernels) features: each kernel's PPV, then its maximum, kernel by kernel."""
+class Rocket(nn.Module):
+    """Series (N, C, L) -> (N, 2 · num_kernels) features: each kernel's PPV, then its maximum, kernel by kernel.
+
+    No parameters (it learns nothing); read a pool through fedssl.evaluation.probes.encode, which batches it."""
 
     def __init__(self, channels: int, length: int, num_kernels: int = NUM_KERNELS, seed: int = SEED) -> None:
+        super().__init__()
         self.channels, self.length = channels, length
         self.kernels = random_kernels(channels, length, num_kernels, seed)
         # Kernels sharing a length, dilation and padding run as one convolution: the channels a kernel does not
@@ -100,17 +103,15 @@ class Rocket:
             biases = torch.tensor([self.kernels[index].bias for index in members], dtype=torch.float32)
             self.groups.append((torch.tensor(members), torch.from_numpy(weights), biases, dilation, padding))
 
-    def __call__(self, series: torch.Tensor) -> np.ndarray:
+    def forward(self, series: torch.Tensor) -> torch.Tensor:
         if series.dim() != 3 or tuple(series.shape[1:]) != (self.channels, self.length):
             raise ValueError(f"expected series of shape (N, {self.channels}, {self.length}), got {tuple(series.shape)}")
-        with torch.no_grad():
-            # torch.split keeps one empty batch for an empty input, so an empty pool still has a shape.
-            return torch.cat([self._features(normalise(batch.float())) for batch in torch.split(series, ENCODE_BATCH)]).numpy()
-
-    def _features(self, series: torch.Tensor) -> torch.Tensor:
-        features = torch.empty(series.shape[0], 2 * len(self.kernels))  # kernel k: PPV in column 2k, max in 2k + 1
+        series = normalise(series.float())
+        device = series.device  # the kernels are plain tensors, not buffers: they follow the series (no-op on the CPU)
+        features = torch.empty(series.shape[0], 2 * len(self.kernels), device=device)  # kernel k: PPV 2k, max 2k + 1
         for members, weights, biases, dilation, padding in self.groups:
-            response = F.conv1d(series, weights, biases, padding=padding, dilation=dilation)
-            features[:, 2 * members] = (response > 0).float().mean(dim=-1)
-            features[:, 2 * members + 1] = response.amax(dim=-1)
+            response = F.conv1d(series, weights.to(device), biases.to(device), padding=padding, dilation=dilation)
+            columns = 2 * members.to(device)
+            features[:, columns] = (response > 0).float().mean(dim=-1)
+            features[:, columns + 1] = response.amax(dim=-1)
         return features

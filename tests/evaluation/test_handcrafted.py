@@ -71,7 +71,7 @@ def test_the_grid_follows_the_image_size_in_two_pixel_cells_up_to_a_cap():
 def test_features_of_a_pool_are_the_bank_over_batches(monkeypatch):
     images = torch.rand(7, 3, 12, 12)
     expected = GaborBank(channels=3, grid=6)(images).numpy()
-    monkeypatch.setattr("fedssl.evaluation.handcrafted.ENCODE_BATCH", 3)  # 3 + 3 + 1: batching must not matter
+    monkeypatch.setattr("fedssl.evaluation.probes.FEATURE_BATCH", 3)  # 3 + 3 + 1: batching must not matter
     features = gabor_features(images)
     assert features.dtype == np.float32 and features.shape == (7, 3 * 25 * 36)
     np.testing.assert_allclose(features, expected, rtol=1e-6, atol=1e-7)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedssl.evaluation.probes import encode
 from fedssl.evaluation.rocket import KERNEL_LENGTHS, Kernel, Rocket, normalise, random_kernels
 
 
@@ -25,7 +26,7 @@ def test_the_features_are_the_direct_computation():
     rng = np.random.default_rng(1)
     series = rng.normal(size=(3, 4, 40)).astype(np.float32)
     transform = Rocket(4, 40, num_kernels=60, seed=3)
-    features = transform(torch.from_numpy(series))
+    features = encode(transform, torch.from_numpy(series))
     assert features.shape == (3, 120)
     assert {k.padding > 0 for k in transform.kernels} == {True, False} and max(k.dilation for k in transform.kernels) > 1
     normalised = normalise(torch.from_numpy(series).double()).numpy()
@@ -56,9 +57,9 @@ def test_the_kernels_are_drawn_as_the_paper_draws_them_and_from_no_data():
 
 def test_each_series_is_normalised_on_its_own_so_its_offset_and_scale_do_not_matter():
     series = torch.randn(4, 2, 30)
-    features = Rocket(2, 30, num_kernels=50)(series)
+    features = encode(Rocket(2, 30, num_kernels=50), series)
     moved = series * torch.tensor([3.0, 0.5]).view(1, 2, 1) + torch.tensor([10.0, -4.0]).view(1, 2, 1)
-    np.testing.assert_allclose(Rocket(2, 30, num_kernels=50)(moved), features, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(encode(Rocket(2, 30, num_kernels=50), moved), features, rtol=1e-4, atol=1e-4)
     # ... but each series keeps its own shape: the features of two different series differ
     assert not np.allclose(features[0], features[1])
 
@@ -66,12 +67,12 @@ def test_each_series_is_normalised_on_its_own_so_its_offset_and_scale_do_not_mat
 def test_short_series_batches_and_an_empty_pool(monkeypatch):
     short = Rocket(1, 5, num_kernels=40)  # shorter than every kernel: each one pads, none gives an empty response
     assert all(k.padding > 0 and k.dilation == 1 for k in short.kernels)
-    assert np.isfinite(short(torch.randn(3, 1, 5))).all()
+    assert np.isfinite(encode(short, torch.randn(3, 1, 5))).all()
     series = torch.randn(7, 3, 25)
-    expected = Rocket(3, 25, num_kernels=30)(series)
-    monkeypatch.setattr("fedssl.evaluation.rocket.ENCODE_BATCH", 3)  # 3 + 3 + 1: batching must not matter
-    np.testing.assert_allclose(Rocket(3, 25, num_kernels=30)(series), expected, rtol=1e-5, atol=1e-5)
-    assert Rocket(3, 25, num_kernels=30)(series[:0]).shape == (0, 60)
+    expected = encode(Rocket(3, 25, num_kernels=30), series)  # one batch
+    monkeypatch.setattr("fedssl.evaluation.probes.FEATURE_BATCH", 3)  # 3 + 3 + 1: batching must not matter
+    np.testing.assert_allclose(encode(Rocket(3, 25, num_kernels=30), series), expected, rtol=1e-5, atol=1e-5)
+    assert encode(Rocket(3, 25, num_kernels=30), series[:0]).shape == (0, 60)
 
 
 def test_bad_shapes_and_settings_are_refused_in_one_line():
